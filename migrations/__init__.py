@@ -1,0 +1,1 @@
+"""Alembic migrations for the SQL stores (installed as the ``sbus_migrations`` package)."""

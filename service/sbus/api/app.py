@@ -1,0 +1,86 @@
+"""The application factory. Nothing happens at import time: ``create_app(settings)``
+builds the app; its lifespan connects the store in the background so the listener is
+up (``/livez`` 200, ``/admin/health`` 503 not_ready) before the store answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from sbus import __version__
+from sbus.api import openapi, problems
+from sbus.api.middleware import Gate
+from sbus.api.routers import admin, commits, sessions, shards, stats
+from sbus.config import Settings
+from sbus.core.engine import Bus
+from sbus.core.errors import StoreUnavailable
+from sbus.storage.factory import open_store
+from sbus.storage.protocol import Store
+from sbus.telemetry.metrics import Metrics, Timing
+
+log = logging.getLogger("sbus")
+
+
+async def _connect(app: FastAPI, store: Store) -> None:
+    """Start the store, retrying with capped exponential backoff until it answers."""
+    delay = 0.1
+    while True:
+        try:
+            await store.start()
+        except StoreUnavailable as exc:
+            app.state.not_ready_reason = exc.detail
+            log.warning("store not ready (%s); retrying in %.1fs", exc.detail, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        app.state.ready = True
+        app.state.not_ready_reason = None
+        return
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+    settings = settings or Settings()
+    store = store or open_store(settings.store, settings.store_limits())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        connecting = asyncio.create_task(_connect(app, store))
+        try:
+            yield
+        finally:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            await store.close()
+
+    app = FastAPI(
+        title="S-Bus",
+        version=__version__,
+        description=(
+            "HTTP state bus with observable-read isolation for multi-agent LLM systems. "
+            "Errors are RFC 9457 problem+json carrying the compat `error` code."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.bus = Bus(store, settings.engine_limits())
+    app.state.ready = False
+    app.state.not_ready_reason = "store not connected yet"
+    app.state.metrics = Metrics()
+    problems.install(app)
+    for module in (shards, commits, sessions, admin, stats):
+        app.include_router(module.router)
+    openapi.install(app)
+    # Outermost first: Timing sees every response, including the gate's rejections.
+    app.add_middleware(
+        Gate,
+        max_body=settings.max_body,
+        check_host=settings.auth_mode == "open",
+        is_ready=lambda: bool(app.state.ready),
+    )
+    app.add_middleware(Timing, metrics=app.state.metrics)
+    return app

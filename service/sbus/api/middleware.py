@@ -1,0 +1,136 @@
+"""Pure-ASGI gate for SPEC section 4 steps 1-3 that run before any body is parsed:
+the open-mode Host check, the store-readiness gate, the body-size cap and the
+``Content-Type: application/json`` requirement on every POST and DELETE.
+
+The Host and Content-Type rules are what stop a web page in a developer's browser
+from driving a loopback bus: a cross-site form or ``fetch`` without CORS cannot send
+``application/json``, and DNS rebinding arrives with a foreign Host header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sbus.api.problems import problem_response
+from sbus.core import errors as e
+
+ALLOWED_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+# Routes that answer while the store is still connecting.
+UNGATED = frozenset({"/livez", "/admin/health", "/metrics", "/openapi.json", "/docs"})
+
+
+def host_name(raw: str) -> str:
+    raw = raw.strip().lower()
+    if raw.startswith("["):
+        end = raw.find("]")
+        return raw[: end + 1] if end > 0 else raw
+    return raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive``; FastAPI re-raises HTTPException from its body reader
+    (anything else it turns into a 400), and the problem handler maps 413."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=413, detail="request body too large")
+
+
+class Gate:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        check_host: bool,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.check_host = check_host
+        self.is_ready = is_ready
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        problem = self._precheck(scope)
+        if problem is not None:
+            await self._reject(problem, scope, receive, send)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        await self._with_capped_body(scope, receive, send)
+
+    def _precheck(self, scope: Scope) -> e.SBusError | None:
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, value)
+        if self.check_host:
+            host = host_name(headers.get(b"host", b"").decode("latin-1"))
+            if host not in ALLOWED_HOSTS:
+                return e.HostNotAllowed(
+                    f"Host {host!r} is not allowed in open mode; use localhost or 127.0.0.1"
+                )
+        path: str = scope["path"]
+        if path not in UNGATED and not self.is_ready():
+            return e.StoreUnavailable("the store is not ready yet", outcome="not_applied")
+        method = scope["method"]
+        if method in ("POST", "PUT", "PATCH", "DELETE"):
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    size = int(length)
+                except ValueError:
+                    return e.MalformedJSON("invalid Content-Length")
+                if size > self.max_body:
+                    return e.RequestTooLarge(
+                        f"request body of {size} bytes exceeds {self.max_body}", max=self.max_body
+                    )
+            media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+            if media != b"application/json":
+                return e.UnsupportedMediaType(
+                    "POST and DELETE require Content-Type: application/json"
+                )
+        return None
+
+    async def _reject(self, problem: e.SBusError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(problem)
+        await response(scope, receive, send)
+
+    async def _with_capped_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+        received = 0
+        started = False
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, capped_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            response = problem_response(
+                e.RequestTooLarge(f"request body exceeds {self.max_body} bytes", max=self.max_body)
+            )
+            await response(scope, receive, send)
+
+
+def gate_factory(**options: Any) -> Callable[[ASGIApp], Gate]:
+    return lambda app: Gate(app, **options)

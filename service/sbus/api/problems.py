@@ -1,0 +1,145 @@
+"""The one table from error codes to HTTP statuses, and problem+json rendering.
+
+Every error response of the service is built here: RFC 9457 ``application/problem+json``
+with ``type``, ``title``, ``status``, ``detail`` (a string), the compat ``error`` code
+and the error's structured fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from sbus.core import errors as e
+
+PROBLEM_TYPE = "https://sbus.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+STATUS: dict[type[e.SBusError], int] = {
+    e.MalformedJSON: 400,
+    e.InvalidPrecondition: 400,
+    e.AgentRequired: 400,
+    e.RequestError: 400,
+    e.AgentMismatch: 403,
+    e.AdminDisabled: 403,
+    e.HostNotAllowed: 403,
+    e.CapabilityDenied: 403,
+    e.MandateRequired: 403,
+    e.RouteNotFound: 404,
+    e.ShardNotFound: 404,
+    e.ShardDeleted: 404,
+    e.VersionNotFound: 404,
+    e.MandateNotFound: 404,
+    e.MethodNotAllowed: 405,
+    e.ShardAlreadyExists: 409,
+    e.VersionMismatch: 409,
+    e.CrossShardStale: 409,
+    e.StateError: 409,
+    e.SessionExpired: 410,
+    e.RequestTooLarge: 413,
+    e.DeltaTooLarge: 413,
+    e.ReadSetTooLarge: 413,
+    e.TooManyWrites: 413,
+    e.UnsupportedMediaType: 415,
+    e.ValidationFailed: 422,
+    e.AmbiguousField: 422,
+    e.PreconditionConflict: 422,
+    e.IdempotencyKeyReused: 422,
+    e.PreconditionRequired: 428,
+    e.StoreUnavailable: 503,
+}
+
+
+def status_of(err: e.SBusError) -> int:
+    for cls in type(err).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]  # type: ignore[index]
+    return 500
+
+
+def problem_body(err: e.SBusError, status: int) -> dict[str, Any]:
+    return {
+        "type": PROBLEM_TYPE + err.code,
+        "title": err.title,
+        "status": status,
+        "detail": err.detail,
+        "error": err.code,
+        **err.fields,
+    }
+
+
+def problem_response(err: e.SBusError) -> Response:
+    status = status_of(err)
+    headers: dict[str, str] = {}
+    if isinstance(err, e.StoreUnavailable):
+        headers["Retry-After"] = str(err.retry_after)
+    return Response(
+        orjson.dumps(problem_body(err, status)), status_code=status, media_type=MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _clean(value: Any) -> Any:
+    """Validation error ``input``/``ctx`` may hold bytes or exceptions: keep JSON-safe text."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def validation_problem(exc: RequestValidationError) -> e.SBusError:
+    items = list(exc.errors())
+    types = {str(item.get("type")) for item in items}
+    if "json_invalid" in types:
+        return e.MalformedJSON("request body is not valid JSON")
+    listed = [
+        {"loc": _clean(list(item.get("loc", ()))), "msg": str(item.get("msg", "")),
+         "type": str(item.get("type", ""))}
+        for item in items
+    ]
+    if "ambiguous_field" in types:
+        return e.AmbiguousField(
+            "a field and its alias were both sent; send only one", errors=listed
+        )
+    summary = "; ".join(f"{'.'.join(map(str, i['loc']))}: {i['msg']}" for i in listed)
+    return e.ValidationFailed(summary or "request failed validation", errors=listed)
+
+
+def install(app: FastAPI) -> None:
+    async def on_sbus(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, e.SBusError)
+        return problem_response(exc)
+
+    async def on_validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return problem_response(validation_problem(exc))
+
+    async def on_http(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        err: e.SBusError
+        if exc.status_code == 404:
+            err = e.RouteNotFound("no such route")
+        elif exc.status_code == 405:
+            err = e.MethodNotAllowed("method not allowed on this route")
+        elif exc.status_code == 413:
+            err = e.RequestTooLarge(str(exc.detail))
+        elif exc.status_code == 400:
+            err = e.MalformedJSON(str(exc.detail))
+        else:
+            err = e.RequestError(str(exc.detail))
+        response = problem_response(err)
+        if exc.status_code not in (400, 404, 405, 413):
+            response.status_code = exc.status_code
+        return response
+
+    app.add_exception_handler(e.SBusError, on_sbus)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

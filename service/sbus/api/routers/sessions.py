@@ -1,0 +1,56 @@
+"""Agent sessions: reset, and DeliveryLog registration by LLM proxies."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from sbus.api.deps import BusDep, agent_of, require_agent, session_of
+from sbus.api.openapi import errs
+from sbus.api.render import json_response
+from sbus.api.schemas import RegisterOut, SessionOut
+from sbus.api.wire import RegisterBody, SessionBody
+from sbus.core import errors as e
+
+router = APIRouter(tags=["sessions"])
+
+
+@router.post(
+    "/session",
+    response_model=SessionOut,
+    responses=errs(403, 422),
+    summary="Empty the (agent, session) DeliveryLog",
+)
+async def reset_session(body: SessionBody, request: Request, bus: BusDep) -> Response:
+    agent = require_agent(request, body.agent_id)
+    session = session_of(request, body.session_id)
+    await bus.store.reset_session(agent, session)
+    return json_response({"agent_id": agent, "status": "created"})
+
+
+@router.post(
+    "/delivery_log/register",
+    response_model=RegisterOut,
+    responses=errs(403, 422),
+    summary="Record shards an agent used outside GET (LLM proxy); skip-if-exists",
+)
+async def register(body: RegisterBody, request: Request, bus: BusDep) -> Response:
+    if body.agent_id == "":
+        raise e.ValidationFailed(
+            "agent_id must not be empty",
+            errors=[{"loc": ["body", "agent_id"], "msg": "must not be empty", "type": "value_error"}],
+        )
+    agent = agent_of(request, body.agent_id)
+    assert agent is not None
+    # The session comes from the header only; the reference proxy always sends a body
+    # session_id that the reference server merely logged.
+    session = session_of(request, None)
+    result = await bus.store.register(agent, session, list(dict.fromkeys(body.shards_used)))
+    return json_response(
+        {
+            "ok": True,
+            "registered": result.registered,
+            "skipped_existing": result.skipped_existing,
+            "skipped_no_shard": result.skipped_no_shard,
+        }
+    )

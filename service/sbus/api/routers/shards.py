@@ -1,0 +1,168 @@
+"""Shards: create, read (recording the DeliveryLog), list, delete, history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request
+from starlette.responses import Response
+
+from sbus.api.deps import (
+    BusDep,
+    SettingsDep,
+    agent_of,
+    expected_from,
+    idempotency,
+    if_match,
+    require_agent,
+    session_of,
+)
+from sbus.api.openapi import errs
+from sbus.api.render import json_response, outcome_response
+from sbus.api.schemas import HistoryOut, ListOut, ShardOut
+from sbus.api.wire import AgentId, CreateShardBody, Key, SessionId, Version
+from sbus.core import errors as e
+from sbus.core.clock import rfc3339
+from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.rules import shard_body
+from sbus.core.types import CreateOp, WriteOp
+
+router = APIRouter(tags=["shards"])
+
+KeyPath = Annotated[Key, Path(description="Shard key; may contain '/'.")]
+
+
+@router.post(
+    "/shard",
+    status_code=201,
+    response_model=ShardOut,
+    responses=errs(409, 413, 422),
+    summary="Create a shard at version 0 (or tombstone + 1)",
+)
+async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> Response:
+    agent = agent_of(request, body.agent_id) or ""
+    op = CreateOp(
+        key=body.key,
+        content=body.content,
+        goal_tag=body.goal_tag,
+        require_mandate=body.policy.require_mandate,
+        agent_id=agent,
+        commit_id=new_commit_id(),
+        idem=idempotency(request, agent, body.model_dump()),
+    )
+    return outcome_response(await bus.create(op))
+
+
+@router.get(
+    "/shard/{key:path}",
+    response_model=ShardOut,
+    responses=errs(400, 403, 404, 422),
+    summary="Read a shard; records the served version in the caller's DeliveryLog",
+)
+async def read_shard(
+    key: KeyPath,
+    request: Request,
+    bus: BusDep,
+    settings: SettingsDep,
+    agent_id: Annotated[AgentId | None, Query()] = None,
+    session_id: Annotated[SessionId | None, Query()] = None,
+    record: Annotated[bool, Query(description="false: serve without recording")] = True,
+) -> Response:
+    agent = agent_of(request, agent_id)
+    session = session_of(request, session_id)
+    if agent is None and settings.require_agent_id:
+        raise e.AgentRequired("agent_id is required (SBUS_REQUIRE_AGENT_ID=1)")
+    shard = await bus.store.read(key, agent, session, record)
+    return json_response(shard_body(shard), etag=shard.version)
+
+
+@router.get(
+    "/shards",
+    response_model=ListOut,
+    responses=errs(422),
+    summary="List live shard keys in ascending order",
+)
+async def list_shards(
+    bus: BusDep,
+    settings: SettingsDep,
+    prefix: Annotated[str, Query(max_length=256)] = "",
+    after: Annotated[str | None, Query(max_length=256)] = None,
+    limit: Annotated[int | None, Query(ge=1, le=2**53 - 1)] = None,
+) -> Response:
+    cap = min(limit or settings.list_max, settings.list_max)
+    keys = await bus.store.list_keys(prefix, after, cap + 1)
+    more = len(keys) > cap
+    keys = keys[:cap]
+    return json_response(
+        {"shards": keys, "count": len(keys), "next_after": keys[-1] if more else None}
+    )
+
+
+@router.delete(
+    "/shard/{key:path}",
+    status_code=204,
+    responses=errs(400, 403, 404, 409, 410, 422, 428),
+    summary="Delete a shard, leaving a tombstone at version + 1",
+)
+async def delete_shard(
+    key: KeyPath,
+    request: Request,
+    bus: BusDep,
+    expected_version: Annotated[Version | None, Query()] = None,
+    agent_id: Annotated[AgentId | None, Query()] = None,
+    session_id: Annotated[SessionId | None, Query()] = None,
+) -> Response:
+    expected = expected_from(expected_version, if_match(request))
+    if expected is None:
+        raise e.PreconditionRequired(
+            "DELETE needs expected_version (query) or If-Match", key=key
+        )
+    agent = require_agent(request, agent_id)
+    session = session_of(request, session_id)
+    mandate = request.headers.get("x-sbus-mandate")
+    fingerprint_body = {"key": key, "expected_version": expected, "session_id": session}
+    txn = commit_txn(
+        op="delete",
+        agent_id=agent,
+        session_id=session,
+        writes=[WriteOp(key, expected, "delete")],
+        read_set=[],
+        rationale="delete",
+        idem=idempotency(request, agent, fingerprint_body),
+        has_mandate=bool(mandate),
+    )
+    return outcome_response(await bus.submit(txn))
+
+
+@router.get(
+    "/history/{key:path}",
+    response_model=HistoryOut,
+    responses=errs(404, 422),
+    summary="Retained history, newest first, with its hash chain",
+)
+async def history(
+    key: KeyPath,
+    bus: BusDep,
+    before: Annotated[int | None, Query(ge=0, le=2**53 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    entries = await bus.store.history(key, before, limit)
+    return json_response(
+        {
+            "key": key,
+            "entries": [
+                {
+                    "version": h.version,
+                    "agent_id": h.agent_id,
+                    "committed_at": rfc3339(h.committed_ms),
+                    "content": h.content,
+                    "deleted": h.deleted,
+                    "rationale": h.rationale,
+                    "commit_id": h.commit_id,
+                    "prev_hash": h.prev_hash,
+                    "hash": h.hash,
+                }
+                for h in entries
+            ],
+        }
+    )

@@ -1,0 +1,82 @@
+"""Observability: /stats (compat), /metrics, /livez and /admin/health."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from sbus.api.deps import BusDep
+from sbus.api.render import json_response
+from sbus.api.schemas import HealthOut, StatsOut
+from sbus.core.errors import StoreUnavailable
+
+router = APIRouter(tags=["observability"])
+
+
+@router.get("/stats", response_model=StatsOut, summary="Counters (compat fields plus backend)")
+async def stats(bus: BusDep) -> Response:
+    s = await bus.store.stats()
+    c = s.counters
+    attempts = c.total_commits + c.total_conflicts
+    return json_response(
+        {
+            "total_shards": s.total_shards,
+            "total_commits": c.total_commits,
+            "total_conflicts": c.total_conflicts,
+            "cross_shard_stale": c.cross_shard_stale,
+            "view_divergent_commits": c.view_divergent_commits,
+            "view_checked_commits": c.view_checked_commits,
+            "view_divergence_rate": (
+                c.view_divergent_commits / c.view_checked_commits if c.view_checked_commits else 0.0
+            ),
+            "ori_enabled": s.ori_enabled,
+            "total_attempts": attempts,
+            "scr": c.total_conflicts / attempts if attempts else 0.0,
+            "wal_enabled": bus.store.durable,
+            "delivery_log": {"agents": s.dl_agents, "deliveries": s.dl_deliveries},
+            "backend": bus.store.backend,
+        }
+    )
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request, bus: BusDep) -> Response:
+    if not request.app.state.ready:
+        raise StoreUnavailable("the store is not ready yet")
+    body = request.app.state.metrics.exposition(await bus.store.stats())
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/livez", summary="Process liveness; never gated")
+async def livez() -> Response:
+    return json_response({"status": "alive"})
+
+
+@router.get(
+    "/admin/health",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "Store not ready"}},
+    summary="Readiness: 200 when the store answers, else 503 not_ready",
+)
+async def health(request: Request, bus: BusDep) -> Response:
+    if not request.app.state.ready:
+        reason = request.app.state.not_ready_reason or "store not connected yet"
+        return json_response({"status": "not_ready", "reason": reason}, status=503)
+    try:
+        s = await bus.store.stats()
+    except StoreUnavailable as exc:
+        return json_response({"status": "not_ready", "reason": exc.detail}, status=503)
+    return json_response(
+        {
+            "status": "ok",
+            "total_shards": s.total_shards,
+            "total_commits": s.counters.total_commits,
+            "total_conflicts": s.counters.total_conflicts,
+            "delivery_agents": s.dl_agents,
+        }
+    )

@@ -1,0 +1,157 @@
+"""Response documents, for the OpenAPI description only: handlers render bodies with
+orjson directly (the hot path pays no response validation), and the API tests
+check that what they render matches these shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class PolicyOut(BaseModel):
+    require_mandate: bool
+
+
+class ShardOut(BaseModel):
+    key: str
+    id: str = Field(description="sha256 hex of the content the shard was created with")
+    version: int
+    content: str
+    owner: None = None
+    goal_tag: str
+    attempt_count: int
+    conflict_count: int
+    delta_log_depth: int
+    created_at: str
+    updated_at: str
+    policy: PolicyOut
+
+
+class RollbackOut(ShardOut):
+    commit_id: str
+
+
+class CommitOut(BaseModel):
+    new_version: int
+    shard_id: str
+    commit_id: str
+
+
+class MultiResult(BaseModel):
+    key: str
+    new_version: int
+
+
+class MultiOut(BaseModel):
+    results: list[MultiResult]
+    commit_id: str
+
+
+class ListOut(BaseModel):
+    shards: list[str]
+    count: int
+    next_after: str | None
+
+
+class HistoryItem(BaseModel):
+    version: int
+    agent_id: str
+    committed_at: str
+    content: str
+    deleted: bool
+    rationale: str | None
+    commit_id: str
+    prev_hash: str
+    hash: str
+
+
+class HistoryOut(BaseModel):
+    key: str
+    entries: list[HistoryItem]
+
+
+class SessionOut(BaseModel):
+    agent_id: str
+    status: str
+
+
+class RegisterOut(BaseModel):
+    ok: bool
+    registered: int
+    skipped_existing: list[str]
+    skipped_no_shard: list[str]
+
+
+class DeliveryLogSummary(BaseModel):
+    agents: int
+    deliveries: int
+
+
+class StatsOut(BaseModel):
+    total_shards: int
+    total_commits: int
+    total_conflicts: int
+    cross_shard_stale: int
+    view_divergent_commits: int
+    view_checked_commits: int
+    view_divergence_rate: float
+    ori_enabled: bool
+    total_attempts: int
+    scr: float
+    wal_enabled: bool
+    delivery_log: DeliveryLogSummary
+    backend: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    total_shards: int | None = None
+    total_commits: int | None = None
+    total_conflicts: int | None = None
+    delivery_agents: int | None = None
+    reason: str | None = None
+
+
+class ConfigOut(BaseModel):
+    ok: bool
+    ori_enabled: bool
+    view_checked_commits: int
+    view_divergent_commits: int
+
+
+class ResetOut(BaseModel):
+    cleared: int
+
+
+class InjectOut(BaseModel):
+    injected: bool
+
+
+class AlreadyExistsOut(BaseModel):
+    status: str
+
+
+class DeliveryLogOut(BaseModel):
+    agents: dict[str, dict[str, Any]]
+    sessions: dict[str, dict[str, dict[str, Any]]]
+    total_agents: int
+    total_deliveries: int
+    next_after: str | None
+
+
+class ClockOut(BaseModel):
+    offset_ms: int
+    now_ms: int
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details with the compat ``error`` code; conflict fields vary."""
+
+    model_config = {"extra": "allow"}
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    error: str

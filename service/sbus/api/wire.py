@@ -1,0 +1,176 @@
+"""Request bodies on the wire: strict pydantic models (no ``false`` for an integer, no
+number for a string), unknown fields ignored (compat), aliases resolved before
+validation, and a field sent together with its alias refused as AmbiguousField."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from sbus.core.keys import MAX_INT, key_problem, text_problem
+
+
+def _text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise PydanticCustomError("invalid_text", problem)
+    return value
+
+
+def _key(value: str) -> str:
+    problem = key_problem(value)
+    if problem:
+        raise PydanticCustomError("invalid_key", problem)
+    return value
+
+
+def _agent(value: str) -> str:
+    _text(value)
+    if len(value) > 256:
+        raise PydanticCustomError("invalid_agent", "agent_id must be at most 256 characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+Key = Annotated[str, AfterValidator(_key)]
+AgentId = Annotated[str, AfterValidator(_agent)]
+SessionId = Annotated[str, AfterValidator(_agent)]
+Version = Annotated[int, Field(ge=0, le=MAX_INT)]
+
+
+def _resolve_alias(data: Any, name: str, alias: str) -> Any:
+    if isinstance(data, dict) and alias in data:
+        if name in data:
+            raise PydanticCustomError(
+                "ambiguous_field", f"send either {name} or {alias}, not both"
+            )
+        data = {**data, name: data[alias]}
+        del data[alias]
+    return data
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Policy(WireModel):
+    require_mandate: bool = False
+
+
+class CreateShardBody(WireModel):
+    key: Key
+    content: Text
+    goal_tag: Text = ""
+    policy: Policy = Policy()
+    agent_id: AgentId | None = None
+
+
+class ReadSetItem(WireModel):
+    key: Key
+    version_at_read: Version
+
+
+def _unique_read_set(items: list[ReadSetItem] | None) -> list[ReadSetItem] | None:
+    if items:
+        keys = [i.key for i in items]
+        if len(set(keys)) != len(keys):
+            raise PydanticCustomError("duplicate_key", "read_set lists a key more than once")
+    return items
+
+
+ReadSet = Annotated[list[ReadSetItem] | None, AfterValidator(_unique_read_set)]
+
+
+class MandateFields(WireModel):
+    mandate: Text | None = None
+    context: dict[str, Any] | None = None
+
+
+class CommitBody(MandateFields):
+    key: Key
+    expected_version: Version | None = Field(
+        None, description="Required unless If-Match is sent. Alias: expected_ver."
+    )
+    delta: Text = Field(description="The new content. Alias: content.")
+    agent_id: AgentId | None = None
+    session_id: SessionId | None = None
+    read_set: ReadSet = None
+    rationale: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        data = _resolve_alias(data, "expected_version", "expected_ver")
+        return _resolve_alias(data, "delta", "content")
+
+
+class MultiWrite(WireModel):
+    key: Key
+    expected_version: Version
+    delta: Text
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        data = _resolve_alias(data, "expected_version", "expected_ver")
+        return _resolve_alias(data, "delta", "content")
+
+
+def _unique_writes(writes: list[MultiWrite]) -> list[MultiWrite]:
+    if not writes:
+        raise PydanticCustomError("too_short", "writes must name at least one key")
+    keys = [w.key for w in writes]
+    if len(set(keys)) != len(keys):
+        raise PydanticCustomError("duplicate_key", "writes lists a key more than once")
+    return writes
+
+
+class MultiCommitBody(MandateFields):
+    agent_id: AgentId | None = None
+    session_id: SessionId | None = None
+    writes: Annotated[list[MultiWrite], AfterValidator(_unique_writes)]
+    read_set: ReadSet = None
+    rationale: Text | None = None
+
+
+class RollbackBody(MandateFields):
+    key: Key
+    target_version: Version
+    agent_id: AgentId | None = None
+    session_id: SessionId | None = None
+    expected_version: Version | None = None
+    read_set: ReadSet = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        return _resolve_alias(data, "expected_version", "expected_ver")
+
+
+class SessionBody(WireModel):
+    agent_id: AgentId | None = None
+    session_id: SessionId | None = None
+
+
+class RegisterBody(WireModel):
+    agent_id: AgentId
+    shards_used: list[Text]
+    session_id: Text | None = Field(None, description="Ignored: the session comes from X-SBus-Session-Id.")
+    source: Text | None = None
+
+
+class ConfigBody(WireModel):
+    ori_enabled: bool
+
+
+class InjectStaleBody(WireModel):
+    agent_id: AgentId
+    key: Key
+    stale_version: Version
+    session_id: SessionId | None = None
+
+
+class AdvanceClockBody(WireModel):
+    ms: Version

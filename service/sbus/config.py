@@ -1,0 +1,100 @@
+"""Service settings (pydantic-settings, ``SBUS_`` prefix). Every field is documented in
+docs/configuration.md; nothing reads them at import time."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sbus.core.engine import EngineLimits
+from sbus.core.types import Limits
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SBUS_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(7000, ge=0, le=65535)
+    store: str = "sqlite:///./sbus.db"
+    workers: int | None = Field(None, ge=1)
+    namespace: str = "sbus"
+    auth: Literal["open", "token"] | None = None
+    allow_insecure: bool = False
+    admin_enabled: bool = False
+    cors_origins: str = ""
+    session_ttl: int = Field(3600, ge=0)
+    max_delta: int = Field(262_144, ge=0)
+    max_body: int = Field(1_048_576, ge=1)
+    max_read_set: int = Field(1024, ge=0)
+    max_dl_entries: int = Field(16384, ge=1)
+    max_txn_keys: int = Field(128, ge=1)
+    list_max: int = Field(10_000, ge=1)
+    history_depth: int = Field(1000, ge=1)
+    history_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    idempotency_ttl: int = Field(86_400, ge=1)
+    require_agent_id: bool = False
+    test_hooks: bool = False
+    # Reserved for the token mode of a later release; parsed so deployments can set them.
+    secret: str = ""
+    signing_key: str = ""
+    verify_key: str = ""
+    token_max_ttl: int = 86_400
+    mandate_max_ttl: int = 3600
+    clock_leeway: int = 30
+    rate_limit: str = ""
+
+    @property
+    def auth_mode(self) -> str:
+        if self.auth is not None:
+            return self.auth
+        return "open" if is_loopback(self.host) else "token"
+
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        if self.store.startswith(("sqlite", "memory")):
+            return 1
+        return os.cpu_count() or 1
+
+    def store_limits(self) -> Limits:
+        return Limits(
+            session_ttl_ms=self.session_ttl * 1000,
+            max_dl_entries=self.max_dl_entries,
+            history_depth=self.history_depth,
+            history_max_bytes=self.history_max_bytes,
+            idempotency_ttl_ms=self.idempotency_ttl * 1000,
+        )
+
+    def engine_limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_delta=self.max_delta,
+            max_read_set=self.max_read_set,
+            max_txn_keys=self.max_txn_keys,
+        )
+
+    def startup_problem(self) -> str | None:
+        """Why this configuration must not serve, or None."""
+        if self.auth_mode == "token":
+            return (
+                "token mode is not available in this release: bind a loopback SBUS_HOST, "
+                "or set SBUS_AUTH=open with SBUS_ALLOW_INSECURE=1"
+            )
+        if not is_loopback(self.host) and not self.allow_insecure:
+            return (
+                f"refusing to serve open mode on non-loopback host {self.host!r}: "
+                "set SBUS_ALLOW_INSECURE=1 to accept unauthenticated access"
+            )
+        return None

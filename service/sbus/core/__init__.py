@@ -1,0 +1,1 @@
+"""The transport-free engine: domain types, commit rules and the error tree."""

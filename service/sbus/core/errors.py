@@ -1,0 +1,197 @@
+"""The S-Bus error tree.
+
+Every failure the bus can report is a subclass of :class:`SBusError` with a stable
+``code`` (the compat ``error`` field on the wire) and optional structured ``fields``
+that are copied into the problem document. Only ``sbus.api.problems`` knows HTTP
+statuses; everything below the API raises these classes and nothing else.
+
+    SBusError
+    ├── RequestError            the request itself is unacceptable (4xx before the store)
+    │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, ValidationFailed
+    │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
+    │   ├── DeltaTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
+    │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed
+    │   └── HostNotAllowed, AgentMismatch, AdminDisabled, CapabilityDenied
+    ├── StateError              the store's state refuses the request
+    │   ├── ShardNotFound, ShardDeleted, ShardAlreadyExists, VersionNotFound
+    │   ├── VersionMismatch, CrossShardStale, SessionExpired
+    │   └── MandateRequired, MandateNotFound
+    └── StoreUnavailable        the store could not be reached or gave up (503)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SBusError(Exception):
+    """Base of every error the bus reports; ``code`` is the wire ``error`` value."""
+
+    code: ClassVar[str] = "SBusError"
+    title: ClassVar[str] = "S-Bus error"
+
+    def __init__(self, detail: str, **fields: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fields: dict[str, Any] = fields
+
+
+class RequestError(SBusError):
+    code = "BadRequest"
+    title = "Bad request"
+
+
+class MalformedJSON(RequestError):
+    code = "MalformedJSON"
+    title = "Request body is not valid JSON"
+
+
+class UnsupportedMediaType(RequestError):
+    code = "UnsupportedMediaType"
+    title = "Content-Type must be application/json"
+
+
+class RequestTooLarge(RequestError):
+    code = "RequestTooLarge"
+    title = "Request body too large"
+
+
+class ValidationFailed(RequestError):
+    code = "ValidationError"
+    title = "Request failed validation"
+
+
+class AmbiguousField(RequestError):
+    code = "AmbiguousField"
+    title = "A field and its alias were both sent"
+
+
+class PreconditionConflict(RequestError):
+    code = "PreconditionConflict"
+    title = "If-Match and expected_version disagree"
+
+
+class PreconditionRequired(RequestError):
+    code = "PreconditionRequired"
+    title = "A version precondition is required"
+
+
+class InvalidPrecondition(RequestError):
+    code = "InvalidPrecondition"
+    title = "If-Match must be exactly one strong ETag"
+
+
+class DeltaTooLarge(RequestError):
+    code = "DeltaTooLarge"
+    title = "Content exceeds SBUS_MAX_DELTA"
+
+
+class ReadSetTooLarge(RequestError):
+    code = "ReadSetTooLarge"
+    title = "Explicit read set exceeds SBUS_MAX_READ_SET"
+
+
+class TooManyWrites(RequestError):
+    code = "TooManyWrites"
+    title = "Transaction writes more keys than SBUS_MAX_TXN_KEYS"
+
+
+class AgentRequired(RequestError):
+    code = "AgentRequired"
+    title = "An agent identity is required"
+
+
+class IdempotencyKeyReused(RequestError):
+    code = "IdempotencyKeyReused"
+    title = "Idempotency-Key reused for a different request"
+
+
+class RouteNotFound(RequestError):
+    code = "NotFound"
+    title = "No such route"
+
+
+class MethodNotAllowed(RequestError):
+    code = "MethodNotAllowed"
+    title = "Method not allowed on this route"
+
+
+class HostNotAllowed(RequestError):
+    code = "HostNotAllowed"
+    title = "Host header not allowed in open mode"
+
+
+class AgentMismatch(RequestError):
+    code = "AgentMismatch"
+    title = "Identity sources disagree"
+
+
+class AdminDisabled(RequestError):
+    code = "AdminDisabled"
+    title = "Admin endpoints are disabled"
+
+
+class CapabilityDenied(RequestError):
+    code = "CapabilityDenied"
+    title = "The caller lacks a required right"
+
+
+class StateError(SBusError):
+    code = "StateError"
+    title = "State conflict"
+
+
+class ShardNotFound(StateError):
+    code = "ShardNotFound"
+    title = "Shard not found"
+
+
+class ShardDeleted(StateError):
+    code = "ShardDeleted"
+    title = "Shard has been deleted"
+
+
+class ShardAlreadyExists(StateError):
+    code = "ShardAlreadyExists"
+    title = "Shard already exists"
+
+
+class VersionNotFound(StateError):
+    code = "VersionNotFound"
+    title = "Version not retained"
+
+
+class VersionMismatch(StateError):
+    code = "VersionMismatch"
+    title = "Version mismatch"
+
+
+class CrossShardStale(StateError):
+    code = "CrossShardStale"
+    title = "A shard in the read set has moved on"
+
+
+class SessionExpired(StateError):
+    code = "SessionExpired"
+    title = "Agent session expired"
+
+
+class MandateRequired(StateError):
+    code = "MandateRequired"
+    title = "This shard requires a mandate"
+
+
+class MandateNotFound(StateError):
+    code = "MandateNotFound"
+    title = "Mandate not recognised"
+
+
+class StoreUnavailable(SBusError):
+    """The store failed; ``outcome`` tells whether the change may have landed."""
+
+    code = "StoreUnavailable"
+    title = "Store unavailable"
+
+    def __init__(self, detail: str, *, outcome: str = "not_applied", retry_after: int = 1) -> None:
+        super().__init__(detail, outcome=outcome)
+        self.retry_after = retry_after

@@ -1,0 +1,377 @@
+"""The commit protocol of SPEC section 4, step 9, as pure functions.
+
+A store opens its atomic step (a critical section, a transaction holding row locks,
+one Lua script), loads the rows named by a :class:`~sbus.core.types.Txn`, calls
+:func:`decide`, persists the returned :class:`Effects` (counters always, writes only
+when ``error`` is None), and answers with :func:`render`. Keeping the rules here
+means every backend validates by the very same code; the Hypothesis model tests
+check this code against an independent model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sbus.core.chain import GENESIS, content_id, entry_hash
+from sbus.core.clock import rfc3339
+from sbus.core.errors import (
+    CrossShardStale,
+    MandateNotFound,
+    MandateRequired,
+    SBusError,
+    SessionExpired,
+    ShardDeleted,
+    ShardNotFound,
+    VersionMismatch,
+    VersionNotFound,
+)
+from sbus.core.types import (
+    CreateOp,
+    DLEntry,
+    HistoryEntry,
+    Outcome,
+    SessionView,
+    Shard,
+    Txn,
+)
+
+
+@dataclass(slots=True)
+class CounterDelta:
+    total_commits: int = 0
+    total_conflicts: int = 0
+    cross_shard_stale: int = 0
+    view_checked_commits: int = 0
+    view_divergent_commits: int = 0
+
+    def items(self) -> list[tuple[str, int]]:
+        """Non-zero deltas only, so a store touches no counter row it need not."""
+        pairs = (
+            ("total_commits", self.total_commits),
+            ("total_conflicts", self.total_conflicts),
+            ("cross_shard_stale", self.cross_shard_stale),
+            ("view_checked_commits", self.view_checked_commits),
+            ("view_divergent_commits", self.view_divergent_commits),
+        )
+        return [(name, n) for name, n in pairs if n]
+
+
+@dataclass(slots=True)
+class Effects:
+    """Everything a store must persist for one decided Txn."""
+
+    counters: CounterDelta = field(default_factory=CounterDelta)
+    # key -> (attempt_count delta, conflict_count delta); persisted even on rejection
+    bumps: dict[str, tuple[int, int]] = field(default_factory=dict)
+    error: SBusError | None = None
+    # populated only when error is None: post-commit shard rows (history_depth not yet
+    # adjusted for retention; the store does that) and their new history entries
+    shards: list[Shard] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
+    dl_writes: dict[str, DLEntry] = field(default_factory=dict)
+
+
+def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> str:
+    """``empty`` | ``live`` | ``expired`` | ``overflowed`` (SPEC section 1)."""
+    if session.overflowed:
+        return "overflowed"
+    if session.last_served_ms is None:
+        return "empty"
+    if ttl_ms <= 0:
+        return "live" if session.entries else "empty"
+    cutoff = now_ms - ttl_ms
+    for entry in session.entries.values():
+        if entry.served_ms > cutoff:
+            return "live"
+    # All entries are past the TTL; the marker keeps "expired" for one more TTL.
+    if session.last_served_ms > cutoff - ttl_ms:
+        return "expired"
+    return "empty"
+
+
+def live_entries(session: SessionView, now_ms: int, ttl_ms: int) -> dict[str, DLEntry]:
+    if ttl_ms <= 0:
+        return session.entries
+    cutoff = now_ms - ttl_ms
+    return {k: e for k, e in session.entries.items() if e.served_ms > cutoff}
+
+
+def decide(
+    txn: Txn,
+    shards: Mapping[str, Shard | None],
+    session: SessionView,
+    *,
+    ori_enabled: bool,
+    now_ms: int,
+    ttl_ms: int,
+    rollback_sources: Mapping[str, HistoryEntry | None] | None = None,
+) -> Effects:
+    """Decide a Txn against loaded state. ``shards`` must hold every written key, every
+    explicit read-set key and every key of the session's DeliveryLog (None if absent)."""
+    fx = Effects()
+    written = sorted(w.key for w in txn.writes)
+    written_set = set(written)
+
+    # 9a. mandates: this build issues none, so any presented mandate is unknown.
+    for key in written:
+        shard = shards.get(key)
+        if shard is not None and shard.require_mandate and not txn.has_mandate:
+            fx.error = MandateRequired(f"shard {key!r} requires a mandate", key=key)
+            return fx
+    if txn.has_mandate:
+        fx.error = MandateNotFound("mandate not recognised by this deployment")
+        return fx
+
+    # 9b. session state
+    state = session_state(session, now_ms, ttl_ms)
+    if state == "expired":
+        fx.error = SessionExpired(
+            f"session expired for agent {txn.agent_id!r}", reason="ttl", agent_id=txn.agent_id
+        )
+        return fx
+    if state == "overflowed":
+        fx.error = SessionExpired(
+            f"delivery log overflowed for agent {txn.agent_id!r}",
+            reason="overflow",
+            agent_id=txn.agent_id,
+        )
+        return fx
+
+    # 9c. effective read set: explicit entries plus live DL entries, written keys excluded;
+    # a key in both is checked at both versions.
+    checks: list[tuple[str, int]] = [
+        (r.key, r.version_at_read) for r in txn.read_set if r.key not in written_set
+    ]
+    if state == "live":
+        for key, entry in live_entries(session, now_ms, ttl_ms).items():
+            if key not in written_set:
+                checks.append((key, entry.version))
+    checks.sort()
+    stale: list[dict[str, Any]] = []
+    for key, version in checks:
+        shard = shards.get(key)
+        if shard is None:
+            fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
+            return fx
+        if shard.version != version:
+            stale.append({"key": key, "version_at_read": version, "current_version": shard.version})
+
+    # 9d. count before deciding so ORI-on and ORI-off divergence rates compare.
+    if checks:
+        fx.counters.view_checked_commits = 1
+        if stale:
+            fx.counters.view_divergent_commits = 1
+
+    # 9e. ORI
+    if ori_enabled and stale:
+        first = stale[0]
+        fx.counters.cross_shard_stale = 1
+        fx.error = CrossShardStale(
+            f"cross-shard stale read: key={first['key']} "
+            f"version_at_read={first['version_at_read']} current_version={first['current_version']}",
+            key=first["key"],
+            version_at_read=first["version_at_read"],
+            current_version=first["current_version"],
+            stale_keys=stale,
+        )
+        return fx
+
+    # 9f. written keys in ascending order
+    by_key = {w.key: w for w in txn.writes}
+    for key in written:
+        op = by_key[key]
+        shard = shards.get(key)
+        if shard is None:
+            fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
+            return fx
+        if shard.deleted:
+            fx.error = ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            return fx
+        fx.bumps[key] = (1, 0)
+        if op.expected_version is not None and op.expected_version != shard.version:
+            fx.bumps[key] = (1, 1)
+            fx.counters.total_conflicts = 1
+            fx.error = VersionMismatch(
+                f"version mismatch on key={key}: expected={op.expected_version} "
+                f"found={shard.version}",
+                key=key,
+                expected=op.expected_version,
+                found=shard.version,
+            )
+            return fx
+        if op.kind == "rollback":
+            source = (rollback_sources or {}).get(key)
+            if source is None or source.deleted or source.version != op.target_version:
+                fx.error = VersionNotFound(
+                    f"version {op.target_version} of {key!r} is not retained",
+                    key=key,
+                    target_version=op.target_version,
+                )
+                return fx
+
+    # 9g. apply
+    fx.counters.total_commits = 1
+    committed_at = rfc3339(now_ms)
+    for key in written:
+        op = by_key[key]
+        old = shards[key]
+        assert old is not None  # checked in 9f
+        version = old.version + 1
+        deleted = op.kind == "delete"
+        rationale = txn.rationale
+        if op.kind == "rollback":
+            content = (rollback_sources or {})[key].content  # type: ignore[union-attr]
+            rationale = f"rollback to {op.target_version}"
+        else:
+            content = "" if deleted else op.content
+        digest = entry_hash(
+            old.head_hash,
+            version,
+            agent_id=txn.agent_id,
+            commit_id=txn.commit_id,
+            committed_at=committed_at,
+            rationale=rationale,
+            deleted=deleted,
+            content=content,
+        )
+        fx.history.append(
+            HistoryEntry(
+                key=key,
+                version=version,
+                agent_id=txn.agent_id,
+                committed_ms=now_ms,
+                content=content,
+                deleted=deleted,
+                rationale=rationale,
+                commit_id=txn.commit_id,
+                prev_hash=old.head_hash,
+                hash=digest,
+            )
+        )
+        attempts, conflicts = fx.bumps.get(key, (0, 0))
+        fx.shards.append(
+            Shard(
+                key=key,
+                id=old.id,
+                content=content,
+                version=version,
+                goal_tag=old.goal_tag,
+                require_mandate=old.require_mandate,
+                created_ms=old.created_ms,
+                updated_ms=now_ms,
+                attempt_count=old.attempt_count + attempts,
+                conflict_count=old.conflict_count + conflicts,
+                deleted=deleted,
+                head_hash=digest,
+                history_depth=old.history_depth + 1,
+            )
+        )
+        fx.dl_writes[key] = DLEntry(version, now_ms)
+    return fx
+
+
+def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Shard, HistoryEntry]:
+    """The row and genesis-or-continuation history entry for POST /shard.
+
+    Re-creating a tombstoned key continues at tombstone + 1 and extends its chain.
+    The caller has already refused a live ``existing``.
+    """
+    version = 0 if existing is None else existing.version + 1
+    prev = GENESIS if existing is None else existing.head_hash
+    depth = 0 if existing is None else existing.history_depth
+    digest = entry_hash(
+        prev,
+        version,
+        agent_id=op.agent_id,
+        commit_id=op.commit_id,
+        committed_at=rfc3339(now_ms),
+        rationale="create",
+        deleted=False,
+        content=op.content,
+    )
+    shard = Shard(
+        key=op.key,
+        id=content_id(op.content),
+        content=op.content,
+        version=version,
+        goal_tag=op.goal_tag,
+        require_mandate=op.require_mandate,
+        created_ms=now_ms,
+        updated_ms=now_ms,
+        attempt_count=0,
+        conflict_count=0,
+        deleted=False,
+        head_hash=digest,
+        history_depth=depth + (1 if version else 0),
+    )
+    entry = HistoryEntry(
+        key=op.key,
+        version=version,
+        agent_id=op.agent_id,
+        committed_ms=now_ms,
+        content=op.content,
+        deleted=False,
+        rationale="create",
+        commit_id=op.commit_id,
+        prev_hash=prev,
+        hash=digest,
+    )
+    return shard, entry
+
+
+def shard_body(shard: Shard) -> dict[str, Any]:
+    """The compat ShardResponse plus ``policy``."""
+    return {
+        "key": shard.key,
+        "id": shard.id,
+        "version": shard.version,
+        "content": shard.content,
+        "owner": None,
+        "goal_tag": shard.goal_tag,
+        "attempt_count": shard.attempt_count,
+        "conflict_count": shard.conflict_count,
+        "delta_log_depth": shard.history_depth,
+        "created_at": rfc3339(shard.created_ms),
+        "updated_at": rfc3339(shard.updated_ms),
+        "policy": {"require_mandate": shard.require_mandate},
+    }
+
+
+def render(txn: Txn, post: Mapping[str, Shard]) -> Outcome:
+    """The success answer of an applied Txn; ``post`` holds the stored rows after it."""
+    if txn.op == "multi":
+        results = [{"key": w.key, "new_version": post[w.key].version} for w in txn.writes]
+        return Outcome(200, {"results": results, "commit_id": txn.commit_id})
+    shard = post[txn.writes[0].key]
+    if txn.op == "delete":
+        return Outcome(204, None, etag=shard.version)
+    if txn.op == "rollback":
+        return Outcome(200, {**shard_body(shard), "commit_id": txn.commit_id}, etag=shard.version)
+    return Outcome(
+        200,
+        {"new_version": shard.version, "shard_id": shard.id, "commit_id": txn.commit_id},
+        etag=shard.version,
+    )
+
+
+def render_create(shard: Shard) -> Outcome:
+    return Outcome(201, shard_body(shard), etag=shard.version)
+
+
+def plan_read(
+    session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int
+) -> str:
+    """How a recorded read (GET or register) treats the session: ``record``, ``restart``
+    (expired or empty: drop old entries first, then record), ``overflow`` (serve, do not
+    record, mark the session) or ``skip`` (already overflowed: serve only)."""
+    state = session_state(session, now_ms, ttl_ms)
+    if state == "overflowed":
+        return "skip"
+    if state != "live":
+        return "restart" if session.entries or session.last_served_ms is not None else "record"
+    live = live_entries(session, now_ms, ttl_ms)
+    if key not in live and len(live) >= max_entries:
+        return "overflow"
+    return "record"

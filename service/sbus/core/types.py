@@ -1,0 +1,164 @@
+"""Domain values shared by the engine and every store.
+
+Immutable values with no behaviour that needs a particular backend. The ones built on
+every commit (shards, history entries, DL entries, transactions) are NamedTuples: a
+frozen dataclass pays an ``object.__setattr__`` per field, which measured ~4 us per
+Shard here, a sixth of the in-process commit budget. The rest are frozen dataclasses. Times are integer milliseconds
+on the store clock (see ``sbus.core.clock``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+WriteKind = Literal["commit", "delete", "rollback"]
+
+
+class Shard(NamedTuple):
+    """One shard row as the store keeps it, tombstones included."""
+
+    key: str
+    id: str
+    content: str
+    version: int
+    goal_tag: str
+    require_mandate: bool
+    created_ms: int
+    updated_ms: int
+    attempt_count: int
+    conflict_count: int
+    deleted: bool
+    head_hash: str
+    history_depth: int  # retained history entries with version != 0 (compat delta_log_depth)
+
+
+class HistoryEntry(NamedTuple):
+    key: str
+    version: int
+    agent_id: str
+    committed_ms: int
+    content: str
+    deleted: bool
+    rationale: str | None
+    commit_id: str
+    prev_hash: str
+    hash: str
+
+
+class DLEntry(NamedTuple):
+    version: int
+    served_ms: int
+
+
+@dataclass(slots=True)
+class SessionView:
+    """A (agent, session) DeliveryLog as loaded inside an atomic step."""
+
+    entries: dict[str, DLEntry] = field(default_factory=dict)
+    overflowed: bool = False
+    last_served_ms: int | None = None
+
+
+class ReadItem(NamedTuple):
+    key: str
+    version_at_read: int
+
+
+class WriteOp(NamedTuple):
+    """One written key. ``expected_version`` None means unconditional (rollback only)."""
+
+    key: str
+    expected_version: int | None
+    kind: WriteKind
+    content: str = ""
+    target_version: int = 0  # rollback only
+
+
+class IdemRef(NamedTuple):
+    agent_id: str
+    key: str
+    fingerprint: str
+
+
+class Txn(NamedTuple):
+    """A state change submitted to the store's single atomic commit operation.
+
+    ``op`` selects how the success body is rendered: "commit", "multi", "rollback"
+    or "delete". Writes are sorted by key by the engine before submission.
+    """
+
+    op: str
+    agent_id: str
+    session_id: str
+    writes: tuple[WriteOp, ...]
+    read_set: tuple[ReadItem, ...]
+    rationale: str | None
+    commit_id: str
+    idem: IdemRef | None = None
+    has_mandate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOp:
+    key: str
+    content: str
+    goal_tag: str
+    require_mandate: bool
+    agent_id: str
+    commit_id: str
+    idem: IdemRef | None = None
+
+
+class Outcome(NamedTuple):
+    """What a successful (or replayed) state change answers: status and JSON body."""
+
+    status: int
+    body: dict[str, Any] | None
+    replayed: bool = False
+    etag: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdemRecord:
+    fingerprint: str
+    status: int
+    body: dict[str, Any] | None
+    etag: int | None
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    total_commits: int = 0
+    total_conflicts: int = 0
+    cross_shard_stale: int = 0
+    view_checked_commits: int = 0
+    view_divergent_commits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    counters: Counters
+    total_shards: int
+    dl_agents: int
+    dl_deliveries: int
+    ori_enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterResult:
+    registered: int
+    skipped_existing: list[str]
+    skipped_no_shard: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The knobs the atomic step needs; copied from Settings once at start-up."""
+
+    session_ttl_ms: int = 3_600_000
+    max_dl_entries: int = 16384
+    history_depth: int = 1000
+    history_max_bytes: int = 16 * 1024 * 1024
+    idempotency_ttl_ms: int = 86_400_000

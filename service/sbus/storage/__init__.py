@@ -1,0 +1,1 @@
+"""Store backends behind :class:`sbus.storage.protocol.Store`."""

@@ -1,0 +1,99 @@
+"""The Store Protocol: everything the engine asks of a backend.
+
+Each method is ONE atomic operation against the store: a single critical section
+(memory), one ``BEGIN IMMEDIATE`` transaction (SQLite), one transaction holding row
+locks taken in ascending key order (PostgreSQL), or one Lua script (Redis). Nothing
+is cached in the bus process, so any number of processes over one store behave as
+one bus.
+
+Every method may raise :class:`sbus.core.errors.StoreUnavailable` when the backend
+cannot be reached; driver exceptions never escape. Other raises are listed per method.
+Times are store-clock milliseconds: the backend's clock plus the test offset.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sbus.core.types import (
+    CreateOp,
+    HistoryEntry,
+    IdemRecord,
+    Limits,
+    Outcome,
+    RegisterResult,
+    Shard,
+    StoreStats,
+    Txn,
+)
+
+
+class Store(Protocol):
+    backend: str  # "memory", "sqlite", ...
+    durable: bool  # reported as the compat ``wal_enabled``
+    limits: Limits  # fixed at construction from Settings
+
+    async def start(self) -> None:
+        """Connect and check the schema. Raises StoreUnavailable while not reachable."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Cheap liveness probe; raises StoreUnavailable."""
+
+    async def now_ms(self) -> int:
+        """The store clock: backend time plus the test offset."""
+
+    async def advance_clock(self, ms: int) -> int:
+        """Move the test offset forward by ``ms``; returns the new offset."""
+
+    async def create(self, op: CreateOp) -> Outcome:
+        """Create ``op.key`` at version 0, or at tombstone + 1 over a tombstone, with its
+        history entry and idempotency record. Raises ShardAlreadyExists for a live key."""
+
+    async def admin_create(self, op: CreateOp) -> Shard | None:
+        """Create unless the key is live; None when it already exists."""
+
+    async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
+        """Serve a shard and, when ``agent_id`` is given and ``record``, set the DL entry
+        to the served version in the same step. Over the DL bound the read is served,
+        not recorded, and the session becomes overflowed. Raises ShardNotFound, or
+        ShardDeleted (after recording the tombstone version)."""
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        """Live keys (no tombstones) in ascending order."""
+
+    async def apply(self, txn: Txn) -> Outcome:
+        """The commit protocol (SPEC section 4 step 9) for commit, multi, rollback and
+        delete, decided by :func:`sbus.core.rules.decide`. Persists counters even on
+        rejection and nothing else then. Replays a recorded idempotent outcome with
+        the same fingerprint. Raises the rejection's SBusError, or IdempotencyKeyReused."""
+
+    async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
+        """The live idempotency record, if any (a pre-check; ``apply`` re-checks)."""
+
+    async def reset_session(self, agent_id: str, session_id: str) -> None:
+        """Empty the (agent, session) DeliveryLog and clear its markers."""
+
+    async def register(self, agent_id: str, session_id: str, keys: list[str]) -> RegisterResult:
+        """Record the current version of each key without a live DL entry."""
+
+    async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
+        """Overwrite a DL entry. Raises ShardNotFound, ValidationFailed (version out of range)."""
+
+    async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
+        """Retained entries newest first. Raises ShardNotFound for a key never created."""
+
+    async def stats(self) -> StoreStats: ...
+
+    async def set_ori(self, enabled: bool) -> None: ...
+
+    async def reset_all(self) -> int:
+        """Delete every shard, tombstone, history entry, DL session, counter and
+        idempotency record; keep ``ori_enabled``. Returns the number of shards removed."""
+
+    async def dump_delivery_log(
+        self, after: str | None, limit: int
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+        """Live DL entries as ``{agent: {session: {key: {version, age_secs}}}}`` for up to
+        ``limit`` agents after ``after``; returns the next cursor."""

@@ -1,0 +1,1 @@
+"""SQL backends (SQLite now; PostgreSQL shares the schema and migrations)."""

@@ -1,0 +1,111 @@
+"""The relational schema (SQLAlchemy Core), shared by the SQL backends and by the
+Alembic migrations in ``migrations/``. Times are integer store-clock milliseconds.
+
+History versions of a key are consecutive (every version writes one entry and
+retention drops the oldest first), so a shard row needs only the oldest retained
+version and the retained byte total to describe its history."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+
+SCHEMA_REVISION = "0001"
+
+metadata = MetaData()
+
+shards = Table(
+    "sbus_shards",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("id", Text, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("goal_tag", Text, nullable=False),
+    Column("require_mandate", Boolean, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("attempt_count", BigInteger, nullable=False),
+    Column("conflict_count", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("head_hash", Text, nullable=False),
+    Column("hist_min_version", BigInteger, nullable=False),
+    Column("hist_bytes", BigInteger, nullable=False),
+)
+
+history = Table(
+    "sbus_history",
+    metadata,
+    Column("key", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("committed_ms", BigInteger, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("rationale", Text, nullable=True),
+    Column("commit_id", Text, nullable=False),
+    Column("prev_hash", Text, nullable=False),
+    Column("hash", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    PrimaryKeyConstraint("key", "version"),
+)
+
+dl_entries = Table(
+    "sbus_dl_entries",
+    metadata,
+    Column("agent_id", Text, nullable=False),
+    Column("session_id", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("served_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("agent_id", "session_id", "key"),
+)
+
+dl_sessions = Table(
+    "sbus_dl_sessions",
+    metadata,
+    Column("agent_id", Text, nullable=False),
+    Column("session_id", Text, nullable=False),
+    Column("overflowed", Boolean, nullable=False),
+    Column("last_served_ms", BigInteger, nullable=True),
+    PrimaryKeyConstraint("agent_id", "session_id"),
+)
+
+# Counters are split into slots so that PostgreSQL commits need not serialize on one
+# row; readers sum the slots. SQLite uses slot 0 only.
+counters = Table(
+    "sbus_counters",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("slot", Integer, nullable=False),
+    Column("value", BigInteger, nullable=False),
+    PrimaryKeyConstraint("name", "slot"),
+)
+
+meta = Table(
+    "sbus_meta",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+idempotency = Table(
+    "sbus_idempotency",
+    metadata,
+    Column("agent_id", Text, nullable=False),
+    Column("idem_key", Text, nullable=False),
+    Column("fingerprint", Text, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("body", Text, nullable=True),
+    Column("etag", BigInteger, nullable=True),
+    Column("expires_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("agent_id", "idem_key"),
+)

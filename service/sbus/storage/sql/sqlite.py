@@ -1,0 +1,614 @@
+"""The embedded default store: SQLite through SQLAlchemy 2 Core.
+
+WAL mode, ``synchronous=FULL``, ``busy_timeout=5000``. Every operation runs on one
+writer thread (see :mod:`sbus.storage.sql.writer`) inside ``BEGIN IMMEDIATE``, so
+the write lock is held before anything is validated; busy or I/O errors become 503
+``not_applied``. The schema is versioned by the Alembic migrations and upgraded on
+start. Statements are plain SQL through ``exec_driver_sql``: the hot path pays no
+statement compilation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import create_engine, event, pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from sbus.core import rules
+from sbus.core.clock import wall_ms
+from sbus.core.errors import (
+    IdempotencyKeyReused,
+    ShardAlreadyExists,
+    ShardDeleted,
+    ShardNotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from sbus.core.types import (
+    Counters,
+    CreateOp,
+    DLEntry,
+    HistoryEntry,
+    IdemRecord,
+    IdemRef,
+    Limits,
+    Outcome,
+    RegisterResult,
+    SessionView,
+    Shard,
+    StoreStats,
+    Txn,
+)
+from sbus.storage.sql.migrate import upgrade_to_head
+from sbus.storage.sql.writer import Writer
+
+SHARD_COLUMNS = (
+    "key, id, content, version, goal_tag, require_mandate, created_ms, updated_ms, "
+    "attempt_count, conflict_count, deleted, head_hash, hist_min_version, hist_bytes"
+)
+COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+
+
+def _shard(row: Any) -> Shard:
+    (key, id_, content, version, goal_tag, mandate, created, updated, attempts, conflicts,
+     deleted, head, hist_min, _bytes) = row
+    return Shard(
+        key, id_, content, version, goal_tag, bool(mandate), created, updated, attempts,
+        conflicts, bool(deleted), head, version - hist_min + 1 - (1 if hist_min == 0 else 0),
+    )
+
+
+def _is_store_error(exc: BaseException) -> bool:
+    return isinstance(exc, SQLAlchemyError | sqlite3.Error | OSError)
+
+
+class SQLiteStore:
+    backend = "sqlite"
+    durable = True
+
+    def __init__(self, url: str, limits: Limits | None = None) -> None:
+        self.url = url
+        self.limits = limits or Limits()
+        self._writer: Writer | None = None
+
+    # lifecycle ---------------------------------------------------------------------
+    def _path(self) -> str:
+        path = self.url.split("///", 1)[1] if "///" in self.url else ""
+        if not path or path == ":memory:":
+            raise ValueError("sqlite store needs a file: sqlite:///PATH")
+        return path
+
+    def _connect(self) -> Connection:
+        path = self._path()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            f"sqlite:///{path}",
+            poolclass=pool.StaticPool,
+            connect_args={"check_same_thread": False, "isolation_level": None, "timeout": 5.0},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.close()
+
+        # AUTOCOMMIT: the writer issues BEGIN IMMEDIATE / COMMIT itself.
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        # One write transaction around the migration: atomic, and two processes
+        # starting on one file cannot migrate it twice.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            upgrade_to_head(conn)
+        except BaseException:
+            conn.exec_driver_sql("ROLLBACK")
+            conn.close()
+            raise
+        conn.exec_driver_sql("COMMIT")
+        return conn
+
+    async def start(self) -> None:
+        if self._writer is not None:
+            return
+        writer = Writer(self._connect, is_store_error=_is_store_error)
+        try:
+            writer.start()
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open SQLite store: {exc}") from exc
+        self._writer = writer
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+
+    async def _call(self, op: Any, write: bool = True) -> Any:
+        if self._writer is None:
+            raise StoreUnavailable("the SQLite store is not started")
+        return await self._writer.call(op, write=write)
+
+    async def ping(self) -> None:
+        await self._call(lambda c: c.exec_driver_sql("SELECT 1").scalar(), write=False)
+
+    # clock and flags ---------------------------------------------------------------------
+    @staticmethod
+    def _meta(conn: Connection) -> tuple[bool, int]:
+        rows = dict(conn.exec_driver_sql("SELECT name, value FROM sbus_meta").fetchall())
+        return bool(rows.get("ori_enabled", 1)), int(rows.get("clock_offset_ms", 0))
+
+    def _now(self, conn: Connection) -> int:
+        return wall_ms() + self._meta(conn)[1]
+
+    async def now_ms(self) -> int:
+        result: int = await self._call(self._now, write=False)
+        return result
+
+    async def advance_clock(self, ms: int) -> int:
+        def op(conn: Connection) -> int:
+            conn.exec_driver_sql(
+                "UPDATE sbus_meta SET value = value + ? WHERE name = 'clock_offset_ms'", (ms,)
+            )
+            return self._meta(conn)[1]
+
+        result: int = await self._call(op)
+        return result
+
+    async def set_ori(self, enabled: bool) -> None:
+        await self._call(
+            lambda c: c.exec_driver_sql(
+                "UPDATE sbus_meta SET value = ? WHERE name = 'ori_enabled'", (int(enabled),)
+            )
+        )
+
+    # rows --------------------------------------------------------------------------------
+    @staticmethod
+    def _load(conn: Connection, key: str) -> Shard | None:
+        row = conn.exec_driver_sql(
+            f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key = ?", (key,)
+        ).fetchone()
+        return _shard(row) if row is not None else None
+
+    @staticmethod
+    def _load_many(conn: Connection, keys: list[str]) -> dict[str, Shard | None]:
+        found: dict[str, Shard | None] = dict.fromkeys(keys)
+        # SQLite allows 32766 host parameters; chunk well below that.
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.exec_driver_sql(
+                f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key IN ({marks})", tuple(chunk)
+            ):
+                found[row[0]] = _shard(row)
+        return found
+
+    def _write_shard(self, conn: Connection, shard: Shard, entry: HistoryEntry) -> Shard:
+        """Upsert the row, append its history entry, trim retention; returns the row
+        with its retained depth."""
+        size = len(entry.content.encode())
+        row = conn.exec_driver_sql(
+            "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
+        ).fetchone()
+        hist_min, hist_bytes = (entry.version, 0) if row is None else (row[0], row[1])
+        hist_bytes += size
+        conn.exec_driver_sql(
+            "INSERT INTO sbus_history (key, version, agent_id, committed_ms, content, deleted, "
+            "rationale, commit_id, prev_hash, hash, size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (entry.key, entry.version, entry.agent_id, entry.committed_ms, entry.content,
+             entry.deleted, entry.rationale, entry.commit_id, entry.prev_hash, entry.hash, size),
+        )
+        limits = self.limits
+        while hist_min < entry.version and (
+            entry.version - hist_min + 1 > limits.history_depth
+            or hist_bytes > limits.history_max_bytes
+        ):
+            dropped = conn.exec_driver_sql(
+                "DELETE FROM sbus_history WHERE key = ? AND version = ? RETURNING size",
+                (shard.key, hist_min),
+            ).scalar()
+            hist_bytes -= int(dropped or 0)
+            hist_min += 1
+        conn.exec_driver_sql(
+            f"INSERT OR REPLACE INTO sbus_shards ({SHARD_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (shard.key, shard.id, shard.content, shard.version, shard.goal_tag,
+             shard.require_mandate, shard.created_ms, shard.updated_ms, shard.attempt_count,
+             shard.conflict_count, shard.deleted, shard.head_hash, hist_min, hist_bytes),
+        )
+        depth = shard.version - hist_min + 1 - (1 if hist_min == 0 else 0)
+        return shard._replace(history_depth=depth)
+
+    # idempotency ---------------------------------------------------------------------------
+    @staticmethod
+    def _idem_get(conn: Connection, agent_id: str, key: str, now: int) -> IdemRecord | None:
+        row = conn.exec_driver_sql(
+            "SELECT fingerprint, status, body, etag, expires_ms FROM sbus_idempotency "
+            "WHERE agent_id = ? AND idem_key = ? AND expires_ms > ?",
+            (agent_id, key, now),
+        ).fetchone()
+        if row is None:
+            return None
+        body = orjson.loads(row[2]) if row[2] is not None else None
+        return IdemRecord(row[0], row[1], body, row[3], row[4])
+
+    def _idem_check(self, conn: Connection, idem: IdemRef | None, now: int) -> Outcome | None:
+        if idem is None:
+            return None
+        record = self._idem_get(conn, idem.agent_id, idem.key, now)
+        if record is None:
+            return None
+        if record.fingerprint != idem.fingerprint:
+            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+        return Outcome(record.status, record.body, replayed=True, etag=record.etag)
+
+    def _idem_put(self, conn: Connection, idem: IdemRef | None, out: Outcome, now: int) -> None:
+        if idem is None:
+            return
+        conn.exec_driver_sql(
+            "INSERT OR REPLACE INTO sbus_idempotency (agent_id, idem_key, fingerprint, status, "
+            "body, etag, expires_ms) VALUES (?,?,?,?,?,?,?)",
+            (idem.agent_id, idem.key, idem.fingerprint, out.status,
+             orjson.dumps(out.body).decode() if out.body is not None else None, out.etag,
+             now + self.limits.idempotency_ttl_ms),
+        )
+
+    async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
+        result: IdemRecord | None = await self._call(
+            lambda c: self._idem_get(c, agent_id, key, self._now(c)), write=False
+        )
+        return result
+
+    # create and read ------------------------------------------------------------------------
+    def _create(self, conn: Connection, op: CreateOp, now: int) -> Shard | None:
+        existing = self._load(conn, op.key)
+        if existing is not None and not existing.deleted:
+            return None
+        shard, entry = rules.create_shard(op, existing, now)
+        return self._write_shard(conn, shard, entry)
+
+    async def create(self, op: CreateOp) -> Outcome:
+        def run(conn: Connection) -> Outcome:
+            now = self._now(conn)
+            replay = self._idem_check(conn, op.idem, now)
+            if replay is not None:
+                return replay
+            shard = self._create(conn, op, now)
+            if shard is None:
+                raise ShardAlreadyExists(f"shard already exists: key={op.key}", key=op.key)
+            outcome = rules.render_create(shard)
+            self._idem_put(conn, op.idem, outcome, now)
+            return outcome
+
+        result: Outcome = await self._call(run)
+        return result
+
+    async def admin_create(self, op: CreateOp) -> Shard | None:
+        result: Shard | None = await self._call(lambda c: self._create(c, op, self._now(c)))
+        return result
+
+    @staticmethod
+    def _session(conn: Connection, agent_id: str, session_id: str) -> SessionView:
+        view = SessionView()
+        row = conn.exec_driver_sql(
+            "SELECT overflowed, last_served_ms FROM sbus_dl_sessions "
+            "WHERE agent_id = ? AND session_id = ?",
+            (agent_id, session_id),
+        ).fetchone()
+        if row is None:
+            return view
+        view.overflowed = bool(row[0])
+        view.last_served_ms = row[1]
+        for key, version, served in conn.exec_driver_sql(
+            "SELECT key, version, served_ms FROM sbus_dl_entries "
+            "WHERE agent_id = ? AND session_id = ?",
+            (agent_id, session_id),
+        ):
+            view.entries[key] = DLEntry(version, served)
+        return view
+
+    @staticmethod
+    def _put_session(
+        conn: Connection, agent_id: str, session_id: str, overflowed: bool, last: int | None
+    ) -> None:
+        conn.exec_driver_sql(
+            "INSERT OR REPLACE INTO sbus_dl_sessions (agent_id, session_id, overflowed, "
+            "last_served_ms) VALUES (?,?,?,?)",
+            (agent_id, session_id, overflowed, last),
+        )
+
+    @staticmethod
+    def _clear_entries(conn: Connection, agent_id: str, session_id: str) -> None:
+        conn.exec_driver_sql(
+            "DELETE FROM sbus_dl_entries WHERE agent_id = ? AND session_id = ?",
+            (agent_id, session_id),
+        )
+
+    @staticmethod
+    def _put_entries(
+        conn: Connection, agent_id: str, session_id: str, entries: dict[str, DLEntry]
+    ) -> None:
+        rows = [(agent_id, session_id, k, e.version, e.served_ms) for k, e in entries.items()]
+        if rows:
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO sbus_dl_entries (agent_id, session_id, key, version, "
+                "served_ms) VALUES (?,?,?,?,?)",
+                rows if len(rows) > 1 else rows[0],
+            )
+
+    def _record(
+        self, conn: Connection, agent_id: str, session_id: str, view: SessionView, key: str,
+        version: int, now: int,
+    ) -> bool:
+        plan = rules.plan_read(
+            view, key, now_ms=now, ttl_ms=self.limits.session_ttl_ms,
+            max_entries=self.limits.max_dl_entries,
+        )
+        if plan == "skip":
+            return False
+        if plan == "overflow":
+            view.overflowed = True
+            self._put_session(conn, agent_id, session_id, True, view.last_served_ms)
+            return False
+        if plan == "restart":
+            view.entries.clear()
+            self._clear_entries(conn, agent_id, session_id)
+        view.entries[key] = DLEntry(version, now)
+        view.last_served_ms = now
+        self._put_entries(conn, agent_id, session_id, {key: view.entries[key]})
+        self._put_session(conn, agent_id, session_id, False, now)
+        return True
+
+    async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
+        recording = agent_id is not None and record
+
+        def run(conn: Connection) -> Shard:
+            shard = self._load(conn, key)
+            if shard is None:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            if recording:
+                assert agent_id is not None
+                now = self._now(conn)
+                view = self._session(conn, agent_id, session_id)
+                self._record(conn, agent_id, session_id, view, key, shard.version, now)
+            if shard.deleted:
+                raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            return shard
+
+        result: Shard = await self._call(run, write=recording)
+        return result
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        def run(conn: Connection) -> list[str]:
+            # Range scan on the primary key instead of LIKE, whose wildcards would
+            # need escaping; every key with the prefix sorts in [prefix, prefix+U+10FFFF).
+            rows = conn.exec_driver_sql(
+                "SELECT key FROM sbus_shards WHERE deleted = 0 AND key >= ? AND key < ? "
+                "AND key > ? ORDER BY key LIMIT ?",
+                (prefix, prefix + "\U0010ffff", after or "", limit),
+            )
+            return [r[0] for r in rows if r[0].startswith(prefix)]
+
+        result: list[str] = await self._call(run, write=False)
+        return result
+
+    # the commit protocol ----------------------------------------------------------------------
+    def _apply(self, conn: Connection, txn: Txn) -> Outcome:
+        ori, offset = self._meta(conn)
+        now = wall_ms() + offset
+        replay = self._idem_check(conn, txn.idem, now)
+        if replay is not None:
+            return replay
+        view = self._session(conn, txn.agent_id, txn.session_id)
+        keys = {w.key for w in txn.writes}
+        keys.update(r.key for r in txn.read_set)
+        keys.update(view.entries)
+        shards = self._load_many(conn, sorted(keys))
+        sources: dict[str, HistoryEntry | None] = {}
+        for w in txn.writes:
+            if w.kind == "rollback":
+                sources[w.key] = self._history_entry(conn, w.key, w.target_version)
+        limits = self.limits
+        fx = rules.decide(
+            txn, shards, view, ori_enabled=ori, now_ms=now, ttl_ms=limits.session_ttl_ms,
+            rollback_sources=sources,
+        )
+        for name, delta in fx.counters.items():
+            conn.exec_driver_sql(
+                "INSERT INTO sbus_counters (name, slot, value) VALUES (?, 0, ?) "
+                "ON CONFLICT (name, slot) DO UPDATE SET value = value + excluded.value",
+                (name, delta),
+            )
+        if fx.error is not None:
+            for key, (attempts, conflicts) in fx.bumps.items():
+                conn.exec_driver_sql(
+                    "UPDATE sbus_shards SET attempt_count = attempt_count + ?, "
+                    "conflict_count = conflict_count + ? WHERE key = ?",
+                    (attempts, conflicts, key),
+                )
+            raise fx.error
+        post = {
+            shard.key: self._write_shard(conn, shard, entry)
+            for shard, entry in zip(fx.shards, fx.history, strict=True)
+        }
+        if rules.session_state(view, now, limits.session_ttl_ms) != "live":
+            self._clear_entries(conn, txn.agent_id, txn.session_id)
+        self._put_entries(conn, txn.agent_id, txn.session_id, fx.dl_writes)
+        self._put_session(conn, txn.agent_id, txn.session_id, view.overflowed, now)
+        outcome = rules.render(txn, post)
+        self._idem_put(conn, txn.idem, outcome, now)
+        return outcome
+
+    async def apply(self, txn: Txn) -> Outcome:
+        result: Outcome = await self._call(lambda c: self._apply(c, txn))
+        return result
+
+    @staticmethod
+    def _history_entry(conn: Connection, key: str, version: int) -> HistoryEntry | None:
+        row = conn.exec_driver_sql(
+            "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
+            "commit_id, prev_hash, hash FROM sbus_history WHERE key = ? AND version = ?",
+            (key, version),
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    # delivery log ------------------------------------------------------------------------------
+    async def reset_session(self, agent_id: str, session_id: str) -> None:
+        def run(conn: Connection) -> None:
+            self._clear_entries(conn, agent_id, session_id)
+            conn.exec_driver_sql(
+                "DELETE FROM sbus_dl_sessions WHERE agent_id = ? AND session_id = ?",
+                (agent_id, session_id),
+            )
+
+        await self._call(run)
+
+    async def register(self, agent_id: str, session_id: str, keys: list[str]) -> RegisterResult:
+        def run(conn: Connection) -> RegisterResult:
+            now = self._now(conn)
+            ttl = self.limits.session_ttl_ms
+            view = self._session(conn, agent_id, session_id)
+            live = rules.live_entries(view, now, ttl)
+            if rules.session_state(view, now, ttl) != "live":
+                live = {}
+            shards = self._load_many(conn, keys)
+            registered = 0
+            existing: list[str] = []
+            missing: list[str] = []
+            for key in keys:
+                shard = shards.get(key)
+                if key in live:
+                    existing.append(key)
+                elif shard is None or shard.deleted:
+                    missing.append(key)
+                elif self._record(conn, agent_id, session_id, view, key, shard.version, now):
+                    registered += 1
+            return RegisterResult(registered, existing, missing)
+
+        result: RegisterResult = await self._call(run)
+        return result
+
+    async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
+        def run(conn: Connection) -> None:
+            shard = self._load(conn, key)
+            if shard is None or shard.deleted:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            if version > shard.version:
+                raise ValidationFailed(
+                    f"stale_version must be between 0 and {shard.version}", key=key
+                )
+            now = self._now(conn)
+            view = self._session(conn, agent_id, session_id)
+            state = rules.session_state(view, now, self.limits.session_ttl_ms)
+            if state not in ("live", "overflowed"):
+                self._clear_entries(conn, agent_id, session_id)
+            self._put_entries(conn, agent_id, session_id, {key: DLEntry(version, now)})
+            self._put_session(conn, agent_id, session_id, view.overflowed, now)
+
+        await self._call(run)
+
+    async def dump_delivery_log(
+        self, after: str | None, limit: int
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+        ttl = self.limits.session_ttl_ms
+
+        def run(conn: Connection) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+            now = self._now(conn)
+            cutoff = now - ttl if ttl > 0 else -(2**62)
+            # Agent ids are never empty (an empty identity records nothing), so ""
+            # is a safe lower bound for the first page.
+            agents = [
+                r[0]
+                for r in conn.exec_driver_sql(
+                    "SELECT DISTINCT agent_id FROM sbus_dl_entries WHERE served_ms > ? "
+                    "AND agent_id > ? ORDER BY agent_id LIMIT ?",
+                    (cutoff, after if after is not None else "", limit + 1),
+                )
+            ]
+            more = len(agents) > limit
+            agents = agents[:limit]
+            out: dict[str, dict[str, dict[str, Any]]] = {}
+            for agent in agents:
+                for session, key, version, served in conn.exec_driver_sql(
+                    "SELECT session_id, key, version, served_ms FROM sbus_dl_entries "
+                    "WHERE agent_id = ? AND served_ms > ? ORDER BY session_id, key",
+                    (agent, cutoff),
+                ):
+                    out.setdefault(agent, {}).setdefault(session, {})[key] = {
+                        "version": version,
+                        "age_secs": (now - served) / 1000,
+                    }
+            return out, (agents[-1] if more else None)
+
+        result: tuple[dict[str, dict[str, dict[str, Any]]], str | None] = await self._call(
+            run, write=False
+        )
+        return result
+
+    # history, counters, admin -----------------------------------------------------------------
+    async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
+        def run(conn: Connection) -> list[HistoryEntry]:
+            if self._load(conn, key) is None:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            rows = conn.exec_driver_sql(
+                "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
+                "commit_id, prev_hash, hash FROM sbus_history WHERE key = ? AND version < ? "
+                "ORDER BY version DESC LIMIT ?",
+                (key, before if before is not None else 2**62, limit),
+            )
+            return [_entry(r) for r in rows]
+
+        result: list[HistoryEntry] = await self._call(run, write=False)
+        return result
+
+    async def stats(self) -> StoreStats:
+        ttl = self.limits.session_ttl_ms
+
+        def run(conn: Connection) -> StoreStats:
+            ori, offset = self._meta(conn)
+            now = wall_ms() + offset
+            cutoff = now - ttl if ttl > 0 else -(2**62)
+            sums = dict(
+                conn.exec_driver_sql(
+                    "SELECT name, SUM(value) FROM sbus_counters GROUP BY name"
+                ).fetchall()
+            )
+            counters = Counters(**{n: int(sums.get(n, 0)) for n in COUNTER_NAMES})
+            total = conn.exec_driver_sql(
+                "SELECT COUNT(*) FROM sbus_shards WHERE deleted = 0"
+            ).scalar()
+            agents, deliveries = conn.exec_driver_sql(
+                "SELECT COUNT(DISTINCT agent_id), COUNT(*) FROM sbus_dl_entries "
+                "WHERE served_ms > ?",
+                (cutoff,),
+            ).one()
+            return StoreStats(counters, int(total or 0), int(agents), int(deliveries), ori)
+
+        result: StoreStats = await self._call(run, write=False)
+        return result
+
+    async def reset_all(self) -> int:
+        def run(conn: Connection) -> int:
+            cleared = int(conn.exec_driver_sql("SELECT COUNT(*) FROM sbus_shards").scalar() or 0)
+            for table in (
+                "sbus_shards", "sbus_history", "sbus_dl_entries", "sbus_dl_sessions",
+                "sbus_counters", "sbus_idempotency",
+            ):
+                conn.exec_driver_sql(f"DELETE FROM {table}")
+            return cleared
+
+        result: int = await self._call(run)
+        return result
+
+
+def _entry(row: Any) -> HistoryEntry:
+    key, version, agent, committed, content, deleted, rationale, commit_id, prev, digest = row
+    return HistoryEntry(
+        key, version, agent, committed, content, bool(deleted), rationale, commit_id, prev, digest
+    )
+
