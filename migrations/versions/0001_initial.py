@@ -90,7 +90,9 @@ def upgrade() -> None:
     )
     op.create_index("sbus_idempotency_expiry", "sbus_idempotency", ["expires_ms"])
     meta = sa.table("sbus_meta", sa.column("name", sa.Text), sa.column("value", sa.BigInteger))
-    op.bulk_insert(meta, [{"name": "ori_enabled", "value": 1}, {"name": "clock_offset_ms", "value": 0}])
+    op.bulk_insert(
+        meta, [{"name": "ori_enabled", "value": 1}, {"name": "clock_offset_ms", "value": 0}]
+    )
 
 
 def downgrade() -> None:

@@ -52,9 +52,7 @@ def agent_of(request: Request, *claimed: str | None) -> str | None:
     sources.extend(claimed)
     named = {s for s in sources if s}
     if len(named) > 1:
-        raise e.AgentMismatch(
-            "agent identity sources disagree: " + ", ".join(sorted(named))
-        )
+        raise e.AgentMismatch("agent identity sources disagree: " + ", ".join(sorted(named)))
     return named.pop() if named else None
 
 
@@ -107,7 +105,9 @@ def idempotency(request: Request, agent_id: str, body: Any) -> IdemRef | None:
     if not 1 <= len(key) <= 255 or not all(" " <= ch <= "~" for ch in key):
         raise e.ValidationFailed(
             "Idempotency-Key must be 1-255 printable ASCII characters",
-            errors=[{"loc": ["header", "Idempotency-Key"], "msg": "invalid", "type": "value_error"}],
+            errors=[
+                {"loc": ["header", "Idempotency-Key"], "msg": "invalid", "type": "value_error"}
+            ],
         )
     digest = hashlib.sha256()
     digest.update(request.method.encode())

@@ -98,7 +98,9 @@ class Gate:
                 )
         return None
 
-    async def _reject(self, problem: e.SBusError, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(
+        self, problem: e.SBusError, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         response = problem_response(problem)
         await response(scope, receive, send)
 

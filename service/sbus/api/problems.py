@@ -58,7 +58,7 @@ STATUS: dict[type[e.SBusError], int] = {
 def status_of(err: e.SBusError) -> int:
     for cls in type(err).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 
@@ -79,7 +79,9 @@ def problem_response(err: e.SBusError) -> Response:
     if isinstance(err, e.StoreUnavailable):
         headers["Retry-After"] = str(err.retry_after)
     return Response(
-        orjson.dumps(problem_body(err, status)), status_code=status, media_type=MEDIA_TYPE,
+        orjson.dumps(problem_body(err, status)),
+        status_code=status,
+        media_type=MEDIA_TYPE,
         headers=headers,
     )
 
@@ -101,8 +103,11 @@ def validation_problem(exc: RequestValidationError) -> e.SBusError:
     if "json_invalid" in types:
         return e.MalformedJSON("request body is not valid JSON")
     listed = [
-        {"loc": _clean(list(item.get("loc", ()))), "msg": str(item.get("msg", "")),
-         "type": str(item.get("type", ""))}
+        {
+            "loc": _clean(list(item.get("loc", ()))),
+            "msg": str(item.get("msg", "")),
+            "type": str(item.get("type", "")),
+        }
         for item in items
     ]
     if "ambiguous_field" in types:

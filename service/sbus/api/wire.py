@@ -43,9 +43,7 @@ Version = Annotated[int, Field(ge=0, le=MAX_INT)]
 def _resolve_alias(data: Any, name: str, alias: str) -> Any:
     if isinstance(data, dict) and alias in data:
         if name in data:
-            raise PydanticCustomError(
-                "ambiguous_field", f"send either {name} or {alias}, not both"
-            )
+            raise PydanticCustomError("ambiguous_field", f"send either {name} or {alias}, not both")
         data = {**data, name: data[alias]}
         del data[alias]
     return data
@@ -157,7 +155,9 @@ class SessionBody(WireModel):
 class RegisterBody(WireModel):
     agent_id: AgentId
     shards_used: list[Text]
-    session_id: Text | None = Field(None, description="Ignored: the session comes from X-SBus-Session-Id.")
+    session_id: Text | None = Field(
+        None, description="Ignored: the session comes from X-SBus-Session-Id."
+    )
     source: Text | None = None
 
 

@@ -8,9 +8,9 @@ where ``meta = {agent_id, commit_id, committed_at, rationale, deleted}``; the ge
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import orjson
-from typing import Any
 
 GENESIS = "00" * 32
 

@@ -170,7 +170,8 @@ def decide(
         fx.counters.cross_shard_stale = 1
         fx.error = CrossShardStale(
             f"cross-shard stale read: key={first['key']} "
-            f"version_at_read={first['version_at_read']} current_version={first['current_version']}",
+            f"version_at_read={first['version_at_read']} "
+            f"current_version={first['current_version']}",
             key=first["key"],
             version_at_read=first["version_at_read"],
             current_version=first["current_version"],
@@ -360,9 +361,7 @@ def render_create(shard: Shard) -> Outcome:
     return Outcome(201, shard_body(shard), etag=shard.version)
 
 
-def plan_read(
-    session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int
-) -> str:
+def plan_read(session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int) -> str:
     """How a recorded read (GET or register) treats the session: ``record``, ``restart``
     (expired or empty: drop old entries first, then record), ``overflow`` (serve, do not
     record, mark the session) or ``skip`` (already overflowed: serve only)."""

@@ -3,8 +3,8 @@
 Immutable values with no behaviour that needs a particular backend. The ones built on
 every commit (shards, history entries, DL entries, transactions) are NamedTuples: a
 frozen dataclass pays an ``object.__setattr__`` per field, which measured ~4 us per
-Shard here, a sixth of the in-process commit budget. The rest are frozen dataclasses. Times are integer milliseconds
-on the store clock (see ``sbus.core.clock``).
+Shard here, a sixth of the in-process commit budget. The rest are frozen dataclasses.
+Times are integer milliseconds on the store clock (see ``sbus.core.clock``).
 """
 
 from __future__ import annotations

@@ -263,9 +263,7 @@ class MemoryStore:
         if shard is None or shard.deleted:
             raise ShardNotFound(f"shard not found: key={key}", key=key)
         if version > shard.version:
-            raise ValidationFailed(
-                f"stale_version must be between 0 and {shard.version}", key=key
-            )
+            raise ValidationFailed(f"stale_version must be between 0 and {shard.version}", key=key)
         now = self._now()
         view = self._session(agent_id, session_id)
         if rules.session_state(view, now, self.limits.session_ttl_ms) not in ("live", "overflowed"):
@@ -297,7 +295,9 @@ class MemoryStore:
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
         if key not in self._shards:
             raise ShardNotFound(f"shard not found: key={key}", key=key)
-        entries = [e for e in reversed(self._history.get(key, ())) if before is None or e.version < before]
+        entries = [
+            e for e in reversed(self._history.get(key, ())) if before is None or e.version < before
+        ]
         return entries[:limit]
 
     async def stats(self) -> StoreStats:

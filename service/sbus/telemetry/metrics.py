@@ -30,15 +30,30 @@ class Metrics:
     def exposition(self, stats: StoreStats) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             histograms = generate_latest(registry)
         else:
             histograms = generate_latest(self.registry)
         c = stats.counters
         lines = [
-            ("sbus_commits_total", "counter", "Successful commits, rollbacks and deletes", c.total_commits),
-            ("sbus_conflicts_total", "counter", "409 VersionMismatch rejections", c.total_conflicts),
-            ("sbus_cross_stale_total", "counter", "409 CrossShardStale rejections", c.cross_shard_stale),
+            (
+                "sbus_commits_total",
+                "counter",
+                "Successful commits, rollbacks and deletes",
+                c.total_commits,
+            ),
+            (
+                "sbus_conflicts_total",
+                "counter",
+                "409 VersionMismatch rejections",
+                c.total_conflicts,
+            ),
+            (
+                "sbus_cross_stale_total",
+                "counter",
+                "409 CrossShardStale rejections",
+                c.cross_shard_stale,
+            ),
             ("sbus_shards_total", "gauge", "Live shards", stats.total_shards),
         ]
         text = "".join(

@@ -110,7 +110,10 @@ async def inject_stale(body: InjectStaleBody, request: Request, bus: BusDep) -> 
     "/shard",
     status_code=201,
     response_model=ShardOut,
-    responses={200: {"model": AlreadyExistsOut, "description": "Already exists"}, **errs(403, 413, 422)},
+    responses={
+        200: {"model": AlreadyExistsOut, "description": "Already exists"},
+        **errs(403, 413, 422),
+    },
     dependencies=[AdminDep],
     summary="Create a shard unless it exists (experiment harness)",
 )

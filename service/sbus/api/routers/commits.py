@@ -28,7 +28,9 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
     if expected is None:
         raise e.ValidationFailed(
             "expected_version (alias expected_ver) or If-Match is required",
-            errors=[{"loc": ["body", "expected_version"], "msg": "Field required", "type": "missing"}],
+            errors=[
+                {"loc": ["body", "expected_version"], "msg": "Field required", "type": "missing"}
+            ],
         )
     agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)

@@ -38,7 +38,9 @@ async def register(body: RegisterBody, request: Request, bus: BusDep) -> Respons
     if body.agent_id == "":
         raise e.ValidationFailed(
             "agent_id must not be empty",
-            errors=[{"loc": ["body", "agent_id"], "msg": "must not be empty", "type": "value_error"}],
+            errors=[
+                {"loc": ["body", "agent_id"], "msg": "must not be empty", "type": "value_error"}
+            ],
         )
     agent = agent_of(request, body.agent_id)
     assert agent is not None

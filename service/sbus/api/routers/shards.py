@@ -114,9 +114,7 @@ async def delete_shard(
 ) -> Response:
     expected = expected_from(expected_version, if_match(request))
     if expected is None:
-        raise e.PreconditionRequired(
-            "DELETE needs expected_version (query) or If-Match", key=key
-        )
+        raise e.PreconditionRequired("DELETE needs expected_version (query) or If-Match", key=key)
     agent = require_agent(request, agent_id)
     session = session_of(request, session_id)
     mandate = request.headers.get("x-sbus-mandate")

@@ -55,11 +55,36 @@ COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
 
 
 def _shard(row: Any) -> Shard:
-    (key, id_, content, version, goal_tag, mandate, created, updated, attempts, conflicts,
-     deleted, head, hist_min, _bytes) = row
+    (
+        key,
+        id_,
+        content,
+        version,
+        goal_tag,
+        mandate,
+        created,
+        updated,
+        attempts,
+        conflicts,
+        deleted,
+        head,
+        hist_min,
+        _bytes,
+    ) = row
     return Shard(
-        key, id_, content, version, goal_tag, bool(mandate), created, updated, attempts,
-        conflicts, bool(deleted), head, version - hist_min + 1 - (1 if hist_min == 0 else 0),
+        key,
+        id_,
+        content,
+        version,
+        goal_tag,
+        bool(mandate),
+        created,
+        updated,
+        attempts,
+        conflicts,
+        bool(deleted),
+        head,
+        version - hist_min + 1 - (1 if hist_min == 0 else 0),
     )
 
 
@@ -140,7 +165,9 @@ class SQLiteStore:
     # clock and flags ---------------------------------------------------------------------
     @staticmethod
     def _meta(conn: Connection) -> tuple[bool, int]:
-        rows = dict(conn.exec_driver_sql("SELECT name, value FROM sbus_meta").fetchall())
+        rows: dict[str, int] = dict(
+            conn.exec_driver_sql("SELECT name, value FROM sbus_meta").fetchall()
+        )
         return bool(rows.get("ori_enabled", 1)), int(rows.get("clock_offset_ms", 0))
 
     def _now(self, conn: Connection) -> int:
@@ -200,8 +227,19 @@ class SQLiteStore:
         conn.exec_driver_sql(
             "INSERT INTO sbus_history (key, version, agent_id, committed_ms, content, deleted, "
             "rationale, commit_id, prev_hash, hash, size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (entry.key, entry.version, entry.agent_id, entry.committed_ms, entry.content,
-             entry.deleted, entry.rationale, entry.commit_id, entry.prev_hash, entry.hash, size),
+            (
+                entry.key,
+                entry.version,
+                entry.agent_id,
+                entry.committed_ms,
+                entry.content,
+                entry.deleted,
+                entry.rationale,
+                entry.commit_id,
+                entry.prev_hash,
+                entry.hash,
+                size,
+            ),
         )
         limits = self.limits
         while hist_min < entry.version and (
@@ -217,9 +255,22 @@ class SQLiteStore:
         conn.exec_driver_sql(
             f"INSERT OR REPLACE INTO sbus_shards ({SHARD_COLUMNS}) "
             "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (shard.key, shard.id, shard.content, shard.version, shard.goal_tag,
-             shard.require_mandate, shard.created_ms, shard.updated_ms, shard.attempt_count,
-             shard.conflict_count, shard.deleted, shard.head_hash, hist_min, hist_bytes),
+            (
+                shard.key,
+                shard.id,
+                shard.content,
+                shard.version,
+                shard.goal_tag,
+                shard.require_mandate,
+                shard.created_ms,
+                shard.updated_ms,
+                shard.attempt_count,
+                shard.conflict_count,
+                shard.deleted,
+                shard.head_hash,
+                hist_min,
+                hist_bytes,
+            ),
         )
         depth = shard.version - hist_min + 1 - (1 if hist_min == 0 else 0)
         return shard._replace(history_depth=depth)
@@ -253,9 +304,15 @@ class SQLiteStore:
         conn.exec_driver_sql(
             "INSERT OR REPLACE INTO sbus_idempotency (agent_id, idem_key, fingerprint, status, "
             "body, etag, expires_ms) VALUES (?,?,?,?,?,?,?)",
-            (idem.agent_id, idem.key, idem.fingerprint, out.status,
-             orjson.dumps(out.body).decode() if out.body is not None else None, out.etag,
-             now + self.limits.idempotency_ttl_ms),
+            (
+                idem.agent_id,
+                idem.key,
+                idem.fingerprint,
+                out.status,
+                orjson.dumps(out.body).decode() if out.body is not None else None,
+                out.etag,
+                now + self.limits.idempotency_ttl_ms,
+            ),
         )
 
     async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
@@ -342,11 +399,20 @@ class SQLiteStore:
             )
 
     def _record(
-        self, conn: Connection, agent_id: str, session_id: str, view: SessionView, key: str,
-        version: int, now: int,
+        self,
+        conn: Connection,
+        agent_id: str,
+        session_id: str,
+        view: SessionView,
+        key: str,
+        version: int,
+        now: int,
     ) -> bool:
         plan = rules.plan_read(
-            view, key, now_ms=now, ttl_ms=self.limits.session_ttl_ms,
+            view,
+            key,
+            now_ms=now,
+            ttl_ms=self.limits.session_ttl_ms,
             max_entries=self.limits.max_dl_entries,
         )
         if plan == "skip":
@@ -415,7 +481,12 @@ class SQLiteStore:
                 sources[w.key] = self._history_entry(conn, w.key, w.target_version)
         limits = self.limits
         fx = rules.decide(
-            txn, shards, view, ori_enabled=ori, now_ms=now, ttl_ms=limits.session_ttl_ms,
+            txn,
+            shards,
+            view,
+            ori_enabled=ori,
+            now_ms=now,
+            ttl_ms=limits.session_ttl_ms,
             rollback_sources=sources,
         )
         for name, delta in fx.counters.items():
@@ -573,7 +644,7 @@ class SQLiteStore:
             ori, offset = self._meta(conn)
             now = wall_ms() + offset
             cutoff = now - ttl if ttl > 0 else -(2**62)
-            sums = dict(
+            sums: dict[str, int] = dict(
                 conn.exec_driver_sql(
                     "SELECT name, SUM(value) FROM sbus_counters GROUP BY name"
                 ).fetchall()
@@ -596,8 +667,12 @@ class SQLiteStore:
         def run(conn: Connection) -> int:
             cleared = int(conn.exec_driver_sql("SELECT COUNT(*) FROM sbus_shards").scalar() or 0)
             for table in (
-                "sbus_shards", "sbus_history", "sbus_dl_entries", "sbus_dl_sessions",
-                "sbus_counters", "sbus_idempotency",
+                "sbus_shards",
+                "sbus_history",
+                "sbus_dl_entries",
+                "sbus_dl_sessions",
+                "sbus_counters",
+                "sbus_idempotency",
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             return cleared
@@ -611,4 +686,3 @@ def _entry(row: Any) -> HistoryEntry:
     return HistoryEntry(
         key, version, agent, committed, content, bool(deleted), rationale, commit_id, prev, digest
     )
-

@@ -75,7 +75,7 @@ class Writer:
     def _run(self) -> None:
         try:
             conn = self._connect()
-        except BaseException as exc:  # reported to start()
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), which re-raises
             self._start_error = exc
             self._ready.set()
             return
@@ -116,7 +116,7 @@ class Writer:
             if writes:
                 try:
                     conn.exec_driver_sql("ROLLBACK")
-                except BaseException:  # noqa: BLE001 - the connection may be gone; report the first error
+                except BaseException:
                     log.debug("rollback after failure also failed", exc_info=True)
             if self._is_store_error(exc):
                 log.warning("SQLite batch of %d failed: %s", len(batch), exc)

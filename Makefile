@@ -1,0 +1,46 @@
+# S-Bus developer commands. `make serve` and `make test` work on a fresh machine:
+# each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install dev serve test lint typecheck unit bench bench-micro clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed  ## leaves the `sbus` command in .venv/bin
+
+dev: $(VENV)/.dev-installed
+
+serve: install
+	$(BIN)/sbus serve
+
+lint: dev
+	$(BIN)/ruff check service tests loadtest migrations
+	$(BIN)/ruff format --check service tests loadtest migrations
+
+typecheck: dev
+	$(BIN)/mypy
+
+test: dev lint typecheck
+	$(BIN)/pytest --durations=20 $(PYTEST_ARGS)
+
+bench: dev
+	$(BIN)/python loadtest/bench.py
+
+bench-micro: dev
+	$(BIN)/python loadtest/micro.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
