@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from sbus import __version__
 from sbus.api import openapi, problems
@@ -25,8 +26,13 @@ from sbus.telemetry.metrics import Metrics, Timing
 log = logging.getLogger("sbus")
 
 
+PURGE_INTERVAL_S = 60.0
+
+
 async def _connect(app: FastAPI, store: Store) -> None:
-    """Start the store, retrying with capped exponential backoff until it answers."""
+    """Start the store, retrying with capped exponential backoff until it answers;
+    then purge expired state once a minute. Expiry never depends on the purge (every
+    read of the DeliveryLog filters by age); the purge only bounds storage."""
     delay = 0.1
     while True:
         try:
@@ -39,7 +45,13 @@ async def _connect(app: FastAPI, store: Store) -> None:
             continue
         app.state.ready = True
         app.state.not_ready_reason = None
-        return
+        break
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL_S)
+        try:
+            await store.purge()
+        except StoreUnavailable as exc:
+            log.warning("purge skipped: %s", exc.detail)
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -74,6 +86,14 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     problems.install(app)
     for module in (shards, commits, sessions, admin, stats):
         app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "Idempotent-Replayed", "Retry-After"],
+        )
     openapi.install(app)
     # Outermost first: Timing sees every response, including the gate's rejections.
     app.add_middleware(

@@ -11,7 +11,6 @@ check this code against an independent model.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from sbus.core.chain import GENESIS, content_id, entry_hash
@@ -38,39 +37,28 @@ from sbus.core.types import (
 )
 
 
-@dataclass(slots=True)
-class CounterDelta:
-    total_commits: int = 0
-    total_conflicts: int = 0
-    cross_shard_stale: int = 0
-    view_checked_commits: int = 0
-    view_divergent_commits: int = 0
-
-    def items(self) -> list[tuple[str, int]]:
-        """Non-zero deltas only, so a store touches no counter row it need not."""
-        pairs = (
-            ("total_commits", self.total_commits),
-            ("total_conflicts", self.total_conflicts),
-            ("cross_shard_stale", self.cross_shard_stale),
-            ("view_checked_commits", self.view_checked_commits),
-            ("view_divergent_commits", self.view_divergent_commits),
-        )
-        return [(name, n) for name, n in pairs if n]
-
-
-@dataclass(slots=True)
 class Effects:
-    """Everything a store must persist for one decided Txn."""
+    """Everything a store must persist for one decided Txn.
 
-    counters: CounterDelta = field(default_factory=CounterDelta)
-    # key -> (attempt_count delta, conflict_count delta); persisted even on rejection
-    bumps: dict[str, tuple[int, int]] = field(default_factory=dict)
-    error: SBusError | None = None
-    # populated only when error is None: post-commit shard rows (history_depth not yet
-    # adjusted for retention; the store does that) and their new history entries
-    shards: list[Shard] = field(default_factory=list)
-    history: list[HistoryEntry] = field(default_factory=list)
-    dl_writes: dict[str, DLEntry] = field(default_factory=dict)
+    ``counters`` maps counter names to non-zero deltas; ``bumps`` maps a key to its
+    (attempt_count, conflict_count) deltas, persisted only when ``error`` is set (on
+    success they are already folded into ``shards``). ``shards`` are the post-commit
+    rows (history_depth before retention; the store trims and corrects it) and
+    ``history`` their new entries, in ascending key order. ``session`` is the state
+    the session was in, so the store knows whether to drop expired entries.
+    A plain slotted class: built on every commit, it must be cheap.
+    """
+
+    __slots__ = ("bumps", "counters", "dl_writes", "error", "history", "session", "shards")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.bumps: dict[str, tuple[int, int]] = {}
+        self.error: SBusError | None = None
+        self.shards: list[Shard] = []
+        self.history: list[HistoryEntry] = []
+        self.dl_writes: dict[str, DLEntry] = {}
+        self.session = "empty"
 
 
 def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> str:
@@ -108,11 +96,18 @@ def decide(
     ttl_ms: int,
     rollback_sources: Mapping[str, HistoryEntry | None] | None = None,
 ) -> Effects:
-    """Decide a Txn against loaded state. ``shards`` must hold every written key, every
-    explicit read-set key and every key of the session's DeliveryLog (None if absent)."""
+    """Decide a Txn against loaded state. ``shards`` must answer ``get`` for every
+    written key, every explicit read-set key and every key of the session's
+    DeliveryLog (None if absent). This runs on every commit of every store, so it is
+    written for speed: no sorting or copying of one-element collections."""
     fx = Effects()
-    written = sorted(w.key for w in txn.writes)
-    written_set = set(written)
+    writes = txn.writes
+    if len(writes) == 1:
+        by_key = {writes[0].key: writes[0]}
+        written: list[str] = [writes[0].key]
+    else:
+        by_key = {w.key: w for w in writes}
+        written = sorted(by_key)
 
     # 9a. mandates: this build issues none, so any presented mandate is unknown.
     for key in written:
@@ -125,49 +120,46 @@ def decide(
         return fx
 
     # 9b. session state
-    state = session_state(session, now_ms, ttl_ms)
-    if state == "expired":
+    state = fx.session = session_state(session, now_ms, ttl_ms)
+    if state == "expired" or state == "overflowed":
+        reason = "ttl" if state == "expired" else "overflow"
         fx.error = SessionExpired(
-            f"session expired for agent {txn.agent_id!r}", reason="ttl", agent_id=txn.agent_id
-        )
-        return fx
-    if state == "overflowed":
-        fx.error = SessionExpired(
-            f"delivery log overflowed for agent {txn.agent_id!r}",
-            reason="overflow",
+            f"session expired for agent {txn.agent_id!r} ({reason})",
+            reason=reason,
             agent_id=txn.agent_id,
         )
         return fx
 
-    # 9c. effective read set: explicit entries plus live DL entries, written keys excluded;
-    # a key in both is checked at both versions.
-    checks: list[tuple[str, int]] = [
-        (r.key, r.version_at_read) for r in txn.read_set if r.key not in written_set
-    ]
+    # 9c. effective read set: explicit entries plus live DL entries, written keys
+    # excluded; a key in both is checked at both versions.
+    checks = [(r.key, r.version_at_read) for r in txn.read_set if r.key not in by_key]
     if state == "live":
-        for key, entry in live_entries(session, now_ms, ttl_ms).items():
-            if key not in written_set:
+        cutoff = now_ms - ttl_ms if ttl_ms > 0 else None
+        for key, entry in session.entries.items():
+            if key not in by_key and (cutoff is None or entry.served_ms > cutoff):
                 checks.append((key, entry.version))
-    checks.sort()
     stale: list[dict[str, Any]] = []
-    for key, version in checks:
-        shard = shards.get(key)
-        if shard is None:
-            fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
-            return fx
-        if shard.version != version:
-            stale.append({"key": key, "version_at_read": version, "current_version": shard.version})
-
-    # 9d. count before deciding so ORI-on and ORI-off divergence rates compare.
     if checks:
-        fx.counters.view_checked_commits = 1
+        if len(checks) > 1:
+            checks.sort()
+        for key, version in checks:
+            shard = shards.get(key)
+            if shard is None:
+                fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
+                return fx
+            if shard.version != version:
+                stale.append(
+                    {"key": key, "version_at_read": version, "current_version": shard.version}
+                )
+        # 9d. count before deciding so ORI-on and ORI-off divergence rates compare.
+        fx.counters["view_checked_commits"] = 1
         if stale:
-            fx.counters.view_divergent_commits = 1
+            fx.counters["view_divergent_commits"] = 1
 
     # 9e. ORI
     if ori_enabled and stale:
         first = stale[0]
-        fx.counters.cross_shard_stale = 1
+        fx.counters["cross_shard_stale"] = 1
         fx.error = CrossShardStale(
             f"cross-shard stale read: key={first['key']} "
             f"version_at_read={first['version_at_read']} "
@@ -180,7 +172,7 @@ def decide(
         return fx
 
     # 9f. written keys in ascending order
-    by_key = {w.key: w for w in txn.writes}
+    current: list[Shard] = []
     for key in written:
         op = by_key[key]
         shard = shards.get(key)
@@ -190,10 +182,9 @@ def decide(
         if shard.deleted:
             fx.error = ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
             return fx
-        fx.bumps[key] = (1, 0)
         if op.expected_version is not None and op.expected_version != shard.version:
             fx.bumps[key] = (1, 1)
-            fx.counters.total_conflicts = 1
+            fx.counters["total_conflicts"] = 1
             fx.error = VersionMismatch(
                 f"version mismatch on key={key}: expected={op.expected_version} "
                 f"found={shard.version}",
@@ -202,6 +193,7 @@ def decide(
                 found=shard.version,
             )
             return fx
+        fx.bumps[key] = (1, 0)
         if op.kind == "rollback":
             source = (rollback_sources or {}).get(key)
             if source is None or source.deleted or source.version != op.target_version:
@@ -211,14 +203,14 @@ def decide(
                     target_version=op.target_version,
                 )
                 return fx
+        current.append(shard)
 
     # 9g. apply
-    fx.counters.total_commits = 1
+    fx.counters["total_commits"] = 1
     committed_at = rfc3339(now_ms)
-    for key in written:
+    for old in current:
+        key = old.key
         op = by_key[key]
-        old = shards[key]
-        assert old is not None  # checked in 9f
         version = old.version + 1
         deleted = op.kind == "delete"
         rationale = txn.rationale
@@ -239,34 +231,33 @@ def decide(
         )
         fx.history.append(
             HistoryEntry(
-                key=key,
-                version=version,
-                agent_id=txn.agent_id,
-                committed_ms=now_ms,
-                content=content,
-                deleted=deleted,
-                rationale=rationale,
-                commit_id=txn.commit_id,
-                prev_hash=old.head_hash,
-                hash=digest,
+                key,
+                version,
+                txn.agent_id,
+                now_ms,
+                content,
+                deleted,
+                rationale,
+                txn.commit_id,
+                old.head_hash,
+                digest,
             )
         )
-        attempts, conflicts = fx.bumps.get(key, (0, 0))
         fx.shards.append(
             Shard(
-                key=key,
-                id=old.id,
-                content=content,
-                version=version,
-                goal_tag=old.goal_tag,
-                require_mandate=old.require_mandate,
-                created_ms=old.created_ms,
-                updated_ms=now_ms,
-                attempt_count=old.attempt_count + attempts,
-                conflict_count=old.conflict_count + conflicts,
-                deleted=deleted,
-                head_hash=digest,
-                history_depth=old.history_depth + 1,
+                key,
+                old.id,
+                content,
+                version,
+                old.goal_tag,
+                old.require_mandate,
+                old.created_ms,
+                now_ms,
+                old.attempt_count + 1,
+                old.conflict_count,
+                deleted,
+                digest,
+                old.history_depth + 1,
             )
         )
         fx.dl_writes[key] = DLEntry(version, now_ms)

@@ -196,8 +196,9 @@ class MemoryStore:
             ttl_ms=limits.session_ttl_ms,
             rollback_sources=sources,
         )
+        counters = self._counters
         for name, delta in fx.counters.items():
-            self._counters[name] = self._counters.get(name, 0) + delta
+            counters[name] = counters.get(name, 0) + delta
         if fx.error is not None:
             for key, (attempts, conflicts) in fx.bumps.items():
                 old = self._shards[key]
@@ -214,8 +215,8 @@ class MemoryStore:
             self._shards[shard.key] = shard
             post[shard.key] = shard
         session = self._session(txn.agent_id, txn.session_id)
-        if rules.session_state(session, now, limits.session_ttl_ms) != "live":
-            session.entries.clear()
+        if fx.session != "live":
+            session.entries.clear()  # expired or purged entries go; RYW entries start it
         session.entries.update(fx.dl_writes)
         session.last_served_ms = now
         outcome = rules.render(txn, post)
@@ -290,6 +291,25 @@ class MemoryStore:
                 for k, e in sorted(live.items())
             }
         return out, None
+
+    async def purge(self) -> int:
+        """Drop expired DL entries, purged sessions and expired idempotency records."""
+        ttl = self.limits.session_ttl_ms
+        now = self._now()
+        gone = 0
+        for skey, view in list(self._sessions.items()):
+            if ttl > 0:
+                live = rules.live_entries(view, now, ttl)
+                gone += len(view.entries) - len(live)
+                view.entries = dict(live)
+            if rules.session_state(view, now, ttl) == "empty" and not view.entries:
+                del self._sessions[skey]
+                gone += 1
+        for ikey, record in list(self._idem.items()):
+            if record.expires_ms <= now:
+                del self._idem[ikey]
+                gone += 1
+        return gone
 
     # history, counters, admin --------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:

@@ -81,6 +81,10 @@ class Store(Protocol):
     async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
         """Overwrite a DL entry. Raises ShardNotFound, ValidationFailed (version out of range)."""
 
+    async def purge(self) -> int:
+        """Delete expired state (DL entries, sessions past their marker, idempotency
+        records); returns how many rows went. Called periodically by every replica."""
+
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
         """Retained entries newest first. Raises ShardNotFound for a key never created."""
 

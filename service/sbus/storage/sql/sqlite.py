@@ -301,6 +301,9 @@ class SQLiteStore:
     def _idem_put(self, conn: Connection, idem: IdemRef | None, out: Outcome, now: int) -> None:
         if idem is None:
             return
+        # Expired records go as new ones arrive (indexed on expires_ms), so the table
+        # is bounded by the request rate times SBUS_IDEMPOTENCY_TTL.
+        conn.exec_driver_sql("DELETE FROM sbus_idempotency WHERE expires_ms <= ?", (now,))
         conn.exec_driver_sql(
             "INSERT OR REPLACE INTO sbus_idempotency (agent_id, idem_key, fingerprint, status, "
             "body, etag, expires_ms) VALUES (?,?,?,?,?,?,?)",
@@ -507,7 +510,7 @@ class SQLiteStore:
             shard.key: self._write_shard(conn, shard, entry)
             for shard, entry in zip(fx.shards, fx.history, strict=True)
         }
-        if rules.session_state(view, now, limits.session_ttl_ms) != "live":
+        if fx.session != "live":
             self._clear_entries(conn, txn.agent_id, txn.session_id)
         self._put_entries(conn, txn.agent_id, txn.session_id, fx.dl_writes)
         self._put_session(conn, txn.agent_id, txn.session_id, view.overflowed, now)
@@ -619,6 +622,26 @@ class SQLiteStore:
         result: tuple[dict[str, dict[str, dict[str, Any]]], str | None] = await self._call(
             run, write=False
         )
+        return result
+
+    async def purge(self) -> int:
+        """Delete DL entries past the TTL and sessions past their expired marker."""
+        ttl = self.limits.session_ttl_ms
+        if ttl <= 0:
+            return 0
+
+        def run(conn: Connection) -> int:
+            now = self._now(conn)
+            gone = conn.exec_driver_sql(
+                "DELETE FROM sbus_dl_entries WHERE served_ms <= ?", (now - ttl,)
+            ).rowcount
+            gone += conn.exec_driver_sql(
+                "DELETE FROM sbus_dl_sessions WHERE overflowed = 0 AND last_served_ms <= ?",
+                (now - 2 * ttl,),
+            ).rowcount
+            return int(gone)
+
+        result: int = await self._call(run)
         return result
 
     # history, counters, admin -----------------------------------------------------------------

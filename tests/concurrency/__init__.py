@@ -1,0 +1,1 @@
+"""Concurrency tests against real ``sbus serve`` processes on loopback ports."""

@@ -1,0 +1,149 @@
+"""Hotspot lost-update sweep: 16 agents, one shard, read-then-commit with retries.
+
+Every successful commit must take the shard from exactly the version its agent read to the
+next one: the successes' expected_versions are start..final-1, each exactly once, so no
+commit overwrote another (a lost update shows up as a duplicated expected_version, a gap,
+or a final version short of the number of successes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+
+from tests.concurrency.conftest import (
+    COMMIT_STATUSES,
+    create_shard,
+    expect,
+    get_stats,
+    new_client,
+    run_threads,
+)
+
+pytestmark = pytest.mark.concurrency
+
+AGENTS = 16
+STEPS = 25
+KEY = "hot"
+MAX_ATTEMPTS_PER_STEP = 2000
+DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class Success:
+    agent: str
+    step: int
+    expected_version: int
+    new_version: int
+    delta: str
+
+
+@dataclass
+class AgentTally:
+    successes: list[Success]
+    version_mismatches: int = 0
+    session_resets: int = 0
+    reads: int = 0
+
+
+def test_hotspot_has_no_lost_update(base_url: str) -> None:
+    with new_client(base_url) as admin:
+        start = create_shard(admin, KEY, "genesis")
+    start_line = threading.Barrier(AGENTS, timeout=30)
+    stop = threading.Event()
+    tallies = {f"agent{i:02d}": AgentTally(successes=[]) for i in range(AGENTS)}
+    began = time.monotonic()
+
+    def agent(name: str) -> None:
+        tally = tallies[name]
+        with new_client(base_url) as client:
+            start_line.wait()
+            last_seen = -1
+            for step in range(STEPS):
+                delta = f"{name}:{step}"
+                for _ in range(MAX_ATTEMPTS_PER_STEP):
+                    if stop.is_set() or time.monotonic() - began > DEADLINE_S:
+                        pytest.fail(f"{name} gave up at step {step}", pytrace=False)
+                    resp = client.get(f"/shard/{KEY}", params={"agent_id": name})
+                    expect(resp, [200])
+                    tally.reads += 1
+                    version: int = resp.json()["version"]
+                    # One server, one store: a client never reads a version older than one
+                    # it has already seen.
+                    assert version >= last_seen, (name, version, last_seen)
+                    last_seen = version
+                    resp = client.post(
+                        "/commit/v2",
+                        json={
+                            "key": KEY,
+                            "expected_version": version,
+                            "delta": delta,
+                            "agent_id": name,
+                        },
+                    )
+                    status = expect(resp, COMMIT_STATUSES)
+                    body = resp.json()
+                    if status == 200:
+                        assert body["new_version"] == version + 1, body
+                        tally.successes.append(Success(name, step, version, version + 1, delta))
+                        last_seen = version + 1
+                        break
+                    if status == 409:
+                        assert body["error"] == "VersionMismatch", body
+                        assert body["key"] == KEY and body["expected"] == version, body
+                        assert body["found"] > version, body
+                        tally.version_mismatches += 1
+                    else:
+                        # 410: the session expired or overflowed; start it afresh and retry.
+                        tally.session_resets += 1
+                        resp = client.post("/session", json={"agent_id": name})
+                        expect(resp, [200])
+                else:
+                    pytest.fail(f"{name} step {step}: no success in {MAX_ATTEMPTS_PER_STEP}")
+
+    def abort() -> None:
+        stop.set()
+        start_line.abort()
+
+    run_threads([partial(agent, name) for name in tallies], timeout=DEADLINE_S + 30, on_error=abort)
+    elapsed = time.monotonic() - began
+
+    successes = [s for t in tallies.values() for s in t.successes]
+    mismatches = sum(t.version_mismatches for t in tallies.values())
+    with new_client(base_url) as client:
+        resp = client.get(f"/shard/{KEY}", params={"record": "false"})
+        expect(resp, [200])
+        final = resp.json()
+        stats = get_stats(client)
+        resp = client.get(f"/history/{KEY}", params={"limit": 1000})
+        expect(resp, [200])
+        history = resp.json()["entries"]
+    print(
+        f"\nlost-update sweep: {len(successes)} commits, {mismatches} VersionMismatch retries, "
+        f"{sum(t.reads for t in tallies.values())} reads in {elapsed:.1f}s; "
+        f"successes per agent {sorted(len(t.successes) for t in tallies.values())}"
+    )
+
+    assert len(successes) == AGENTS * STEPS
+    assert sorted(s.expected_version for s in successes) == list(range(start, final["version"]))
+    assert final["version"] == start + len(successes) == AGENTS * STEPS
+    last = max(successes, key=lambda s: s.new_version)
+    assert final["content"] == last.delta
+    assert stats["total_commits"] == len(successes)
+    assert stats["total_conflicts"] == mismatches
+    assert stats["cross_shard_stale"] == 0
+
+    # The history agrees with what each client was told: version v+1 was written by the
+    # commit that expected v, with that commit's delta.
+    by_version = {s.new_version: s for s in successes}
+    written = {e["version"]: e for e in history if e["version"] > start}
+    assert sorted(written) == sorted(by_version)
+    for version, entry in written.items():
+        assert (entry["agent_id"], entry["content"]) == (
+            by_version[version].agent,
+            by_version[version].delta,
+        ), version
