@@ -17,11 +17,23 @@ def wall_ms() -> int:
 
 @lru_cache(maxsize=4096)
 def _second_prefix(seconds: int) -> str:
-    # Formatting a datetime costs microseconds; a commit-heavy second reuses the prefix.
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# (ms, text) of the previous call, replaced as one tuple so that a reader on another
+# thread (the SQLite writer) never pairs one call's ms with another's text.
+_last: tuple[int, str] = (-1, "")
+
+
 def rfc3339(ms: int) -> str:
-    """``2026-01-02T03:04:05.678Z``: UTC, millisecond precision, on every store."""
+    """``2026-01-02T03:04:05.678Z``: UTC, millisecond precision, on every store.
+    Formatting a datetime costs microseconds; commits within one millisecond (or one
+    second) reuse the previous text (or prefix)."""
+    global _last
+    last = _last
+    if last[0] == ms:
+        return last[1]
     seconds, millis = divmod(ms, 1000)
-    return f"{_second_prefix(seconds)}.{millis:03d}Z"
+    text = f"{_second_prefix(seconds)}.{millis:03d}Z"
+    _last = (ms, text)
+    return text

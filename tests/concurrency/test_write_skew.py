@@ -1,0 +1,158 @@
+"""Cross-shard write-skew ring: three agents, three shards, simultaneous commits.
+
+Agent i reads k_i and k_(i+1 mod 3) (the DeliveryLog records both), then all three commit
+their own shard k_i at the same moment, with no explicit read_set. Agent i's effective read
+set is {k_(i+1): version read} (its written key is guarded by expected_version instead).
+
+Why three successes would be write skew: each commit invalidates the read of its left
+neighbour (agent i writes k_i, which agent i-1 read). If all three commits were admitted,
+every agent's commit would rest on a read that another admitted commit of the same round
+overwrote, so every agent must be ordered before its right neighbour (i before i+1, because
+i read k_(i+1) before i+1 wrote it): 0 < 1 < 2 < 0, a cycle, so no serial order of the
+three commits can produce that outcome. That is exactly what validating siblings and
+writing under separate locks (the reference server) admits.
+
+What an atomic validate-and-write must give instead: whichever commit is applied first
+succeeds (the shards are untouched since the reads); it then makes the read of its left
+neighbour stale, so that one fails with CrossShardStale; the third reads the failed
+agent's shard, which did not change, so it succeeds. Exactly two successes every round;
+one success would mean a commit whose checks all held was rejected (a false conflict).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+
+from tests.concurrency.conftest import (
+    COMMIT_STATUSES,
+    create_shard,
+    expect,
+    get_stats,
+    new_client,
+    run_threads,
+)
+
+pytestmark = pytest.mark.concurrency
+
+RING = 3
+ROUNDS = 200
+KEYS = [f"k{i}" for i in range(RING)]
+BARRIER_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    agent: int
+    status: int
+    read_own: int
+    read_next: int
+    body: dict[str, object]
+
+
+def test_ring_admits_no_write_skew(base_url: str) -> None:
+    with new_client(base_url) as admin:
+        for key in KEYS:
+            assert create_shard(admin, key, "init") == 0
+    # Three phases per round: everybody has finished the previous round's commit, every
+    # agent has read (then they fire together), and the round ends.
+    before_reads = threading.Barrier(RING, timeout=BARRIER_TIMEOUT_S)
+    before_commits = threading.Barrier(RING, timeout=BARRIER_TIMEOUT_S)
+    results: list[list[Outcome | None]] = [[None] * RING for _ in range(ROUNDS)]
+
+    def agent(i: int) -> None:
+        name = f"agent{i}"
+        own, nxt = KEYS[i], KEYS[(i + 1) % RING]
+        with new_client(base_url) as client:
+            for rnd in range(ROUNDS):
+                session = f"r{rnd}"
+                before_reads.wait()
+                read: dict[str, int] = {}
+                for key in (own, nxt):
+                    resp = client.get(
+                        f"/shard/{key}", params={"agent_id": name, "session_id": session}
+                    )
+                    expect(resp, [200])
+                    read[key] = resp.json()["version"]
+                payload = {
+                    "key": own,
+                    "expected_version": read[own],
+                    "delta": f"{name}:{rnd}",
+                    "agent_id": name,
+                    "session_id": session,
+                }
+                before_commits.wait()
+                resp = client.post("/commit/v2", json=payload)
+                status = expect(resp, COMMIT_STATUSES)
+                results[rnd][i] = Outcome(i, status, read[own], read[nxt], resp.json())
+
+    def abort() -> None:
+        before_reads.abort()
+        before_commits.abort()
+
+    began = time.monotonic()
+    run_threads([partial(agent, i) for i in range(RING)], timeout=80.0, on_error=abort)
+    elapsed = time.monotonic() - began
+
+    per_round: list[int] = []
+    skew_rounds: list[int] = []
+    stale = 0
+    expected_versions = [0] * RING
+    for rnd, row in enumerate(results):
+        outcomes = [o for o in row if o is not None]
+        assert len(outcomes) == RING, (rnd, row)
+        winners = {o.agent for o in outcomes if o.status == 200}
+        per_round.append(len(winners))
+        if len(winners) == RING:
+            skew_rounds.append(rnd)
+        for o in outcomes:
+            # Every round starts from the state the previous round left: the barriers
+            # order all of round r-1's commits before any read of round r.
+            assert o.read_own == expected_versions[o.agent], (rnd, o)
+            assert o.read_next == expected_versions[(o.agent + 1) % RING], (rnd, o)
+            if o.status == 200:
+                assert o.body["new_version"] == o.read_own + 1, (rnd, o)
+            elif o.status == 409:
+                # The only admissible reason to lose: the right neighbour (whose shard
+                # this agent read) committed first.
+                nxt = KEYS[(o.agent + 1) % RING]
+                assert o.body["error"] == "CrossShardStale", (rnd, o)
+                assert (o.body["key"], o.body["version_at_read"]) == (nxt, o.read_next), o
+                assert o.body["current_version"] == o.read_next + 1, (rnd, o)
+                assert (o.agent + 1) % RING in winners, (rnd, o)
+                stale += 1
+            else:
+                pytest.fail(f"round {rnd}: unexpected {o.status} (fresh session): {o}")
+        for agent_index in winners:
+            expected_versions[agent_index] += 1
+
+    distribution = dict(sorted(Counter(per_round).items()))
+    with new_client(base_url) as client:
+        stats = get_stats(client)
+        finals = []
+        for key in KEYS:
+            resp = client.get(f"/shard/{key}", params={"record": "false"})
+            expect(resp, [200])
+            finals.append(resp.json()["version"])
+    print(
+        f"\nwrite-skew ring: {ROUNDS} rounds in {elapsed:.1f}s; successes per round "
+        f"{distribution}; wins per agent {expected_versions}; {stale} CrossShardStale"
+    )
+
+    assert not skew_rounds, (
+        f"write skew: all {RING} commits admitted in rounds {skew_rounds[:20]} "
+        f"({len(skew_rounds)} of {ROUNDS}); distribution {distribution}"
+    )
+    assert all(n >= 1 for n in per_round), f"a round with no winner (livelock): {distribution}"
+    assert distribution == {2: ROUNDS}, f"false conflicts: {distribution}"
+    assert finals == expected_versions
+    assert stats["total_commits"] == sum(per_round)
+    assert stats["cross_shard_stale"] == stale
+    assert stats["total_conflicts"] == 0
+    assert stats["view_checked_commits"] == RING * ROUNDS
+    assert stats["view_divergent_commits"] == stale

@@ -1,0 +1,164 @@
+"""One conformance class for the Store Protocol, run against every backend: the
+semantics of each atomic operation, observed through the Protocol alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sbus.core import errors as e
+from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, WriteOp
+from sbus.storage.factory import open_store
+from sbus.storage.protocol import Store
+from tests.conftest import store_url
+
+LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=3, history_max_bytes=64)
+
+
+@pytest.fixture
+async def store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+    s = open_store(store_url(store_kind, tmp_path), LIMITS)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def create(key: str, content: str = "v0", agent: str = "") -> CreateOp:
+    return CreateOp(key, content, "", False, agent, new_commit_id())
+
+
+def commit(
+    key: str,
+    expected: int,
+    content: str,
+    agent: str = "A",
+    session: str = "",
+    read_set: list[ReadItem] | None = None,
+    idem: IdemRef | None = None,
+):  # type: ignore[no-untyped-def]
+    return commit_txn(
+        op="commit",
+        agent_id=agent,
+        session_id=session,
+        writes=[WriteOp(key, expected, "commit", content)],
+        read_set=read_set or [],
+        rationale=None,
+        idem=idem,
+    )
+
+
+class TestStoreConformance:
+    async def test_create_then_duplicate(self, store: Store) -> None:
+        out = await store.create(create("k"))
+        assert (out.status, out.body and out.body["version"]) == (201, 0)
+        with pytest.raises(e.ShardAlreadyExists):
+            await store.create(create("k"))
+
+    async def test_read_records_and_commit_checks(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        shard = await store.read("a", "A", "", True)
+        assert shard.version == 0
+        assert (await store.apply(commit("a", 0, "a1", agent="B"))).body["new_version"] == 1  # type: ignore[index]
+        with pytest.raises(e.CrossShardStale) as info:
+            await store.apply(commit("b", 0, "b1", agent="A"))
+        assert info.value.fields["stale_keys"] == [
+            {"key": "a", "version_at_read": 0, "current_version": 1}
+        ]
+        stats = await store.stats()
+        assert stats.counters.cross_shard_stale == 1
+        assert stats.counters.view_checked_commits == 1
+        assert stats.counters.view_divergent_commits == 1
+        assert stats.counters.total_commits == 1
+
+    async def test_unrecorded_read(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.read("a", "A", "", False)
+        await store.apply(commit("a", 0, "a1", agent="B"))
+        out = await store.apply(commit("b", 0, "b1", agent="A"))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_version_mismatch_counts_conflicts(self, store: Store) -> None:
+        await store.create(create("k"))
+        with pytest.raises(e.VersionMismatch) as info:
+            await store.apply(commit("k", 5, "x"))
+        assert info.value.fields == {"key": "k", "expected": 5, "found": 0}
+        shard = await store.read("k", None, "", False)
+        assert (shard.attempt_count, shard.conflict_count) == (1, 1)
+        assert (await store.stats()).counters.total_conflicts == 1
+
+    async def test_overflow_is_sticky_until_reset(self, store: Store) -> None:
+        for k in "abcd":
+            await store.create(create(k))
+        for k in "abcd":
+            await store.read(k, "A", "s", True)
+        with pytest.raises(e.SessionExpired) as info:
+            await store.apply(commit("a", 0, "x", session="s"))
+        assert info.value.fields["reason"] == "overflow"
+        await store.reset_session("A", "s")
+        out = await store.apply(commit("a", 0, "x", session="s"))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_ttl_expiry_and_marker(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.read("a", "A", "", True)
+        await store.advance_clock(10_001)
+        with pytest.raises(e.SessionExpired) as info:
+            await store.apply(commit("a", 0, "x"))
+        assert info.value.fields["reason"] == "ttl"
+        await store.advance_clock(10_000)  # one more TTL: the marker is gone
+        out = await store.apply(commit("a", 0, "x"))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_history_retention_by_depth_and_bytes(self, store: Store) -> None:
+        await store.create(create("k", "0"))
+        for v in range(5):
+            await store.apply(commit("k", v, str(v + 1)))
+        versions = [h.version for h in await store.history("k", None, 100)]
+        assert versions == [5, 4, 3]
+        await store.apply(commit("k", 5, "x" * 64))
+        versions = [h.version for h in await store.history("k", None, 100)]
+        assert versions == [6]  # 64 bytes plus any older entry exceed the 64-byte cap
+        assert (await store.read("k", None, "", False)).history_depth == 1
+
+    async def test_idempotent_apply_replays(self, store: Store) -> None:
+        await store.create(create("k"))
+        ref = IdemRef("A", "key-1", "f1")
+        first = await store.apply(commit("k", 0, "x", idem=ref))
+        again = await store.apply(commit("k", 0, "x", idem=ref))
+        assert again.replayed and again.body == first.body and again.status == 200
+        assert (await store.stats()).counters.total_commits == 1
+        with pytest.raises(e.IdempotencyKeyReused):
+            await store.apply(commit("k", 0, "x", idem=IdemRef("A", "key-1", "other")))
+
+    async def test_concurrent_commits_one_winner(self, store: Store) -> None:
+        await store.create(create("k"))
+        results = await asyncio.gather(
+            *(store.apply(commit("k", 0, f"c{i}", agent=f"A{i}")) for i in range(20)),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if not isinstance(r, BaseException)]
+        losses = [r for r in results if isinstance(r, e.VersionMismatch)]
+        assert (len(wins), len(losses)) == (1, 19)
+        assert (await store.read("k", None, "", False)).version == 1
+
+    async def test_purge_keeps_live_state(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.read("a", "A", "", True)
+        await store.purge()
+        assert (await store.stats()).dl_deliveries == 1
+        await store.advance_clock(25_000)
+        await store.purge()
+        assert (await store.stats()).dl_deliveries == 0
+
+    async def test_reset_all_keeps_ori(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.set_ori(False)
+        assert await store.reset_all() == 1
+        stats = await store.stats()
+        assert (stats.total_shards, stats.ori_enabled) == (0, False)
