@@ -41,6 +41,7 @@ import platform
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -265,28 +266,52 @@ class Bench:
     def __init__(self, dep: Deployment, args: argparse.Namespace) -> None:
         self.dep = dep
         self.args = args
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS
-            ),
-            timeout=httpx.Timeout(args.timeout),
-        )
+        timeout = httpx.Timeout(args.timeout)
+        if args.pool == "shared":
+            # One pool of 64. httpcore 1.0's pool bookkeeping is quadratic in the pool
+            # size (``_assign_requests_to_connections``): at 64 busy connections it
+            # burns the generator's CPU and caps it near 100 req/s here.
+            shared = httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS
+                ),
+                timeout=timeout,
+            )
+            self.clients = [shared]
+        else:
+            # The same 64 connections as 64 pools of one (a client per connection).
+            # Plain http only, so one SSL context is built and shared (each client
+            # would otherwise load the CA bundle: ~50 ms apiece).
+            ctx = ssl.create_default_context()
+            self.clients = [
+                httpx.AsyncClient(
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    timeout=timeout,
+                    verify=ctx,
+                )
+                for _ in range(CONNECTIONS)
+            ]
+        self.client = self.clients[0]
 
     async def close(self) -> None:
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
 
     def url_for(self, agent: int) -> str:
         return self.dep.urls[agent % len(self.dep.urls)]
 
+    def client_for(self, agent: int) -> httpx.AsyncClient:
+        return self.clients[agent % len(self.clients)]
+
     # -- helpers ----------------------------------------------------------------
-    async def post(self, base: str, path: str, body: dict[str, Any]) -> httpx.Response:
-        return await self.client.post(
-            f"{base}{path}", content=orjson.dumps(body), headers=JSON_HEADERS
-        )
+    async def post(
+        self, client: httpx.AsyncClient, base: str, path: str, body: dict[str, Any]
+    ) -> httpx.Response:
+        return await client.post(f"{base}{path}", content=orjson.dumps(body), headers=JSON_HEADERS)
 
     async def reset_and_create(self, keys: list[str]) -> None:
         base = self.dep.urls[0]
-        r = await self.post(base, "/admin/reset", {})
+        r = await self.post(self.client, base, "/admin/reset", {})
         if r.status_code != 200:
             raise SystemExit(f"bench: /admin/reset answered {r.status_code}: {r.text[:200]}")
         sem = asyncio.Semaphore(16)
@@ -294,15 +319,19 @@ class Bench:
         async def create(key: str) -> None:
             async with sem:
                 body = {"key": key, "content": CONTENT, "agent_id": "bench-setup"}
-                r = await self.post(base, "/shard", body)
+                r = await self.post(
+                    self.clients[hash(key) % len(self.clients)], base, "/shard", body
+                )
                 if r.status_code != 201:
                     raise SystemExit(f"bench: create {key} answered {r.status_code}: {r.text}")
 
         await asyncio.gather(*(create(k) for k in keys))
 
-    async def read(self, base: str, key: str, agent: str, tally: Tally, w: Window) -> int | None:
+    async def read(
+        self, client: httpx.AsyncClient, base: str, key: str, agent: str, tally: Tally, w: Window
+    ) -> int | None:
         t0 = time.perf_counter()
-        r = await self.client.get(f"{base}/shard/{key}", params={"agent_id": agent})
+        r = await client.get(f"{base}/shard/{key}", params={"agent_id": agent})
         if w.inside(t0):
             tally.requests += 1
             tally.request_latency_ms.append((time.perf_counter() - t0) * 1000)
@@ -315,13 +344,14 @@ class Bench:
 
     async def commit(
         self,
+        client: httpx.AsyncClient,
         base: str,
         body: dict[str, Any],
         tally: Tally,
         w: Window,
     ) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
-        r = await self.post(base, "/commit", body)
+        r = await self.post(client, base, "/commit", body)
         t1 = time.perf_counter()
         payload: dict[str, Any] = orjson.loads(r.content) if r.content else {}
         if w.inside(t0):
@@ -342,7 +372,7 @@ class Bench:
     # -- agent loops ------------------------------------------------------------
     async def ceiling_agent(self, i: int, tally: Tally, w: Window) -> None:
         url = f"{self.url_for(i)}/livez"
-        get = self.client.get
+        get = self.client_for(i).get
         while time.perf_counter() < w.end:
             t0 = time.perf_counter()
             r = await get(url)
@@ -354,33 +384,36 @@ class Bench:
 
     async def dedicated_agent(self, i: int, tally: Tally, w: Window) -> None:
         base, agent, key = self.url_for(i), f"agent-{i}", f"own/{i}"
+        c = self.client_for(i)
         while time.perf_counter() < w.end:
-            version = await self.read(base, key, agent, tally, w)
+            version = await self.read(c, base, key, agent, tally, w)
             if version is None:
                 await asyncio.sleep(0.01)
                 continue
             body = {"key": key, "expected_version": version, "delta": CONTENT, "agent_id": agent}
-            await self.commit(base, body, tally, w)
+            await self.commit(c, base, body, tally, w)
 
     async def hotspot_agent(self, i: int, tally: Tally, w: Window) -> None:
         base, agent, key = self.url_for(i), f"agent-{i}", "hot"
+        c = self.client_for(i)
         while time.perf_counter() < w.end:
-            version = await self.read(base, key, agent, tally, w)
+            version = await self.read(c, base, key, agent, tally, w)
             if version is None:
                 await asyncio.sleep(0.01)
                 continue
             body = {"key": key, "expected_version": version, "delta": CONTENT, "agent_id": agent}
-            await self.commit(base, body, tally, w)  # a 409 loops back to the re-read
+            await self.commit(c, base, body, tally, w)  # a 409 loops back to the re-read
 
     async def cross_agent(self, i: int, tally: Tally, w: Window) -> None:
         base, agent, key = self.url_for(i), f"agent-{i}", f"own/{i}"
+        c = self.client_for(i)
         while time.perf_counter() < w.end:
             versions: dict[str, int] = {}
             for shared in SHARED_KEYS:
-                v = await self.read(base, shared, agent, tally, w)
+                v = await self.read(c, base, shared, agent, tally, w)
                 if v is not None:
                     versions[shared] = v
-            own = await self.read(base, key, agent, tally, w)
+            own = await self.read(c, base, key, agent, tally, w)
             if own is None or len(versions) != len(SHARED_KEYS):
                 await asyncio.sleep(0.01)
                 continue
@@ -391,20 +424,21 @@ class Bench:
                 "agent_id": agent,
                 "read_set": [{"key": k, "version_at_read": v} for k, v in versions.items()],
             }
-            await self.commit(base, body, tally, w)  # stale: loop back and re-read all
+            await self.commit(c, base, body, tally, w)  # stale: loop back and re-read all
 
     async def shared_writer(self, i: int, tally: Tally, w: Window) -> None:
         """Commits one shared shard every --shared-interval seconds (low rate)."""
         base, agent = self.url_for(i), f"writer-{i}"
+        c = self.client_for(i)
         n = i
         quiet = Tally()  # its GETs and commits are not part of the agents' figures
         while time.perf_counter() < w.end:
             key = SHARED_KEYS[n % len(SHARED_KEYS)]
             n += 1
-            v = await self.read(base, key, agent, quiet, w)
+            v = await self.read(c, base, key, agent, quiet, w)
             if v is not None:
                 body = {"key": key, "expected_version": v, "delta": CONTENT, "agent_id": agent}
-                status, _ = await self.commit(base, body, quiet, w)
+                status, _ = await self.commit(c, base, body, quiet, w)
                 if status == 200 and w.inside(time.perf_counter()):
                     tally.other_commits += 1
             await asyncio.sleep(self.args.shared_interval)
@@ -555,7 +589,7 @@ async def amain(args: argparse.Namespace) -> int:
                 if not args.json:
                     print(f"  {name}: done", file=sys.stderr)
             with contextlib.suppress(httpx.HTTPError):
-                await bench.post(dep.urls[0], "/admin/reset", {})
+                await bench.post(bench.client, dep.urls[0], "/admin/reset", {})
         finally:
             await bench.close()
     finally:

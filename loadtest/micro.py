@@ -73,9 +73,7 @@ async def _one_rep(
     """Run up to ``commits`` commits; returns (commits done, seconds)."""
     with_dl = scenario != "blind"
     bus, versions = await _setup(agents, read_shared=with_dl, read_own=with_dl)
-    read_set = (
-        [ReadItem(f"shared/{i}", 0) for i in range(SHARED)] if scenario == "rs4+dl" else []
-    )
+    read_set = [ReadItem(f"shared/{i}", 0) for i in range(SHARED)] if scenario == "rs4+dl" else []
     agent_ids = [f"agent-{a}" for a in range(agents)]
     keys = [f"own/{a}" for a in range(agents)]
     submit = bus.submit

@@ -11,7 +11,7 @@ import pytest
 
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn, new_commit_id
-from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, WriteOp
+from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, Txn, WriteOp
 from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
 from tests.conftest import store_url
@@ -39,7 +39,7 @@ def commit(
     session: str = "",
     read_set: list[ReadItem] | None = None,
     idem: IdemRef | None = None,
-):  # type: ignore[no-untyped-def]
+) -> Txn:
     return commit_txn(
         op="commit",
         agent_id=agent,

@@ -23,7 +23,7 @@ def test_loopback_detection(host: str, expected: bool) -> None:
 
 
 def test_defaults_match_the_spec() -> None:
-    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    s = Settings()
     assert (s.host, s.port, s.store) == ("127.0.0.1", 7000, "sqlite:///./sbus.db")
     assert s.auth_mode == "open"
     assert s.session_ttl == 3600

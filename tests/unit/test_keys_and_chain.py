@@ -53,9 +53,7 @@ def test_entry_hash_matches_the_spec_formula() -> None:
     expected = hashlib.sha256(
         bytes(32)
         + (7).to_bytes(8, "big")
-        + hashlib.sha256(
-            json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        ).digest()
+        + hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()).digest()
         + "body ✓".encode()
     ).hexdigest()
     got = entry_hash(

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -109,3 +110,4 @@ idempotency = Table(
     Column("expires_ms", BigInteger, nullable=False),
     PrimaryKeyConstraint("agent_id", "idem_key"),
 )
+Index("sbus_idempotency_expiry", idempotency.c.expires_ms)
