@@ -36,7 +36,8 @@ pytestmark = pytest.mark.concurrency
 
 AGENTS = 6
 ITERATIONS = 120  # per agent
-DEADLINE_S = 15.0
+DEADLINE_S = 15.0  # agents stop starting iterations after this
+MIN_COMMITS = AGENTS * 20  # below this the run says too little to pass
 SHARED = "shared"
 INJECTOR = "injector"
 
@@ -78,8 +79,8 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
             version = 0
             start_line.wait()
             while not agents_done.is_set() and not stop.is_set():
-                if time.monotonic() - began > DEADLINE_S:
-                    pytest.fail("the injector outlived the deadline", pytrace=False)
+                if time.monotonic() - began > DEADLINE_S + 5:
+                    pytest.fail("the injector outlived the agents", pytrace=False)
                 sent = time.monotonic()
                 resp = client.post(
                     "/commit/v2",
@@ -113,7 +114,7 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
             start_line.wait()
             for step in range(ITERATIONS):
                 if stop.is_set() or time.monotonic() - began > DEADLINE_S:
-                    pytest.fail(f"{name} stopped at iteration {step}", pytrace=False)
+                    break  # a loaded machine gets fewer iterations, not a hung test
                 resp = client.get(f"/shard/{SHARED}", params={"agent_id": name})
                 expect(resp, [200])
                 read_at = time.monotonic()
@@ -150,13 +151,13 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
         try:
             run_threads(
                 [partial(agent, f"agent{i}") for i in range(AGENTS)],
-                timeout=DEADLINE_S,
+                timeout=DEADLINE_S + 5,
                 on_error=stop.set,
             )
         finally:
             agents_done.set()
 
-    run_threads([injector, agents_then_signal], timeout=DEADLINE_S + 10, on_error=abort)
+    run_threads([injector, agents_then_signal], timeout=DEADLINE_S + 15, on_error=abort)
     elapsed = time.monotonic() - began
 
     completed_at = [c.completed for c in injected]
@@ -206,7 +207,7 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
     )
 
     assert not violations, "stale reads admitted:\n" + "\n".join(violations[:20])
-    assert ok + stale == AGENTS * ITERATIONS
+    assert ok + stale == sum(len(cs) for cs in commits.values()) >= MIN_COMMITS
     assert ok > 0, "no agent commit succeeded: the test proves nothing"
     assert stale > 0, "no agent commit was stale: the test proves nothing"
     assert stats["cross_shard_stale"] == stale
