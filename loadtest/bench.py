@@ -11,8 +11,9 @@ load:
                   and retry (counted as a conflict).
 3. ``cross``:     each agent GETs 4 shared shards plus its own and commits its own
                   with the 4 shared ones as explicit read_set (its DeliveryLog holds
-                  them too); 2 extra writer agents commit the shared shards at a low
-                  rate, so some commits fail 409 CrossShardStale and are retried.
+                  them too); one extra writer agent (own connection) commits a shared
+                  shard once per 256 agent commits, so some commits fail 409
+                  CrossShardStale and are retried after re-reading.
 
 Each phase: POST /admin/reset, set-up, a warm-up (not measured), then a fixed
 measuring window; every loop checks a deadline, every request has a timeout.
@@ -42,7 +43,6 @@ import shutil
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,8 +167,8 @@ def start_deployment(args: argparse.Namespace) -> Deployment:
     return dep
 
 
-async def wait_ready(dep: Deployment, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_ready(dep: Deployment, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
     async with httpx.AsyncClient(timeout=2.0) as client:
         for url in dep.urls:
             while True:
@@ -180,7 +180,7 @@ async def wait_ready(dep: Deployment, timeout: float = 30.0) -> None:
                     if r.status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"bench: {url} not ready after {timeout:.0f}s")
+                    raise SystemExit(f"bench: {url} not ready after {limit_s:.0f}s")
                 await asyncio.sleep(0.1)
 
 
@@ -223,6 +223,7 @@ class Tally:
     commit_latency_ms: list[float] = field(default_factory=list)
     request_latency_ms: list[float] = field(default_factory=list)
     other_commits: int = 0  # commits by the cross phase's shared-shard writers
+    all_commits: int = 0  # successful agent commits, warm-up included
     error_samples: list[str] = field(default_factory=list)
 
     def error(self, what: str) -> None:
@@ -246,11 +247,15 @@ class PhaseResult:
     p50_ms: float
     p99_ms: float
     server_cpu_ms_per_request: float | None
+    server_cpu_ms_per_commit: float | None
     server_cpu_util: float | None
     client_cpu_util: float
     other_commits_per_s: float
     ratio_commits_to_ceiling: float | None = None
     ratio_requests_to_ceiling: float | None = None
+    # ceiling's server CPU per /livez over this phase's server CPU per successful commit:
+    # the commits/ceiling ratio a CPU-bound server would show, whatever the generator.
+    cpu_ratio_commits_to_ceiling: float | None = None
     error_samples: tuple[str, ...] = ()
 
 
@@ -267,6 +272,7 @@ class Bench:
         self.dep = dep
         self.args = args
         timeout = httpx.Timeout(args.timeout)
+        ctx = ssl.create_default_context()
         if args.pool == "shared":
             # One pool of 64. httpcore 1.0's pool bookkeeping is quadratic in the pool
             # size (``_assign_requests_to_connections``): at 64 busy connections it
@@ -282,7 +288,6 @@ class Bench:
             # The same 64 connections as 64 pools of one (a client per connection).
             # Plain http only, so one SSL context is built and shared (each client
             # would otherwise load the CA bundle: ~50 ms apiece).
-            ctx = ssl.create_default_context()
             self.clients = [
                 httpx.AsyncClient(
                     limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
@@ -292,9 +297,15 @@ class Bench:
                 for _ in range(CONNECTIONS)
             ]
         self.client = self.clients[0]
+        # The cross phase's shared-shard writers are "other agents" with their own
+        # connection each, outside the 64 measured ones.
+        self.writer_clients = [
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=1), timeout=timeout, verify=ctx)
+            for _ in range(args.shared_writers)
+        ]
 
     async def close(self) -> None:
-        for client in self.clients:
+        for client in self.clients + self.writer_clients:
             await client.aclose()
 
     def url_for(self, agent: int) -> str:
@@ -316,16 +327,14 @@ class Bench:
             raise SystemExit(f"bench: /admin/reset answered {r.status_code}: {r.text[:200]}")
         sem = asyncio.Semaphore(16)
 
-        async def create(key: str) -> None:
+        async def create(n: int, key: str) -> None:
             async with sem:
                 body = {"key": key, "content": CONTENT, "agent_id": "bench-setup"}
-                r = await self.post(
-                    self.clients[hash(key) % len(self.clients)], base, "/shard", body
-                )
+                r = await self.post(self.clients[n % len(self.clients)], base, "/shard", body)
                 if r.status_code != 201:
                     raise SystemExit(f"bench: create {key} answered {r.status_code}: {r.text}")
 
-        await asyncio.gather(*(create(k) for k in keys))
+        await asyncio.gather(*(create(n, k) for n, k in enumerate(keys)))
 
     async def read(
         self, client: httpx.AsyncClient, base: str, key: str, agent: str, tally: Tally, w: Window
@@ -354,6 +363,8 @@ class Bench:
         r = await self.post(client, base, "/commit", body)
         t1 = time.perf_counter()
         payload: dict[str, Any] = orjson.loads(r.content) if r.content else {}
+        if r.status_code == 200:
+            tally.all_commits += 1
         if w.inside(t0):
             tally.requests += 1
             tally.commit_attempts += 1
@@ -427,13 +438,23 @@ class Bench:
             await self.commit(c, base, body, tally, w)  # stale: loop back and re-read all
 
     async def shared_writer(self, i: int, tally: Tally, w: Window) -> None:
-        """Commits one shared shard every --shared-interval seconds (low rate)."""
-        base, agent = self.url_for(i), f"writer-{i}"
-        c = self.client_for(i)
+        """Commits one shared shard after every --shared-every successful agent commits
+        (counted from the start of the phase), so the rate of stale-making commits is a
+        fixed fraction of the agents' own, whatever the machine's speed. One agent
+        identity per key, so its own DeliveryLog never makes its commits stale."""
+        base = self.url_for(i)
+        c = self.writer_clients[i]
+        every = self.args.shared_every * max(1, self.args.shared_writers)
         n = i
+        threshold = (i + 1) * self.args.shared_every
         quiet = Tally()  # its GETs and commits are not part of the agents' figures
         while time.perf_counter() < w.end:
+            if tally.all_commits < threshold:
+                await asyncio.sleep(0.005)
+                continue
+            threshold += every
             key = SHARED_KEYS[n % len(SHARED_KEYS)]
+            agent = f"writer-{i}-{key}"
             n += 1
             v = await self.read(c, base, key, agent, quiet, w)
             if v is not None:
@@ -441,7 +462,8 @@ class Bench:
                 status, _ = await self.commit(c, base, body, quiet, w)
                 if status == 200 and w.inside(time.perf_counter()):
                     tally.other_commits += 1
-            await asyncio.sleep(self.args.shared_interval)
+                elif status != 200:
+                    tally.error(f"shared writer commit: {status}")
 
     # -- phases -----------------------------------------------------------------
     async def run_phase(self, name: str) -> PhaseResult:
@@ -465,7 +487,7 @@ class Bench:
         window = Window(now + self.args.warmup, now + self.args.warmup + self.args.seconds)
         tally = Tally()
         tasks = [loop(i, tally, window) for i, loop in enumerate(loops)]
-        tasks += [self.shared_writer(agents + j, tally, window) for j in range(writers)]
+        tasks += [self.shared_writer(j, tally, window) for j in range(writers)]
         await asyncio.sleep(0)
         cpu0: float | None = None
         client0 = 0.0
@@ -509,6 +531,9 @@ class Bench:
             server_cpu_ms_per_request=(
                 server_cpu * 1000 / tally.requests if server_cpu and tally.requests else None
             ),
+            server_cpu_ms_per_commit=(
+                server_cpu * 1000 / tally.commits if server_cpu and tally.commits else None
+            ),
             server_cpu_util=server_cpu / secs if server_cpu is not None else None,
             client_cpu_util=(client1 - client0) / secs,
             other_commits_per_s=tally.other_commits / secs,
@@ -526,6 +551,10 @@ def with_ratios(results: list[PhaseResult]) -> list[PhaseResult]:
         base["error_samples"] = r.error_samples
         if r.phase != "ceiling":
             base["ratio_commits_to_ceiling"] = r.commits_per_s / ceiling.requests_per_s
+            if ceiling.server_cpu_ms_per_request and r.server_cpu_ms_per_commit:
+                base["cpu_ratio_commits_to_ceiling"] = (
+                    ceiling.server_cpu_ms_per_request / r.server_cpu_ms_per_commit
+                )
         base["ratio_requests_to_ceiling"] = r.requests_per_s / ceiling.requests_per_s
         out.append(PhaseResult(**base))
     return out
@@ -540,12 +569,13 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
         f"S-Bus HTTP bench: store {dep.store}, {len(dep.urls)} replica(s) x {dep.workers} "
         f"worker(s), {args.agents} agents over {CONNECTIONS} connections, "
         f"{args.seconds:g}s per phase after {args.warmup:g}s warm-up, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{args.loop} loop, {args.pool} pool"
     )
     header = (
         f"{'phase':<10}{'commits/s':>10}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
         f"{'conflict':>9}{'stale':>7}{'errors':>7}{'xceil':>7}{'req/ceil':>9}"
-        f"{'srv ms/req':>11}{'srv cpu':>8}{'gen cpu':>8}"
+        f"{'srv ms/req':>11}{'ms/commit':>10}{'cpu xceil':>10}{'srv cpu':>8}{'gen cpu':>8}"
     )
     yield header
     yield "-" * len(header)
@@ -558,11 +588,18 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
             f"{_fmt(r.ratio_commits_to_ceiling, '.2f'):>7}"
             f"{_fmt(r.ratio_requests_to_ceiling, '.2f'):>9}"
             f"{_fmt(r.server_cpu_ms_per_request, '.3f'):>11}"
+            f"{_fmt(r.server_cpu_ms_per_commit, '.2f'):>10}"
+            f"{_fmt(r.cpu_ratio_commits_to_ceiling, '.3f'):>10}"
             f"{_fmt(r.server_cpu_util, '.2f'):>8}{r.client_cpu_util:>8.2f}"
         )
     yield ""
     yield "p50/p99: commit latency (ceiling: /livez latency). conflict: 409s / commit attempts."
     yield "xceil: successful commits/s / ceiling req/s. srv/gen cpu: cores busy (server, load gen)."
+    yield (
+        "srv ms/req, ms/commit: server CPU (all its processes) per request / per successful "
+        "commit; cpu xceil: ceiling ms/req / ms/commit (the ratio if the server were the "
+        "bottleneck)."
+    )
     for r in results:
         if r.phase == "cross":
             yield f"cross: shared-shard writers committed {r.other_commits_per_s:.1f}/s."
@@ -577,7 +614,15 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
             )
 
 
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 async def amain(args: argparse.Namespace) -> int:
+    load_before = loadavg()
     dep = start_deployment(args)
     try:
         await wait_ready(dep)
@@ -595,6 +640,7 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         stop_deployment(dep)
     results = with_ratios(results)
+    load_after = loadavg()
     if args.json:
         doc = {
             "store": dep.store,
@@ -606,12 +652,17 @@ async def amain(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "loop": args.loop,
+            "pool": args.pool,
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
             "phases": [asdict(r) for r in results],
         }
         print(json.dumps(doc, indent=2))
     else:
         for line in table(results, dep, args):
             print(line)
+        print(f"load average before/after: {load_before} / {load_after} (2 cores is 2.0)")
     return 0
 
 
@@ -629,10 +680,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per phase")
     p.add_argument("--agents", type=int, default=64, help="concurrent agents")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
-    p.add_argument("--shared-writers", type=int, default=2, help="cross: shared-shard writers")
+    p.add_argument("--shared-writers", type=int, default=1, help="cross: shared-shard writers")
     p.add_argument(
-        "--shared-interval", type=float, default=0.1, help="cross: seconds between their commits"
+        "--shared-every",
+        type=int,
+        default=256,
+        help="cross: one shared-shard commit per this many successful agent commits",
     )
+    p.add_argument(
+        "--pool",
+        choices=("per-agent", "shared"),
+        default="per-agent",
+        help="64 one-connection clients, or one httpx pool of 64 (slow: see docs)",
+    )
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
@@ -648,7 +709,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(amain(parse_args(argv)))
+    args = parse_args(argv)
+    if args.loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            args.loop = "asyncio"
+        else:
+            return uvloop.run(amain(args))
+    return asyncio.run(amain(args))
 
 
 if __name__ == "__main__":
