@@ -19,6 +19,14 @@ def open_store(url: str, limits: Limits) -> Store:
         from sbus.storage.sql.sqlite import SQLiteStore
 
         return SQLiteStore(url, limits)
+    if url.startswith("redis://"):
+        import os
+
+        from sbus.storage.redis import RedisStore
+
+        # Settings.namespace reaches the store through SBUS_NAMESPACE (or a
+        # ``?namespace=`` URL parameter) until open_store takes it as an argument.
+        return RedisStore(url, limits, namespace=os.environ.get("SBUS_NAMESPACE") or "sbus")
     raise UnknownStore(
         f"unsupported SBUS_STORE {url!r}: use memory://, sqlite:///PATH "
         "(postgresql+asyncpg:// and redis:// arrive in a later release)"

@@ -1,0 +1,850 @@
+"""The Redis store (>= 7.0): redis-py asyncio, every state change ONE Lua script.
+
+Design
+------
+- **One script per state change** (create, recorded read, register, the commit
+  protocol, reset_session, inject_stale, set_ori, advance_clock, reset_all, purge),
+  sent with EVALSHA; a ``NOSCRIPT`` answer (after ``SCRIPT FLUSH`` or a restart) is
+  answered by sending the full source with EVAL, which also caches it again. The
+  commit script is :func:`sbus.core.rules.decide` in Lua, step for step (9a-9g, the
+  same error codes and fields, counters counted before deciding, attempt/conflict
+  bumps persisted on rejection); :mod:`sbus.storage.redis.scripts` has them all.
+- **Clock**: Redis ``TIME`` inside the script plus the offset in the meta hash, so
+  every replica agrees on what is live.
+- **Keys**: every key of a deployment carries the hash tag ``{sbus:<namespace>}``, so
+  all of them live in one Redis Cluster slot and every script is single-slot. The
+  layout is in docs/redis.md.
+- **History hash chain**: Redis Lua has no SHA-256, so the chain hash of a new entry
+  is computed here. One pipelined ``MULTI`` read fetches the store clock (``TIME``
+  plus offset) and, for each written key, its head (version, head hash) and, for a
+  rollback, the source entry; the entries are hashed against those heads with
+  ``committed_at`` = that clock reading, and handed to the script. The script checks
+  that its own clock is within :data:`CLOCK_SKEW_MS` of that reading and then decides
+  exactly as ``decide`` would against the CURRENT state. Only if the commit is
+  admitted and some written head is not the one it was hashed against does it write
+  nothing and answer ``RETRY``; a moved head usually means the commit fails anyway
+  (VersionMismatch against the old expected version), and then it is simply decided
+  and answered. Retries are bounded (:data:`MAX_RACES`), then 503 ``not_applied``.
+  Creates use the same scheme against the tombstone (or absence) they hashed.
+- **Idempotency records** are hashes with a store-clock expiry field, expired by
+  Redis through ``PEXPIREAT`` at the matching real time and indexed in a sorted set
+  for purge and reset. The recorded body is rendered here before the script runs
+  (it is fully determined by the heads the script verifies), except the counters a
+  concurrent rejection may move (``attempt_count``, ``conflict_count``,
+  ``delta_log_depth``), which the script records beside it and a replay patches in.
+- **Failures**: ``maxmemory-policy`` other than ``noeviction`` refuses to start
+  (eviction would silently drop DeliveryLog entries and idempotency records).
+  Connection errors before a script is sent are 503 ``not_applied``; once EVALSHA
+  is on the wire a broken connection is ``unknown``. Write scripts are never resent
+  by the driver. ``durable`` (compat ``wal_enabled``) is true only with
+  ``appendonly yes`` and ``appendfsync always``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from sbus.core import rules
+from sbus.core.chain import GENESIS, content_id, entry_hash
+from sbus.core.clock import rfc3339
+from sbus.core.errors import (
+    CrossShardStale,
+    IdempotencyKeyReused,
+    MandateNotFound,
+    MandateRequired,
+    SBusError,
+    SessionExpired,
+    ShardAlreadyExists,
+    ShardDeleted,
+    ShardNotFound,
+    StoreUnavailable,
+    ValidationFailed,
+    VersionMismatch,
+    VersionNotFound,
+)
+from sbus.core.types import (
+    Counters,
+    CreateOp,
+    HistoryEntry,
+    IdemRecord,
+    IdemRef,
+    Limits,
+    Outcome,
+    RegisterResult,
+    Shard,
+    StoreStats,
+    Txn,
+    WriteOp,
+)
+from sbus.storage.redis.scripts import SCRIPTS, Script
+
+log = logging.getLogger("sbus.redis")
+
+CLOCK_SKEW_MS = 5_000  # how far a script's clock may be from the hashed committed_at
+MAX_RACES = 16  # commit retries when a written head moved under the hashes
+RACE_BACKOFF_S = 0.002  # times the attempt number, jittered: lets a hot key's writers pass
+PURGE_BATCH = 500
+SHARD_FIELDS = (
+    "version",
+    "del",
+    "mand",
+    "head",
+    "ac",
+    "cc",
+    "hmin",
+    "hbytes",
+    "id",
+    "goal",
+    "created",
+    "updated",
+    "content",
+)
+# What a commit reads before hashing: the head, and the rest of the predicted row.
+HEAD_FIELDS = ("version", "head", "id", "goal", "mand", "created", "ac", "cc")
+COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+# Errors that Redis answers before a script runs: nothing was applied.
+_NOT_RUN = ("OOM", "READONLY", "BUSY", "LOADING", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def _depth(version: int, hmin: int) -> int:
+    return version - hmin + 1 - (1 if hmin == 0 else 0)
+
+
+def _row_shard(row: Sequence[Any], content: str) -> Shard:
+    """A Shard from a script's ``row_reply``."""
+    key, version, ac, cc, depth, id_, goal, mand, created, updated, deleted, head = row
+    return Shard(
+        key,
+        id_,
+        content,
+        int(version),
+        goal,
+        bool(mand),
+        int(created),
+        int(updated),
+        int(ac),
+        int(cc),
+        bool(deleted),
+        head,
+        int(depth),
+    )
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(self, url: str, limits: Limits | None = None, namespace: str = "sbus") -> None:
+        self.url, query_ns = _split_namespace(url)
+        namespace = query_ns or namespace
+        if not namespace or "{" in namespace or "}" in namespace:
+            raise ValueError(f"invalid namespace {namespace!r}: no braces, not empty")
+        self.namespace = namespace
+        self.limits = limits or Limits()
+        self.durable = False
+        self.tag = "{sbus:" + self.namespace + "}"
+        tag = self.tag
+        self.k_meta = f"{tag}:meta"
+        self.k_counters = f"{tag}:counters"
+        self.k_live = f"{tag}:live"  # sorted set (lex) of live keys
+        self.k_all = f"{tag}:shards"  # sorted set (lex) of every key, tombstones too
+        self.k_sessions = f"{tag}:sessions"  # sorted set (lex) of agent\0session
+        self.k_idem_index = f"{tag}:idem"  # sorted set of agent\0key by expiry
+        self._pool: BlockingConnectionPool | None = None
+        self._client: Redis | None = None
+
+    # key names ---------------------------------------------------------------------
+    def k_shard(self, key: str) -> str:
+        return f"{self.tag}:s:{key}"
+
+    def k_hist(self, key: str) -> str:
+        return f"{self.tag}:h:{key}"
+
+    @staticmethod
+    def member(agent_id: str, session_id: str) -> str:
+        # Strings never contain U+0000 (input hygiene), so NUL separates unambiguously
+        # and agent\0session sorts by agent first.
+        return f"{agent_id}\0{session_id}"
+
+    def k_dl(self, agent_id: str, session_id: str) -> tuple[str, str]:
+        m = self.member(agent_id, session_id)
+        return f"{self.tag}:dlt:{m}", f"{self.tag}:dlv:{m}"
+
+    def k_idem(self, agent_id: str, key: str) -> str:
+        return f"{self.tag}:i:{agent_id}\0{key}"
+
+    # lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            decode_responses=True,
+            max_connections=64,
+            timeout=10,
+            socket_connect_timeout=5,
+        )
+        client = Redis(connection_pool=pool)
+        try:
+            problem = await self._check_server(client)
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            await pool.disconnect()
+            raise StoreUnavailable(f"cannot reach Redis at {self._safe_url()}: {exc}") from exc
+        if problem is not None:
+            await client.aclose()
+            await pool.disconnect()
+            log.error("%s", problem)
+            raise StoreUnavailable(problem)
+        self._pool, self._client = pool, client
+
+    async def _check_server(self, client: Redis) -> str | None:
+        """Why this server must not be used, or None; sets ``durable``."""
+        info = await client.info("server")
+        version = str(info.get("redis_version", "0"))
+        if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (7, 0):
+            return f"Redis {version} is too old: S-Bus needs Redis >= 7.0"
+        try:
+            config: dict[str, str] = {}
+            for name in ("maxmemory-policy", "appendonly", "appendfsync"):
+                got = await client.config_get(name)
+                config.update({str(k): str(v) for k, v in got.items()})
+        except ResponseError as exc:
+            return (
+                f"cannot read the Redis configuration (CONFIG GET: {exc}); S-Bus must verify "
+                "maxmemory-policy noeviction before it starts"
+            )
+        policy = config.get("maxmemory-policy", "")
+        if policy != "noeviction":
+            return (
+                f"refusing to start: Redis maxmemory-policy is {policy!r}; S-Bus needs "
+                "'noeviction' (eviction would silently drop DeliveryLog entries and "
+                "idempotency records). Set `maxmemory-policy noeviction`."
+            )
+        self.durable = config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
+        if not self.durable:
+            log.warning(
+                "Redis is not durable (appendonly=%s, appendfsync=%s): acknowledged commits "
+                "can be lost on a crash; set appendonly yes and appendfsync always",
+                config.get("appendonly"),
+                config.get("appendfsync"),
+            )
+        for script in SCRIPTS.values():
+            await client.script_load(script.source)
+        return None
+
+    def _safe_url(self) -> str:
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+
+    async def close(self) -> None:
+        client, pool = self._client, self._pool
+        self._client = self._pool = None
+        if client is not None:
+            await client.aclose()
+        if pool is not None:
+            await pool.disconnect()
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            raise StoreUnavailable("the Redis store is not started")
+        return self._client
+
+    async def ping(self) -> None:
+        try:
+            await self._redis().ping()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+
+    # running scripts and reads -------------------------------------------------------
+    async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """Run one script on a connection of its own: EVALSHA, and EVAL on NOSCRIPT.
+
+        Never resent after a broken connection: once the command may have reached
+        the server the outcome is ``unknown`` for a writing script."""
+        script: Script = SCRIPTS[name]
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the Redis store is not started")
+        try:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        try:
+            try:
+                await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await conn.read_response()
+            except NoScriptError:
+                await conn.send_command("EVAL", script.source, len(keys), *keys, *args)
+                return await conn.read_response()
+        except ResponseError as exc:
+            message = str(exc)
+            ran = not message.startswith(_NOT_RUN)
+            outcome = "unknown" if ran and script.writes else "not_applied"
+            log.error("Redis script %s failed: %s", name, message)
+            raise StoreUnavailable(f"Redis refused {name}: {message}", outcome=outcome) from exc
+        except (RedisError, OSError) as exc:
+            await conn.disconnect()
+            outcome = "unknown" if script.writes else "not_applied"
+            raise StoreUnavailable(f"Redis connection lost: {exc}", outcome=outcome) from exc
+        except BaseException:
+            # Cancelled with a reply pending: the connection cannot be reused.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _snapshot(self, *commands: Sequence[str]) -> tuple[int, list[Any]]:
+        """The store clock and the answers to ``commands``, read in one MULTI/EXEC
+        (one consistent snapshot, one round trip)."""
+        try:
+            pipe = self._redis().pipeline(transaction=True)
+            pipe.time()
+            pipe.hget(self.k_meta, "offset")
+            for command in commands:
+                pipe.execute_command(*command)
+            res: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        seconds, micros = res[0]
+        return int(seconds) * 1000 + int(micros) // 1000 + int(res[1] or 0), res[2:]
+
+    # clock and flags -------------------------------------------------------------------
+    async def now_ms(self) -> int:
+        return int(await self._eval("now", [self.k_meta], []))
+
+    async def advance_clock(self, ms: int) -> int:
+        return int(await self._eval("advance_clock", [self.k_meta], [ms]))
+
+    async def set_ori(self, enabled: bool) -> None:
+        await self._eval("set_ori", [self.k_meta], [1 if enabled else 0])
+
+    # errors ------------------------------------------------------------------------------
+    @staticmethod
+    def _error(reply: Sequence[Any], agent_id: str = "") -> SBusError:
+        """The SBusError for a script's ``{'ERR', code, name, value, ...}`` reply, with
+        the exact details :func:`sbus.core.rules.decide` gives."""
+        code = reply[1]
+        f: dict[str, Any] = dict(zip(reply[2::2], reply[3::2], strict=True))
+        key = f.get("key", "")
+        if code == "ShardNotFound":
+            return ShardNotFound(f"shard not found: key={key}", key=key)
+        if code == "ShardDeleted":
+            version = int(f["version"])
+            return ShardDeleted(f"shard deleted: key={key}", key=key, version=version)
+        if code == "VersionMismatch":
+            expected, found = int(f["expected"]), int(f["found"])
+            return VersionMismatch(
+                f"version mismatch on key={key}: expected={expected} found={found}",
+                key=key,
+                expected=expected,
+                found=found,
+            )
+        if code == "CrossShardStale":
+            stale = [
+                {"key": k, "version_at_read": int(v), "current_version": int(c)}
+                for k, v, c in f["stale_keys"]
+            ]
+            first = stale[0]
+            return CrossShardStale(
+                f"cross-shard stale read: key={first['key']} "
+                f"version_at_read={first['version_at_read']} "
+                f"current_version={first['current_version']}",
+                key=first["key"],
+                version_at_read=first["version_at_read"],
+                current_version=first["current_version"],
+                stale_keys=stale,
+            )
+        if code == "SessionExpired":
+            reason = f["reason"]
+            return SessionExpired(
+                f"session expired for agent {agent_id!r} ({reason})",
+                reason=reason,
+                agent_id=agent_id,
+            )
+        if code == "VersionNotFound":
+            target = int(f["target_version"])
+            return VersionNotFound(
+                f"version {target} of {key!r} is not retained", key=key, target_version=target
+            )
+        if code == "MandateRequired":
+            return MandateRequired(f"shard {key!r} requires a mandate", key=key)
+        if code == "MandateNotFound":
+            return MandateNotFound("mandate not recognised by this deployment")
+        if code == "IdempotencyKeyReused":
+            return IdempotencyKeyReused("Idempotency-Key was used for a different request")
+        if code == "ShardAlreadyExists":
+            return ShardAlreadyExists(f"shard already exists: key={key}", key=key)
+        return StoreUnavailable(f"unexpected script answer {code!r}", outcome="unknown")
+
+    @staticmethod
+    def _replay(reply: Sequence[Any]) -> Outcome:
+        _, status, etag, body_json, ac, cc, dd = reply
+        body = orjson.loads(body_json) if body_json else None
+        if isinstance(body, dict) and ac != "":
+            body["attempt_count"] = int(ac)
+            body["conflict_count"] = int(cc)
+            body["delta_log_depth"] = int(dd)
+        return Outcome(int(status), body, replayed=True, etag=int(etag) if etag != "" else None)
+
+    def _idem_payload(
+        self, idem: IdemRef, outcome: Outcome, *, patch: bool = False
+    ) -> dict[str, Any]:
+        return {
+            "fp": idem.fingerprint,
+            "ttl": self.limits.idempotency_ttl_ms,
+            "status": outcome.status,
+            "etag": "" if outcome.etag is None else str(outcome.etag),
+            "body": orjson.dumps(outcome.body).decode(),
+            "member": f"{idem.agent_id}\0{idem.key}",
+            "patch": patch,
+        }
+
+    # create and read -----------------------------------------------------------------------
+    async def _create(self, op: CreateOp, admin: bool) -> tuple[str, Any]:
+        for attempt in range(MAX_RACES):
+            if attempt:
+                await asyncio.sleep(random.random() * RACE_BACKOFF_S * attempt)
+            now, res = await self._snapshot(("HMGET", self.k_shard(op.key), "version", "head"))
+            version_s, head = res[0]
+            hv = int(version_s) if version_s is not None else -1
+            prev = head if head is not None else GENESIS
+            version = hv + 1
+            digest = entry_hash(
+                prev,
+                version,
+                agent_id=op.agent_id,
+                commit_id=op.commit_id,
+                committed_at=rfc3339(now),
+                rationale="create",
+                deleted=False,
+                content=op.content,
+            )
+            meta = _entry_meta(version, op.agent_id, now, False, "create", op.commit_id, prev)
+            payload: dict[str, Any] = {
+                "now": now,
+                "skew": CLOCK_SKEW_MS,
+                "key": op.key,
+                "hv": hv,
+                "hh": head or "",
+                "id": content_id(op.content),
+                "goal": op.goal_tag,
+                "mand": op.require_mandate,
+                "m": _with_hash(meta, digest),
+                "h": digest,
+                "max_depth": self.limits.history_depth,
+                "max_bytes": self.limits.history_max_bytes,
+                "admin": admin,
+            }
+            if op.idem is not None:
+                predicted = Shard(
+                    op.key,
+                    payload["id"],
+                    op.content,
+                    version,
+                    op.goal_tag,
+                    op.require_mandate,
+                    now,
+                    now,
+                    0,
+                    0,
+                    False,
+                    digest,
+                    0,
+                )
+                payload["idem"] = self._idem_payload(
+                    op.idem, rules.render_create(predicted), patch=True
+                )
+            idem = op.idem
+            idem_key = self.k_idem(idem.agent_id, idem.key) if idem else self.k_idem("", "")
+            reply = await self._eval(
+                "create",
+                [
+                    self.k_meta,
+                    self.k_shard(op.key),
+                    self.k_hist(op.key),
+                    self.k_live,
+                    self.k_all,
+                    idem_key,
+                    self.k_idem_index,
+                ],
+                [orjson.dumps(payload).decode(), op.content],
+            )
+            if reply[0] != "RETRY":
+                return reply[0], reply
+        raise StoreUnavailable("create kept racing concurrent writers", outcome="not_applied")
+
+    async def create(self, op: CreateOp) -> Outcome:
+        tag, reply = await self._create(op, admin=False)
+        if tag == "REPLAY":
+            return self._replay(reply)
+        if tag == "ERR":
+            raise self._error(reply)
+        return rules.render_create(_row_shard(reply[1], op.content))
+
+    async def admin_create(self, op: CreateOp) -> Shard | None:
+        tag, reply = await self._create(op, admin=True)
+        if tag == "EXISTS":
+            return None
+        if tag == "ERR":
+            raise self._error(reply)
+        return _row_shard(reply[1], op.content)
+
+    async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
+        if agent_id is not None and record:
+            dlt, dlv = self.k_dl(agent_id, session_id)
+            reply = await self._eval(
+                "read",
+                [self.k_meta, self.k_shard(key), dlt, dlv, self.k_sessions],
+                [
+                    self.limits.session_ttl_ms,
+                    self.limits.max_dl_entries,
+                    key,
+                    self.member(agent_id, session_id),
+                ],
+            )
+            if reply[0] == "NOTFOUND":
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            shard = _row_shard(reply[1], reply[2])
+        else:
+            try:
+                row = await self._redis().hmget(self.k_shard(key), list(SHARD_FIELDS))
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+            if row[0] is None:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            shard = _hash_shard(key, row)
+        if shard.deleted:
+            raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+        return shard
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        low = "[" + prefix if prefix else "-"
+        if after is not None and after >= prefix:
+            low = "(" + after
+        high = "[" + prefix + "\U0010ffff" if prefix else "+"
+        try:
+            found = await self._redis().zrangebylex(self.k_live, low, high, start=0, num=limit)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        keys = [k if isinstance(k, str) else k.decode() for k in found]
+        return [k for k in keys if k.startswith(prefix)]
+
+    # the commit protocol -----------------------------------------------------------------------
+    async def apply(self, txn: Txn) -> Outcome:
+        writes = sorted(txn.writes, key=lambda w: w.key)
+        reads = sorted(txn.read_set)
+        dlt, dlv = self.k_dl(txn.agent_id, txn.session_id)
+        idem_key = self.k_idem(txn.idem.agent_id, txn.idem.key) if txn.idem else self.k_idem("", "")
+        keys = [
+            self.k_meta,
+            self.k_counters,
+            dlt,
+            dlv,
+            self.k_sessions,
+            self.k_live,
+            idem_key,
+            self.k_idem_index,
+        ]
+        for w in writes:
+            keys += (self.k_shard(w.key), self.k_hist(w.key))
+        keys += [self.k_shard(r.key) for r in reads]
+        contents = [w.content if w.kind == "commit" else "" for w in writes]
+        for attempt in range(MAX_RACES):
+            if attempt:
+                await asyncio.sleep(random.random() * RACE_BACKOFF_S * attempt)
+            payload, predicted = await self._commit_payload(txn, writes)
+            payload["reads"] = [[r.key, r.version_at_read] for r in reads]
+            payload["member"] = self.member(txn.agent_id, txn.session_id)
+            reply = await self._eval("commit", keys, [orjson.dumps(payload).decode(), *contents])
+            tag = reply[0]
+            if tag == "RETRY":
+                continue
+            if tag == "REPLAY":
+                return self._replay(reply)
+            if tag == "ERR":
+                raise self._error(reply, txn.agent_id)
+            post = {row[0]: _row_shard(row, predicted[row[0]].content) for row in reply[1]}
+            return rules.render(txn, post)
+        raise StoreUnavailable("commit kept racing concurrent writers", outcome="not_applied")
+
+    async def _commit_payload(
+        self, txn: Txn, writes: list[WriteOp]
+    ) -> tuple[dict[str, Any], dict[str, Shard]]:
+        """Read the heads (and rollback sources) and hash the new history entries
+        against them; returns the script payload and the predicted post rows."""
+        rollbacks = [w for w in writes if w.kind == "rollback"]
+
+        commands: list[tuple[str, ...]] = [
+            ("HMGET", self.k_shard(w.key), *HEAD_FIELDS) for w in writes
+        ]
+        commands += [
+            ("HMGET", self.k_hist(w.key), f"m{w.target_version}", f"c{w.target_version}")
+            for w in rollbacks
+        ]
+        now, res = await self._snapshot(*commands)
+        committed_at = rfc3339(now)
+        sources: dict[str, str] = {}
+        for i, w in enumerate(rollbacks):
+            meta_json, content = res[len(writes) + i]
+            if meta_json is not None and not orjson.loads(meta_json)["deleted"]:
+                sources[w.key] = content or ""
+        out: list[dict[str, Any]] = []
+        predicted: dict[str, Shard] = {}
+        for i, w in enumerate(writes):
+            version_s, head, id_, goal, mand, created, ac, cc = res[i]
+            hv = int(version_s) if version_s is not None else -1
+            prev = head or GENESIS
+            version = hv + 1
+            deleted = w.kind == "delete"
+            rationale = txn.rationale
+            if w.kind == "rollback":
+                content = sources.get(w.key, "")
+                rationale = f"rollback to {w.target_version}"
+            else:
+                content = "" if deleted else w.content
+            digest = entry_hash(
+                prev,
+                version,
+                agent_id=txn.agent_id,
+                commit_id=txn.commit_id,
+                committed_at=committed_at,
+                rationale=rationale,
+                deleted=deleted,
+                content=content,
+            )
+            meta = _entry_meta(version, txn.agent_id, now, deleted, rationale, txn.commit_id, prev)
+            entry: dict[str, Any] = {
+                "k": w.key,
+                "kind": w.kind,
+                "t": w.target_version,
+                "hv": hv,
+                "hh": head or "",
+                "m": _with_hash(meta, digest),
+                "h": digest,
+            }
+            if w.expected_version is not None:
+                entry["exp"] = w.expected_version
+            out.append(entry)
+            predicted[w.key] = Shard(
+                w.key,
+                id_ or "",
+                content,
+                version,
+                goal or "",
+                mand == "1",
+                int(created or 0),
+                now,
+                int(ac or 0) + 1,
+                int(cc or 0),
+                deleted,
+                digest,
+                0,
+            )
+        payload: dict[str, Any] = {
+            "now": now,
+            "skew": CLOCK_SKEW_MS,
+            "ttl": self.limits.session_ttl_ms,
+            "mandate": txn.has_mandate,
+            "prefix": f"{self.tag}:s:",
+            "max_depth": self.limits.history_depth,
+            "max_bytes": self.limits.history_max_bytes,
+            "writes": out,
+        }
+        if txn.idem is not None:
+            outcome = rules.render(txn, predicted)
+            payload["idem"] = self._idem_payload(txn.idem, outcome, patch=txn.op == "rollback")
+        return payload, predicted
+
+    async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
+        fields = ("fp", "exp", "status", "etag", "body", "ac", "cc", "dd")
+        now, res = await self._snapshot(("HMGET", self.k_idem(agent_id, key), *fields))
+        fp, exp, status, etag, body, ac, cc, dd = res[0]
+        if fp is None or int(exp) <= now:
+            return None
+        outcome = self._replay(["REPLAY", status, etag or "", body or "", ac or "", cc, dd])
+        return IdemRecord(fp, outcome.status, outcome.body, outcome.etag, int(exp))
+
+    # delivery log ------------------------------------------------------------------------------
+    async def reset_session(self, agent_id: str, session_id: str) -> None:
+        dlt, dlv = self.k_dl(agent_id, session_id)
+        await self._eval(
+            "reset_session", [dlt, dlv, self.k_sessions], [self.member(agent_id, session_id)]
+        )
+
+    async def register(self, agent_id: str, session_id: str, keys: list[str]) -> RegisterResult:
+        dlt, dlv = self.k_dl(agent_id, session_id)
+        reply = await self._eval(
+            "register",
+            [self.k_meta, dlt, dlv, self.k_sessions, *(self.k_shard(k) for k in keys)],
+            [
+                self.limits.session_ttl_ms,
+                self.limits.max_dl_entries,
+                self.member(agent_id, session_id),
+                *keys,
+            ],
+        )
+        return RegisterResult(int(reply[1]), list(reply[2]), list(reply[3]))
+
+    async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
+        dlt, dlv = self.k_dl(agent_id, session_id)
+        reply = await self._eval(
+            "inject",
+            [self.k_meta, self.k_shard(key), dlt, dlv, self.k_sessions],
+            [self.limits.session_ttl_ms, version, key, self.member(agent_id, session_id)],
+        )
+        if reply[0] == "ERR":
+            if reply[1] == "ValidationFailed":
+                raise ValidationFailed(
+                    f"stale_version must be between 0 and {int(reply[3])}", key=key
+                )
+            raise self._error(reply)
+
+    async def dump_delivery_log(
+        self, after: str | None, limit: int
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+        rows, more, now = await self._eval(
+            "dump_dl",
+            [self.k_meta, self.k_sessions],
+            [self.limits.session_ttl_ms, self.tag, after or "", limit],
+        )
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for agent, session, key, version, served in rows:
+            out.setdefault(agent, {}).setdefault(session, {})[key] = {
+                "version": int(version),
+                "age_secs": (int(now) - int(served)) / 1000,
+            }
+        ordered = {
+            a: {s: dict(sorted(e.items())) for s, e in sorted(out[a].items())} for a in sorted(out)
+        }
+        return ordered, (max(ordered) if more and ordered else None)
+
+    async def purge(self) -> int:
+        """Drop expired DL entries, sessions past their marker and expired idempotency
+        records, in batches of :data:`PURGE_BATCH`: each batch is one script."""
+        gone = 0
+        keys = [self.k_meta, self.k_sessions, self.k_idem_index]
+        ttl = self.limits.session_ttl_ms
+        cursor = ""
+        while True:
+            n, cursor = await self._eval("purge", keys, ["dl", ttl, self.tag, cursor, PURGE_BATCH])
+            gone += int(n)
+            if not cursor:
+                break
+        while True:
+            n, more = await self._eval("purge", keys, ["idem", ttl, self.tag, "", PURGE_BATCH])
+            gone += int(n)
+            if not more:
+                break
+        return gone
+
+    # history, counters, admin -----------------------------------------------------------------
+    async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
+        reply = await self._eval(
+            "history",
+            [self.k_shard(key), self.k_hist(key)],
+            [-1 if before is None else before, limit],
+        )
+        if reply[0] == "NOTFOUND":
+            raise ShardNotFound(f"shard not found: key={key}", key=key)
+        entries = []
+        for meta_json, content in reply[1]:
+            m = orjson.loads(meta_json)
+            entries.append(
+                HistoryEntry(
+                    key,
+                    m["version"],
+                    m["agent_id"],
+                    m["committed_ms"],
+                    content,
+                    m["deleted"],
+                    m["rationale"],
+                    m["commit_id"],
+                    m["prev_hash"],
+                    m["hash"],
+                )
+            )
+        return entries
+
+    async def stats(self) -> StoreStats:
+        flat, total, agents, deliveries, ori = await self._eval(
+            "stats",
+            [self.k_meta, self.k_counters, self.k_live, self.k_sessions],
+            [self.limits.session_ttl_ms, self.tag],
+        )
+        sums = dict(zip(flat[::2], flat[1::2], strict=True))
+        counters = Counters(**{n: int(sums.get(n, 0)) for n in COUNTER_NAMES})
+        return StoreStats(counters, int(total), int(agents), int(deliveries), bool(ori))
+
+    async def reset_all(self) -> int:
+        return int(
+            await self._eval(
+                "reset_all",
+                [self.k_counters, self.k_live, self.k_all, self.k_sessions, self.k_idem_index],
+                [self.tag],
+            )
+        )
+
+
+def _entry_meta(
+    version: int,
+    agent_id: str,
+    committed_ms: int,
+    deleted: bool,
+    rationale: str | None,
+    commit_id: str,
+    prev_hash: str,
+) -> dict[str, Any]:
+    return {
+        "version": version,
+        "agent_id": agent_id,
+        "committed_ms": committed_ms,
+        "deleted": deleted,
+        "rationale": rationale,
+        "commit_id": commit_id,
+        "prev_hash": prev_hash,
+    }
+
+
+def _with_hash(meta: dict[str, Any], digest: str) -> str:
+    return orjson.dumps({**meta, "hash": digest}).decode()
+
+
+def _hash_shard(key: str, row: Sequence[Any]) -> Shard:
+    """A Shard from ``HMGET`` of :data:`SHARD_FIELDS`."""
+    version, deleted, mand, head, ac, cc, hmin, _, id_, goal, created, updated, content = row
+    return Shard(
+        key,
+        id_,
+        content,
+        int(version),
+        goal,
+        mand == "1",
+        int(created),
+        int(updated),
+        int(ac),
+        int(cc),
+        deleted == "1",
+        head,
+        _depth(int(version), int(hmin)),
+    )
+
+
+def _split_namespace(url: str) -> tuple[str, str | None]:
+    """Take an optional ``namespace`` query parameter off the URL (redis-py would
+    reject it as an unknown connection option)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    namespace = next((v for k, v in query if k == "namespace"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "namespace"])
+    return urlunsplit(parts._replace(query=rest)), namespace

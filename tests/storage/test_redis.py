@@ -1,0 +1,464 @@
+"""Redis-specific behaviour of the Redis store: what the shared conformance suite
+cannot see. Runs against the server named by ``SBUS_TEST_REDIS_URL`` (default
+``redis://127.0.0.1:56379/0``); unreachable, it skips on a developer machine and
+FAILS under ``CI=true``. Each test works in a namespace of its own and removes its
+keys afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from sbus.core import errors as e
+from sbus.core.chain import GENESIS, entry_hash
+from sbus.core.clock import rfc3339
+from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, Txn, WriteOp
+from sbus.storage.factory import open_store
+from sbus.storage.redis import RedisStore
+from tests import backends
+
+REDIS_URL = os.environ.get("SBUS_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
+LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=5, history_max_bytes=4096)
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aioredis.Redis]:
+    await backends.require("redis")
+    client = aioredis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_store(raw: aioredis.Redis) -> AsyncIterator[Callable[..., Awaitable[RedisStore]]]:
+    """Stores over one fresh namespace (several share it, like replicas)."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    stores: list[RedisStore] = []
+
+    async def build(limits: Limits = LIMITS) -> RedisStore:
+        store = RedisStore(REDIS_URL, limits, namespace=namespace)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield build
+    for store in stores:
+        await store.close()
+    keys = [k async for k in raw.scan_iter(match=f"{{sbus:{namespace}}}*")]
+    if keys:
+        await raw.delete(*keys)
+
+
+@pytest.fixture
+async def store(make_store: Callable[..., Awaitable[RedisStore]]) -> RedisStore:
+    return await make_store()
+
+
+def create(key: str, content: str = "v0") -> CreateOp:
+    return CreateOp(key, content, "", False, "", new_commit_id())
+
+
+def commit(key: str, expected: int | None, content: str = "x", agent: str = "A", **kw: Any) -> Txn:
+    kind = kw.pop("kind", "commit")
+    target = kw.pop("target", 0)
+    return commit_txn(
+        op=kw.pop("op", "commit"),
+        agent_id=agent,
+        session_id=kw.pop("session", ""),
+        writes=[WriteOp(key, expected, kind, content, target)],
+        read_set=kw.pop("read_set", []),
+        rationale=None,
+        idem=kw.pop("idem", None),
+    )
+
+
+async def assert_chain(store: RedisStore, key: str) -> None:
+    """Every retained entry hashes to its recorded hash and links to its predecessor."""
+    entries = list(reversed(await store.history(key, None, 1000)))
+    assert entries
+    for before, entry in zip([None, *entries], entries, strict=False):
+        if before is not None:
+            assert entry.prev_hash == before.hash
+        elif entry.version == 0:
+            assert entry.prev_hash == GENESIS
+        digest = entry_hash(
+            entry.prev_hash,
+            entry.version,
+            agent_id=entry.agent_id,
+            commit_id=entry.commit_id,
+            committed_at=rfc3339(entry.committed_ms),
+            rationale=entry.rationale,
+            deleted=entry.deleted,
+            content=entry.content,
+        )
+        assert digest == entry.hash, entry
+    shard = await store.read(key, None, "", False) if not entries[-1].deleted else None
+    if shard is not None:
+        assert shard.head_hash == entries[-1].hash
+
+
+class TestStartup:
+    async def test_refuses_eviction_policy(self, raw: aioredis.Redis) -> None:
+        old = str((await raw.config_get("maxmemory-policy"))["maxmemory-policy"])
+        await raw.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            store = RedisStore(REDIS_URL, LIMITS, namespace="refuse")
+            with pytest.raises(e.StoreUnavailable) as info:
+                await store.start()
+            assert "noeviction" in info.value.detail
+            assert "allkeys-lru" in info.value.detail
+            with pytest.raises(e.StoreUnavailable):
+                await store.ping()  # not started
+        finally:
+            await raw.config_set("maxmemory-policy", old)
+
+    async def test_unreachable_is_not_applied(self) -> None:
+        store = RedisStore("redis://127.0.0.1:1/0", LIMITS)
+        with pytest.raises(e.StoreUnavailable) as info:
+            await store.start()
+        assert info.value.fields["outcome"] == "not_applied"
+        assert "cannot reach Redis" in info.value.detail
+
+    async def test_durable_only_with_fsync_always(
+        self, raw: aioredis.Redis, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        config = await raw.config_get("append*")
+        if config.get("appendonly") == "yes" and config.get("appendfsync") == "always":
+            assert (await make_store()).durable
+            return
+        assert not (await make_store()).durable
+        await raw.config_set("appendfsync", "always")
+        await raw.config_set("appendonly", "yes")
+        try:
+            assert (await make_store()).durable
+        finally:
+            await raw.config_set("appendonly", str(config["appendonly"]))
+            await raw.config_set("appendfsync", str(config["appendfsync"]))
+
+    def test_factory_and_namespace(self) -> None:
+        store = open_store("redis://127.0.0.1:6379/3?namespace=blue", LIMITS)
+        assert isinstance(store, RedisStore)
+        assert store.tag == "{sbus:blue}" and store.url == "redis://127.0.0.1:6379/3"
+        with pytest.raises(ValueError):
+            RedisStore("redis://127.0.0.1:6379/0", LIMITS, namespace="a}b")
+
+
+class TestLayout:
+    async def test_every_key_shares_one_hash_tag(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        await store.set_ori(True)
+        await store.create(create("plan/a"))
+        await store.create(create("plan/b"))
+        await store.read("plan/a", "agent-1", "s1", True)
+        await store.apply(
+            commit("plan/b", 0, agent="agent-1", session="s1", idem=IdemRef("agent-1", "i1", "f"))
+        )
+        await store.apply(commit("plan/a", 0, agent="B", kind="delete", op="delete"))
+        keys = [k async for k in raw.scan_iter(match=f"{store.tag}*")]
+        assert {key_slot(k.encode()) for k in keys} == {key_slot(store.tag.encode())}
+        expected = {
+            store.k_meta,
+            store.k_counters,
+            store.k_live,
+            store.k_all,
+            store.k_sessions,
+            store.k_idem_index,
+            store.k_shard("plan/a"),
+            store.k_shard("plan/b"),
+            store.k_hist("plan/a"),
+            store.k_hist("plan/b"),
+            *store.k_dl("agent-1", "s1"),
+            *store.k_dl("B", ""),
+            store.k_idem("agent-1", "i1"),
+        }
+        assert set(keys) == expected
+        # the idempotency record expires on its own (PEXPIREAT), the rest does not
+        assert await raw.pttl(store.k_idem("agent-1", "i1")) > 0
+        assert await raw.pttl(store.k_shard("plan/b")) == -1
+
+    async def test_namespaces_are_isolated(
+        self,
+        store: RedisStore,
+        make_store: Callable[..., Awaitable[RedisStore]],
+        raw: aioredis.Redis,
+    ) -> None:
+        other = RedisStore(REDIS_URL, LIMITS, namespace=store.namespace + "x")
+        await other.start()
+        try:
+            await store.create(create("k"))
+            assert await other.list_keys("", None, 10) == []
+            await other.create(create("k"))
+            assert (await other.stats()).total_shards == 1
+        finally:
+            await other.reset_all()
+            await raw.delete(other.k_meta)
+            await other.close()
+        assert await store.list_keys("", None, 10) == ["k"]
+
+
+class TestScripts:
+    async def test_reload_after_script_flush(self, store: RedisStore, raw: aioredis.Redis) -> None:
+        await store.create(create("k"))
+        await raw.script_flush()
+        out = await store.apply(commit("k", 0, "after flush"))
+        assert out.body is not None and out.body["new_version"] == 1
+        await store.read("k", "A", "", True)  # another script, also reloaded
+        assert (await store.stats()).counters.total_commits == 1
+        from sbus.storage.redis.scripts import SCRIPTS
+
+        loaded = await raw.script_exists(*(s.sha for s in SCRIPTS.values()))
+        assert loaded[list(SCRIPTS).index("commit")]
+
+    async def test_broken_connection_after_send_is_unknown(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await store.create(create("k"))
+        assert store._pool is not None
+        pool = store._pool
+        original = pool.get_connection
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            """A connection that delivers EVALSHA, then breaks before the reply."""
+            conn = await original(*args, **kwargs)  # type: ignore[no-untyped-call]
+            send, read = conn.send_command, conn.read_response
+            sent: list[Any] = []
+
+            async def send_command(*cmd: Any, **kw: Any) -> Any:
+                sent.append(cmd[0])
+                return await send(*cmd, **kw)
+
+            async def read_response(*a: Any, **kw: Any) -> Any:
+                reply = await read(*a, **kw)
+                if sent and sent[-1] == "EVALSHA":
+                    raise RedisConnectionError("Connection reset by peer")
+                return reply
+
+            monkeypatch.setattr(conn, "send_command", send_command)
+            monkeypatch.setattr(conn, "read_response", read_response)
+            return conn
+
+        monkeypatch.setattr(pool, "get_connection", broken)
+        with pytest.raises(e.StoreUnavailable) as info:
+            await store.apply(commit("k", 0, "maybe"))
+        assert info.value.fields["outcome"] == "unknown"
+        monkeypatch.setattr(pool, "get_connection", original)
+        # the command did reach Redis: the commit landed; an idempotent retry finds out
+        assert (await store.read("k", None, "", False)).version == 1
+
+    async def test_connection_refused_before_send_is_not_applied(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        await store.create(create("k"))
+        assert store._pool is not None
+
+        async def refused(*_: Any, **__: Any) -> Any:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+        monkeypatch.setattr(store._pool, "get_connection", refused)
+        with pytest.raises(e.StoreUnavailable) as info:
+            await store.apply(commit("k", 0, "no"))
+        assert info.value.fields["outcome"] == "not_applied"
+
+
+class TestConcurrency:
+    async def test_many_concurrent_applies_one_winner(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        replicas = [await make_store() for _ in range(3)]
+        await replicas[0].create(create("k"))
+        results = await asyncio.gather(
+            *(replicas[i % 3].apply(commit("k", 0, f"c{i}", agent=f"A{i}")) for i in range(60)),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if not isinstance(r, BaseException)]
+        losses = [r for r in results if isinstance(r, e.VersionMismatch)]
+        assert (len(wins), len(losses)) == (1, 59)
+        shard = await replicas[1].read("k", None, "", False)
+        assert (shard.version, shard.attempt_count, shard.conflict_count) == (1, 60, 59)
+        stats = await replicas[2].stats()
+        assert (stats.counters.total_commits, stats.counters.total_conflicts) == (1, 59)
+        await assert_chain(replicas[0], "k")
+
+    async def test_no_write_skew_across_replicas(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        """Two agents each read both keys and write the other: exactly one wins."""
+        a, b = await make_store(), await make_store()
+        await a.create(create("x"))
+        await a.create(create("y"))
+        for round_ in range(10):
+            for agent in ("P", "Q"):
+                await a.reset_session(agent, "")
+                await a.read("x", agent, "", True)
+                await b.read("y", agent, "", True)
+            vx = (await a.read("x", None, "", False)).version
+            vy = (await a.read("y", None, "", False)).version
+            results = await asyncio.gather(
+                a.apply(commit("x", vx, f"P{round_}", agent="P")),
+                b.apply(commit("y", vy, f"Q{round_}", agent="Q")),
+                return_exceptions=True,
+            )
+            wins = [r for r in results if not isinstance(r, BaseException)]
+            stale = [r for r in results if isinstance(r, e.CrossShardStale)]
+            assert (len(wins), len(stale)) == (1, 1), results
+
+    async def test_commits_chain_under_contention(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        """Unconditional rollbacks racing commits: every one is hashed against the head
+        it lands on (the RETRY path), so the chain verifies."""
+        deep = Limits(history_depth=1000)
+        a, b = await make_store(deep), await make_store(deep)
+        await a.create(create("k", "zero"))
+
+        async def committer(store: RedisStore, n: int) -> None:
+            for i in range(n):
+                version = (await store.read("k", None, "", False)).version
+                with contextlib.suppress(e.VersionMismatch):
+                    await store.apply(commit("k", version, f"c{i}", agent="C"))
+
+        async def roller(store: RedisStore, n: int) -> None:
+            for _ in range(n):
+                await store.apply(
+                    commit("k", None, agent="R", kind="rollback", op="rollback", target=0)
+                )
+
+        await asyncio.gather(committer(a, 25), roller(b, 25), committer(b, 25), roller(a, 25))
+        await assert_chain(a, "k")
+
+
+class TestHeadMoved:
+    async def _race(
+        self, store: RedisStore, other: RedisStore, monkeypatch: pytest.MonkeyPatch, txn: Txn
+    ) -> tuple[Any, int]:
+        """Apply ``txn`` on ``store`` while ``other`` commits to "k" between the
+        head read and the script, once; returns (outcome or error, head reads)."""
+        original = store._snapshot
+        calls = 0
+
+        async def snapshot(*commands: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            result = await original(*commands)
+            if calls == 1:
+                version = (await other.read("k", None, "", False)).version
+                await other.apply(commit("k", version, "interloper", agent="I"))
+            return result
+
+        monkeypatch.setattr(store, "_snapshot", snapshot)
+        try:
+            return await store.apply(txn), calls
+        except e.SBusError as exc:
+            return exc, calls
+
+    async def test_admitted_commit_retries_and_rehashes(
+        self, make_store: Callable[..., Awaitable[RedisStore]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store, other = await make_store(), await make_store()
+        await store.create(create("k", "zero"))
+        await store.apply(commit("k", 0, "one"))
+        rollback = commit("k", None, agent="R", kind="rollback", op="rollback", target=0)
+        out, calls = await self._race(store, other, monkeypatch, rollback)
+        assert calls == 2  # the head moved: rehashed against the new head and retried
+        assert out.status == 200 and out.body["version"] == 3 and out.body["content"] == "zero"
+        assert out.body["attempt_count"] == 3
+        await assert_chain(store, "k")
+        history = await store.history("k", None, 10)
+        assert [(h.version, h.agent_id) for h in history] == [(3, "R"), (2, "I"), (1, "A"), (0, "")]
+
+    async def test_moved_head_with_stale_expectation_is_a_mismatch(
+        self, make_store: Callable[..., Awaitable[RedisStore]], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store, other = await make_store(), await make_store()
+        await store.create(create("k"))
+        out, calls = await self._race(store, other, monkeypatch, commit("k", 0, "mine"))
+        assert calls == 1  # decided at once: no retry needed to reject
+        assert isinstance(out, e.VersionMismatch)
+        assert out.fields == {"key": "k", "expected": 0, "found": 1}
+        await assert_chain(store, "k")
+
+    async def test_clock_skew_retries(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """advance-clock between the head read and the script: the entry is rehashed
+        with the new store time, so committed_at never lies."""
+        await store.create(create("k"))
+        original = store._snapshot
+        calls = 0
+
+        async def snapshot(*commands: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            result = await original(*commands)
+            if calls == 1:
+                await store.advance_clock(60_000)
+            return result
+
+        monkeypatch.setattr(store, "_snapshot", snapshot)
+        await store.apply(commit("k", 0, "later"))
+        assert calls == 2
+        entry = (await store.history("k", None, 1))[0]
+        assert abs(entry.committed_ms - await store.now_ms()) < 5_000
+        await assert_chain(store, "k")
+
+    async def test_idempotent_rollback_replay_patches_counters(self, store: RedisStore) -> None:
+        await store.create(create("k", "zero"))
+        await store.apply(commit("k", 0, "one"))
+        ref = IdemRef("R", "idem-1", "fp")
+        first = await store.apply(
+            commit("k", None, agent="R", kind="rollback", op="rollback", target=0, idem=ref)
+        )
+        with pytest.raises(e.VersionMismatch):
+            await store.apply(commit("k", 0, "late"))  # bumps attempts after the fact
+        again = await store.apply(
+            commit("k", None, agent="R", kind="rollback", op="rollback", target=0, idem=ref)
+        )
+        assert again.replayed and again.body == first.body and again.etag == first.etag
+        record = await store.idempotent("R", "idem-1")
+        assert record is not None and record.body == first.body
+
+
+class TestSessions:
+    async def test_dl_entries_are_a_sorted_set_by_served_time(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.read("a", "A", "s", True)
+        await store.advance_clock(6_000)
+        await store.read("b", "A", "s", True)
+        dlt, dlv = store.k_dl("A", "s")
+        served_a, served_b = await raw.zscore(dlt, "a"), await raw.zscore(dlt, "b")
+        assert served_a is not None and served_b is not None
+        assert served_b - served_a >= 6_000
+        assert await raw.hget(dlv, "a") == "0"
+        await store.advance_clock(5_000)  # a expired, b live
+        await store.purge()
+        assert await raw.zrange(dlt, 0, -1) == ["b"]
+        assert await raw.hget(dlv, "a") is None
+        dump, _ = await store.dump_delivery_log(None, 10)
+        assert list(dump["A"]["s"]) == ["b"]
+
+    async def test_read_set_checks_in_byte_order(self, store: RedisStore) -> None:
+        """Lua compares strings by locale; the store must order stale keys by bytes."""
+        for key in ("B", "a", "_", "Z9"):
+            await store.create(create(key))
+        await store.create(create("w"))
+        for key in ("B", "a", "_", "Z9"):
+            await store.apply(commit(key, 0, "moved", agent="other"))
+        with pytest.raises(e.CrossShardStale) as info:
+            await store.apply(
+                commit("w", 0, agent="A", read_set=[ReadItem(k, 0) for k in ("a", "_", "Z9", "B")])
+            )
+        assert [s["key"] for s in info.value.fields["stale_keys"]] == ["B", "Z9", "_", "a"]
