@@ -462,3 +462,14 @@ class TestSessions:
                 commit("w", 0, agent="A", read_set=[ReadItem(k, 0) for k in ("a", "_", "Z9", "B")])
             )
         assert [s["key"] for s in info.value.fields["stale_keys"]] == ["B", "Z9", "_", "a"]
+
+    async def test_same_check_from_read_set_and_dl_counts_once(self, store: RedisStore) -> None:
+        await store.create(create("a"))
+        await store.create(create("w"))
+        await store.read("a", "A", "", True)
+        await store.apply(commit("a", 0, "moved", agent="other"))
+        with pytest.raises(e.CrossShardStale) as info:
+            await store.apply(commit("w", 0, agent="A", read_set=[ReadItem("a", 0)]))
+        assert info.value.fields["stale_keys"] == [
+            {"key": "a", "version_at_read": 0, "current_version": 1}
+        ]
