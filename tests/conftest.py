@@ -15,8 +15,9 @@ from fastapi import FastAPI
 
 from sbus.api.app import create_app
 from sbus.config import Settings
+from tests import backends
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "postgres", "redis"]
 JSON = {"Content-Type": "application/json"}
 
 AppFactory = Callable[..., Awaitable[tuple[FastAPI, httpx.AsyncClient]]]
@@ -27,12 +28,19 @@ def store_url(kind: str, tmp_path: Path) -> str:
         return "memory://"
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'sbus.db'}"
+    if kind == "postgres":
+        return backends.POSTGRES_URL
+    if kind == "redis":
+        return backends.REDIS_URL
     raise ValueError(kind)
 
 
 @pytest.fixture(params=STORES)
-def store_kind(request: pytest.FixtureRequest) -> str:
+async def store_kind(request: pytest.FixtureRequest) -> str:
+    """Every store backend; the shared servers are wiped before each test."""
     kind: str = request.param
+    await backends.require(kind)
+    await backends.wipe(kind)
     return kind
 
 

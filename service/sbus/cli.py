@@ -78,7 +78,11 @@ def migrate(
     target = open_store(settings.store, settings.store_limits())
 
     async def run() -> None:
-        await target.start()  # the SQL stores migrate on start
+        migrate_ = getattr(target, "migrate", None)
+        if migrate_ is not None:
+            await migrate_()  # PostgreSQL: explicit; serve refuses an old schema
+        else:
+            await target.start()  # SQLite migrates on start; memory and Redis have no schema
         await target.close()
 
     asyncio.run(run())

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sbus.api.problems import problem_response
@@ -31,12 +31,14 @@ def host_name(raw: str) -> str:
     return raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
 
 
-class _BodyTooLarge(HTTPException):
-    """Raised from ``receive``; FastAPI re-raises HTTPException from its body reader
-    (anything else it turns into a 400), and the problem handler maps 413."""
-
-    def __init__(self) -> None:
-        super().__init__(status_code=413, detail="request body too large")
+def query_problem(raw: bytes) -> str | None:
+    """Starlette decodes query strings leniently (invalid UTF-8 becomes U+FFFD), which
+    would silently rewrite an agent id; refuse anything that is not strict UTF-8."""
+    try:
+        unquote_to_bytes(raw.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        return "query string is not valid UTF-8"
+    return None
 
 
 class Gate:
@@ -76,6 +78,10 @@ class Gate:
                 return e.HostNotAllowed(
                     f"Host {host!r} is not allowed in open mode; use localhost or 127.0.0.1"
                 )
+        if scope.get("query_string"):
+            problem = query_problem(scope["query_string"])
+            if problem:
+                return e.ValidationFailed(problem, loc=["query"])
         path: str = scope["path"]
         if path not in UNGATED and not self.is_ready():
             return e.StoreUnavailable("the store is not ready yet", outcome="not_applied")
@@ -105,33 +111,49 @@ class Gate:
         await response(scope, receive, send)
 
     async def _with_capped_body(self, scope: Scope, receive: Receive, send: Send) -> None:
-        received = 0
-        started = False
-
-        async def capped_receive() -> Message:
-            nonlocal received
+        """Read the whole body first (it is capped), so the cap and the UTF-8 check run
+        before any parsing; then hand the app a receive that replays it."""
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._reject(
+                    e.RequestTooLarge(
+                        f"request body exceeds {self.max_body} bytes", max=self.max_body
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
         try:
-            await self.app(scope, capped_receive, tracking_send)
-        except _BodyTooLarge:
-            if started:
-                raise
-            response = problem_response(
-                e.RequestTooLarge(f"request body exceeds {self.max_body} bytes", max=self.max_body)
+            # JSON is UTF-8 (RFC 8259 section 8.1): json.loads would otherwise accept
+            # encoded surrogates through "surrogatepass".
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            await self._reject(
+                e.MalformedJSON("request body is not valid UTF-8"), scope, receive, send
             )
-            await response(scope, receive, send)
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def gate_factory(**options: Any) -> Callable[[ASGIApp], Gate]:

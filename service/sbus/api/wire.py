@@ -4,9 +4,10 @@ validation, and a field sent together with its alias refused as AmbiguousField."
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from sbus.core.keys import MAX_INT, key_problem, text_problem
@@ -38,6 +39,19 @@ Key = Annotated[str, AfterValidator(_key)]
 AgentId = Annotated[str, AfterValidator(_agent)]
 SessionId = Annotated[str, AfterValidator(_agent)]
 Version = Annotated[int, Field(ge=0, le=MAX_INT)]
+
+_DIGITS = re.compile(r"[0-9]{1,16}")
+
+
+def _query_digits(value: object) -> object:
+    """Query strings are text, so FastAPI parses them leniently ("1.0" -> 1); the
+    SPEC's strict typing wants plain decimal digits, as in a JSON body."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise PydanticCustomError("int_parsing", "must be a non-negative decimal integer")
+    return value
+
+
+QueryInt = Annotated[int, BeforeValidator(_query_digits)]
 
 
 def _resolve_alias(data: Any, name: str, alias: str) -> Any:

@@ -57,8 +57,15 @@ class RequestTooLarge(RequestError):
 
 
 class ValidationFailed(RequestError):
+    """A 422. Always carries ``errors: [{loc, msg, type}]`` (SPEC section 6); ``loc``
+    names the offending field when the caller knows it."""
+
     code = "ValidationError"
     title = "Request failed validation"
+
+    def __init__(self, detail: str, *, loc: list[str | int] | None = None, **fields: Any) -> None:
+        fields.setdefault("errors", [{"loc": loc or [], "msg": detail, "type": "value_error"}])
+        super().__init__(detail, **fields)
 
 
 class AmbiguousField(RequestError):

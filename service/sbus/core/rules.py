@@ -141,7 +141,9 @@ def decide(
     stale: list[dict[str, Any]] = []
     if checks:
         if len(checks) > 1:
-            checks.sort()
+            # The same (key, version) from read_set and DL is one check; two versions
+            # of one key stay two checks.
+            checks = sorted(set(checks))
         for key, version in checks:
             shard = shards.get(key)
             if shard is None:

@@ -19,6 +19,10 @@ def open_store(url: str, limits: Limits) -> Store:
         from sbus.storage.sql.sqlite import SQLiteStore
 
         return SQLiteStore(url, limits)
+    if url.startswith(("postgresql", "postgres://")):
+        from sbus.storage.sql.postgres import PostgresStore
+
+        return PostgresStore(url.replace("postgres://", "postgresql://", 1), limits)
     if url.startswith("redis://"):
         import os
 
@@ -28,6 +32,6 @@ def open_store(url: str, limits: Limits) -> Store:
         # ``?namespace=`` URL parameter) until open_store takes it as an argument.
         return RedisStore(url, limits, namespace=os.environ.get("SBUS_NAMESPACE") or "sbus")
     raise UnknownStore(
-        f"unsupported SBUS_STORE {url!r}: use memory://, sqlite:///PATH "
-        "(postgresql+asyncpg:// and redis:// arrive in a later release)"
+        f"unsupported SBUS_STORE {url!r}: use memory://, sqlite:///PATH, "
+        "postgresql+asyncpg://USER@HOST:PORT/DB or redis://HOST:PORT/DB"
     )

@@ -244,8 +244,8 @@ class MemoryStore:
         now = self._now()
         view = self._session(agent_id, session_id)
         live = rules.live_entries(view, now, limits.session_ttl_ms)
-        if rules.session_state(view, now, limits.session_ttl_ms) != "live":
-            live = {}
+        if rules.session_state(view, now, limits.session_ttl_ms) in ("empty", "expired"):
+            live = {}  # the read restarts the session; an overflowed one keeps its entries
         registered = 0
         existing: list[str] = []
         missing: list[str] = []

@@ -20,7 +20,14 @@ from sbus.api.schemas import (
     ResetOut,
     ShardOut,
 )
-from sbus.api.wire import AdvanceClockBody, ConfigBody, CreateShardBody, InjectStaleBody
+from sbus.api.wire import (
+    AdvanceClockBody,
+    ConfigBody,
+    CreateShardBody,
+    InjectStaleBody,
+    QueryInt,
+    Text,
+)
 from sbus.core import errors as e
 from sbus.core.engine import new_commit_id
 from sbus.core.rules import shard_body
@@ -76,8 +83,8 @@ async def set_config(body: ConfigBody, bus: BusDep) -> Response:
 )
 async def delivery_log(
     bus: BusDep,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    after: Annotated[str | None, Query(max_length=256)] = None,
+    limit: Annotated[QueryInt, Query(ge=1, le=10_000)] = 1000,
+    after: Annotated[Text | None, Query(max_length=256)] = None,
 ) -> Response:
     sessions, next_after = await bus.store.dump_delivery_log(after, limit)
     agents = {agent: by_session[""] for agent, by_session in sessions.items() if "" in by_session}

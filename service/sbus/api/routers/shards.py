@@ -20,7 +20,7 @@ from sbus.api.deps import (
 from sbus.api.openapi import errs
 from sbus.api.render import json_response, outcome_response
 from sbus.api.schemas import HistoryOut, ListOut, ShardOut
-from sbus.api.wire import AgentId, CreateShardBody, Key, SessionId, Version
+from sbus.api.wire import AgentId, CreateShardBody, Key, QueryInt, SessionId, Text
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
 from sbus.core.engine import commit_txn, new_commit_id
@@ -85,9 +85,9 @@ async def read_shard(
 async def list_shards(
     bus: BusDep,
     settings: SettingsDep,
-    prefix: Annotated[str, Query(max_length=256)] = "",
-    after: Annotated[str | None, Query(max_length=256)] = None,
-    limit: Annotated[int | None, Query(ge=1, le=2**53 - 1)] = None,
+    prefix: Annotated[Text, Query(max_length=256)] = "",
+    after: Annotated[Text | None, Query(max_length=256)] = None,
+    limit: Annotated[QueryInt | None, Query(ge=1, le=2**53 - 1)] = None,
 ) -> Response:
     cap = min(limit or settings.list_max, settings.list_max)
     keys = await bus.store.list_keys(prefix, after, cap + 1)
@@ -108,7 +108,7 @@ async def delete_shard(
     key: KeyPath,
     request: Request,
     bus: BusDep,
-    expected_version: Annotated[Version | None, Query()] = None,
+    expected_version: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
     agent_id: Annotated[AgentId | None, Query()] = None,
     session_id: Annotated[SessionId | None, Query()] = None,
 ) -> Response:
@@ -141,8 +141,8 @@ async def delete_shard(
 async def history(
     key: KeyPath,
     bus: BusDep,
-    before: Annotated[int | None, Query(ge=0, le=2**53 - 1)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
+    limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     entries = await bus.store.history(key, before, limit)
     return json_response(

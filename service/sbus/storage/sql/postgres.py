@@ -1,0 +1,781 @@
+"""The PostgreSQL store: SQLAlchemy 2 Core (engine, pool, Alembic) over asyncpg.
+
+A commit is one READ COMMITTED transaction of two server-side calls (migration 0002):
+``sbus_txn_load`` locks the session row, then every written key FOR UPDATE and every
+read-only key FOR SHARE in ONE pass in ascending byte order, and returns the rows;
+:func:`sbus.core.rules.decide` decides in Python; ``sbus_txn_apply`` writes the effects.
+Four round trips (BEGIN, load, apply, COMMIT) whatever the size of the read set, so a
+64-entry read set costs about what a 1-entry one does. Deadlocks (40P01) and
+serialization failures (40001) are retried up to three times, then answered 503
+``not_applied``; a connection lost while COMMIT was in flight is 503 ``unknown``.
+
+Counters are split over 16 slots per name (each commit adds to a random slot), so no
+single hot row serializes every commit; readers sum the slots.
+
+The hot path talks to the asyncpg connection under SQLAlchemy's pooled connection
+directly: SQLAlchemy's async adaptation costs more per statement than the statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from sbus.core import rules
+from sbus.core.errors import (
+    IdempotencyKeyReused,
+    SBusError,
+    ShardAlreadyExists,
+    ShardDeleted,
+    ShardNotFound,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from sbus.core.types import (
+    Counters,
+    CreateOp,
+    DLEntry,
+    HistoryEntry,
+    IdemRecord,
+    IdemRef,
+    Limits,
+    Outcome,
+    RegisterResult,
+    SessionView,
+    Shard,
+    StoreStats,
+    Txn,
+)
+from sbus.storage.sql.migrate import current_revision, head_revision
+
+log = logging.getLogger("sbus.storage.postgres")
+
+T = TypeVar("T")
+COUNTER_SLOTS = 16
+COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class SchemaOutOfDate(StoreUnavailable):
+    """The database schema is behind the code: ``sbus migrate`` must run first."""
+
+
+def shard_from(row: dict[str, Any]) -> Shard:
+    hist_min = row["hist_min_version"]
+    version = row["version"]
+    return Shard(
+        row["key"],
+        row["id"],
+        row["content"],
+        version,
+        row["goal_tag"],
+        bool(row["require_mandate"]),
+        row["created_ms"],
+        row["updated_ms"],
+        row["attempt_count"],
+        row["conflict_count"],
+        bool(row["deleted"]),
+        row["head_hash"],
+        version - hist_min + 1 - (1 if hist_min == 0 else 0),
+    )
+
+
+def entry_from(row: Any) -> HistoryEntry:
+    return HistoryEntry(
+        row["key"],
+        row["version"],
+        row["agent_id"],
+        row["committed_ms"],
+        row["content"],
+        bool(row["deleted"]),
+        row["rationale"],
+        row["commit_id"],
+        row["prev_hash"],
+        row["hash"],
+    )
+
+
+def _shard_json(s: Shard) -> dict[str, Any]:
+    return {
+        "key": s.key,
+        "id": s.id,
+        "content": s.content,
+        "version": s.version,
+        "goal_tag": s.goal_tag,
+        "require_mandate": s.require_mandate,
+        "created_ms": s.created_ms,
+        "updated_ms": s.updated_ms,
+        "attempt_count": s.attempt_count,
+        "conflict_count": s.conflict_count,
+        "deleted": s.deleted,
+        "head_hash": s.head_hash,
+    }
+
+
+def _entry_json(h: HistoryEntry) -> dict[str, Any]:
+    return {
+        "key": h.key,
+        "version": h.version,
+        "agent_id": h.agent_id,
+        "committed_ms": h.committed_ms,
+        "content": h.content,
+        "deleted": h.deleted,
+        "rationale": h.rationale,
+        "commit_id": h.commit_id,
+        "prev_hash": h.prev_hash,
+        "hash": h.hash,
+    }
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+class PostgresStore:
+    backend = "postgres"
+    durable = True
+
+    def __init__(self, url: str, limits: Limits | None = None, pool_size: int = 20) -> None:
+        self.url = (
+            url if "+asyncpg" in url else url.replace("postgresql://", "postgresql+asyncpg://", 1)
+        )
+        self.limits = limits or Limits()
+        self._pool_size = pool_size
+        self._engine: AsyncEngine | None = None
+
+    # lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        engine = create_async_engine(
+            self.url,
+            pool_size=self._pool_size,
+            max_overflow=self._pool_size,
+            pool_pre_ping=False,
+            pool_reset_on_return=None,  # every use closes its own transaction
+            connect_args={"command_timeout": 30, "server_settings": {"jit": "off"}},
+        )
+        try:
+            async with engine.connect() as conn:
+                current = await conn.run_sync(current_revision)
+        except Exception as exc:
+            await engine.dispose()
+            raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+        head = head_revision()
+        if current != head:
+            await engine.dispose()
+            raise SchemaOutOfDate(
+                f"database schema is at {current or 'nothing'}, this release needs {head}: "
+                "run `sbus migrate`"
+            )
+        self._engine = engine
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to head (``sbus migrate``)."""
+        from sbus.storage.sql.migrate import upgrade_to_head
+
+        engine = create_async_engine(self.url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(upgrade_to_head)
+        finally:
+            await engine.dispose()
+
+    async def close(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._engine is None:
+            raise StoreUnavailable("the PostgreSQL store is not started")
+        try:
+            async with self._engine.connect() as sa_conn:
+                raw = await sa_conn.get_raw_connection()
+                driver: asyncpg.Connection = raw.driver_connection
+                yield driver
+        except SBusError:
+            raise
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"PostgreSQL connection failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, RETRYABLE):
+                raise  # _run retries these
+            log.exception("PostgreSQL error")
+            raise StoreUnavailable(f"PostgreSQL error: {exc}") from exc
+
+    async def _run(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``body`` in one READ COMMITTED transaction, retrying deadlocks and
+        serialization failures; map driver errors to StoreUnavailable with outcome."""
+        for attempt in range(4):
+            committing = False
+            try:
+                async with self._conn() as conn:
+                    tx = conn.transaction(isolation="read_committed")
+                    await tx.start()
+                    try:
+                        result = await body(conn)
+                    except _Rejection as rejection:
+                        # A rejection's counter writes land: commit, then answer.
+                        committing = True
+                        await tx.commit()
+                        raise rejection.error from None
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await tx.rollback()
+                        raise
+                    committing = True
+                    await tx.commit()
+                    return result
+            except SBusError:
+                raise
+            except RETRYABLE as exc:
+                if attempt == 3:
+                    raise StoreUnavailable(
+                        f"PostgreSQL kept aborting the transaction: {exc}", outcome="not_applied"
+                    ) from exc
+                await asyncio.sleep(0.002 * (attempt + 1) * random.random())
+            except CONNECTION_ERRORS as exc:
+                raise StoreUnavailable(
+                    f"PostgreSQL connection failed: {exc}",
+                    outcome="unknown" if committing else "not_applied",
+                ) from exc
+            except asyncpg.PostgresError as exc:
+                log.exception("PostgreSQL error")
+                raise StoreUnavailable(
+                    f"PostgreSQL error: {exc}", outcome="unknown" if committing else "not_applied"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # clock and flags -------------------------------------------------------------------
+    async def now_ms(self) -> int:
+        async with self._conn() as conn:
+            value: int = await conn.fetchval("SELECT sbus_now_ms()")
+            return value
+
+    async def advance_clock(self, ms: int) -> int:
+        async def body(conn: asyncpg.Connection) -> int:
+            value: int = await conn.fetchval(
+                "UPDATE sbus_meta SET value = value + $1 WHERE name = 'clock_offset_ms' "
+                "RETURNING value",
+                ms,
+            )
+            return value
+
+        return await self._run(body)
+
+    async def set_ori(self, enabled: bool) -> None:
+        async def body(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "UPDATE sbus_meta SET value = $1 WHERE name = 'ori_enabled'", int(enabled)
+            )
+
+        await self._run(body)
+
+    # idempotency -----------------------------------------------------------------------
+    async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT fingerprint, status, body, etag, expires_ms FROM sbus_idempotency "
+                "WHERE agent_id = $1 AND idem_key = $2 AND expires_ms > sbus_now_ms()",
+                agent_id,
+                key,
+            )
+        if row is None:
+            return None
+        body = orjson.loads(row["body"]) if row["body"] is not None else None
+        return IdemRecord(row["fingerprint"], row["status"], body, row["etag"], row["expires_ms"])
+
+    @staticmethod
+    def _replay(idem: IdemRef, record: list[Any]) -> Outcome:
+        fingerprint, status, body, etag = record
+        if fingerprint != idem.fingerprint:
+            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+        decoded = orjson.loads(body) if body is not None else None
+        return Outcome(status, decoded, replayed=True, etag=etag)
+
+    def _idem_json(self, idem: IdemRef | None, out: Outcome, now: int) -> list[Any] | None:
+        if idem is None:
+            return None
+        body = orjson.dumps(out.body).decode() if out.body is not None else None
+        expires = now + self.limits.idempotency_ttl_ms
+        return [idem.agent_id, idem.key, idem.fingerprint, out.status, body, out.etag, expires]
+
+    async def _apply_effects(
+        self, conn: asyncpg.Connection, payload: dict[str, Any]
+    ) -> dict[str, int]:
+        """One ``sbus_txn_apply`` call; returns each written key's oldest retained
+        history version after trimming."""
+        payload.setdefault("slot", random.randrange(COUNTER_SLOTS))
+        payload.setdefault("counters", {})
+        payload["depth"] = self.limits.history_depth
+        payload["max_bytes"] = self.limits.history_max_bytes
+        raw = await conn.fetchval(
+            "SELECT sbus_txn_apply($1::text::jsonb)", orjson.dumps(payload).decode()
+        )
+        mins: dict[str, int] = _json(raw) if raw is not None else {}
+        return mins
+
+    # create and read -------------------------------------------------------------------
+    async def _create(self, conn: asyncpg.Connection, op: CreateOp, now: int) -> Shard | None:
+        row = await conn.fetchrow(
+            "SELECT to_jsonb(s) AS j FROM sbus_shards s WHERE key = $1 FOR UPDATE", op.key
+        )
+        existing = shard_from(_json(row["j"])) if row is not None else None
+        if existing is not None and not existing.deleted:
+            return None
+        shard, entry = rules.create_shard(op, existing, now)
+        mins = await self._apply_effects(
+            conn, {"shards": [_shard_json(shard)], "history": [_entry_json(entry)]}
+        )
+        return _with_depth(shard, mins[op.key])
+
+    async def create(self, op: CreateOp) -> Outcome:
+        async def body(conn: asyncpg.Connection) -> Outcome:
+            # The advisory lock on the key makes two concurrent creates of a missing key
+            # queue instead of failing on the primary key.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))", op.key)
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            if op.idem is not None:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+                    op.idem.agent_id,
+                    op.idem.key,
+                )
+                record = await conn.fetchrow(
+                    "SELECT fingerprint, status, body, etag FROM sbus_idempotency "
+                    "WHERE agent_id = $1 AND idem_key = $2 AND expires_ms > $3",
+                    op.idem.agent_id,
+                    op.idem.key,
+                    now,
+                )
+                if record is not None:
+                    return self._replay(op.idem, list(record))
+            shard = await self._create(conn, op, now)
+            if shard is None:
+                raise ShardAlreadyExists(f"shard already exists: key={op.key}", key=op.key)
+            outcome = rules.render_create(shard)
+            idem = self._idem_json(op.idem, outcome, now)
+            if idem is not None:
+                await self._apply_effects(conn, {"idem": idem, "now": now})
+            return outcome
+
+        return await self._run(body)
+
+    async def admin_create(self, op: CreateOp) -> Shard | None:
+        async def body(conn: asyncpg.Connection) -> Shard | None:
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))", op.key)
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            return await self._create(conn, op, now)
+
+        return await self._run(body)
+
+    async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
+        async def body(conn: asyncpg.Connection) -> Any:
+            return await conn.fetchval(
+                "SELECT sbus_read($1, $2, $3, $4, $5, $6)",
+                key,
+                agent_id,
+                session_id,
+                record,
+                self.limits.session_ttl_ms,
+                self.limits.max_dl_entries,
+            )
+
+        result = _json(await self._run(body))
+        if result["shard"] is None:
+            raise ShardNotFound(f"shard not found: key={key}", key=key)
+        shard = shard_from(result["shard"])
+        if shard.deleted:
+            raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+        return shard
+
+    async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT key FROM sbus_shards WHERE NOT deleted AND starts_with(key, $1) "
+                'AND key COLLATE "C" > $2 ORDER BY key COLLATE "C" LIMIT $3',
+                prefix,
+                after or "",
+                limit,
+            )
+        return [r["key"] for r in rows]
+
+    # the commit protocol -----------------------------------------------------------------
+    async def apply(self, txn: Txn) -> Outcome:
+        limits = self.limits
+        writes = [w.key for w in txn.writes]
+        reads = [r.key for r in txn.read_set]
+        rb = [w for w in txn.writes if w.kind == "rollback"]
+
+        async def body(conn: asyncpg.Connection) -> Outcome:
+            raw = await conn.fetchval(
+                "SELECT sbus_txn_load($1, $2, $3, $4, $5, $6, $7)",
+                txn.agent_id,
+                txn.session_id,
+                writes,
+                reads,
+                [w.key for w in rb],
+                [w.target_version for w in rb],
+                txn.idem.key if txn.idem is not None else None,
+            )
+            loaded = _json(raw)
+            now: int = loaded["now"]
+            if "idem" in loaded:
+                assert txn.idem is not None
+                return self._replay(txn.idem, loaded["idem"])
+            view = SessionView()
+            if loaded["session"] is not None:
+                view.overflowed = bool(loaded["session"][0])
+                view.last_served_ms = loaded["session"][1]
+            for key, version, served in loaded["entries"]:
+                view.entries[key] = DLEntry(version, served)
+            shards: dict[str, Shard | None] = {s["key"]: shard_from(s) for s in loaded["shards"]}
+            sources = {h["key"]: entry_from(h) for h in loaded["sources"]}
+            fx = rules.decide(
+                txn,
+                shards,
+                view,
+                ori_enabled=bool(loaded["ori"]),
+                now_ms=now,
+                ttl_ms=limits.session_ttl_ms,
+                rollback_sources=sources,
+            )
+            if fx.error is not None:
+                await self._apply_effects(
+                    conn,
+                    {
+                        "counters": fx.counters,
+                        "bumps": [[k, a, c] for k, (a, c) in fx.bumps.items()],
+                    },
+                )
+                raise _Rejection(fx.error)
+            payload: dict[str, Any] = {
+                "counters": fx.counters,
+                "shards": [_shard_json(s) for s in fx.shards],
+                "history": [_entry_json(h) for h in fx.history],
+                "agent": txn.agent_id,
+                "session": txn.session_id,
+                "clear_dl": fx.session != "live",
+                "dl": [[k, e.version, e.served_ms] for k, e in fx.dl_writes.items()],
+                "overflowed": view.overflowed,
+                "last_served": now,
+                "now": now,
+            }
+            # Only a rollback's body (a ShardResponse) shows the retained depth, which
+            # trimming inside the apply call decides; other bodies render up front so the
+            # idempotency record rides in the same call.
+            if txn.op != "rollback":
+                outcome = rules.render(txn, {s.key: s for s in fx.shards})
+                payload["idem"] = self._idem_json(txn.idem, outcome, now)
+                await self._apply_effects(conn, payload)
+                return outcome
+            mins = await self._apply_effects(conn, payload)
+            outcome = rules.render(txn, {s.key: _with_depth(s, mins[s.key]) for s in fx.shards})
+            idem = self._idem_json(txn.idem, outcome, now)
+            if idem is not None:
+                await self._apply_effects(conn, {"idem": idem, "now": now})
+            return outcome
+
+        return await self._run(body)
+
+    # delivery log ---------------------------------------------------------------------------
+    async def reset_session(self, agent_id: str, session_id: str) -> None:
+        async def body(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "DELETE FROM sbus_dl_entries WHERE agent_id = $1 AND session_id = $2",
+                agent_id,
+                session_id,
+            )
+            await conn.execute(
+                "DELETE FROM sbus_dl_sessions WHERE agent_id = $1 AND session_id = $2",
+                agent_id,
+                session_id,
+            )
+
+        await self._run(body)
+
+    async def register(self, agent_id: str, session_id: str, keys: list[str]) -> RegisterResult:
+        ttl = self.limits.session_ttl_ms
+
+        async def body(conn: asyncpg.Connection) -> RegisterResult:
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            await conn.execute(
+                "INSERT INTO sbus_dl_sessions (agent_id, session_id, overflowed, last_served_ms) "
+                "VALUES ($1, $2, false, NULL) ON CONFLICT DO NOTHING",
+                agent_id,
+                session_id,
+            )
+            view = await self._session(conn, agent_id, session_id, lock=True)
+            live = rules.live_entries(view, now, ttl)
+            if rules.session_state(view, now, ttl) in ("empty", "expired"):
+                live = {}  # the read restarts the session; an overflowed one keeps its entries
+            rows = await conn.fetch(
+                "SELECT key, version, deleted FROM sbus_shards WHERE key = ANY($1)", keys
+            )
+            current = {r["key"]: (r["version"], r["deleted"]) for r in rows}
+            registered = 0
+            existing: list[str] = []
+            missing: list[str] = []
+            for key in keys:
+                found = current.get(key)
+                if key in live:
+                    existing.append(key)
+                elif found is None or found[1]:
+                    missing.append(key)
+                elif await self._record(conn, agent_id, session_id, view, key, found[0], now):
+                    registered += 1
+            return RegisterResult(registered, existing, missing)
+
+        return await self._run(body)
+
+    @staticmethod
+    async def _session(
+        conn: asyncpg.Connection, agent_id: str, session_id: str, lock: bool = False
+    ) -> SessionView:
+        view = SessionView()
+        row = await conn.fetchrow(
+            "SELECT overflowed, last_served_ms FROM sbus_dl_sessions "
+            "WHERE agent_id = $1 AND session_id = $2" + (" FOR UPDATE" if lock else ""),
+            agent_id,
+            session_id,
+        )
+        if row is None:
+            return view
+        view.overflowed = bool(row["overflowed"])
+        view.last_served_ms = row["last_served_ms"]
+        for r in await conn.fetch(
+            "SELECT key, version, served_ms FROM sbus_dl_entries "
+            "WHERE agent_id = $1 AND session_id = $2",
+            agent_id,
+            session_id,
+        ):
+            view.entries[r["key"]] = DLEntry(r["version"], r["served_ms"])
+        return view
+
+    async def _record(
+        self,
+        conn: asyncpg.Connection,
+        agent_id: str,
+        session_id: str,
+        view: SessionView,
+        key: str,
+        version: int,
+        now: int,
+    ) -> bool:
+        plan = rules.plan_read(
+            view,
+            key,
+            now_ms=now,
+            ttl_ms=self.limits.session_ttl_ms,
+            max_entries=self.limits.max_dl_entries,
+        )
+        if plan == "skip":
+            return False
+        if plan == "overflow":
+            view.overflowed = True
+            await conn.execute(
+                "UPDATE sbus_dl_sessions SET overflowed = true "
+                "WHERE agent_id = $1 AND session_id = $2",
+                agent_id,
+                session_id,
+            )
+            return False
+        if plan == "restart":
+            view.entries.clear()
+        view.entries[key] = DLEntry(version, now)
+        view.last_served_ms = now
+        await self._apply_effects(
+            conn,
+            {
+                "agent": agent_id,
+                "session": session_id,
+                "clear_dl": plan == "restart",
+                "dl": [[key, version, now]],
+                "overflowed": False,
+                "last_served": now,
+            },
+        )
+        return True
+
+    async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
+        ttl = self.limits.session_ttl_ms
+
+        async def body(conn: asyncpg.Connection) -> None:
+            row = await conn.fetchrow(
+                "SELECT version, deleted FROM sbus_shards WHERE key = $1", key
+            )
+            if row is None or row["deleted"]:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            if version > row["version"]:
+                raise ValidationFailed(
+                    f"stale_version must be between 0 and {row['version']}", key=key
+                )
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            view = await self._session(conn, agent_id, session_id, lock=True)
+            state = rules.session_state(view, now, ttl)
+            await self._apply_effects(
+                conn,
+                {
+                    "agent": agent_id,
+                    "session": session_id,
+                    "clear_dl": state not in ("live", "overflowed"),
+                    "dl": [[key, version, now]],
+                    "overflowed": view.overflowed,
+                    "last_served": now,
+                },
+            )
+
+        await self._run(body)
+
+    async def dump_delivery_log(
+        self, after: str | None, limit: int
+    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+        ttl = self.limits.session_ttl_ms
+        async with self._conn() as conn:
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            cutoff = now - ttl if ttl > 0 else -(2**62)
+            agents = [
+                r["agent_id"]
+                for r in await conn.fetch(
+                    'SELECT DISTINCT agent_id COLLATE "C" AS agent_id FROM sbus_dl_entries '
+                    'WHERE served_ms > $1 AND agent_id COLLATE "C" > $2 ORDER BY 1 LIMIT $3',
+                    cutoff,
+                    after if after is not None else "",
+                    limit + 1,
+                )
+            ]
+            more = len(agents) > limit
+            agents = agents[:limit]
+            rows = await conn.fetch(
+                "SELECT agent_id, session_id, key, version, served_ms FROM sbus_dl_entries "
+                "WHERE agent_id = ANY($1) AND served_ms > $2 "
+                'ORDER BY agent_id COLLATE "C", session_id COLLATE "C", key COLLATE "C"',
+                agents,
+                cutoff,
+            )
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            out.setdefault(r["agent_id"], {}).setdefault(r["session_id"], {})[r["key"]] = {
+                "version": r["version"],
+                "age_secs": (now - r["served_ms"]) / 1000,
+            }
+        return out, (agents[-1] if more else None)
+
+    async def purge(self) -> int:
+        ttl = self.limits.session_ttl_ms
+        if ttl <= 0:
+            return 0
+
+        async def body(conn: asyncpg.Connection) -> int:
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            a = await conn.execute("DELETE FROM sbus_dl_entries WHERE served_ms <= $1", now - ttl)
+            b = await conn.execute(
+                "DELETE FROM sbus_dl_sessions WHERE NOT overflowed AND last_served_ms <= $1",
+                now - 2 * ttl,
+            )
+            c = await conn.execute("DELETE FROM sbus_idempotency WHERE expires_ms <= $1", now)
+            return sum(int(tag.split()[-1]) for tag in (a, b, c))
+
+        return await self._run(body)
+
+    # history, counters, admin ------------------------------------------------------------
+    async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
+        async with self._conn() as conn:
+            exists = await conn.fetchval("SELECT 1 FROM sbus_shards WHERE key = $1", key)
+            if exists is None:
+                raise ShardNotFound(f"shard not found: key={key}", key=key)
+            rows = await conn.fetch(
+                "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
+                "commit_id, prev_hash, hash FROM sbus_history WHERE key = $1 AND version < $2 "
+                "ORDER BY version DESC LIMIT $3",
+                key,
+                before if before is not None else 2**62,
+                limit,
+            )
+        return [entry_from(r) for r in rows]
+
+    async def stats(self) -> StoreStats:
+        ttl = self.limits.session_ttl_ms
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT sbus_now_ms() AS now, "
+                "(SELECT value FROM sbus_meta WHERE name = 'ori_enabled') AS ori, "
+                "(SELECT count(*) FROM sbus_shards WHERE NOT deleted) AS total"
+            )
+            assert row is not None
+            cutoff = row["now"] - ttl if ttl > 0 else -(2**62)
+            sums = {
+                r["name"]: int(r["total"])
+                for r in await conn.fetch(
+                    "SELECT name, sum(value) AS total FROM sbus_counters GROUP BY name"
+                )
+            }
+            dl = await conn.fetchrow(
+                "SELECT count(DISTINCT agent_id) AS agents, count(*) AS deliveries "
+                "FROM sbus_dl_entries WHERE served_ms > $1",
+                cutoff,
+            )
+            assert dl is not None
+        counters = Counters(**{n: sums.get(n, 0) for n in COUNTER_NAMES})
+        return StoreStats(
+            counters, int(row["total"]), int(dl["agents"]), int(dl["deliveries"]), bool(row["ori"])
+        )
+
+    async def reset_all(self) -> int:
+        async def body(conn: asyncpg.Connection) -> int:
+            # Lock the tables in one fixed order so a reset and commits cannot deadlock
+            # halfway; the reset is one atomic step.
+            await conn.execute(
+                "LOCK TABLE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
+                "sbus_counters, sbus_idempotency IN ACCESS EXCLUSIVE MODE"
+            )
+            cleared: int = await conn.fetchval("SELECT count(*) FROM sbus_shards")
+            await conn.execute(
+                "TRUNCATE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
+                "sbus_counters, sbus_idempotency"
+            )
+            return cleared
+
+        return await self._run(body)
+
+
+def _json(value: Any) -> Any:
+    """jsonb arrives decoded when SQLAlchemy's asyncpg dialect installed its codec on
+    the connection, and as text otherwise."""
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+def _with_depth(shard: Shard, hist_min: int) -> Shard:
+    return shard._replace(history_depth=shard.version - hist_min + 1 - (1 if hist_min == 0 else 0))
+
+
+class _Rejection(SBusError):
+    """A decided rejection: its counter writes were made in the transaction, which must
+    COMMIT before the error is raised to the caller."""
+
+    def __init__(self, error: SBusError) -> None:
+        super().__init__(error.detail)
+        self.error = error

@@ -1,0 +1,109 @@
+"""Where the test suite finds its real PostgreSQL and Redis servers, and how it wipes
+them between tests.
+
+``make test`` starts throwaway servers and exports ``SBUS_TEST_POSTGRES_URL`` and
+``SBUS_TEST_REDIS_URL``. Without them the defaults point at the ports the services
+script uses. A backend that cannot be reached is skipped on a developer machine and
+FAILS the run under CI (``CI=true``), so a missing server can never pass silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+
+import pytest
+
+POSTGRES_URL = os.environ.get(
+    "SBUS_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:55432/postgres"
+)
+REDIS_URL = os.environ.get("SBUS_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+TABLES = (
+    "sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, sbus_counters, "
+    "sbus_idempotency"
+)
+
+
+def redis_store_built() -> bool:
+    return importlib.util.find_spec("sbus.storage.redis") is not None
+
+
+async def _postgres_ready() -> str | None:
+    import asyncpg
+
+    from sbus.storage.sql.postgres import PostgresStore, asyncpg_dsn
+
+    try:
+        conn = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL), timeout=5)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        return f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
+    await conn.close()
+    await PostgresStore(POSTGRES_URL).migrate()
+    return None
+
+
+async def _redis_ready() -> str | None:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (OSError, RedisError) as exc:
+        return f"Redis at {REDIS_URL} unreachable: {exc}"
+    finally:
+        await client.aclose()
+    return None
+
+
+_checked: dict[str, str | None] = {}
+
+
+async def unavailable(kind: str) -> str | None:
+    """Why ``kind``'s server cannot be used, or None (checked once per run)."""
+    if kind not in _checked:
+        if kind == "postgres":
+            _checked[kind] = await _postgres_ready()
+        elif kind == "redis":
+            built = redis_store_built()
+            _checked[kind] = await _redis_ready() if built else "the Redis store is not built"
+        else:
+            _checked[kind] = None
+    return _checked[kind]
+
+
+async def require(kind: str) -> None:
+    reason = await unavailable(kind)
+    if reason is None:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: backend tests must not skip)")
+    pytest.skip(reason)
+
+
+async def wipe(kind: str) -> None:
+    """Empty a shared server so each test starts from a fresh store."""
+    if kind == "postgres":
+        import asyncpg
+
+        from sbus.storage.sql.postgres import asyncpg_dsn
+
+        conn = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL))
+        try:
+            await conn.execute(f"TRUNCATE {TABLES}")
+            await conn.execute(
+                "UPDATE sbus_meta SET value = CASE name WHEN 'ori_enabled' THEN 1 ELSE 0 END"
+            )
+        finally:
+            await conn.close()
+    elif kind == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(REDIS_URL)
+        try:
+            await client.flushdb()
+        finally:
+            await client.aclose()
