@@ -33,8 +33,10 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
+# The suite runs against real PostgreSQL and Redis servers that the script installs
+# (apt) and starts on free ports, and stops afterwards.
 test: dev lint typecheck
-	$(BIN)/pytest --durations=20 $(PYTEST_ARGS)
+	scripts/with-services.sh $(BIN)/pytest --durations=20 $(PYTEST_ARGS)
 
 bench: dev
 	$(BIN)/python loadtest/bench.py

@@ -23,6 +23,33 @@ def _factory() -> object:
     return create_app(Settings())
 
 
+def _preflight(settings: Settings) -> str | None:
+    """Connect once before serving: a store that answers but is misconfigured (old
+    schema, Redis eviction) stops the start; one that does not answer yet is left to
+    the running bus, which retries with backoff while /admin/health says not_ready."""
+    if settings.store.startswith(("memory", "sqlite")):
+        return None
+    import asyncio
+
+    from sbus.core.errors import StoreMisconfigured, StoreUnavailable
+    from sbus.storage.factory import open_store
+
+    store = open_store(settings.store, settings.store_limits(), settings.namespace)
+
+    async def check() -> str | None:
+        try:
+            await store.start()
+        except StoreMisconfigured as exc:
+            return exc.detail
+        except StoreUnavailable as exc:
+            typer.echo(f"sbus: store not reachable yet ({exc.detail}); will retry", err=True)
+        finally:
+            await store.close()
+        return None
+
+    return asyncio.run(check())
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (SBUS_HOST)")] = None,
@@ -41,6 +68,10 @@ def serve(
     problem = settings.startup_problem()
     if problem:
         typer.echo(f"sbus: {problem}", err=True)
+        raise typer.Exit(2)
+    refusal = _preflight(settings)
+    if refusal:
+        typer.echo(f"sbus: {refusal}", err=True)
         raise typer.Exit(2)
     count = settings.worker_count()
     if count > 1 and settings.store.startswith("memory"):
@@ -75,7 +106,7 @@ def migrate(
     from sbus.storage.factory import open_store
 
     settings = Settings() if store is None else Settings(store=store)
-    target = open_store(settings.store, settings.store_limits())
+    target = open_store(settings.store, settings.store_limits(), settings.namespace)
 
     async def run() -> None:
         migrate_ = getattr(target, "migrate", None)

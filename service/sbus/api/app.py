@@ -56,7 +56,7 @@ async def _connect(app: FastAPI, store: Store) -> None:
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
-    store = store or open_store(settings.store, settings.store_limits())
+    store = store or open_store(settings.store, settings.store_limits(), settings.namespace)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

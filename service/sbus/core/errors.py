@@ -17,6 +17,7 @@ statuses; everything below the API raises these classes and nothing else.
     │   ├── VersionMismatch, CrossShardStale, SessionExpired
     │   └── MandateRequired, MandateNotFound
     └── StoreUnavailable        the store could not be reached or gave up (503)
+        └── StoreMisconfigured  reachable but unusable: old schema, Redis eviction on
 """
 
 from __future__ import annotations
@@ -202,3 +203,11 @@ class StoreUnavailable(SBusError):
     def __init__(self, detail: str, *, outcome: str = "not_applied", retry_after: int = 1) -> None:
         super().__init__(detail, outcome=outcome)
         self.retry_after = retry_after
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The store answers but must not be used as it is (an out-of-date schema, Redis
+    without ``noeviction``). ``sbus serve`` exits on it at start; a running bus keeps
+    reporting it through /admin/health until an operator fixes the store."""
+
+    code = "StoreUnavailable"

@@ -10,7 +10,7 @@ class UnknownStore(ValueError):
     pass
 
 
-def open_store(url: str, limits: Limits) -> Store:
+def open_store(url: str, limits: Limits, namespace: str = "sbus") -> Store:
     if url.startswith("memory://") or url == "memory":
         from sbus.storage.memory import MemoryStore
 
@@ -24,13 +24,9 @@ def open_store(url: str, limits: Limits) -> Store:
 
         return PostgresStore(url.replace("postgres://", "postgresql://", 1), limits)
     if url.startswith("redis://"):
-        import os
-
         from sbus.storage.redis import RedisStore
 
-        # Settings.namespace reaches the store through SBUS_NAMESPACE (or a
-        # ``?namespace=`` URL parameter) until open_store takes it as an argument.
-        return RedisStore(url, limits, namespace=os.environ.get("SBUS_NAMESPACE") or "sbus")
+        return RedisStore(url, limits, namespace=namespace)
     raise UnknownStore(
         f"unsupported SBUS_STORE {url!r}: use memory://, sqlite:///PATH, "
         "postgresql+asyncpg://USER@HOST:PORT/DB or redis://HOST:PORT/DB"

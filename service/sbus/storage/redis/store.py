@@ -66,6 +66,7 @@ from sbus.core.errors import (
     ShardAlreadyExists,
     ShardDeleted,
     ShardNotFound,
+    StoreMisconfigured,
     StoreUnavailable,
     ValidationFailed,
     VersionMismatch,
@@ -203,7 +204,7 @@ class RedisStore:
             await client.aclose()
             await pool.disconnect()
             log.error("%s", problem)
-            raise StoreUnavailable(problem)
+            raise StoreMisconfigured(problem)
         self._pool, self._client = pool, client
 
     async def _check_server(self, client: Redis) -> str | None:

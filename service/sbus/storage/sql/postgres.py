@@ -36,6 +36,7 @@ from sbus.core.errors import (
     ShardAlreadyExists,
     ShardDeleted,
     ShardNotFound,
+    StoreMisconfigured,
     StoreUnavailable,
     ValidationFailed,
 )
@@ -73,7 +74,7 @@ CONNECTION_ERRORS = (
 )
 
 
-class SchemaOutOfDate(StoreUnavailable):
+class SchemaOutOfDate(StoreMisconfigured):
     """The database schema is behind the code: ``sbus migrate`` must run first."""
 
 

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Run a command with throwaway PostgreSQL and Redis servers on free loopback ports.
+#
+#   scripts/with-services.sh .venv/bin/pytest ...
+#
+# Installs the servers with apt when they are missing (the machines run as root and
+# have no systemd), starts them in a temporary directory, exports
+# SBUS_TEST_POSTGRES_URL and SBUS_TEST_REDIS_URL for the command, and stops them and
+# removes the directory whatever happens. The command's exit code is ours.
+set -euo pipefail
+
+need_install=()
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+[ -n "$PGBIN" ] && [ -x "$PGBIN/initdb" ] || need_install+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need_install+=(redis-server)
+if [ ${#need_install[@]} -gt 0 ]; then
+  echo "with-services: installing ${need_install[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${need_install[@]}" >/dev/null
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+fi
+# Debian's package starts a system Redis on 6379 where it can; ours is separate.
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+SVC=$(mktemp -d /tmp/sbus-svc.XXXXXX)
+chown postgres:postgres "$SVC"
+PG_PORT=$(free_port)
+REDIS_PORT=$(free_port)
+
+cleanup() {
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC/pg" -m immediate -w stop >/dev/null 2>&1 || true
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$SVC"
+}
+trap cleanup EXIT INT TERM
+
+runuser -u postgres -- "$PGBIN/initdb" -D "$SVC/pg" -U postgres -A trust -E UTF8 --no-sync >/dev/null
+# fsync and synchronous_commit are off for test speed only; production needs them on.
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC/pg" -l "$SVC/pg.log" -w -t 60 -o \
+  "-p $PG_PORT -k $SVC -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=300" \
+  start >/dev/null
+mkdir -p "$SVC/redis"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
+  --pidfile "$SVC/redis/redis.pid" --dir "$SVC/redis" --logfile "$SVC/redis/redis.log" \
+  --save '' --appendonly no --maxmemory-policy noeviction
+for _ in $(seq 50); do
+  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+export SBUS_TEST_POSTGRES_URL="postgresql+asyncpg://postgres@127.0.0.1:$PG_PORT/postgres"
+export SBUS_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+export SBUS_TEST_PGBIN="$PGBIN"
+echo "with-services: PostgreSQL on $PG_PORT, Redis on $REDIS_PORT" >&2
+set +e
+"$@"
+status=$?
+set -e
+exit $status
