@@ -4,6 +4,7 @@ and an independent re-implementation of the history hash chain (SPEC section 3).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from typing import Any
@@ -64,9 +65,7 @@ def ok(r: httpx.Response, status: int = 200) -> dict[str, Any]:
     return body
 
 
-async def create(
-    c: httpx.AsyncClient, key: str, content: str = "", **extra: Any
-) -> dict[str, Any]:
+async def create(c: httpx.AsyncClient, key: str, content: str = "", **extra: Any) -> dict[str, Any]:
     return ok(await c.post("/shard", json={"key": key, "content": content, **extra}), 201)
 
 
@@ -156,7 +155,7 @@ def entry_hash(entry: dict[str, Any]) -> str:
 
 def verify_chain(entries: list[dict[str, Any]], *, from_genesis: bool) -> None:
     """Entries newest first: every hash recomputes and links to the next older one."""
-    for newer, older in zip(entries, entries[1:], strict=False):
+    for newer, older in itertools.pairwise(entries):
         assert newer["prev_hash"] == older["hash"]
         assert newer["version"] == older["version"] + 1
     for entry in entries:

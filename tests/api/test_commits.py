@@ -278,8 +278,9 @@ async def test_read_set_key_in_both_checked_at_both_versions(client: httpx.Async
     await committed(client, "o", 0, "o1", agent="y")
     await read(client, "o", agent="x")  # DL: o@1, current
     rs = [{"key": "o", "version_at_read": 0}]  # explicit: o@0, stale
-    body = problem(await commit(client, "w", 0, "x", agent="x", read_set=rs), 409,
-                   "CrossShardStale")
+    body = problem(
+        await commit(client, "w", 0, "x", agent="x", read_set=rs), 409, "CrossShardStale"
+    )
     assert body["stale_keys"] == [{"key": "o", "version_at_read": 0, "current_version": 1}]
 
 
@@ -666,8 +667,13 @@ async def test_rollback_expected_ver_alias_and_if_match(client: httpx.AsyncClien
     problem(r, 422, "PreconditionConflict")
     r = await client.post(
         "/rollback",
-        json={"key": "k", "target_version": 0, "agent_id": "r", "expected_version": 4,
-              "expected_ver": 4},
+        json={
+            "key": "k",
+            "target_version": 0,
+            "agent_id": "r",
+            "expected_version": 4,
+            "expected_ver": 4,
+        },
     )
     problem(r, 422, "AmbiguousField")
 
@@ -685,8 +691,7 @@ async def test_rollback_version_mismatch(client: httpx.AsyncClient) -> None:
 @pytest.mark.parametrize("target", [3, 99])
 async def test_rollback_beyond_current(client: httpx.AsyncClient, target: int) -> None:
     await _three_versions(client)
-    r = await client.post("/rollback", json={"key": "k", "target_version": target,
-                                             "agent_id": "r"})
+    r = await client.post("/rollback", json={"key": "k", "target_version": target, "agent_id": "r"})
     problem(r, 404, "VersionNotFound")
     assert (await read(client, "k"))["version"] == 2
     assert (await stats(client))["total_commits"] == 2
@@ -701,8 +706,7 @@ async def test_rollback_trimmed_version(make_client: AppFactory) -> None:
     assert [e["version"] for e in entries] == [4, 3, 2]
     assert (await read(c, "k"))["delta_log_depth"] == 3
     for target in (0, 1):
-        r = await c.post("/rollback", json={"key": "k", "target_version": target,
-                                            "agent_id": "r"})
+        r = await c.post("/rollback", json={"key": "k", "target_version": target, "agent_id": "r"})
         body = problem(r, 404, "VersionNotFound")
         assert body["key"] == "k"
     r = await c.post("/rollback", json={"key": "k", "target_version": 2, "agent_id": "r"})
@@ -750,8 +754,9 @@ async def test_rollback_requires_agent(client: httpx.AsyncClient) -> None:
 
 async def test_delta_too_large(make_client: AppFactory) -> None:
     _, c = await make_client(max_delta=10)
-    body = problem(await c.post("/shard", json={"key": "k", "content": "x" * 11}), 413,
-                   "DeltaTooLarge")
+    body = problem(
+        await c.post("/shard", json={"key": "k", "content": "x" * 11}), 413, "DeltaTooLarge"
+    )
     assert body["max"] == 10
     await create(c, "k", "x" * 10)
     problem(await commit(c, "k", 0, "y" * 11), 413, "DeltaTooLarge")

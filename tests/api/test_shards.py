@@ -58,8 +58,9 @@ async def test_create_policy_is_echoed(client: httpx.AsyncClient) -> None:
 async def test_create_twice_is_conflict(client: httpx.AsyncClient) -> None:
     await create(client, "k", "one")
     before = await stats(client)
-    body = problem(await client.post("/shard", json={"key": "k", "content": "two"}), 409,
-                   "ShardAlreadyExists")
+    body = problem(
+        await client.post("/shard", json={"key": "k", "content": "two"}), 409, "ShardAlreadyExists"
+    )
     assert body["key"] == "k"
     assert (await read(client, "k"))["content"] == "one"
     assert await stats(client) == before
@@ -100,8 +101,9 @@ async def test_create_over_tombstone_twice_conflicts(client: httpx.AsyncClient) 
     await create(client, "k")
     assert (await delete(client, "k", 0)).status_code == 204
     await create(client, "k")
-    problem(await client.post("/shard", json={"key": "k", "content": ""}), 409,
-            "ShardAlreadyExists")
+    problem(
+        await client.post("/shard", json={"key": "k", "content": ""}), 409, "ShardAlreadyExists"
+    )
 
 
 # -- read --------------------------------------------------------------------------------
@@ -168,8 +170,7 @@ async def test_get_record_false_does_not_refresh_entry(client: httpx.AsyncClient
 
 
 async def test_get_missing_is_shard_not_found(client: httpx.AsyncClient) -> None:
-    body = problem(await client.get("/shard/nope", params={"agent_id": "a"}), 404,
-                   "ShardNotFound")
+    body = problem(await client.get("/shard/nope", params={"agent_id": "a"}), 404, "ShardNotFound")
     assert body["key"] == "nope"
     assert await dl_entries(client, "a") == {}
 
@@ -329,8 +330,9 @@ async def test_delete_with_if_match(client: httpx.AsyncClient) -> None:
 
 async def test_delete_without_precondition_is_428(client: httpx.AsyncClient) -> None:
     await create(client, "k")
-    body = problem(await client.delete("/shard/k", params={"agent_id": "a"}), 428,
-                   "PreconditionRequired")
+    body = problem(
+        await client.delete("/shard/k", params={"agent_id": "a"}), 428, "PreconditionRequired"
+    )
     assert body["key"] == "k"
     assert (await read(client, "k"))["version"] == 0
 
