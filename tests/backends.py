@@ -9,7 +9,6 @@ FAILS the run under CI (``CI=true``), so a missing server can never pass silentl
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 
@@ -38,7 +37,7 @@ async def _postgres_ready() -> str | None:
 
     try:
         conn = await asyncpg.connect(asyncpg_dsn(POSTGRES_URL), timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         return f"PostgreSQL at {POSTGRES_URL} unreachable: {exc}"
     await conn.close()
     await PostgresStore(POSTGRES_URL).migrate()

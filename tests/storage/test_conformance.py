@@ -162,3 +162,41 @@ class TestStoreConformance:
         assert await store.reset_all() == 1
         stats = await store.stats()
         assert (stats.total_shards, stats.ori_enabled) == (0, False)
+
+
+class TestStoreConcurrency:
+    """Concurrent calls into one store object: the atomic step must serialize them."""
+
+    async def test_concurrent_idempotent_retries_commit_once(self, store: Store) -> None:
+        await store.create(create("k"))
+        ref = IdemRef("A", "same-key", "fp")
+        outcomes = await asyncio.gather(
+            *(store.apply(commit("k", 0, "x", idem=ref)) for _ in range(12))
+        )
+        assert [o.replayed for o in outcomes].count(False) == 1
+        assert {o.body["new_version"] for o in outcomes if o.body} == {1}  # type: ignore[index]
+        assert len({o.body["commit_id"] for o in outcomes if o.body}) == 1  # type: ignore[index]
+        assert (await store.stats()).counters.total_commits == 1
+
+    async def test_write_skew_ring_never_all_succeed(self, store: Store) -> None:
+        keys = ["k0", "k1", "k2"]
+        for k in keys:
+            await store.create(create(k))
+        for round_ in range(15):
+            versions = {k: (await store.read(k, None, "", False)).version for k in keys}
+            txns = [
+                commit(
+                    keys[i],
+                    versions[keys[i]],
+                    f"r{round_}",
+                    agent=f"A{i}",
+                    session=f"r{round_}",
+                    read_set=[ReadItem(keys[(i + 1) % 3], versions[keys[(i + 1) % 3]])],
+                )
+                for i in range(3)
+            ]
+            results = await asyncio.gather(*(store.apply(t) for t in txns), return_exceptions=True)
+            wins = [r for r in results if not isinstance(r, BaseException)]
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert all(isinstance(err, e.CrossShardStale) for err in errors), errors
+            assert len(wins) == 2, (round_, results)  # the first wins, its reader loses

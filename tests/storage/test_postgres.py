@@ -1,0 +1,111 @@
+"""PostgreSQL-specific properties: schema gating, the locks the commit takes, split
+counters and driver-error mapping. Against the real server of the test command."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from sbus.core import errors as e
+from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.types import CreateOp, Limits, ReadItem, WriteOp
+from sbus.storage.sql.postgres import COUNTER_SLOTS, PostgresStore, SchemaOutOfDate, asyncpg_dsn
+from tests import backends
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[PostgresStore]:
+    await backends.require("postgres")
+    await backends.wipe("postgres")
+    store = PostgresStore(backends.POSTGRES_URL, Limits())
+    await store.start()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[asyncpg.Connection]:
+    await backends.require("postgres")
+    conn = await asyncpg.connect(asyncpg_dsn(backends.POSTGRES_URL))
+    yield conn
+    await conn.close()
+
+
+async def test_out_of_date_schema_refuses_and_names_migrate(raw: asyncpg.Connection) -> None:
+    name = "sbus_fresh_" + uuid.uuid4().hex[:8]
+    await raw.execute(f"CREATE DATABASE {name}")
+    try:
+        url = backends.POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+        store = PostgresStore(url, Limits())
+        with pytest.raises(SchemaOutOfDate) as info:
+            await store.start()
+        assert "sbus migrate" in info.value.detail
+        await store.migrate()
+        await store.start()
+        await store.close()
+    finally:
+        await raw.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_unreachable_server_is_not_applied() -> None:
+    store = PostgresStore("postgresql+asyncpg://postgres@127.0.0.1:9/postgres", Limits())
+    with pytest.raises(e.StoreUnavailable) as info:
+        await store.start()
+    assert info.value.fields["outcome"] == "not_applied"
+
+
+async def test_load_locks_written_rows_for_update_and_read_rows_for_share(
+    pg: PostgresStore, raw: asyncpg.Connection
+) -> None:
+    for key in ("r", "w"):
+        await pg.create(CreateOp(key, "v0", "", False, "", new_commit_id()))
+    conn = await asyncpg.connect(asyncpg_dsn(backends.POSTGRES_URL))
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.fetchval(
+            "SELECT sbus_txn_load($1, $2, $3, $4, $5, $6, $7)",
+            "A",
+            "",
+            ["w"],
+            ["r"],
+            [],
+            [],
+            None,
+        )
+        await raw.execute("SET lock_timeout = '200ms'")
+        # A read-only row is shared: others may share it but not update it ...
+        assert await raw.fetchval("SELECT version FROM sbus_shards WHERE key = 'r' FOR SHARE") == 0
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await raw.execute("UPDATE sbus_shards SET version = 9 WHERE key = 'r'")
+        # ... and a written row is exclusive.
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await raw.fetchval("SELECT version FROM sbus_shards WHERE key = 'w' FOR SHARE")
+        await tx.rollback()
+        assert await raw.fetchval("SELECT version FROM sbus_shards WHERE key = 'w' FOR SHARE") == 0
+    finally:
+        await conn.close()
+
+
+async def test_counters_are_split_over_slots(pg: PostgresStore, raw: asyncpg.Connection) -> None:
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    for version in range(40):
+        txn = commit_txn(
+            op="commit",
+            agent_id="A",
+            session_id="",
+            writes=[WriteOp("k", version, "commit", str(version))],
+            read_set=[ReadItem("k", version)],
+            rationale=None,
+            idem=None,
+        )
+        await pg.apply(txn)
+    rows = await raw.fetch(
+        "SELECT slot, value FROM sbus_counters WHERE name = 'total_commits' ORDER BY slot"
+    )
+    assert sum(r["value"] for r in rows) == 40
+    assert 1 < len(rows) <= COUNTER_SLOTS  # 40 commits over 16 slots: several rows
+    assert (await pg.stats()).counters.total_commits == 40
