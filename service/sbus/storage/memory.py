@@ -211,7 +211,8 @@ class MemoryStore:
         for shard, entry in zip(fx.shards, fx.history, strict=True):
             depth = self._append_history(entry, limits)
             if depth != shard.history_depth:
-                shard = shard._replace(history_depth=depth)
+                # Positional rebuild: NamedTuple._replace costs several times more.
+                shard = Shard(*shard[:-1], depth)
             self._shards[shard.key] = shard
             post[shard.key] = shard
         session = self._session(txn.agent_id, txn.session_id)
