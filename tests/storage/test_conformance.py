@@ -174,8 +174,8 @@ class TestStoreConcurrency:
             *(store.apply(commit("k", 0, "x", idem=ref)) for _ in range(12))
         )
         assert [o.replayed for o in outcomes].count(False) == 1
-        assert {o.body["new_version"] for o in outcomes if o.body} == {1}  # type: ignore[index]
-        assert len({o.body["commit_id"] for o in outcomes if o.body}) == 1  # type: ignore[index]
+        assert {o.body["new_version"] for o in outcomes if o.body} == {1}
+        assert len({o.body["commit_id"] for o in outcomes if o.body}) == 1
         assert (await store.stats()).counters.total_commits == 1
 
     async def test_write_skew_ring_never_all_succeed(self, store: Store) -> None:
