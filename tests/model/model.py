@@ -125,7 +125,9 @@ class Model:
         if s is None:
             return "empty"
         if s.overflowed:
-            return "overflowed"  # sticky until POST /session
+            # AMBIGUITY: overflow wins over expiry; it is sticky until POST /session, so
+            # an overflowed session whose entries have all expired is still overflowed.
+            return "overflowed"
         if any(self.is_live(served) for _, served in s.entries.values()):
             return "live"
         # Entries are purged when they expire (last_served + TTL); the marker keeps the
@@ -146,7 +148,7 @@ class Model:
 
     def _record(self, s: Session, key: str, version: int) -> bool:
         if s.overflowed:
-            return False
+            return False  # AMBIGUITY: once overflowed, no further read is recorded
         if key not in s.entries and len(s.entries) >= self.max_entries:
             s.overflowed = True
             return False
@@ -232,10 +234,11 @@ class Model:
     ) -> Reply | dict[str, ShardState]:
         """Steps 9b-9g. Returns a problem Reply, or the post-commit shards by key."""
         state = self.session_state(agent, session)
+        # AMBIGUITY: SessionExpired also names the agent (SPEC only lists reason).
         if state == "expired":
-            return problem(410, "SessionExpired", reason="ttl")
+            return problem(410, "SessionExpired", reason="ttl", agent_id=agent)
         if state == "overflowed":
-            return problem(410, "SessionExpired", reason="overflow")
+            return problem(410, "SessionExpired", reason="overflow", agent_id=agent)
         effective = self.effective_read_set(agent, session, writes, read_set)
         for key, _ in effective:
             if key not in self.shards:
@@ -264,9 +267,14 @@ class Model:
             if w.expected is not None and shard.version != w.expected:
                 shard.conflict_count += 1
                 self.counters.total_conflicts += 1
-                return problem(409, "VersionMismatch", key=w.key, expected=w.expected, found=shard.version)
+                return problem(
+                    409, "VersionMismatch", key=w.key, expected=w.expected, found=shard.version
+                )
+            # AMBIGUITY: the rollback target is checked after the version guard (its
+            # attempt already counted); a tombstone is not a retained version; the
+            # problem names the field target_version.
             if w.kind == "rollback" and self._retained(shard, w.target_version) is None:
-                return problem(404, "VersionNotFound", key=w.key, version=w.target_version)
+                return problem(404, "VersionNotFound", key=w.key, target_version=w.target_version)
         post: dict[str, ShardState] = {}
         for w in writes:
             shard = self.shards[w.key]
@@ -283,6 +291,8 @@ class Model:
             post[w.key] = shard
         self.counters.total_commits += 1
         # Read-your-writes: the committer's DL holds every written key at its new version.
+        # AMBIGUITY: these entries ignore SBUS_MAX_DL_ENTRIES (a multi-commit may leave
+        # more entries than the cap); only a GET or register can overflow a session.
         s = self.sessions.get((agent, session))
         if s is None or state != "live":
             s = self.sessions[(agent, session)] = Session()
@@ -324,7 +334,9 @@ class Model:
         out = self._transact(agent, session, ops, read_set)
         if isinstance(out, Reply):
             return out
-        return Reply(200, {"results": [{"key": k, "new_version": out[k].version} for k, _, _ in writes]})
+        return Reply(
+            200, {"results": [{"key": k, "new_version": out[k].version} for k, _, _ in writes]}
+        )
 
     def rollback(
         self,
@@ -353,7 +365,7 @@ class Model:
         attempts = c.total_commits + c.total_conflicts
         agents: set[str] = set()
         deliveries = 0
-        for (agent, session) in self.sessions:
+        for agent, session in self.sessions:
             live = self.live_entries(agent, session)
             if live:
                 agents.add(agent)

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     rule,
 )
@@ -36,11 +37,11 @@ from tests.model.model import Model, Reply, Write
 # "B" < "a" < "b/x" < "c" in code-point order: checks run in ascending key order.
 KEYS = ["a", "b/x", "B", "c"]
 GHOST = "ghost"  # never created: a read-set key that never existed
-AGENTS = ["ag1", "ag2", "ag3"]
+AGENTS = ["ag1", "ag2"]
 SESSIONS = ["", "s1"]
 CONTENTS = ["", "x", "hello", "ü€"]
 TTL_S = 10
-MAX_DL = 3  # below the key count, so a session can overflow
+MAX_DL = 2  # below the key count, so a session can overflow
 FROZEN_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 JSON = {"Content-Type": "application/json"}
 VOLATILE = {"commit_id", "hash", "prev_hash"}
@@ -52,7 +53,7 @@ sessions = st.sampled_from(SESSIONS)
 contents = st.sampled_from(CONTENTS)
 offsets = st.sampled_from([0, 0, -1, 1])  # expected = current + offset (mostly right)
 read_sets = st.none() | st.lists(
-    st.tuples(st.sampled_from([*KEYS, GHOST]), st.sampled_from([0, 0, -1])),
+    st.tuples(st.sampled_from([*KEYS, *KEYS, GHOST]), st.sampled_from([0, 0, -1])),
     max_size=2,
     unique_by=lambda t: t[0],
 )
@@ -85,6 +86,7 @@ class LockstepMachine(RuleBasedStateMachine):
             self.loop.run_until_complete(self._start(url))
         self.model = Model(ttl_ms=TTL_S * 1000, max_entries=MAX_DL)
         self.high_water: dict[str, int] = {}
+        self.etag: str | None = None  # of the last response (equal on both stores)
 
     async def _start(self, url: str) -> None:
         app = create_app(
@@ -138,14 +140,17 @@ class LockstepMachine(RuleBasedStateMachine):
     ) -> tuple[int, Any]:
         """Send to every backend; their (status, body) must be identical."""
 
-        async def one(client: httpx.AsyncClient) -> tuple[int, Any]:
+        async def one(client: httpx.AsyncClient) -> tuple[int, Any, str | None]:
             r = await client.request(method, url, json=body, params=params, headers=headers)
-            return r.status_code, strip(r.json()) if r.content else None
+            return r.status_code, strip(r.json()) if r.content else None, r.headers.get("etag")
 
-        answers = [self.loop.run_until_complete(one(c)) for c in self.clients]
-        memory, sqlite = answers
+        async def both() -> list[tuple[int, Any, str | None]]:
+            return await asyncio.gather(*(one(c) for c in self.clients))
+
+        memory, sqlite = self.loop.run_until_complete(both())
         assert memory == sqlite, f"{method} {url} {body} {params}: memory {memory} sqlite {sqlite}"
-        return memory
+        status, answer, self.etag = memory
+        return status, answer
 
     def expect(self, got: tuple[int, Any], want: Reply, what: str) -> None:
         status, body = got
@@ -161,6 +166,9 @@ class LockstepMachine(RuleBasedStateMachine):
             for key in ("created_at", "updated_at"):
                 body.pop(key, None)
             assert body == want.body, f"{what}: {body} != model {want.body}"
+            version = body.get("version", body.get("new_version"))
+            if version is not None:
+                assert self.etag == f'"{version}"', f"{what}: ETag {self.etag}"
         self.observe(body)
 
     def observe(self, body: dict[str, Any]) -> None:
@@ -218,13 +226,26 @@ class LockstepMachine(RuleBasedStateMachine):
         return {k: s.version for k, s in self.model.shards.items()}, effective
 
     # rules --------------------------------------------------------------------------
+    @initialize(created=st.lists(keys, min_size=2, max_size=4, unique=True), content=contents)
+    def seed(self, created: list[str], content: str) -> None:
+        for key in created:
+            self.create(key, content)
+
+    @rule(agent=agents, session=sessions, key=keys)
+    def read_recorded(self, agent: str, session: str, key: str) -> None:
+        self.read(agent, session, key, True)
+
     @rule(key=keys, content=contents)
     def create(self, key: str, content: str) -> None:
         got = self.call("POST", "/shard", body={"key": key, "content": content})
         self.expect(got, self.model.create(key, content), f"create {key}")
 
-    @rule(agent=agents | st.none(), session=sessions, key=st.sampled_from([*KEYS, GHOST]),
-          record=st.booleans())
+    @rule(
+        agent=agents | st.none(),
+        session=sessions,
+        key=st.sampled_from([*KEYS, *KEYS, GHOST]),
+        record=st.sampled_from([True, True, False]),
+    )
     def read(self, agent: str | None, session: str, key: str, record: bool) -> None:
         params: dict[str, Any] = {"session_id": session}
         if agent is not None:
@@ -274,8 +295,9 @@ class LockstepMachine(RuleBasedStateMachine):
     @rule(
         agent=agents,
         session=sessions,
-        writes=st.lists(st.tuples(keys, offsets, contents), min_size=1, max_size=3,
-                        unique_by=lambda t: t[0]),
+        writes=st.lists(
+            st.tuples(keys, offsets, contents), min_size=1, max_size=3, unique_by=lambda t: t[0]
+        ),
         read_set=read_sets,
     )
     def multi(
@@ -354,7 +376,7 @@ class LockstepMachine(RuleBasedStateMachine):
     @rule(
         agent=agents,
         session=sessions,
-        shards=st.lists(st.sampled_from([*KEYS, GHOST]), min_size=1, max_size=3),
+        shards=st.lists(st.sampled_from([*KEYS, *KEYS, GHOST]), min_size=1, max_size=3),
     )
     def register(self, agent: str, session: str, shards: list[str]) -> None:
         # The session comes from the header only; a body session_id is ignored.
@@ -382,20 +404,23 @@ class LockstepMachine(RuleBasedStateMachine):
 
     # invariants ---------------------------------------------------------------------
     @invariant()
-    def counters_match(self) -> None:
-        async def both() -> list[dict[str, Any]]:
-            return [(await c.get("/stats")).json() for c in self.clients]
+    def observations_match(self) -> None:
+        """/stats counters and the live DeliveryLog equal the model's, on both stores."""
 
-        answers = self.loop.run_until_complete(both())
-        for answer in answers:
-            answer.pop("backend")
-            answer.pop("wal_enabled")
-            assert answer == self.model.stats(), f"stats {answer} != model {self.model.stats()}"
+        async def fetch() -> list[Any]:
+            urls = ("/stats", "/admin/delivery-log")
+            answers = await asyncio.gather(*(c.get(u) for c in self.clients for u in urls))
+            return [r.json() for r in answers]
 
-    @invariant()
-    def delivery_log_matches(self) -> None:
-        got = self.call("GET", "/admin/delivery-log")
-        assert got == (200, self.model.delivery_log()), f"DL {got[1]} != {self.model.delivery_log()}"
+        mem_stats, mem_dl, sql_stats, sql_dl = self.loop.run_until_complete(fetch())
+        want = self.model.stats()
+        for stats in (mem_stats, sql_stats):
+            stats.pop("backend")
+            stats.pop("wal_enabled")
+            assert stats == want, f"stats {stats} != model {want}"
+        want = self.model.delivery_log()
+        for dl in (mem_dl, sql_dl):
+            assert dl == want, f"DL {dl} != model {want}"
 
     @invariant()
     def versions_never_go_back(self) -> None:
