@@ -1,11 +1,21 @@
 """Real ``sbus serve`` processes for the concurrency suite, and the helpers its tests share.
 
 :func:`start_server` is the reusable part: it starts one bus process over any store URL
-(a fresh SQLite file here; later two processes over one shared PostgreSQL or Redis
-store) on a free loopback port, waits until ``GET /admin/health`` answers 200 and
-returns a :class:`Server`. The ``start_sbus`` fixture wraps it so every process a test
-starts is stopped at teardown (SIGTERM, then SIGKILL of its process group) and its log
-is attached to the report of a failing test.
+on a free loopback port, waits until ``GET /admin/health`` answers 200 and returns a
+:class:`Server`. A :class:`ServerGroup` stops every process it started (SIGTERM, then
+SIGKILL of its process group) and reports tracebacks and bad exit codes; the
+``start_sbus`` fixture is one group per test, and every server's log is attached to the
+report of a failing test.
+
+Topologies: the ``bus`` fixture runs a test once per :data:`TOPOLOGIES` entry:
+
+- ``sqlite-1``: one bus process over a fresh SQLite file;
+- ``postgres-2``: two bus processes (``--workers 1`` each, so two replicas) on different
+  ports over the one PostgreSQL server ``make test`` started (migrated, then wiped);
+- ``redis-2``: the same over the shared Redis server (wiped).
+
+Tests spread their clients over :attr:`Bus.urls` so that what one replica recorded is
+checked by the other: nothing that matters may live in a bus process (SPEC section 7).
 
 Clients talk to ``127.0.0.1`` only, with ``trust_env=False`` so no proxy variable can
 route the traffic elsewhere.
@@ -13,6 +23,7 @@ route the traffic elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -22,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +41,13 @@ from typing import Any, Protocol
 import httpx
 import pytest
 
+from tests import backends
+
 JSON_HEADERS = {"Content-Type": "application/json"}
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-# Statuses a well-behaved bus may answer to the requests these tests send; anything else
+# Statuses a well-behaved bus may answer to the commits these tests send; anything else
 # (a 500, a 503 from a busy store, a 422) fails the test with the body printed.
 COMMIT_STATUSES = frozenset({200, 409, 410})
 
@@ -145,18 +159,23 @@ def start_server(
     log_dir: Path,
     startup_timeout: float = STARTUP_TIMEOUT_S,
     attempts: int = 3,
+    workers: int | None = None,
 ) -> Server:
     """Start ``sbus serve --store store_url`` on a free loopback port and wait until it
     is healthy. Several servers may share one ``store_url`` (a shared PostgreSQL or
-    Redis store); each gets its own port and log file in ``log_dir``."""
+    Redis store); each gets its own port and log file in ``log_dir``. ``workers`` is
+    passed as ``--workers`` (default: the bus's own, one per core for shared stores)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     full_env = server_env(env)
     for attempt in range(attempts):
         port = free_port()
         log_path = log_dir / f"sbus-{port}.log"
+        argv = [sbus_executable(), "serve", "--port", str(port), "--store", store_url]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [sbus_executable(), "serve", "--port", str(port), "--store", store_url],
+                argv,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -183,46 +202,154 @@ def start_server(
 
 
 class ServerStarter(Protocol):
-    def __call__(self, store_url: str, env: Mapping[str, str] | None = None) -> Server: ...
+    def __call__(
+        self, store_url: str, env: Mapping[str, str] | None = None, *, workers: int | None = None
+    ) -> Server: ...
+
+
+class ServerGroup:
+    """Servers started for one test (or one module); :meth:`stop_all` stops them all and
+    says what went wrong. ``start`` may be called from several threads at once."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.servers: list[Server] = []
+        self._lock = threading.Lock()
+
+    def start(
+        self, store_url: str, env: Mapping[str, str] | None = None, *, workers: int | None = None
+    ) -> Server:
+        server = start_server(store_url, env, log_dir=self.log_dir, workers=workers)
+        with self._lock:
+            self.servers.append(server)
+        return server
+
+    def start_replicas(
+        self, store_url: str, count: int, env: Mapping[str, str] | None = None
+    ) -> tuple[Server, ...]:
+        """``count`` single-worker processes over one store, started in parallel (each
+        startup costs a second or two on a loaded machine)."""
+        if count == 1:
+            return (self.start(store_url, env, workers=1),)
+        with ThreadPoolExecutor(count) as pool:
+            futures = [pool.submit(self.start, store_url, env, workers=1) for _ in range(count)]
+            return tuple(f.result() for f in futures)
+
+    def stop_all(self) -> list[str]:
+        """Stop every server; the problems (ignored SIGTERM, bad exit code, traceback in
+        the log), empty when all is well."""
+        problems: list[str] = []
+        for server in self.servers:
+            code = server.stop()
+            if server.killed:
+                problems.append(f"{server.base_url} ignored SIGTERM for {STOP_TIMEOUT_S}s")
+            elif code not in (0, -signal.SIGTERM):
+                # uvicorn re-raises the SIGTERM it handled after draining, hence -SIGTERM.
+                problems.append(f"{server.base_url} exited with {code} after SIGTERM")
+            if "Traceback" in server.log_text():
+                problems.append(f"{server.base_url} logged a traceback")
+        return problems
+
+    def fail_on(self, problems: list[str]) -> None:
+        if problems:
+            logs = "\n".join(f"--- {s.log_path} ---\n{s.log_text()}" for s in self.servers)
+            pytest.fail("; ".join(problems) + "\n" + logs)
+
+
+def attach_logs(item: pytest.Item, servers: Sequence[Server]) -> None:
+    """Attach these servers' logs to ``item``'s report if it fails."""
+    item.stash.setdefault(_SERVERS, []).extend(servers)
 
 
 @pytest.fixture
 def start_sbus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerStarter]:
     """``server = start_sbus(store_url, env)``: any number of servers, all stopped at
     teardown. A server that logged a traceback fails the test."""
-    servers: list[Server] = []
-    request.node.stash[_SERVERS] = servers
-
-    def start(store_url: str, env: Mapping[str, str] | None = None) -> Server:
-        server = start_server(store_url, env, log_dir=tmp_path / "logs")
-        servers.append(server)
-        return server
-
-    yield start
-    problems: list[str] = []
-    for server in servers:
-        code = server.stop()
-        if server.killed:
-            problems.append(f"{server.base_url} ignored SIGTERM for {STOP_TIMEOUT_S}s")
-        elif code not in (0, -signal.SIGTERM):
-            # uvicorn re-raises the SIGTERM it handled after draining, hence -SIGTERM.
-            problems.append(f"{server.base_url} exited with {code} after SIGTERM")
-        if "Traceback" in server.log_text():
-            problems.append(f"{server.base_url} logged a traceback")
-    if problems:
-        logs = "\n".join(f"--- {s.log_path} ---\n{s.log_text()}" for s in servers)
-        pytest.fail("; ".join(problems) + "\n" + logs)
+    group = ServerGroup(tmp_path / "logs")
+    request.node.stash[_SERVERS] = group.servers
+    yield group.start
+    group.fail_on(group.stop_all())
 
 
-@pytest.fixture
-def sbus_server(start_sbus: ServerStarter, tmp_path: Path) -> Server:
-    """One bus process over a fresh SQLite file in the test's tmp dir."""
-    return start_sbus(sqlite_url(tmp_path))
+# --- topologies ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def base_url(sbus_server: Server) -> str:
-    return sbus_server.base_url
+@dataclass(frozen=True)
+class Topology:
+    """``replicas`` bus processes over one ``store`` ("sqlite", "postgres" or "redis")."""
+
+    name: str
+    store: str
+    replicas: int
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SQLITE_1 = Topology("sqlite-1", "sqlite", 1)
+POSTGRES_2 = Topology("postgres-2", "postgres", 2)
+REDIS_2 = Topology("redis-2", "redis", 2)
+TOPOLOGIES = (SQLITE_1, POSTGRES_2, REDIS_2)
+SHARED_TOPOLOGIES = (POSTGRES_2, REDIS_2)
+
+
+def prepare_store(topology: Topology, tmp_path: Path) -> str:
+    """The store URL for ``topology``, ready and empty: a fresh SQLite file, or the shared
+    server (skipped locally, failed under CI=true, when unreachable), migrated once per run
+    (PostgreSQL) and wiped."""
+    if topology.store == "sqlite":
+        return sqlite_url(tmp_path)
+    asyncio.run(backends.require(topology.store))
+    asyncio.run(backends.wipe(topology.store))
+    return backends.POSTGRES_URL if topology.store == "postgres" else backends.REDIS_URL
+
+
+@dataclass(frozen=True)
+class Bus:
+    """The replicas of one topology; ``url(i)`` spreads client ``i`` over them."""
+
+    topology: Topology
+    servers: tuple[Server, ...]
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.base_url for s in self.servers]
+
+    @property
+    def replicas(self) -> int:
+        return len(self.servers)
+
+    def url(self, i: int) -> str:
+        return self.servers[i % len(self.servers)].base_url
+
+
+@pytest.fixture(params=TOPOLOGIES, ids=str)
+def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bus]:
+    """The bus for one topology (all of :data:`TOPOLOGIES` unless a test parametrizes
+    ``bus`` indirectly), stopped at teardown."""
+    topology: Topology = request.param
+    group = ServerGroup(tmp_path / "logs")
+    request.node.stash[_SERVERS] = group.servers
+    try:
+        store = prepare_store(topology, tmp_path)
+        servers = group.start_replicas(store, topology.replicas)
+    except BaseException:
+        group.stop_all()
+        raise
+    yield Bus(topology, servers)
+    group.fail_on(group.stop_all())
+
+
+def assert_replicas_agree(bus: Bus) -> dict[str, Any]:
+    """``/stats`` from every replica; they must be identical (the counters live in the
+    store). Returns them."""
+    answers = []
+    for url in bus.urls:
+        with new_client(url) as client:
+            answers.append(get_stats(client))
+    for url, stats in zip(bus.urls[1:], answers[1:], strict=True):
+        assert stats == answers[0], f"{url} disagrees with {bus.urls[0]}: {stats} != {answers[0]}"
+    return answers[0]
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,9 +1,14 @@
-"""Hotspot lost-update sweep: 16 agents, one shard, read-then-commit with retries.
+"""Hotspot lost-update sweep: many agents, one shard, read-then-commit with retries.
 
 Every successful commit must take the shard from exactly the version its agent read to the
 next one: the successes' expected_versions are start..final-1, each exactly once, so no
 commit overwrote another (a lost update shows up as a duplicated expected_version, a gap,
 or a final version short of the number of successes).
+
+Sizes per topology: sqlite-1 runs 16 agents x 25 steps (400 commits) against one process;
+postgres-2 and redis-2 run 8 agents x 20 steps (160 commits) with agent i on replica i % 2,
+so the two processes race for the same row or key of the shared store. Every replica must
+then report the same /stats, shard and history.
 """
 
 from __future__ import annotations
@@ -17,17 +22,18 @@ import pytest
 
 from tests.concurrency.conftest import (
     COMMIT_STATUSES,
+    Bus,
+    assert_replicas_agree,
     create_shard,
     expect,
-    get_stats,
     new_client,
     run_threads,
 )
 
 pytestmark = pytest.mark.concurrency
 
-AGENTS = 16
-STEPS = 25
+# (agents, steps) per topology; the replicated runs are smaller to fit the suite's budget.
+SIZES = {"sqlite-1": (16, 25), "postgres-2": (8, 20), "redis-2": (8, 20)}
 KEY = "hot"
 MAX_ATTEMPTS_PER_STEP = 2000
 DEADLINE_S = 60.0
@@ -50,20 +56,21 @@ class AgentTally:
     reads: int = 0
 
 
-def test_hotspot_has_no_lost_update(base_url: str) -> None:
-    with new_client(base_url) as admin:
+def test_hotspot_has_no_lost_update(bus: Bus) -> None:
+    agents, steps = SIZES[bus.topology.name]
+    with new_client(bus.url(0)) as admin:
         start = create_shard(admin, KEY, "genesis")
-    start_line = threading.Barrier(AGENTS, timeout=30)
+    start_line = threading.Barrier(agents, timeout=30)
     stop = threading.Event()
-    tallies = {f"agent{i:02d}": AgentTally(successes=[]) for i in range(AGENTS)}
+    tallies = {f"agent{i:02d}": AgentTally(successes=[]) for i in range(agents)}
     began = time.monotonic()
 
-    def agent(name: str) -> None:
+    def agent(index: int, name: str) -> None:
         tally = tallies[name]
-        with new_client(base_url) as client:
+        with new_client(bus.url(index)) as client:
             start_line.wait()
             last_seen = -1
-            for step in range(STEPS):
+            for step in range(steps):
                 delta = f"{name}:{step}"
                 for _ in range(MAX_ATTEMPTS_PER_STEP):
                     if stop.is_set() or time.monotonic() - began > DEADLINE_S:
@@ -72,8 +79,8 @@ def test_hotspot_has_no_lost_update(base_url: str) -> None:
                     expect(resp, [200])
                     tally.reads += 1
                     version: int = resp.json()["version"]
-                    # One server, one store: a client never reads a version older than one
-                    # it has already seen.
+                    # One store, however many replicas: a client never reads a version
+                    # older than one it has already seen.
                     assert version >= last_seen, (name, version, last_seen)
                     last_seen = version
                     resp = client.post(
@@ -109,28 +116,38 @@ def test_hotspot_has_no_lost_update(base_url: str) -> None:
         stop.set()
         start_line.abort()
 
-    run_threads([partial(agent, name) for name in tallies], timeout=DEADLINE_S + 30, on_error=abort)
+    run_threads(
+        [partial(agent, i, name) for i, name in enumerate(tallies)],
+        timeout=DEADLINE_S + 30,
+        on_error=abort,
+    )
     elapsed = time.monotonic() - began
 
     successes = [s for t in tallies.values() for s in t.successes]
     mismatches = sum(t.version_mismatches for t in tallies.values())
-    with new_client(base_url) as client:
-        resp = client.get(f"/shard/{KEY}", params={"record": "false"})
-        expect(resp, [200])
-        final = resp.json()
-        stats = get_stats(client)
-        resp = client.get(f"/history/{KEY}", params={"limit": 1000})
-        expect(resp, [200])
-        history = resp.json()["entries"]
+    views = []
+    for url in bus.urls:
+        with new_client(url) as client:
+            resp = client.get(f"/shard/{KEY}", params={"record": "false"})
+            expect(resp, [200])
+            final = resp.json()
+            resp = client.get(f"/history/{KEY}", params={"limit": 1000})
+            expect(resp, [200])
+            history = resp.json()["entries"]
+            views.append((final, history))
+    stats = assert_replicas_agree(bus)
+    for url, view in zip(bus.urls, views, strict=True):
+        assert view == views[0], f"{url} serves another shard or history than {bus.urls[0]}"
+    final, history = views[0]
     print(
-        f"\nlost-update sweep: {len(successes)} commits, {mismatches} VersionMismatch retries, "
-        f"{sum(t.reads for t in tallies.values())} reads in {elapsed:.1f}s; "
-        f"successes per agent {sorted(len(t.successes) for t in tallies.values())}"
+        f"\nlost-update sweep [{bus.topology}]: {len(successes)} commits, {mismatches} "
+        f"VersionMismatch retries, {sum(t.reads for t in tallies.values())} reads in "
+        f"{elapsed:.1f}s; successes per agent {sorted(len(t.successes) for t in tallies.values())}"
     )
 
-    assert len(successes) == AGENTS * STEPS
+    assert len(successes) == agents * steps
     assert sorted(s.expected_version for s in successes) == list(range(start, final["version"]))
-    assert final["version"] == start + len(successes) == AGENTS * STEPS
+    assert final["version"] == start + len(successes) == agents * steps
     last = max(successes, key=lambda s: s.new_version)
     assert final["content"] == last.delta
     assert stats["total_commits"] == len(successes)

@@ -10,6 +10,12 @@ makes the read count. The oracle is real time, measured conservatively on the cl
 So "injector commit producing version > v completed at t_c, agent commit sent at t_s, and
 t_c < t_s" proves the shared shard was past v when the agent's commit was validated; the
 bus must then reject it (409 CrossShardStale), whatever the thread scheduling was.
+
+Sizes per topology: 6 agents, at most ITERATIONS read-think-commit steps each and at most
+DEADLINE_S seconds. sqlite-1 runs everything against one process. postgres-2 and redis-2
+run two replicas: the injector commits through replica 0, agent i reads through replica
+i % 2 and commits through replica (i + step) % 2, so half the commits are validated by the
+process that recorded the read and half by the other one.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import pytest
 
 from tests.concurrency.conftest import (
     COMMIT_STATUSES,
+    Bus,
+    assert_replicas_agree,
     create_shard,
     expect,
-    get_stats,
     new_client,
     run_threads,
 )
@@ -60,8 +67,8 @@ class AgentCommit:
     body: dict[str, object]
 
 
-def test_stale_reads_are_rejected(base_url: str) -> None:
-    with new_client(base_url) as admin:
+def test_stale_reads_are_rejected(bus: Bus) -> None:
+    with new_client(bus.url(0)) as admin:
         assert create_shard(admin, SHARED, "s0") == 0
         for i in range(AGENTS):
             assert create_shard(admin, f"own/agent{i}", "o0") == 0
@@ -75,7 +82,7 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
 
     def injector() -> None:
         nonlocal injector_conflicts
-        with new_client(base_url) as client:
+        with new_client(bus.url(0)) as client:
             version = 0
             start_line.wait()
             while not agents_done.is_set() and not stop.is_set():
@@ -107,22 +114,25 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
                     resp = client.post("/session", json={"agent_id": INJECTOR})
                     expect(resp, [200])
 
-    def agent(name: str) -> None:
+    def agent(index: int, name: str) -> None:
         own_key = f"own/{name}"
         own_version = 0
-        with new_client(base_url) as client:
+        clients = [new_client(url) for url in bus.urls]
+        reader = clients[index % len(clients)]
+        try:
             start_line.wait()
             for step in range(ITERATIONS):
                 if stop.is_set() or time.monotonic() - began > DEADLINE_S:
                     break  # a loaded machine gets fewer iterations, not a hung test
-                resp = client.get(f"/shard/{SHARED}", params={"agent_id": name})
+                committer = clients[(index + step) % len(clients)]
+                resp = reader.get(f"/shard/{SHARED}", params={"agent_id": name})
                 expect(resp, [200])
                 read_at = time.monotonic()
                 read_version: int = resp.json()["version"]
                 # Think for a moment, as an agent would, so the injector can overtake.
                 time.sleep(random.uniform(0.0, 0.004))
                 sent = time.monotonic()
-                resp = client.post(
+                resp = committer.post(
                     "/commit/v2",
                     json={
                         "key": own_key,
@@ -140,8 +150,11 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
                 if status == 200:
                     own_version = body["new_version"]
                 elif status == 410:
-                    resp = client.post("/session", json={"agent_id": name})
+                    resp = reader.post("/session", json={"agent_id": name})
                     expect(resp, [200])
+        finally:
+            for client in clients:
+                client.close()
 
     def abort() -> None:
         stop.set()
@@ -150,7 +163,7 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
     def agents_then_signal() -> None:
         try:
             run_threads(
-                [partial(agent, f"agent{i}") for i in range(AGENTS)],
+                [partial(agent, i, f"agent{i}") for i in range(AGENTS)],
                 timeout=DEADLINE_S + 5,
                 on_error=stop.set,
             )
@@ -193,17 +206,20 @@ def test_stale_reads_are_rejected(base_url: str) -> None:
         else:
             pytest.fail(f"unexpected 410 for a session read moments ago: {c}", pytrace=False)
 
-    with new_client(base_url) as client:
-        stats = get_stats(client)
-        owns: dict[str, int] = {}
-        for name, cs in commits.items():
-            resp = client.get(f"/shard/own/{name}", params={"record": "false"})
+    stats = assert_replicas_agree(bus)
+    for url in bus.urls:
+        with new_client(url) as client:
+            for name, cs in commits.items():
+                resp = client.get(f"/shard/own/{name}", params={"record": "false"})
+                expect(resp, [200])
+                own = resp.json()["version"]
+                assert own == sum(1 for c in cs if c.status == 200), (url, name, own)
+            resp = client.get(f"/shard/{SHARED}", params={"record": "false"})
             expect(resp, [200])
-            owns[name] = resp.json()["version"]
-            assert owns[name] == sum(1 for c in cs if c.status == 200), name
+            assert resp.json()["version"] == len(injected), url
     print(
-        f"\nstale-read injection: {len(injected)} injector commits, {ok + stale} agent "
-        f"commits ({ok} admitted, {stale} CrossShardStale) in {elapsed:.1f}s"
+        f"\nstale-read injection [{bus.topology}]: {len(injected)} injector commits, "
+        f"{ok + stale} agent commits ({ok} admitted, {stale} CrossShardStale) in {elapsed:.1f}s"
     )
 
     assert not violations, "stale reads admitted:\n" + "\n".join(violations[:20])

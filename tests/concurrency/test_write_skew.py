@@ -17,6 +17,12 @@ succeeds (the shards are untouched since the reads); it then makes the read of i
 neighbour stale, so that one fails with CrossShardStale; the third reads the failed
 agent's shard, which did not change, so it succeeds. Exactly two successes every round;
 one success would mean a commit whose checks all held was rejected (a false conflict).
+
+Sizes per topology: sqlite-1 runs 200 rounds against one process; postgres-2 and redis-2
+run 100 rounds over two replicas. There agent i reads through replica (i + round) % 2 and
+commits through the other one, so every commit is validated by a process that did not
+record the reads it rests on, and the three simultaneous commits arrive at both processes
+(two on one, one on the other, alternating every round).
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ import pytest
 
 from tests.concurrency.conftest import (
     COMMIT_STATUSES,
+    Bus,
+    assert_replicas_agree,
     create_shard,
     expect,
-    get_stats,
     new_client,
     run_threads,
 )
@@ -41,7 +48,7 @@ from tests.concurrency.conftest import (
 pytestmark = pytest.mark.concurrency
 
 RING = 3
-ROUNDS = 200
+ROUNDS = {"sqlite-1": 200, "postgres-2": 100, "redis-2": 100}
 KEYS = [f"k{i}" for i in range(RING)]
 BARRIER_TIMEOUT_S = 30.0
 
@@ -55,26 +62,32 @@ class Outcome:
     body: dict[str, object]
 
 
-def test_ring_admits_no_write_skew(base_url: str) -> None:
-    with new_client(base_url) as admin:
+def test_ring_admits_no_write_skew(bus: Bus) -> None:
+    rounds = ROUNDS[bus.topology.name]
+    with new_client(bus.url(0)) as admin:
         for key in KEYS:
             assert create_shard(admin, key, "init") == 0
     # Three phases per round: everybody has finished the previous round's commit, every
     # agent has read (then they fire together), and the round ends.
     before_reads = threading.Barrier(RING, timeout=BARRIER_TIMEOUT_S)
     before_commits = threading.Barrier(RING, timeout=BARRIER_TIMEOUT_S)
-    results: list[list[Outcome | None]] = [[None] * RING for _ in range(ROUNDS)]
+    results: list[list[Outcome | None]] = [[None] * RING for _ in range(rounds)]
 
     def agent(i: int) -> None:
         name = f"agent{i}"
         own, nxt = KEYS[i], KEYS[(i + 1) % RING]
-        with new_client(base_url) as client:
-            for rnd in range(ROUNDS):
+        clients = [new_client(url) for url in bus.urls]
+        try:
+            for rnd in range(rounds):
                 session = f"r{rnd}"
+                # Read through one replica, commit through the next (the same one when
+                # there is only one).
+                reader = clients[(i + rnd) % len(clients)]
+                committer = clients[(i + rnd + 1) % len(clients)]
                 before_reads.wait()
                 read: dict[str, int] = {}
                 for key in (own, nxt):
-                    resp = client.get(
+                    resp = reader.get(
                         f"/shard/{key}", params={"agent_id": name, "session_id": session}
                     )
                     expect(resp, [200])
@@ -87,9 +100,12 @@ def test_ring_admits_no_write_skew(base_url: str) -> None:
                     "session_id": session,
                 }
                 before_commits.wait()
-                resp = client.post("/commit/v2", json=payload)
+                resp = committer.post("/commit/v2", json=payload)
                 status = expect(resp, COMMIT_STATUSES)
                 results[rnd][i] = Outcome(i, status, read[own], read[nxt], resp.json())
+        finally:
+            for client in clients:
+                client.close()
 
     def abort() -> None:
         before_reads.abort()
@@ -132,27 +148,28 @@ def test_ring_admits_no_write_skew(base_url: str) -> None:
             expected_versions[agent_index] += 1
 
     distribution = dict(sorted(Counter(per_round).items()))
-    with new_client(base_url) as client:
-        stats = get_stats(client)
-        finals = []
-        for key in KEYS:
-            resp = client.get(f"/shard/{key}", params={"record": "false"})
-            expect(resp, [200])
-            finals.append(resp.json()["version"])
+    stats = assert_replicas_agree(bus)
+    for url in bus.urls:
+        with new_client(url) as client:
+            finals = []
+            for key in KEYS:
+                resp = client.get(f"/shard/{key}", params={"record": "false"})
+                expect(resp, [200])
+                finals.append(resp.json()["version"])
+        assert finals == expected_versions, (url, finals, expected_versions)
     print(
-        f"\nwrite-skew ring: {ROUNDS} rounds in {elapsed:.1f}s; successes per round "
-        f"{distribution}; wins per agent {expected_versions}; {stale} CrossShardStale"
+        f"\nwrite-skew ring [{bus.topology}]: {rounds} rounds in {elapsed:.1f}s; successes per "
+        f"round {distribution}; wins per agent {expected_versions}; {stale} CrossShardStale"
     )
 
     assert not skew_rounds, (
         f"write skew: all {RING} commits admitted in rounds {skew_rounds[:20]} "
-        f"({len(skew_rounds)} of {ROUNDS}); distribution {distribution}"
+        f"({len(skew_rounds)} of {rounds}); distribution {distribution}"
     )
     assert all(n >= 1 for n in per_round), f"a round with no winner (livelock): {distribution}"
-    assert distribution == {2: ROUNDS}, f"false conflicts: {distribution}"
-    assert finals == expected_versions
+    assert distribution == {2: rounds}, f"false conflicts: {distribution}"
     assert stats["total_commits"] == sum(per_round)
     assert stats["cross_shard_stale"] == stale
     assert stats["total_conflicts"] == 0
-    assert stats["view_checked_commits"] == RING * ROUNDS
+    assert stats["view_checked_commits"] == RING * rounds
     assert stats["view_divergent_commits"] == stale
