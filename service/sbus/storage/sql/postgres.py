@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import orjson
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sbus.core import rules
@@ -206,26 +207,43 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._engine is None:
+        """A pooled connection's asyncpg driver connection. Driver failures inside the
+        block become StoreUnavailable; a dead connection (the server restarted or went
+        away) is invalidated and the pool replaced, so the next request reconnects
+        instead of drawing another stale connection."""
+        engine = self._engine
+        if engine is None:
             raise StoreUnavailable("the PostgreSQL store is not started")
         try:
-            async with self._engine.connect() as sa_conn:
-                raw = await sa_conn.get_raw_connection()
-                driver: asyncpg.Connection = raw.driver_connection
-                yield driver
+            sa_conn = await engine.connect()
+        except (*CONNECTION_ERRORS, SQLAlchemyError, asyncpg.PostgresError) as exc:
+            # e.g. refused, or "the database system is starting up" wrapped by SQLAlchemy
+            raise StoreUnavailable(f"cannot get a PostgreSQL connection: {exc}") from exc
+        try:
+            raw = await sa_conn.get_raw_connection()
+            driver: asyncpg.Connection = raw.driver_connection
+            yield driver
         except SBusError:
             raise
+        except RETRYABLE:
+            raise  # _run retries these
         except CONNECTION_ERRORS as exc:
+            with contextlib.suppress(Exception):
+                await sa_conn.invalidate()
+            with contextlib.suppress(Exception):
+                await engine.dispose(close=False)
             raise StoreUnavailable(f"PostgreSQL connection failed: {exc}") from exc
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, RETRYABLE):
-                raise  # _run retries these
+        except (asyncpg.PostgresError, SQLAlchemyError) as exc:
             log.exception("PostgreSQL error")
             raise StoreUnavailable(f"PostgreSQL error: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await sa_conn.close()
 
     async def _run(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         """Run ``body`` in one READ COMMITTED transaction, retrying deadlocks and
-        serialization failures; map driver errors to StoreUnavailable with outcome."""
+        serialization failures. A failure before COMMIT was sent is ``not_applied``; a
+        failure while it was in flight is ``unknown`` (the commit may have landed)."""
         for attempt in range(4):
             committing = False
             try:
@@ -246,7 +264,9 @@ class PostgresStore:
                     committing = True
                     await tx.commit()
                     return result
-            except SBusError:
+            except StoreUnavailable as exc:
+                if committing:
+                    raise StoreUnavailable(exc.detail, outcome="unknown") from exc
                 raise
             except RETRYABLE as exc:
                 if attempt == 3:
@@ -254,16 +274,6 @@ class PostgresStore:
                         f"PostgreSQL kept aborting the transaction: {exc}", outcome="not_applied"
                     ) from exc
                 await asyncio.sleep(0.002 * (attempt + 1) * random.random())
-            except CONNECTION_ERRORS as exc:
-                raise StoreUnavailable(
-                    f"PostgreSQL connection failed: {exc}",
-                    outcome="unknown" if committing else "not_applied",
-                ) from exc
-            except asyncpg.PostgresError as exc:
-                log.exception("PostgreSQL error")
-                raise StoreUnavailable(
-                    f"PostgreSQL error: {exc}", outcome="unknown" if committing else "not_applied"
-                ) from exc
         raise AssertionError("unreachable")
 
     async def ping(self) -> None:
