@@ -21,14 +21,25 @@ Reported per phase: commits/s (successful), requests/s, p50/p99 commit latency,
 conflict rate (409s / commit attempts), server CPU per request (when this script
 started the server) and the ratio commit-throughput / ceiling req/s.
 
-Deployments are described by a store kind and a replica count so later stores slot
-in: ``--store sqlite|memory`` (temp dir, default sqlite) or ``--store-url URL`` for
-any URL ``sbus serve --store`` accepts (e.g. a PostgreSQL or Redis DSN), ``--workers
-N`` per replica, ``--replicas N`` bus processes on one shared store (agents are
-spread round-robin over replicas), or ``--url URL[,URL...]`` to target servers that
-are already running (they need SBUS_ADMIN_ENABLED=1). Loopback only.
+With PostgreSQL or Redis a reference phase runs too, in the same run:
 
-    .venv/bin/python loadtest/bench.py [--store sqlite] [--workers 1] [--seconds 10]
+R. ``rawcas``:    the database's own compare-and-swap rate driven directly from this
+                  Python process (loadtest/cas.py): asyncpg ``UPDATE ... WHERE k = $1
+                  AND version = $3`` over 64 connections, or EVALSHA of an equivalent
+                  Lua CAS from 64 tasks; one row/key per task (the dedicated topology
+                  with no S-Bus in between).
+
+Deployments: ``--store sqlite|memory|postgres|redis`` (sqlite in a temp dir; postgres and
+redis take ``--store-url`` or SBUS_TEST_POSTGRES_URL / SBUS_TEST_REDIS_URL, which
+scripts/with-services.sh exports; PostgreSQL is migrated with ``sbus migrate`` first,
+Redis must have maxmemory-policy noeviction), or ``--store-url URL`` alone for any URL
+``sbus serve --store`` accepts; ``--workers N`` per replica (default: the core count for
+PostgreSQL and Redis, 1 otherwise, as ``sbus serve``), ``--replicas N`` bus processes on
+one shared store (agents spread round-robin), or ``--url URL[,URL...]`` to target
+servers already running (they need SBUS_ADMIN_ENABLED=1). Loopback only. The CPU of the
+database server (found by its port in /proc) is reported beside the bus's.
+
+    scripts/with-services.sh .venv/bin/python loadtest/bench.py --store postgres --workers 2
 """
 
 from __future__ import annotations
@@ -56,26 +67,112 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from cas import CasResult, raw_cas
+
 CONNECTIONS = 64
 JSON_HEADERS = {"content-type": "application/json"}
 CONTENT = "x" * 64
 SHARED_KEYS = [f"shared/{i}" for i in range(4)]
-PHASES = ("ceiling", "dedicated", "hotspot", "cross")
+PHASES = ("ceiling", "rawcas", "dedicated", "hotspot", "cross")
+STORE_KINDS = ("sqlite", "memory", "postgres", "redis")
+ENV_URLS = {"postgres": "SBUS_TEST_POSTGRES_URL", "redis": "SBUS_TEST_REDIS_URL"}
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-TARGET_RATIO = 0.3
+# dedicated commits/s over the ceiling's req/s, per store (the issue's targets).
+TARGETS = {"sqlite": 0.3, "memory": 0.3, "postgres": 0.25, "redis": 0.3}
 
 
 # --------------------------------------------------------------------------- deployment
 
 
-def store_url(kind: str, workdir: Path) -> str:
-    """The store URL for a store kind. A later issue adds postgres/redis here (or passes
-    --store-url with a DSN started by the recipes in notes/services.md)."""
+def store_kind(url: str) -> str:
+    if url.startswith("sqlite"):
+        return "sqlite"
+    if url.startswith("memory"):
+        return "memory"
+    if url.startswith(("postgresql", "postgres://")):
+        return "postgres"
+    if url.startswith("redis://"):
+        return "redis"
+    return "external"
+
+
+def store_url(kind: str, workdir: Path, explicit: str | None = None) -> str:
+    """The store URL for a store kind: sqlite in ``workdir``, memory, or the PostgreSQL /
+    Redis URL given (``--store-url``) or exported by scripts/with-services.sh."""
+    if explicit:
+        return explicit
     if kind == "sqlite":
         return f"sqlite:///{workdir / 'bench.db'}"
     if kind == "memory":
         return "memory://"
+    if kind in ENV_URLS:
+        url = os.environ.get(ENV_URLS[kind])
+        if not url:
+            raise SystemExit(
+                f"bench: --store {kind} needs --store-url or {ENV_URLS[kind]} "
+                "(scripts/with-services.sh exports it)"
+            )
+        return url
     raise SystemExit(f"bench: unknown --store {kind!r}; use --store-url for other stores")
+
+
+def check_loopback_store(url: str) -> None:
+    host = urlsplit(url.replace("+asyncpg", "")).hostname
+    if store_kind(url) in ("postgres", "redis") and host not in LOOPBACK:
+        raise SystemExit(f"bench: store {url} is not on loopback")
+
+
+def prepare_store(url: str) -> None:
+    """PostgreSQL: ``sbus migrate``. Redis: refuse unless maxmemory-policy is noeviction
+    (the bus itself would stay not_ready)."""
+    kind = store_kind(url)
+    if kind == "postgres":
+        cmd = [*sbus_command(), "migrate", "--store", url]
+        done = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"bench: sbus migrate failed: {done.stderr.decode()[-500:]}")
+    elif kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5, decode_responses=True)
+        try:
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+        finally:
+            client.close()
+        if policy != "noeviction":
+            raise SystemExit(f"bench: Redis maxmemory-policy is {policy!r}, need noeviction")
+
+
+def store_server_pids(url: str) -> list[int]:
+    """The database server's root process for a loopback PostgreSQL or Redis URL, found
+    by its port on the command line (the postmaster's ``-p PORT``, redis-server's
+    ``HOST:PORT``); its backends are its children. Empty if not found (remote, other
+    user namespace, or not Linux)."""
+    kind = store_kind(url)
+    if kind not in ("postgres", "redis") or not Path("/proc").exists():
+        return []
+    port = urlsplit(url.replace("+asyncpg", "")).port or (5432 if kind == "postgres" else 6379)
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv if a]
+        if not words:
+            continue
+        exe = Path(words[0]).name
+        pg = kind == "postgres" and exe == "postgres" and _has_option(words, "-p", str(port))
+        rd = kind == "redis" and exe.startswith("redis-server")
+        if pg or (rd and any(w.endswith(f":{port}") for w in words)):
+            found.append(int(entry))
+    return found
+
+
+def _has_option(words: list[str], flag: str, value: str) -> bool:
+    return any(w == flag and words[i + 1 : i + 2] == [value] for i, w in enumerate(words))
 
 
 def free_port() -> int:
@@ -110,7 +207,8 @@ def _proc_children() -> dict[int, list[int]]:
 
 
 def cpu_seconds(root_pids: list[int]) -> float | None:
-    """utime + stime of the given processes and all their descendants (Linux /proc)."""
+    """CPU time of the given processes and all their descendants, reaped ones included
+    (Linux /proc)."""
     if not root_pids or not Path("/proc/self/stat").exists():
         return None
     tick = os.sysconf("SC_CLK_TCK")
@@ -124,7 +222,9 @@ def cpu_seconds(root_pids: list[int]) -> float | None:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        # utime, stime, and cutime, cstime: the CPU of reaped children (PostgreSQL
+        # backends that closed during the window would otherwise vanish from the sum).
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
         stack.extend(children.get(pid, []))
     return total / tick
 
@@ -136,6 +236,11 @@ class Deployment:
     workers: int
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workdir: Path | None = None
+    db_pids: list[int] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return store_kind(self.store)
 
     @property
     def pids(self) -> list[int]:
@@ -148,14 +253,25 @@ def start_deployment(args: argparse.Namespace) -> Deployment:
         for u in urls:
             if urlsplit(u).hostname not in LOOPBACK:
                 raise SystemExit(f"bench: {u} is not a loopback URL")
-        return Deployment(urls=urls, store="external", workers=args.workers)
+        # --store-url beside --url names the store behind them (raw CAS, DB CPU).
+        ext = args.store_url or "external"
+        return Deployment(
+            urls=urls, store=ext, workers=args.workers, db_pids=store_server_pids(ext)
+        )
     workdir = Path(tempfile.mkdtemp(prefix="sbus-bench-"))
-    url = args.store_url or store_url(args.store, workdir)
-    if args.replicas > 1 and url.startswith("memory"):
+    try:
+        url = store_url(args.store, workdir, args.store_url)
+        check_loopback_store(url)
+        if args.replicas > 1 and url.startswith("memory"):
+            raise SystemExit("bench: the memory store cannot be shared by several replicas")
+        prepare_store(url)
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise SystemExit("bench: the memory store cannot be shared by several replicas")
+        raise
     env = dict(os.environ, SBUS_ADMIN_ENABLED="1", SBUS_HOST="127.0.0.1")
-    dep = Deployment(urls=[], store=url, workers=args.workers, workdir=workdir)
+    dep = Deployment(
+        urls=[], store=url, workers=args.workers, workdir=workdir, db_pids=store_server_pids(url)
+    )
     for i in range(args.replicas):
         port = free_port()
         cmd = [*sbus_command(), "serve", "--port", str(port), "--store", url]
@@ -251,7 +367,10 @@ class PhaseResult:
     server_cpu_util: float | None
     client_cpu_util: float
     other_commits_per_s: float
+    db_cpu_util: float | None = None
+    db_cpu_ms_per_commit: float | None = None
     ratio_commits_to_ceiling: float | None = None
+    ratio_commits_to_rawcas: float | None = None
     ratio_requests_to_ceiling: float | None = None
     # ceiling's server CPU per /livez over this phase's server CPU per successful commit:
     # the commits/ceiling ratio a CPU-bound server would show, whatever the generator.
@@ -466,7 +585,42 @@ class Bench:
                     tally.error(f"shared writer commit: {status}")
 
     # -- phases -----------------------------------------------------------------
+    async def run_rawcas(self) -> PhaseResult:
+        db_pids = self.dep.db_pids
+
+        def probe() -> float | None:
+            return cpu_seconds(db_pids)
+
+        r: CasResult = await raw_cas(
+            self.dep.store, self.args.seconds, self.args.warmup, CONNECTIONS, probe
+        )
+        return PhaseResult(
+            phase="rawcas",
+            seconds=r.seconds,
+            requests_per_s=r.ops_per_s,
+            commits_per_s=r.ops_per_s,
+            commit_attempts=r.ok + r.failed,
+            commits=r.ok,
+            conflicts=r.failed,
+            conflict_rate=r.failed / (r.ok + r.failed) if r.ok + r.failed else 0.0,
+            cross_shard_stale=0,
+            errors=0,
+            p50_ms=r.p50_ms,
+            p99_ms=r.p99_ms,
+            server_cpu_ms_per_request=None,
+            server_cpu_ms_per_commit=None,
+            server_cpu_util=None,
+            client_cpu_util=r.client_cpu_util,
+            other_commits_per_s=0.0,
+            db_cpu_util=r.db_cpu_util,
+            db_cpu_ms_per_commit=(
+                r.db_cpu_util * r.seconds * 1000 / r.ok if r.db_cpu_util and r.ok else None
+            ),
+        )
+
     async def run_phase(self, name: str) -> PhaseResult:
+        if name == "rawcas":
+            return await self.run_rawcas()
         agents = self.args.agents
         loops: list[Callable[[int, Tally, Window], Awaitable[None]]]
         if name == "ceiling":
@@ -490,27 +644,32 @@ class Bench:
         tasks += [self.shared_writer(j, tally, window) for j in range(writers)]
         await asyncio.sleep(0)
         cpu0: float | None = None
+        db0: float | None = None
         client0 = 0.0
 
         async def sample_start() -> None:
-            nonlocal cpu0, client0
+            nonlocal cpu0, db0, client0
             await asyncio.sleep(max(0.0, window.start - time.perf_counter()))
             cpu0 = cpu_seconds(self.dep.pids)
+            db0 = cpu_seconds(self.dep.db_pids)
             client0 = time.process_time()
 
         cpu1: float | None = None
+        db1: float | None = None
         client1 = 0.0
 
         async def sample_end() -> None:
-            nonlocal cpu1, client1
+            nonlocal cpu1, db1, client1
             await asyncio.sleep(max(0.0, window.end - time.perf_counter()))
             cpu1 = cpu_seconds(self.dep.pids)
+            db1 = cpu_seconds(self.dep.db_pids)
             client1 = time.process_time()
 
         limit = self.args.warmup + self.args.seconds + self.args.timeout + 5
         await asyncio.wait_for(asyncio.gather(sample_start(), sample_end(), *tasks), limit)
         secs = self.args.seconds
         server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        db_cpu = None if db0 is None or db1 is None else db1 - db0
         return PhaseResult(
             phase=name,
             seconds=secs,
@@ -537,18 +696,25 @@ class Bench:
             server_cpu_util=server_cpu / secs if server_cpu is not None else None,
             client_cpu_util=(client1 - client0) / secs,
             other_commits_per_s=tally.other_commits / secs,
+            db_cpu_util=db_cpu / secs if db_cpu is not None else None,
+            db_cpu_ms_per_commit=(
+                db_cpu * 1000 / tally.commits if db_cpu is not None and tally.commits else None
+            ),
             error_samples=tuple(tally.error_samples),
         )
 
 
 def with_ratios(results: list[PhaseResult]) -> list[PhaseResult]:
     ceiling = next((r for r in results if r.phase == "ceiling"), None)
+    rawcas = next((r for r in results if r.phase == "rawcas"), None)
     if ceiling is None or ceiling.requests_per_s == 0:
         return results
     out = []
     for r in results:
         base = asdict(r)
         base["error_samples"] = r.error_samples
+        if rawcas is not None and rawcas.commits_per_s and r.phase not in ("ceiling", "rawcas"):
+            base["ratio_commits_to_rawcas"] = r.commits_per_s / rawcas.commits_per_s
         if r.phase != "ceiling":
             base["ratio_commits_to_ceiling"] = r.commits_per_s / ceiling.requests_per_s
             if ceiling.server_cpu_ms_per_request and r.server_cpu_ms_per_commit:
@@ -576,6 +742,7 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
         f"{'phase':<10}{'commits/s':>10}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
         f"{'conflict':>9}{'stale':>7}{'errors':>7}{'xceil':>7}{'req/ceil':>9}"
         f"{'srv ms/req':>11}{'ms/commit':>10}{'cpu xceil':>10}{'srv cpu':>8}{'gen cpu':>8}"
+        f"{'db cpu':>7}{'db ms/c':>8}{'xcas':>6}"
     )
     yield header
     yield "-" * len(header)
@@ -591,6 +758,8 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
             f"{_fmt(r.server_cpu_ms_per_commit, '.2f'):>10}"
             f"{_fmt(r.cpu_ratio_commits_to_ceiling, '.3f'):>10}"
             f"{_fmt(r.server_cpu_util, '.2f'):>8}{r.client_cpu_util:>8.2f}"
+            f"{_fmt(r.db_cpu_util, '.2f'):>7}{_fmt(r.db_cpu_ms_per_commit, '.3f'):>8}"
+            f"{_fmt(r.ratio_commits_to_rawcas, '.2f'):>6}"
         )
     yield ""
     yield "p50/p99: commit latency (ceiling: /livez latency). conflict: 409s / commit attempts."
@@ -600,17 +769,25 @@ def table(results: list[PhaseResult], dep: Deployment, args: argparse.Namespace)
         "commit; cpu xceil: ceiling ms/req / ms/commit (the ratio if the server were the "
         "bottleneck)."
     )
+    yield (
+        "rawcas: the database's own CAS from Python (64 conns/tasks, no S-Bus). db cpu: cores "
+        "busy in the database server; db ms/c: its CPU per successful commit; xcas: "
+        "commits/s / rawcas ops/s."
+    )
     for r in results:
         if r.phase == "cross":
             yield f"cross: shared-shard writers committed {r.other_commits_per_s:.1f}/s."
         for sample in r.error_samples:
             yield f"{r.phase} error: {sample}"
+    target = TARGETS.get(dep.kind)
     for r in results:
-        if r.ratio_commits_to_ceiling is not None and r.phase == "dedicated":
-            verdict = "met" if r.ratio_commits_to_ceiling >= TARGET_RATIO else "MISSED"
+        if r.ratio_commits_to_ceiling is not None and r.phase == "dedicated" and target:
+            verdict = "met" if r.ratio_commits_to_ceiling >= target else "MISSED"
             yield (
-                f"target dedicated commits/s >= {TARGET_RATIO}x ceiling: "
-                f"{r.ratio_commits_to_ceiling:.2f}x ({verdict})"
+                f"target ({dep.kind}) dedicated commits/s >= {target}x ceiling: "
+                f"{r.ratio_commits_to_ceiling:.2f}x ({verdict}); "
+                f"server-CPU-bound estimate (cpu xceil) "
+                f"{_fmt(r.cpu_ratio_commits_to_ceiling, '.2f')}x"
             )
 
 
@@ -629,7 +806,12 @@ async def amain(args: argparse.Namespace) -> int:
         bench = Bench(dep, args)
         try:
             results = []
-            for name in args.phases:
+            phases = list(args.phases)
+            if dep.kind not in ("postgres", "redis") and "rawcas" in phases:
+                phases.remove("rawcas")
+                if args.phases_given:
+                    print("bench: rawcas needs a PostgreSQL or Redis store", file=sys.stderr)
+            for name in phases:
                 results.append(await bench.run_phase(name))
                 if not args.json:
                     print(f"  {name}: done", file=sys.stderr)
@@ -644,6 +826,8 @@ async def amain(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "store": dep.store,
+            "store_kind": dep.kind,
+            "target": TARGETS.get(dep.kind),
             "replicas": len(dep.urls),
             "workers": dep.workers,
             "agents": args.agents,
@@ -671,9 +855,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--store", default="sqlite", help="store kind started in a temp dir")
+    p.add_argument(
+        "--store",
+        default="sqlite",
+        choices=STORE_KINDS,
+        help="store kind (postgres/redis: URL from --store-url or SBUS_TEST_*_URL)",
+    )
     p.add_argument("--store-url", default=None, help="explicit store URL (overrides --store)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes per replica")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes per replica (default: cores for postgres/redis, else 1)",
+    )
     p.add_argument("--replicas", type=int, default=1, help="bus processes on one store")
     p.add_argument("--url", default=None, help="comma-separated running server URL(s)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase")
@@ -694,10 +888,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="64 one-connection clients, or one httpx pool of 64 (slow: see docs)",
     )
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop")
-    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    p.add_argument(
+        "--phases",
+        default=None,
+        help=f"comma-separated subset of {','.join(PHASES)} (rawcas: postgres/redis only)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    args.phases_given = args.phases is not None
+    args.phases = [x.strip() for x in (args.phases or ",".join(PHASES)).split(",") if x.strip()]
+    kind = store_kind(args.store_url) if args.store_url else args.store
+    if args.workers is None:
+        args.workers = (os.cpu_count() or 1) if kind in ("postgres", "redis") else 1
     for name in args.phases:
         if name not in PHASES:
             p.error(f"unknown phase {name!r}")
