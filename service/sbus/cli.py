@@ -1,4 +1,4 @@
-"""The ``sbus`` command: serve, migrate, version."""
+"""The ``sbus`` command: serve, migrate, version, token."""
 
 from __future__ import annotations
 
@@ -124,6 +124,72 @@ def migrate(
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+token_app = typer.Typer(no_args_is_help=True, help="Capability tokens (token mode)")
+app.add_typer(token_app, name="token")
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_ttl(text: str) -> int:
+    """``30s``, ``15m``, ``1h``, ``1d`` or plain seconds -> seconds."""
+    text = text.strip()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _TTL_UNITS else (text, "s")
+    if not number.isdigit() or int(number) < 1:
+        raise typer.BadParameter(f"{text!r}: expected a positive duration like 30s, 15m, 1h, 1d")
+    return int(number) * _TTL_UNITS[unit]
+
+
+@token_app.command("issue")
+def token_issue(
+    agent: Annotated[str, typer.Option(help="The agent the token identifies (sub)")],
+    allow: Annotated[
+        list[str],
+        typer.Option(help="RIGHTS:PATTERN, e.g. 'read:plan/*', 'write,create:code/A/*'"),
+    ],
+    ttl: Annotated[str, typer.Option(help="Lifetime: 30s, 15m, 1h, 1d")] = "1h",
+    json_: Annotated[bool, typer.Option("--json", help="Print {token, claims} as JSON")] = False,
+) -> None:
+    """Sign a capability token with SBUS_SIGNING_KEY or SBUS_SECRET."""
+    import json
+
+    from sbus.core.errors import SBusError
+    from sbus.security.rights import parse_allow
+    from sbus.security.tokens import Issuer
+
+    seconds = parse_ttl(ttl)
+    settings = Settings()
+    try:
+        scopes = [parse_allow(spec) for spec in allow]
+        token, claims = Issuer.from_settings(settings).issue(agent, scopes, seconds)
+    except SBusError as exc:
+        typer.echo(f"sbus: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+    if json_:
+        typer.echo(json.dumps({"token": token, "claims": claims.to_json()}, indent=2))
+    else:
+        typer.echo(token)
+
+
+@token_app.command("keygen")
+def token_keygen(
+    path: Annotated[str, typer.Argument(help="Where to write the private key PEM")],
+    force: Annotated[bool, typer.Option(help="Replace existing files")] = False,
+) -> None:
+    """Write an Ed25519 private key (mode 0600) and its public key beside it."""
+    from pathlib import Path
+
+    from sbus.security.keys import write_keypair
+
+    try:
+        private, public, kid = write_keypair(Path(path), force=force)
+    except OSError as exc:
+        typer.echo(f"sbus: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"private key: {private} (SBUS_SIGNING_KEY)", err=True)
+    typer.echo(f"public key:  {public} (SBUS_VERIFY_KEY on verify-only replicas)", err=True)
+    typer.echo(f"kid:         {kid}", err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point
