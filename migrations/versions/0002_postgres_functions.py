@@ -27,6 +27,25 @@ CREATE OR REPLACE FUNCTION sbus_now_ms() RETURNS bigint LANGUAGE sql VOLATILE AS
 $$;
 """
 
+LOCK_RUN = """
+CREATE OR REPLACE FUNCTION sbus_lock_run(p_keys text[], p_write boolean)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+  v_n bigint;
+BEGIN
+  -- count(*) over the locking subquery makes every row of the run get locked.
+  IF p_write THEN
+    SELECT count(*) INTO v_n FROM (
+      SELECT 1 FROM sbus_shards WHERE key = ANY(p_keys) ORDER BY key COLLATE "C" FOR UPDATE
+    ) AS locked;
+  ELSE
+    SELECT count(*) INTO v_n FROM (
+      SELECT 1 FROM sbus_shards WHERE key = ANY(p_keys) ORDER BY key COLLATE "C" FOR SHARE
+    ) AS locked;
+  END IF;
+END $$;
+"""
+
 LOAD = """
 CREATE OR REPLACE FUNCTION sbus_txn_load(
   p_agent text, p_session text, p_writes text[], p_reads text[],
@@ -40,7 +59,10 @@ DECLARE
   v_keys text[];
   v_key text;
   v_row jsonb;
-  v_shards jsonb := '[]'::jsonb;
+  v_shards jsonb;
+  v_run text[] := '{}'::text[];
+  v_run_write boolean;
+  v_write boolean;
   v_sources jsonb := '[]'::jsonb;
   v_idem jsonb;
   i int;
@@ -65,16 +87,28 @@ BEGIN
     SELECT unnest(p_writes) UNION SELECT unnest(p_reads)
     UNION SELECT key FROM sbus_dl_entries WHERE agent_id = p_agent AND session_id = p_session
   ) AS u(k);
+  -- Lock in ONE pass in ascending byte order. Consecutive keys that take the same
+  -- mode are locked by one statement: ORDER BY under FOR UPDATE/SHARE locks the rows
+  -- in sorted order, so the global order holds and a commit with one written key and
+  -- N read keys costs at most three statements, not N + 1.
   FOREACH v_key IN ARRAY COALESCE(v_keys, '{}'::text[]) LOOP
-    IF v_key = ANY(p_writes) THEN
-      SELECT to_jsonb(s) INTO v_row FROM sbus_shards s WHERE s.key = v_key FOR UPDATE;
-    ELSE
-      SELECT to_jsonb(s) INTO v_row FROM sbus_shards s WHERE s.key = v_key FOR SHARE;
+    v_write := v_key = ANY(p_writes);
+    IF cardinality(v_run) > 0 AND v_write <> v_run_write THEN
+      PERFORM sbus_lock_run(v_run, v_run_write);
+      v_run := '{}'::text[];
     END IF;
-    IF v_row IS NOT NULL THEN
-      v_shards := v_shards || jsonb_build_array(v_row);
-    END IF;
+    v_run_write := v_write;
+    v_run := v_run || v_key;
   END LOOP;
+  IF cardinality(v_run) > 0 THEN
+    PERFORM sbus_lock_run(v_run, v_run_write);
+  END IF;
+  -- Then read every locked row in one set-based query (read-only rows without their
+  -- content, which decide never needs).
+  SELECT COALESCE(jsonb_agg(CASE WHEN s.key = ANY(p_writes) THEN to_jsonb(s)
+                                 ELSE to_jsonb(s) - 'content' END), '[]'::jsonb)
+    INTO v_shards
+    FROM sbus_shards s WHERE s.key = ANY(v_keys);
   FOR i IN 1 .. COALESCE(array_length(p_rb_keys, 1), 0) LOOP
     SELECT to_jsonb(h) INTO v_row FROM sbus_history h
      WHERE h.key = p_rb_keys[i] AND h.version = p_rb_versions[i];
@@ -231,13 +265,13 @@ BEGIN
 END $$;
 """
 
-FUNCTIONS = ("sbus_read", "sbus_txn_apply", "sbus_txn_load", "sbus_now_ms")
+FUNCTIONS = ("sbus_read", "sbus_txn_apply", "sbus_txn_load", "sbus_lock_run", "sbus_now_ms")
 
 
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    for ddl in (NOW, LOAD, APPLY, READ):
+    for ddl in (NOW, LOCK_RUN, LOAD, APPLY, READ):
         op.execute(ddl)
 
 

@@ -60,7 +60,7 @@ async def test_unreachable_server_is_not_applied() -> None:
 async def test_load_locks_written_rows_for_update_and_read_rows_for_share(
     pg: PostgresStore, raw: asyncpg.Connection
 ) -> None:
-    for key in ("r", "w"):
+    for key in ("a", "r", "w", "z"):
         await pg.create(CreateOp(key, "v0", "", False, "", new_commit_id()))
     conn = await asyncpg.connect(asyncpg_dsn(backends.POSTGRES_URL))
     try:
@@ -71,12 +71,17 @@ async def test_load_locks_written_rows_for_update_and_read_rows_for_share(
             "A",
             "",
             ["w"],
-            ["r"],
+            ["a", "r", "z"],
             [],
             [],
             None,
         )
         await raw.execute("SET lock_timeout = '200ms'")
+        # Every read-only row of a run is locked, not just the first (a, r) or a lone
+        # one after the written key (z).
+        for key in ("a", "z"):
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await raw.execute("UPDATE sbus_shards SET version = 9 WHERE key = $1", key)
         # A read-only row is shared: others may share it but not update it ...
         assert await raw.fetchval("SELECT version FROM sbus_shards WHERE key = 'r' FOR SHARE") == 0
         with pytest.raises(asyncpg.LockNotAvailableError):
