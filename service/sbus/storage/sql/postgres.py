@@ -408,18 +408,26 @@ class PostgresStore:
         return await self._run(body)
 
     async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
-        async def body(conn: asyncpg.Connection) -> Any:
-            return await conn.fetchval(
-                "SELECT sbus_read($1, $2, $3, $4, $5, $6)",
-                key,
-                agent_id,
-                session_id,
-                record,
-                self.limits.session_ttl_ms,
-                self.limits.max_dl_entries,
-            )
-
-        result = _json(await self._run(body))
+        # One statement is its own transaction: the recorded read is atomic in one round
+        # trip, without BEGIN/COMMIT around it. A failure means nothing was recorded.
+        for attempt in range(4):
+            try:
+                async with self._conn() as conn:
+                    raw = await conn.fetchval(
+                        "SELECT sbus_read($1, $2, $3, $4, $5, $6)",
+                        key,
+                        agent_id,
+                        session_id,
+                        record,
+                        self.limits.session_ttl_ms,
+                        self.limits.max_dl_entries,
+                    )
+                break
+            except RETRYABLE as exc:
+                if attempt == 3:
+                    raise StoreUnavailable(f"PostgreSQL kept aborting the read: {exc}") from exc
+                await asyncio.sleep(0.002 * (attempt + 1) * random.random())
+        result = _json(raw)
         if result["shard"] is None:
             raise ShardNotFound(f"shard not found: key={key}", key=key)
         shard = shard_from(result["shard"])
