@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     idempotency_ttl: int = Field(86_400, ge=1)
     require_agent_id: bool = False
     test_hooks: bool = False
-    # Reserved for the token mode of a later release; parsed so deployments can set them.
+    # Token mode (SPEC section 5); sbus.security.keys reads the key variables.
     secret: str = ""
     signing_key: str = ""
     verify_key: str = ""
@@ -88,10 +88,10 @@ class Settings(BaseSettings):
     def startup_problem(self) -> str | None:
         """Why this configuration must not serve, or None."""
         if self.auth_mode == "token":
-            return (
-                "token mode is not available in this release: bind a loopback SBUS_HOST, "
-                "or set SBUS_AUTH=open with SBUS_ALLOW_INSECURE=1"
-            )
+            # Imported here: sbus.security.keys imports this module.
+            from sbus.security.keys import token_mode_problem
+
+            return token_mode_problem(self)
         if not is_loopback(self.host) and not self.allow_insecure:
             return (
                 f"refusing to serve open mode on non-loopback host {self.host!r}: "

@@ -14,11 +14,15 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from sbus import __version__
 from sbus.api import openapi, problems
+from sbus.api.auth import Authenticator
 from sbus.api.middleware import Gate
 from sbus.api.routers import admin, commits, sessions, shards, stats
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
+from sbus.security import KeyConfigError
+from sbus.security.keys import KeySet
+from sbus.security.tokens import Issuer, Verifier
 from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
 from sbus.telemetry.metrics import Metrics, Timing
@@ -54,8 +58,22 @@ async def _connect(app: FastAPI, store: Store) -> None:
             log.warning("purge skipped: %s", exc.detail)
 
 
+def _keys(settings: Settings) -> tuple[KeySet | None, str | None]:
+    """The key set, or None and why not. Token mode needs one (KeyConfigError, which
+    ``startup_problem`` reports before we get here); open mode only uses it to issue
+    tokens through POST /admin/tokens."""
+    try:
+        return KeySet.from_settings(settings), None
+    except KeyConfigError as exc:
+        if settings.auth_mode == "token":
+            raise
+        return None, exc.detail
+
+
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
     settings = settings or Settings()
+    keys, no_keys = _keys(settings)
+    token_mode = settings.auth_mode == "token"
     store = store or open_store(settings.store, settings.store_limits(), settings.namespace)
 
     @contextlib.asynccontextmanager
@@ -83,6 +101,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.ready = False
     app.state.not_ready_reason = "store not connected yet"
     app.state.metrics = Metrics()
+    app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
+    app.state.no_issuer_reason = no_keys
+    verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
+    # The revocation lookup (a store read by jti) plugs in here as ``revoked=``.
+    authenticator = Authenticator(verifier=verifier, admin_enabled=settings.admin_enabled)
+    app.state.authenticator = authenticator
     problems.install(app)
     for module in (shards, commits, sessions, admin, stats):
         app.include_router(module.router)
@@ -99,8 +123,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.add_middleware(
         Gate,
         max_body=settings.max_body,
-        check_host=settings.auth_mode == "open",
+        check_host=not token_mode,
         is_ready=lambda: bool(app.state.ready),
+        authenticator=authenticator,
     )
     app.add_middleware(Timing, metrics=app.state.metrics)
     return app

@@ -1,19 +1,25 @@
-"""Request-scoped helpers: the bus, identity resolution (SPEC section 2, "Identity on
-the wire"), If-Match parsing, Idempotency-Key fingerprints and the admin gate."""
+"""Request-scoped helpers: the bus, the principal and identity resolution (SPEC
+section 2, "Identity on the wire"; section 4 step 4), capability checks (step 8),
+If-Match parsing, Idempotency-Key fingerprints and the admin gate."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any
+from collections.abc import Iterable
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
 
+from sbus.api.auth import PRINCIPAL
 from sbus.config import Settings
 from sbus.core import errors as e
 from sbus.core.chain import canonical_json
 from sbus.core.engine import Bus
 from sbus.core.keys import text_problem
-from sbus.core.types import IdemRef
+from sbus.core.types import CreateOp, IdemRef, Outcome, Shard, Txn
+from sbus.security import TokenInvalid
+from sbus.security.rights import Capabilities, Principal, Right
+from sbus.storage.protocol import Store
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
 SESSION_HEADER = "x-sbus-session-id"
@@ -47,12 +53,40 @@ def _header_text(request: Request, name: str) -> str | None:
     return value
 
 
+def principal_of(request: Request) -> Principal:
+    """The principal the gate authenticated. Fails closed: a route reached without one
+    (only the PUBLIC routes are, and they never ask) is unauthenticated."""
+    principal = request.scope.get("state", {}).get(PRINCIPAL)
+    if principal is None:
+        raise TokenInvalid("this route needs an authenticated principal")
+    return cast(Principal, principal)
+
+
+def capabilities_of(request: Request) -> Capabilities:
+    return principal_of(request).capabilities
+
+
+def token_agent(request: Request) -> str | None:
+    """The agent the token names (token mode), or None (open mode: the request names it)."""
+    return principal_of(request).agent or None
+
+
 def agent_of(request: Request, *claimed: str | None) -> str | None:
-    """The one agent named by headers and body/query fields; empty means absent.
-    Two sources that disagree are an AgentMismatch."""
+    """The one agent named by the token, headers and body/query fields; empty means
+    absent. Two sources that disagree are an AgentMismatch. In token mode the agent IS
+    the token's ``sub``: any other source must name the same agent."""
     sources = [_header_text(request, h) for h in AGENT_HEADERS]
     sources.extend(claimed)
     named = {s for s in sources if s}
+    bound = token_agent(request)
+    if bound is not None:
+        others = named - {bound}
+        if others:
+            raise e.AgentMismatch(
+                f"the token is for agent {bound!r}; the request names "
+                + ", ".join(repr(o) for o in sorted(others))
+            )
+        return bound
     if len(named) > 1:
         raise e.AgentMismatch("agent identity sources disagree: " + ", ".join(sorted(named)))
     return named.pop() if named else None
@@ -125,9 +159,70 @@ def idempotency(request: Request, agent_id: str, body: Any) -> IdemRef | None:
     return IdemRef(agent_id, key, digest.hexdigest())
 
 
-async def require_admin(settings: SettingsDep) -> None:
-    if not settings.admin_enabled:
+def denied(caps: Capabilities, needs: Iterable[tuple[str, Right]]) -> e.CapabilityDenied | None:
+    """The refusal for the first (key, right) in sorted order that ``caps`` lacks."""
+    for key, right in sorted(set(needs)):
+        if not caps.allows(right, key):
+            return e.CapabilityDenied(
+                f"no {right.value} right on {key!r}", key=key, right=right.value
+            )
+    return None
+
+
+def require_rights(request: Request, needs: Iterable[tuple[str, Right]]) -> None:
+    """Raise CapabilityDenied now (reads: SPEC section 4, "A GET runs ... the read-right
+    check"), before the store is touched."""
+    refusal = denied(capabilities_of(request), needs)
+    if refusal is not None:
+        raise refusal
+
+
+class _Refusing:
+    """The store as seen by a state change that failed its capability check: reads
+    (the idempotency lookup) pass through, the one atomic call raises the refusal."""
+
+    def __init__(self, store: Store, refusal: e.CapabilityDenied) -> None:
+        self._store = store
+        self._refusal = refusal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def apply(self, txn: Txn) -> Outcome:
+        raise self._refusal
+
+    async def create(self, op: CreateOp) -> Outcome:
+        raise self._refusal
+
+    async def admin_create(self, op: CreateOp) -> Shard | None:
+        raise self._refusal
+
+
+def checked_bus(request: Request, bus: Bus, needs: Iterable[tuple[str, Right]]) -> Bus:
+    """The bus to submit a state change through. SPEC section 4 puts the capability
+    check (step 8) after idempotency (6) and the limits (7), which the engine applies;
+    the engine has no capability hook yet, so a refused request goes through a bus whose
+    store raises the refusal instead of making the atomic call. An allowed request (the
+    open-mode case) uses the shared bus untouched."""
+    refusal = denied(capabilities_of(request), needs)
+    if refusal is None:
+        return bus
+    return Bus(cast(Store, _Refusing(bus.store, refusal)), bus.limits)
+
+
+def commit_needs(
+    written: Iterable[str], read_set: Iterable[str], right: Right = Right.WRITE
+) -> list[tuple[str, Right]]:
+    return [(k, right) for k in written] + [(k, Right.READ) for k in read_set]
+
+
+async def require_admin(request: Request) -> None:
+    if capabilities_of(request).is_admin:
+        return
+    if token_agent(request) is None:
+        # Open mode keeps its compat code: the switch is the missing piece.
         raise e.AdminDisabled("admin endpoints are disabled; set SBUS_ADMIN_ENABLED=1")
+    raise e.CapabilityDenied("this endpoint needs the admin right", key="**", right="admin")
 
 
 AdminDep = Depends(require_admin)

@@ -1,5 +1,6 @@
 """Pure-ASGI gate for SPEC section 4 steps 1-3 that run before any body is parsed:
-the open-mode Host check, the store-readiness gate, the body-size cap and the
+authentication (the open-mode Host check, or the bearer token in token mode, see
+``sbus.api.auth``), the store-readiness gate, the body-size cap and the
 ``Content-Type: application/json`` requirement on every POST and DELETE.
 
 The Host and Content-Type rules are what stop a web page in a developer's browser
@@ -15,8 +16,10 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
 from sbus.api.problems import problem_response
 from sbus.core import errors as e
+from sbus.security import TokenInvalid
 
 ALLOWED_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Routes that answer while the store is still connecting.
@@ -49,16 +52,30 @@ class Gate:
         max_body: int,
         check_host: bool,
         is_ready: Callable[[], bool],
+        authenticator: Authenticator,
     ) -> None:
         self.app = app
         self.max_body = max_body
         self.check_host = check_host
         self.is_ready = is_ready
+        self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.authenticator.token_mode:
+            authorization = [v for k, v in scope["headers"] if k == b"authorization"]
+            try:
+                principal = await self.authenticator.authenticate(scope["path"], authorization)
+            except TokenInvalid as exc:
+                response = problem_response(exc, token_sent=sent_bearer(authorization))
+                await response(scope, receive, send)
+                return
+        else:
+            principal = self.authenticator.open_identity
+        if principal is not None:
+            scope.setdefault("state", {})[PRINCIPAL] = principal
         problem = self._precheck(scope)
         if problem is not None:
             await self._reject(problem, scope, receive, send)

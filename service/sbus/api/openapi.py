@@ -8,11 +8,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from sbus.api.auth import PUBLIC
 from sbus.api.schemas import Problem
 
 DESCRIPTIONS = {
     400: "Malformed request (JSON, If-Match, identity)",
-    403: "Forbidden (Host, identity, admin, mandate)",
+    401: "Missing, invalid, expired or revoked bearer token (token mode)",
+    403: "Forbidden (Host, identity, capability, admin, mandate)",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
@@ -21,12 +23,12 @@ DESCRIPTIONS = {
     415: "Content-Type must be application/json",
     422: "Validation failed",
     428: "Precondition required",
-    503: "Store unavailable",
+    503: "Store unavailable (or, issuing tokens, no signing key on this replica)",
 }
-# Statuses any route can answer: the gate (Host, readiness, body cap, media type),
-# validation and unknown methods.
-COMMON_GET = (403, 404, 422, 503)
-COMMON_WRITE = (400, 403, 404, 405, 413, 415, 422, 503)
+# Statuses any route can answer: the gate (token, Host, readiness, body cap, media
+# type), validation and unknown methods. PUBLIC routes are never authenticated.
+COMMON_GET = (401, 403, 404, 422, 503)
+COMMON_WRITE = (400, 401, 403, 404, 405, 413, 415, 422, 503)
 
 
 def errs(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -53,6 +55,8 @@ def install(app: FastAPI) -> None:
                 responses = operation.setdefault("responses", {})
                 common = COMMON_GET if method == "get" else COMMON_WRITE
                 for status in common:
+                    if status == 401 and path in PUBLIC:
+                        continue
                     responses.setdefault(str(status), {"description": DESCRIPTIONS[status]})
                 for status, response in responses.items():
                     code = int(status)

@@ -16,11 +16,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from sbus.core import errors as e
+from sbus.security import (
+    KeyConfigError,
+    MandateConsumed,
+    MandateContextMismatch,
+    MandateExpired,
+    MandateHolderMismatch,
+    MandateScopeMismatch,
+    SigningUnavailable,
+    TokenInvalid,
+    TokenRevoked,
+)
 
 PROBLEM_TYPE = "https://sbus.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
 
 STATUS: dict[type[e.SBusError], int] = {
+    TokenInvalid: 401,  # Unauthorized, also TokenExpired
+    TokenRevoked: 401,
     e.MalformedJSON: 400,
     e.InvalidPrecondition: 400,
     e.AgentRequired: 400,
@@ -30,6 +43,9 @@ STATUS: dict[type[e.SBusError], int] = {
     e.HostNotAllowed: 403,
     e.CapabilityDenied: 403,
     e.MandateRequired: 403,
+    MandateHolderMismatch: 403,
+    MandateScopeMismatch: 403,
+    MandateContextMismatch: 403,
     e.RouteNotFound: 404,
     e.ShardNotFound: 404,
     e.ShardDeleted: 404,
@@ -39,8 +55,10 @@ STATUS: dict[type[e.SBusError], int] = {
     e.ShardAlreadyExists: 409,
     e.VersionMismatch: 409,
     e.CrossShardStale: 409,
+    MandateConsumed: 409,
     e.StateError: 409,
     e.SessionExpired: 410,
+    MandateExpired: 410,
     e.RequestTooLarge: 413,
     e.DeltaTooLarge: 413,
     e.ReadSetTooLarge: 413,
@@ -51,8 +69,17 @@ STATUS: dict[type[e.SBusError], int] = {
     e.PreconditionConflict: 422,
     e.IdempotencyKeyReused: 422,
     e.PreconditionRequired: 428,
+    KeyConfigError: 500,  # refused at startup; never expected while serving
     e.StoreUnavailable: 503,
+    # A verify-only replica: the request is fine, another replica (with
+    # SBUS_SIGNING_KEY) can serve it. No Retry-After: retrying here cannot help.
+    SigningUnavailable: 503,
 }
+
+# RFC 6750 section 3: a request without a token gets the bare challenge; one whose
+# token was refused learns that the token (not the request) is the problem.
+CHALLENGE = "Bearer"
+CHALLENGE_INVALID = 'Bearer error="invalid_token"'
 
 
 def status_of(err: e.SBusError) -> int:
@@ -73,11 +100,15 @@ def problem_body(err: e.SBusError, status: int) -> dict[str, Any]:
     }
 
 
-def problem_response(err: e.SBusError) -> Response:
+def problem_response(err: e.SBusError, *, token_sent: bool = True) -> Response:
+    """``token_sent`` only matters for a 401: whether the request carried a bearer
+    token, which selects the ``WWW-Authenticate`` challenge."""
     status = status_of(err)
     headers: dict[str, str] = {}
     if isinstance(err, e.StoreUnavailable):
         headers["Retry-After"] = str(err.retry_after)
+    if isinstance(err, TokenInvalid):
+        headers["WWW-Authenticate"] = CHALLENGE_INVALID if token_sent else CHALLENGE
     return Response(
         orjson.dumps(problem_body(err, status)),
         status_code=status,

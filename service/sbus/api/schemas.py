@@ -155,3 +155,25 @@ class Problem(BaseModel):
     status: int
     detail: str
     error: str
+
+
+class ScopeOut(BaseModel):
+    pattern: str
+    rights: list[str]
+
+
+class ClaimsOut(BaseModel):
+    sub: str
+    scopes: list[ScopeOut]
+    iat: int
+    exp: int
+    jti: str
+    iss: str
+    aud: str
+
+
+class TokenOut(BaseModel):
+    token: str = Field(description="The JWT, for Authorization: Bearer")
+    jti: str
+    expires_at: str = Field(description="RFC 3339 UTC")
+    claims: ClaimsOut

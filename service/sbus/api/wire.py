@@ -188,3 +188,16 @@ class InjectStaleBody(WireModel):
 
 class AdvanceClockBody(WireModel):
     ms: Version
+
+
+class ScopeIn(WireModel):
+    pattern: str
+    rights: list[str]
+
+
+class TokenBody(WireModel):
+    """POST /admin/tokens. Patterns and rights are checked by ``sbus.security``."""
+
+    agent: str
+    scopes: list[ScopeIn] = Field(max_length=256)
+    ttl_s: int

@@ -1,5 +1,6 @@
 """Admin endpoints: gated by the admin right in every mode (open mode:
-SBUS_ADMIN_ENABLED=1), except health, which is never gated."""
+SBUS_ADMIN_ENABLED=1), except health, which is never gated, and GET /admin/config,
+which any authenticated caller may read. POST /admin/tokens issues capability tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from sbus.api.deps import AdminDep, BusDep, SettingsDep, agent_of, session_of
+from sbus.api.deps import AdminDep, BusDep, SettingsDep, agent_of, checked_bus, session_of
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import (
@@ -19,6 +20,7 @@ from sbus.api.schemas import (
     InjectOut,
     ResetOut,
     ShardOut,
+    TokenOut,
 )
 from sbus.api.wire import (
     AdvanceClockBody,
@@ -27,11 +29,16 @@ from sbus.api.wire import (
     InjectStaleBody,
     QueryInt,
     Text,
+    TokenBody,
 )
 from sbus.core import errors as e
+from sbus.core.clock import rfc3339
 from sbus.core.engine import new_commit_id
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp
+from sbus.security import SigningUnavailable
+from sbus.security.rights import Right, Scope
+from sbus.security.tokens import Issuer
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -119,7 +126,7 @@ async def inject_stale(body: InjectStaleBody, request: Request, bus: BusDep) -> 
     response_model=ShardOut,
     responses={
         200: {"model": AlreadyExistsOut, "description": "Already exists"},
-        **errs(403, 413, 422),
+        **errs(401, 403, 413, 422),
     },
     dependencies=[AdminDep],
     summary="Create a shard unless it exists (experiment harness)",
@@ -133,7 +140,7 @@ async def admin_shard(body: CreateShardBody, request: Request, bus: BusDep) -> R
         agent_id=agent_of(request, body.agent_id) or "",
         commit_id=new_commit_id(),
     )
-    shard = await bus.admin_create(op)
+    shard = await checked_bus(request, bus, [(body.key, Right.CREATE)]).admin_create(op)
     if shard is None:
         return json_response({"status": "already_exists"})
     return json_response(shard_body(shard), status=201, etag=shard.version)
@@ -151,3 +158,33 @@ async def advance_clock(body: AdvanceClockBody, bus: BusDep, settings: SettingsD
         raise e.RouteNotFound("test hooks are disabled; set SBUS_TEST_HOOKS=1")
     offset = await bus.store.advance_clock(body.ms)
     return json_response({"offset_ms": offset, "now_ms": await bus.store.now_ms()})
+
+
+@router.post(
+    "/tokens",
+    status_code=201,
+    response_model=TokenOut,
+    responses=errs(401, 403, 422, 503),
+    dependencies=[AdminDep],
+    summary="Issue a capability token (503 SigningUnavailable on a verify-only replica)",
+)
+async def issue_token(body: TokenBody, request: Request) -> Response:
+    issuer: Issuer | None = request.app.state.issuer
+    if issuer is None:
+        raise SigningUnavailable(
+            f"this deployment has no token keys: {request.app.state.no_issuer_reason}"
+        )
+    scopes = [
+        Scope.from_json(scope.model_dump(), loc=["body", "scopes", i])
+        for i, scope in enumerate(body.scopes)
+    ]
+    token, claims = issuer.issue(body.agent, scopes, body.ttl_s)
+    return json_response(
+        {
+            "token": token,
+            "jti": claims.jti,
+            "expires_at": rfc3339(claims.expires_at * 1000),
+            "claims": claims.to_json(),
+        },
+        status=201,
+    )

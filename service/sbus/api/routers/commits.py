@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, expected_from, idempotency, if_match, require_agent, session_of
+from sbus.api.deps import (
+    BusDep,
+    checked_bus,
+    commit_needs,
+    expected_from,
+    idempotency,
+    if_match,
+    require_agent,
+    session_of,
+)
 from sbus.api.openapi import errs
 from sbus.api.render import outcome_response
 from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
@@ -44,6 +53,7 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
         has_mandate=body.mandate is not None,
     )
+    bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
     return outcome_response(await bus.submit(txn))
 
 
@@ -88,6 +98,8 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         idem=idempotency(request, agent, body.model_dump()),
         has_mandate=body.mandate is not None,
     )
+    needs = commit_needs([w.key for w in body.writes], [i.key for i in body.read_set or ()])
+    bus = checked_bus(request, bus, needs)
     return outcome_response(await bus.submit(txn))
 
 
@@ -111,4 +123,5 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
         idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
         has_mandate=body.mandate is not None,
     )
+    bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
     return outcome_response(await bus.submit(txn))

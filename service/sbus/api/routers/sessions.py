@@ -5,12 +5,20 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, agent_of, require_agent, session_of
+from sbus.api.deps import (
+    BusDep,
+    agent_of,
+    capabilities_of,
+    require_agent,
+    session_of,
+    token_agent,
+)
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import RegisterOut, SessionOut
 from sbus.api.wire import RegisterBody, SessionBody
 from sbus.core import errors as e
+from sbus.security.rights import Right
 
 router = APIRouter(tags=["sessions"])
 
@@ -22,7 +30,19 @@ router = APIRouter(tags=["sessions"])
     summary="Empty the (agent, session) DeliveryLog",
 )
 async def reset_session(body: SessionBody, request: Request, bus: BusDep) -> Response:
-    agent = require_agent(request, body.agent_id)
+    bound = token_agent(request)
+    if bound is not None and body.agent_id and body.agent_id != bound:
+        # Token mode: another agent's session needs the admin right; the headers
+        # still have to name the token's own agent.
+        agent_of(request)
+        if not capabilities_of(request).is_admin:
+            raise e.AgentMismatch(
+                f"the token is for agent {bound!r}; resetting {body.agent_id!r}'s session "
+                "needs the admin right"
+            )
+        agent = body.agent_id
+    else:
+        agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)
     await bus.store.reset_session(agent, session)
     return json_response({"agent_id": agent, "status": "created"})
@@ -47,12 +67,23 @@ async def register(body: RegisterBody, request: Request, bus: BusDep) -> Respons
     # The session comes from the header only; the reference proxy always sends a body
     # session_id that the reference server merely logged.
     session = session_of(request, None)
-    result = await bus.store.register(agent, session, list(dict.fromkeys(body.shards_used)))
+    caps = capabilities_of(request)
+    keys = list(dict.fromkeys(body.shards_used))
+    # A key the caller may not read is reported as if it did not exist: recording it
+    # would claim a read the bus never authorized, and a distinct answer would reveal
+    # which unreadable keys exist.
+    allowed = [k for k in keys if caps.allows(Right.READ, k)]
+    result = await bus.store.register(agent, session, allowed)
+    if len(allowed) == len(keys):
+        skipped_no_shard = result.skipped_no_shard
+    else:
+        missing = set(result.skipped_no_shard)
+        skipped_no_shard = [k for k in keys if k in missing or not caps.allows(Right.READ, k)]
     return json_response(
         {
             "ok": True,
             "registered": result.registered,
             "skipped_existing": result.skipped_existing,
-            "skipped_no_shard": result.skipped_no_shard,
+            "skipped_no_shard": skipped_no_shard,
         }
     )

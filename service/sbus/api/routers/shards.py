@@ -11,10 +11,13 @@ from sbus.api.deps import (
     BusDep,
     SettingsDep,
     agent_of,
+    capabilities_of,
+    checked_bus,
     expected_from,
     idempotency,
     if_match,
     require_agent,
+    require_rights,
     session_of,
 )
 from sbus.api.openapi import errs
@@ -26,8 +29,12 @@ from sbus.core.clock import rfc3339
 from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp, WriteOp
+from sbus.security.rights import ADMIN_PATTERN, Right
 
 router = APIRouter(tags=["shards"])
+
+# Store pages a filtered GET /shards may scan before answering a short page.
+LIST_SCAN_PAGES = 8
 
 KeyPath = Annotated[Key, Path(description="Shard key; may contain '/'.")]
 
@@ -36,11 +43,12 @@ KeyPath = Annotated[Key, Path(description="Shard key; may contain '/'.")]
     "/shard",
     status_code=201,
     response_model=ShardOut,
-    responses=errs(409, 413, 422),
+    responses=errs(403, 409, 413, 422),
     summary="Create a shard at version 0 (or tombstone + 1)",
 )
 async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> Response:
     agent = agent_of(request, body.agent_id) or ""
+    bus = checked_bus(request, bus, [(body.key, Right.CREATE)])
     op = CreateOp(
         key=body.key,
         content=body.content,
@@ -72,6 +80,7 @@ async def read_shard(
     session = session_of(request, session_id)
     if agent is None and settings.require_agent_id:
         raise e.AgentRequired("agent_id is required (SBUS_REQUIRE_AGENT_ID=1)")
+    require_rights(request, [(key, Right.READ)])
     shard = await bus.store.read(key, agent, session, record)
     return json_response(shard_body(shard), etag=shard.version)
 
@@ -80,9 +89,10 @@ async def read_shard(
     "/shards",
     response_model=ListOut,
     responses=errs(422),
-    summary="List live shard keys in ascending order",
+    summary="List live shard keys the caller may read, in ascending order",
 )
 async def list_shards(
+    request: Request,
     bus: BusDep,
     settings: SettingsDep,
     prefix: Annotated[Text, Query(max_length=256)] = "",
@@ -90,12 +100,35 @@ async def list_shards(
     limit: Annotated[QueryInt | None, Query(ge=1, le=2**53 - 1)] = None,
 ) -> Response:
     cap = min(limit or settings.list_max, settings.list_max)
-    keys = await bus.store.list_keys(prefix, after, cap + 1)
-    more = len(keys) > cap
-    keys = keys[:cap]
-    return json_response(
-        {"shards": keys, "count": len(keys), "next_after": keys[-1] if more else None}
-    )
+    caps = capabilities_of(request)
+    if ADMIN_PATTERN in caps.patterns_with(Right.READ):
+        keys = await bus.store.list_keys(prefix, after, cap + 1)
+        more = len(keys) > cap
+        keys = keys[:cap]
+        return json_response(
+            {"shards": keys, "count": len(keys), "next_after": keys[-1] if more else None}
+        )
+    # Filter page by page. The scan is bounded (a caller that may read few keys must
+    # not make one request walk the whole keyspace): when the budget runs out the page
+    # ends early with next_after at the last key scanned, so paging resumes there and
+    # no readable key is skipped.
+    readable: list[str] = []
+    cursor = after
+    budget = LIST_SCAN_PAGES
+    while True:
+        batch = await bus.store.list_keys(prefix, cursor, cap + 1)
+        for key in batch:
+            if caps.allows(Right.READ, key):
+                readable.append(key)
+                if len(readable) > cap:
+                    keys = readable[:cap]
+                    return json_response({"shards": keys, "count": cap, "next_after": keys[-1]})
+        budget -= 1
+        if len(batch) <= cap:
+            return json_response({"shards": readable, "count": len(readable), "next_after": None})
+        cursor = batch[-1]
+        if budget == 0:
+            return json_response({"shards": readable, "count": len(readable), "next_after": cursor})
 
 
 @router.delete(
@@ -118,6 +151,7 @@ async def delete_shard(
     agent = require_agent(request, agent_id)
     session = session_of(request, session_id)
     mandate = request.headers.get("x-sbus-mandate")
+    bus = checked_bus(request, bus, [(key, Right.DELETE)])
     fingerprint_body = {"key": key, "expected_version": expected, "session_id": session}
     txn = commit_txn(
         op="delete",
@@ -135,15 +169,19 @@ async def delete_shard(
 @router.get(
     "/history/{key:path}",
     response_model=HistoryOut,
-    responses=errs(404, 422),
+    responses=errs(403, 404, 422),
     summary="Retained history, newest first, with its hash chain",
 )
 async def history(
     key: KeyPath,
+    request: Request,
     bus: BusDep,
     before: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
     limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,
 ) -> Response:
+    # History reveals every retained version's content, so it needs the read right; it
+    # records nothing in the DeliveryLog (SPEC section 3).
+    require_rights(request, [(key, Right.READ)])
     entries = await bus.store.history(key, before, limit)
     return json_response(
         {

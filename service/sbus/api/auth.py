@@ -1,0 +1,85 @@
+"""SPEC section 4 step 1: who is calling. The gate asks an :class:`Authenticator` for
+the request's principal before any body is read and puts it in the ASGI scope state
+(``scope["state"]["principal"]``), where :func:`sbus.api.deps.principal_of` reads it.
+
+- open mode: every request gets the same :class:`~sbus.security.rights.Identity` with no
+  agent of its own (the agent comes from the request, SPEC section 2) and every right
+  except admin, which ``SBUS_ADMIN_ENABLED=1`` adds.
+- token mode: every route except :data:`PUBLIC` needs ``Authorization: Bearer <jwt>``;
+  the principal is the verified :class:`~sbus.security.tokens.Claims`. A missing or
+  refused token is a :class:`~sbus.security.TokenInvalid` (401).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from sbus.security import TokenInvalid, TokenRevoked
+from sbus.security.rights import Identity, Principal, open_capabilities
+from sbus.security.tokens import MAX_TOKEN_LENGTH, Claims, Verifier
+
+# Never authenticated: liveness and readiness probes, and the API description.
+PUBLIC = frozenset({"/livez", "/admin/health", "/openapi.json", "/docs"})
+PRINCIPAL = "principal"
+BEARER = b"bearer "
+
+# jti -> revoked? The store lookup behind POST /admin/tokens/revoke (Store.is_revoked).
+RevocationCheck = Callable[[str], Awaitable[bool]]
+
+
+def sent_bearer(authorization: Sequence[bytes]) -> bool:
+    """Whether the request carried a bearer token at all (selects the 401 challenge)."""
+    return any(value[: len(BEARER)].lower() == BEARER for value in authorization)
+
+
+def bearer_token(authorization: Sequence[bytes]) -> str:
+    """The one bearer token of the request; :class:`TokenInvalid` otherwise."""
+    if not authorization:
+        raise TokenInvalid("Authorization: Bearer <token> is required")
+    if len(authorization) > 1:
+        raise TokenInvalid("more than one Authorization header")
+    raw = authorization[0]
+    if raw[: len(BEARER)].lower() != BEARER:
+        raise TokenInvalid("Authorization must use the Bearer scheme")
+    token = raw[len(BEARER) :].strip()
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        raise TokenInvalid("empty or oversized bearer token")
+    try:
+        return token.decode("ascii")
+    except UnicodeDecodeError:
+        raise TokenInvalid("bearer token is not ASCII") from None
+
+
+class Authenticator:
+    """``verifier`` None means open mode. ``revoked`` is the revocation hook."""
+
+    def __init__(
+        self,
+        *,
+        verifier: Verifier | None,
+        admin_enabled: bool,
+        revoked: RevocationCheck | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.revoked = revoked
+        self.open_identity = Identity("", open_capabilities(admin_enabled=admin_enabled))
+
+    @property
+    def token_mode(self) -> bool:
+        return self.verifier is not None
+
+    async def authenticate(self, path: str, authorization: Sequence[bytes]) -> Principal | None:
+        """The principal, None for a :data:`PUBLIC` route in token mode, or
+        :class:`TokenInvalid` / ``TokenExpired`` / :class:`TokenRevoked`."""
+        if self.verifier is None:
+            return self.open_identity
+        if path in PUBLIC:
+            return None
+        claims: Claims = self.verifier.verify(bearer_token(authorization))
+        # ---- REVOCATION HOOK (next step of token mode; no storage yet) -----------------
+        # POST /admin/tokens/revoke will store the jti until exp; create_app passes the
+        # store lookup (revoked=store.is_revoked) and every replica refuses the token.
+        if self.revoked is not None and await self.revoked(claims.jti):
+            raise TokenRevoked(f"token {claims.jti} has been revoked")
+        # ---------------------------------------------------------------------------------
+        return claims

@@ -1,0 +1,90 @@
+"""Token-mode helpers: an app in token mode, tokens for it, and forged tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+import jwt
+from fastapi import FastAPI
+
+from sbus.security.keys import KeySet
+from sbus.security.rights import ALL_RIGHTS, Right, Scope
+from sbus.security.tokens import CAPABILITY_TYP, Issuer
+from tests.conftest import AppFactory
+
+SECRET = "x" * 32
+ALL = tuple(r.value for r in Right)
+
+
+async def token_app(make_client: AppFactory, **overrides: Any) -> tuple[FastAPI, httpx.AsyncClient]:
+    options: dict[str, Any] = {"auth": "token", "secret": SECRET, "admin_enabled": False}
+    options.update(overrides)
+    return await make_client(**options)
+
+
+def issuer(app: FastAPI, *, now: float | None = None) -> Issuer:
+    base = Issuer.from_settings(app.state.settings)
+    if now is None:
+        return base
+    fixed = now
+    return Issuer(base.keys, namespace=base.namespace, max_ttl=base.max_ttl, now=lambda: fixed)
+
+
+def token(app: FastAPI, agent: str, *scopes: tuple[str, str], ttl: int = 600) -> str:
+    """``scopes`` as (pattern, "read,write") pairs."""
+    parsed = [Scope.of(pattern, *rights.split(",")) for pattern, rights in scopes]
+    value, _ = issuer(app).issue(agent, parsed, ttl)
+    return value
+
+
+def root_token(app: FastAPI, agent: str = "root") -> str:
+    value, _ = issuer(app).issue(agent, [Scope("**", ALL_RIGHTS)], 600)
+    return value
+
+
+def auth(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+def expired_token(app: FastAPI) -> str:
+    value, _ = issuer(app, now=time.time() - 7200).issue("a", [Scope.of("**", "read")], 600)
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _claims(app: FastAPI, agent: str = "a") -> dict[str, Any]:
+    now = int(time.time())
+    ns = app.state.settings.namespace
+    return {
+        "sub": agent,
+        "scopes": [{"pattern": "**", "rights": list(ALL)}],
+        "iat": now,
+        "exp": now + 600,
+        "jti": "forged",
+        "iss": ns,
+        "aud": ns,
+    }
+
+
+def alg_none_token(app: FastAPI) -> str:
+    keys: KeySet = issuer(app).keys
+    header = {"alg": "none", "typ": CAPABILITY_TYP, "kid": keys.signing_kid}
+    payload = _claims(app)
+    return f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(payload).encode())}."
+
+
+def wrong_secret_token(app: FastAPI) -> str:
+    keys: KeySet = issuer(app).keys
+    return jwt.encode(
+        _claims(app),
+        "y" * 32,
+        algorithm="HS256",
+        headers={"kid": keys.signing_kid or "", "typ": CAPABILITY_TYP},
+    )
