@@ -209,6 +209,12 @@ BEGIN
       fingerprint = excluded.fingerprint, status = excluded.status, body = excluded.body,
       etag = excluded.etag, expires_ms = excluded.expires_ms;
   END IF;
+  IF p ? 'consume' AND jsonb_typeof(p->'consume') = 'array' THEN
+    -- Table from migration 0003; PL/pgSQL resolves it when this runs.
+    INSERT INTO sbus_consumed_mandates (jti, retain_until_ms)
+    VALUES (p->'consume'->>0, (p->'consume'->>1)::bigint)
+    ON CONFLICT (jti) DO UPDATE SET retain_until_ms = excluded.retain_until_ms;
+  END IF;
   RETURN v_mins;
 END $$;
 """

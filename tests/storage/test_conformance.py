@@ -11,7 +11,7 @@ import pytest
 
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn, new_commit_id
-from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, Txn, WriteOp
+from sbus.core.types import Counters, CreateOp, IdemRef, Limits, MandateRef, ReadItem, Txn, WriteOp
 from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
 from tests.conftest import store_url
@@ -200,3 +200,77 @@ class TestStoreConcurrency:
             errors = [r for r in results if isinstance(r, BaseException)]
             assert all(isinstance(err, e.CrossShardStale) for err in errors), errors
             assert len(wins) == 2, (round_, results)  # the first wins, its reader loses
+
+
+def mandated(key: str, expected: int, ref: MandateRef | None, agent: str = "A") -> Txn:
+    return commit_txn(
+        op="commit",
+        agent_id=agent,
+        session_id="",
+        writes=[WriteOp(key, expected, "commit", f"by {agent}")],
+        read_set=[],
+        rationale=None,
+        idem=None,
+        has_mandate=True,
+        mandate=ref,
+    )
+
+
+class TestMandatesAndRevocations:
+    """The store's half of SPEC section 5: consume-once in the atomic step, expiry on
+    the store clock, policy shards, and the revocation list."""
+
+    async def test_required_mandate(self, store: Store) -> None:
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        with pytest.raises(e.MandateRequired) as info:
+            await store.apply(commit("pay", 0, "x"))
+        assert info.value.fields == {"key": "pay"}
+        with pytest.raises(e.MandateNotFound):
+            await store.apply(mandated("pay", 0, None))
+        assert (await store.read("pay", None, "", False)).version == 0
+        assert (await store.stats()).counters == Counters()
+
+    async def test_consumed_once_then_409(self, store: Store) -> None:
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        ref = MandateRef("m-1", now + 60_000, now + 90_000)
+        out = await store.apply(mandated("pay", 0, ref))
+        assert out.body is not None and out.body["new_version"] == 1
+        with pytest.raises(e.MandateConsumed):
+            await store.apply(mandated("pay", 1, ref))
+        assert (await store.read("pay", None, "", False)).version == 1
+
+    async def test_concurrent_commits_with_one_mandate(self, store: Store) -> None:
+        for i in range(8):
+            await store.create(CreateOp(f"pay/{i}", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        ref = MandateRef("m-race", now + 60_000, now + 90_000)
+        results = await asyncio.gather(
+            *(store.apply(mandated(f"pay/{i}", 0, ref, agent=f"A{i}")) for i in range(8)),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if not isinstance(r, BaseException)]
+        assert len(wins) == 1, results
+        assert all(isinstance(r, e.MandateConsumed) for r in results if r not in wins)
+
+    async def test_expiry_on_the_store_clock(self, store: Store) -> None:
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        ref = MandateRef("m-old", now + 5_000, now + 35_000)
+        await store.advance_clock(6_000)
+        with pytest.raises(e.MandateExpired):
+            await store.apply(mandated("pay", 0, ref))
+
+    async def test_reset_clears_consumed_mandates_keeps_revocations(self, store: Store) -> None:
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        ref = MandateRef("m-2", now + 60_000, now + 90_000)
+        await store.apply(mandated("pay", 0, ref))
+        await store.revoke("tok-1", now + 60_000)
+        assert await store.is_revoked("tok-1") is True
+        assert await store.is_revoked("tok-2") is False
+        await store.reset_all()
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        out = await store.apply(mandated("pay", 0, ref))
+        assert out.body is not None and out.body["new_version"] == 1
+        assert await store.is_revoked("tok-1") is True

@@ -20,6 +20,7 @@ from sbus.core.errors import (
 from sbus.core.types import (
     CreateOp,
     IdemRef,
+    MandateRef,
     Outcome,
     ReadItem,
     Shard,
@@ -122,6 +123,7 @@ def commit_txn(
     rationale: str | None,
     idem: IdemRef | None,
     has_mandate: bool = False,
+    mandate: MandateRef | None = None,
 ) -> Txn:
     return Txn(
         op=op,
@@ -132,5 +134,6 @@ def commit_txn(
         rationale=rationale,
         commit_id=new_commit_id(),
         idem=idem,
-        has_mandate=has_mandate,
+        has_mandate=has_mandate or mandate is not None,
+        mandate=mandate,
     )

@@ -15,7 +15,7 @@ statuses; everything below the API raises these classes and nothing else.
     ├── StateError              the store's state refuses the request
     │   ├── ShardNotFound, ShardDeleted, ShardAlreadyExists, VersionNotFound
     │   ├── VersionMismatch, CrossShardStale, SessionExpired
-    │   └── MandateRequired, MandateNotFound
+    │   └── MandateRequired, MandateNotFound, MandateExpired, MandateConsumed
     └── StoreUnavailable        the store could not be reached or gave up (503)
         └── StoreMisconfigured  reachable but unusable: old schema, Redis eviction on
 """
@@ -192,6 +192,16 @@ class MandateRequired(StateError):
 class MandateNotFound(StateError):
     code = "MandateNotFound"
     title = "Mandate not recognised"
+
+
+class MandateExpired(StateError):
+    code = "MandateExpired"
+    title = "Mandate expired"
+
+
+class MandateConsumed(StateError):
+    code = "MandateConsumed"
+    title = "Mandate already consumed"
 
 
 class StoreUnavailable(SBusError):

@@ -17,6 +17,8 @@ from sbus.core.chain import GENESIS, content_id, entry_hash
 from sbus.core.clock import rfc3339
 from sbus.core.errors import (
     CrossShardStale,
+    MandateConsumed,
+    MandateExpired,
     MandateNotFound,
     MandateRequired,
     SBusError,
@@ -30,6 +32,7 @@ from sbus.core.types import (
     CreateOp,
     DLEntry,
     HistoryEntry,
+    MandateRef,
     Outcome,
     SessionView,
     Shard,
@@ -49,7 +52,16 @@ class Effects:
     A plain slotted class: built on every commit, it must be cheap.
     """
 
-    __slots__ = ("bumps", "counters", "dl_writes", "error", "history", "session", "shards")
+    __slots__ = (
+        "bumps",
+        "consume",
+        "counters",
+        "dl_writes",
+        "error",
+        "history",
+        "session",
+        "shards",
+    )
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
@@ -59,6 +71,7 @@ class Effects:
         self.history: list[HistoryEntry] = []
         self.dl_writes: dict[str, DLEntry] = {}
         self.session = "empty"
+        self.consume: MandateRef | None = None  # a mandate to record as consumed
 
 
 def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> str:
@@ -95,6 +108,7 @@ def decide(
     now_ms: int,
     ttl_ms: int,
     rollback_sources: Mapping[str, HistoryEntry | None] | None = None,
+    mandate_consumed: bool = False,
 ) -> Effects:
     """Decide a Txn against loaded state. ``shards`` must answer ``get`` for every
     written key, every explicit read-set key and every key of the session's
@@ -109,15 +123,26 @@ def decide(
         by_key = {w.key: w for w in writes}
         written = sorted(by_key)
 
-    # 9a. mandates: this build issues none, so any presented mandate is unknown.
-    for key in written:
-        shard = shards.get(key)
-        if shard is not None and shard.require_mandate and not txn.has_mandate:
-            fx.error = MandateRequired(f"shard {key!r} requires a mandate", key=key)
-            return fx
-    if txn.has_mandate:
+    # 9a. mandates. The engine verified signature, holder, scope and context before
+    # the store; expiry is re-checked here on the store clock, and consumption is
+    # decided against the consumed-jti record loaded in this same atomic step.
+    mandate = txn.mandate
+    if not txn.has_mandate:
+        for key in written:
+            shard = shards.get(key)
+            if shard is not None and shard.require_mandate:
+                fx.error = MandateRequired(f"shard {key!r} requires a mandate", key=key)
+                return fx
+    elif mandate is None:
         fx.error = MandateNotFound("mandate not recognised by this deployment")
         return fx
+    else:
+        if now_ms >= mandate.expires_ms:
+            fx.error = MandateExpired("mandate expired", jti=mandate.jti)
+            return fx
+        if mandate_consumed:
+            fx.error = MandateConsumed("mandate already consumed", jti=mandate.jti)
+            return fx
 
     # 9b. session state
     state = fx.session = session_state(session, now_ms, ttl_ms)
@@ -216,6 +241,7 @@ def decide(
 
     # 9g. apply
     fx.counters["total_commits"] = 1
+    fx.consume = mandate
     committed_at = rfc3339(now_ms)
     for old in current:
         key = old.key

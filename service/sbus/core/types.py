@@ -75,6 +75,15 @@ class WriteOp(NamedTuple):
     target_version: int = 0  # rollback only
 
 
+class MandateRef(NamedTuple):
+    """A mandate the engine has verified (signature, holder, scope, context); the
+    store's atomic step checks expiry on its own clock and consumes the jti."""
+
+    jti: str
+    expires_ms: int
+    retain_until_ms: int  # consumed jtis are kept until then (exp + leeway)
+
+
 class IdemRef(NamedTuple):
     agent_id: str
     key: str
@@ -96,7 +105,8 @@ class Txn(NamedTuple):
     rationale: str | None
     commit_id: str
     idem: IdemRef | None = None
-    has_mandate: bool = False
+    has_mandate: bool = False  # a mandate was presented (verified or not)
+    mandate: MandateRef | None = None  # set when it verified
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,15 @@ scopes, context) and ``CapabilityDenied`` (403: issuing a mandate without the ma
 
 from __future__ import annotations
 
-from sbus.core.errors import SBusError, StateError, ValidationFailed
+# MandateExpired and MandateConsumed are raised inside the store's atomic step too, so
+# they live in the core tree; re-exported here with the rest of the mandate errors.
+from sbus.core.errors import (
+    MandateConsumed,
+    MandateExpired,
+    SBusError,
+    StateError,
+    ValidationFailed,
+)
 
 
 class TokenInvalid(SBusError):
@@ -72,11 +80,6 @@ class InvalidPattern(ValidationFailed):
     title = "Invalid key pattern"
 
 
-class MandateExpired(StateError):
-    code = "MandateExpired"
-    title = "Mandate expired"
-
-
 class MandateHolderMismatch(StateError):
     code = "MandateHolderMismatch"
     title = "Mandate held by another agent"
@@ -90,11 +93,6 @@ class MandateScopeMismatch(StateError):
 class MandateContextMismatch(StateError):
     code = "MandateContextMismatch"
     title = "Mandate context differs"
-
-
-class MandateConsumed(StateError):
-    code = "MandateConsumed"
-    title = "Mandate already consumed"
 
 
 __all__ = [

@@ -47,6 +47,8 @@ class MemoryStore:
         self._sessions: dict[SessionKey, SessionView] = {}
         self._counters: dict[str, int] = {}
         self._idem: dict[tuple[str, str], IdemRecord] = {}
+        self._consumed: dict[str, int] = {}  # mandate jti -> retained until (ms)
+        self._revoked: dict[str, int] = {}  # token jti -> listed until (ms)
         self._ori = True
         self._offset_ms = 0
         self.limits = limits or Limits()
@@ -195,6 +197,9 @@ class MemoryStore:
             now_ms=now,
             ttl_ms=limits.session_ttl_ms,
             rollback_sources=sources,
+            mandate_consumed=(
+                txn.mandate is not None and self._consumed.get(txn.mandate.jti, 0) > now
+            ),
         )
         counters = self._counters
         for name, delta in fx.counters.items():
@@ -220,6 +225,8 @@ class MemoryStore:
             session.entries.clear()  # expired or purged entries go; RYW entries start it
         session.entries.update(fx.dl_writes)
         session.last_served_ms = now
+        if fx.consume is not None:
+            self._consumed[fx.consume.jti] = fx.consume.retain_until_ms
         outcome = rules.render(txn, post)
         self._idem_store(txn.idem, outcome, now, limits)
         return outcome
@@ -310,7 +317,18 @@ class MemoryStore:
             if record.expires_ms <= now:
                 del self._idem[ikey]
                 gone += 1
+        for table in (self._consumed, self._revoked):
+            for jti, until in list(table.items()):
+                if until <= now:
+                    del table[jti]
+                    gone += 1
         return gone
+
+    async def revoke(self, jti: str, until_ms: int) -> None:
+        self._revoked[jti] = max(until_ms, self._revoked.get(jti, 0))
+
+    async def is_revoked(self, jti: str) -> bool:
+        return self._revoked.get(jti, 0) > self._now()
 
     # history, counters, admin --------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
@@ -346,4 +364,5 @@ class MemoryStore:
         self._sessions.clear()
         self._counters.clear()
         self._idem.clear()
+        self._consumed.clear()  # revocations survive a reset (SPEC section 2)
         return cleared

@@ -65,7 +65,9 @@ class Store(Protocol):
 
     async def apply(self, txn: Txn) -> Outcome:
         """The commit protocol (SPEC section 4 step 9) for commit, multi, rollback and
-        delete, decided by :func:`sbus.core.rules.decide`. Persists counters even on
+        delete, decided by :func:`sbus.core.rules.decide`. A verified mandate
+        (``txn.mandate``) is consumed in the same step: of N concurrent commits carrying
+        one mandate, across any number of replicas, exactly one succeeds. Persists counters even on
         rejection and nothing else then. Replays a recorded idempotent outcome with
         the same fingerprint. Raises the rejection's SBusError, or IdempotencyKeyReused."""
 
@@ -80,6 +82,13 @@ class Store(Protocol):
 
     async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
         """Overwrite a DL entry. Raises ShardNotFound, ValidationFailed (version out of range)."""
+
+    async def revoke(self, jti: str, until_ms: int) -> None:
+        """Put a token id on the revocation list until ``until_ms`` (its expiry); kept
+        by ``reset_all``."""
+
+    async def is_revoked(self, jti: str) -> bool:
+        """Whether a token id is on the revocation list (checked on every request)."""
 
     async def purge(self) -> int:
         """Delete expired state (DL entries, sessions past their marker, idempotency

@@ -326,12 +326,23 @@ local function reject(...)
   return {'ERR', ...}
 end
 
--- 9a. mandates: this build issues none, so any presented mandate is unknown.
-for i = 1, nw do
-  local r = shard(W[i].k)
-  if r and r.mand and not P.mandate then return reject('MandateRequired', 'key', W[i].k) end
+-- 9a. mandates. The caller verified signature, holder, scope and context (P.mref);
+-- expiry is re-checked on this clock and the jti consumed in this same script.
+-- Consumed jtis live in one hash (P.mkey, same hash tag): jti -> retained until.
+if not P.mandate then
+  for i = 1, nw do
+    local r = shard(W[i].k)
+    if r and r.mand then return reject('MandateRequired', 'key', W[i].k) end
+  end
+elseif not P.mref then
+  return reject('MandateNotFound')
+else
+  if now >= P.mref.exp then return reject('MandateExpired', 'jti', P.mref.jti) end
+  local held = redis.call('HGET', P.mkey, P.mref.jti)
+  if held and tonumber(held) > now then
+    return reject('MandateConsumed', 'jti', P.mref.jti)
+  end
 end
-if P.mandate then return reject('MandateNotFound') end
 
 -- 9b. session state
 local state = session_state(DLT, DLV, now, P.ttl)
@@ -440,6 +451,7 @@ for i = 1, nw do
 end
 redis.call('HSET', DLV, '#last', s(now))
 redis.call('ZADD', SESSIONS, 0, P.member)
+if P.mref then redis.call('HSET', P.mkey, P.mref.jti, s(P.mref['until'])) end
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, last) end
 return {'OK', rows}
 """
@@ -452,6 +464,18 @@ local META, SESSIONS, IIDX = unpack(KEYS)
 local mode, ttl, tag = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = clock(META)
 local gone = 0
+if mode == 'mandates' then
+  -- consumed mandates past their retention (bounded by live mandates)
+  local mkey = tag .. ':mandates'
+  local all = redis.call('HGETALL', mkey)
+  for i = 1, #all, 2 do
+    if tonumber(all[i + 1]) <= now then
+      redis.call('HDEL', mkey, all[i])
+      gone = gone + 1
+    end
+  end
+  return {gone, ''}
+end
 if mode == 'idem' then
   local expired = redis.call('ZRANGEBYSCORE', IIDX, '-inf', s(now), 'LIMIT', 0, tonumber(ARGV[5]))
   for _, m in ipairs(expired) do
@@ -490,6 +514,7 @@ RESET_ALL = r"""
 local COUNTERS, LIVE, ALL, SESSIONS, IIDX = unpack(KEYS)
 local tag = ARGV[1]
 local cleared = redis.call('ZCARD', ALL)
+redis.call('DEL', tag .. ':mandates')  -- consumed mandates go; revocations (':rv:') stay
 for _, k in ipairs(redis.call('ZRANGE', ALL, 0, -1)) do
   redis.call('DEL', tag .. ':s:' .. k, tag .. ':h:' .. k)
 end

@@ -59,6 +59,8 @@ from sbus.core.clock import rfc3339
 from sbus.core.errors import (
     CrossShardStale,
     IdempotencyKeyReused,
+    MandateConsumed,
+    MandateExpired,
     MandateNotFound,
     MandateRequired,
     SBusError,
@@ -382,6 +384,10 @@ class RedisStore:
             return MandateRequired(f"shard {key!r} requires a mandate", key=key)
         if code == "MandateNotFound":
             return MandateNotFound("mandate not recognised by this deployment")
+        if code == "MandateExpired":
+            return MandateExpired("mandate expired", jti=f.get("jti"))
+        if code == "MandateConsumed":
+            return MandateConsumed("mandate already consumed", jti=f.get("jti"))
         if code == "IdempotencyKeyReused":
             return IdempotencyKeyReused("Idempotency-Key was used for a different request")
         if code == "ShardAlreadyExists":
@@ -657,11 +663,18 @@ class RedisStore:
             "skew": CLOCK_SKEW_MS,
             "ttl": self.limits.session_ttl_ms,
             "mandate": txn.has_mandate,
+            "mkey": f"{self.tag}:mandates",
             "prefix": f"{self.tag}:s:",
             "max_depth": self.limits.history_depth,
             "max_bytes": self.limits.history_max_bytes,
             "writes": out,
         }
+        if txn.mandate is not None:
+            payload["mref"] = {
+                "jti": txn.mandate.jti,
+                "exp": txn.mandate.expires_ms,
+                "until": txn.mandate.retain_until_ms,
+            }
         if txn.idem is not None:
             outcome = rules.render(txn, predicted)
             payload["idem"] = self._idem_payload(txn.idem, outcome, patch=txn.op == "rollback")
@@ -747,7 +760,8 @@ class RedisStore:
             gone += int(n)
             if not more:
                 break
-        return gone
+        n, _ = await self._eval("purge", keys, ["mandates", ttl, self.tag, "", PURGE_BATCH])
+        return gone + int(n)
 
     # history, counters, admin -----------------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
@@ -786,6 +800,20 @@ class RedisStore:
         sums = dict(zip(flat[::2], flat[1::2], strict=True))
         counters = Counters(**{n: int(sums.get(n, 0)) for n in COUNTER_NAMES})
         return StoreStats(counters, int(total), int(agents), int(deliveries), bool(ori))
+
+    async def revoke(self, jti: str, until_ms: int) -> None:
+        # One key per revoked jti, expiring with the token (SET ... PXAT), outside the
+        # keys /admin/reset deletes.
+        try:
+            await self._redis().set(f"{self.tag}:rv:{jti}", str(until_ms), pxat=until_ms)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+
+    async def is_revoked(self, jti: str) -> bool:
+        try:
+            return bool(await self._redis().exists(f"{self.tag}:rv:{jti}"))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
 
     async def reset_all(self) -> int:
         return int(

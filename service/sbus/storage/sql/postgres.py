@@ -476,6 +476,20 @@ class PostgresStore:
             for key, version, served in loaded["entries"]:
                 view.entries[key] = DLEntry(version, served)
             shards: dict[str, Shard | None] = {s["key"]: shard_from(s) for s in loaded["shards"]}
+            consumed = False
+            if txn.mandate is not None:
+                # Concurrent commits carrying one mandate queue on this lock, on any
+                # replica; the loser then sees the winner's consumed record.
+                consumed = bool(
+                    await conn.fetchval(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 2)), "
+                        "EXISTS (SELECT 1 FROM sbus_consumed_mandates "
+                        "WHERE jti = $1 AND retain_until_ms > $2)",
+                        txn.mandate.jti,
+                        now,
+                        column=1,
+                    )
+                )
             sources = {h["key"]: entry_from(h) for h in loaded["sources"]}
             fx = rules.decide(
                 txn,
@@ -485,6 +499,7 @@ class PostgresStore:
                 now_ms=now,
                 ttl_ms=limits.session_ttl_ms,
                 rollback_sources=sources,
+                mandate_consumed=consumed,
             )
             if fx.error is not None:
                 await self._apply_effects(
@@ -507,6 +522,8 @@ class PostgresStore:
                 "last_served": now,
                 "now": now,
             }
+            if fx.consume is not None:
+                payload["consume"] = [fx.consume.jti, fx.consume.retain_until_ms]
             # Only a rollback's body (a ShardResponse) shows the retained depth, which
             # trimming inside the apply call decides; other bodies render up front so the
             # idempotency record rides in the same call.
@@ -708,21 +725,53 @@ class PostgresStore:
         return out, (agents[-1] if more else None)
 
     async def purge(self) -> int:
+        """Delete expired DL entries, sessions past their marker, idempotency records,
+        consumed mandates and revocations."""
         ttl = self.limits.session_ttl_ms
-        if ttl <= 0:
-            return 0
 
         async def body(conn: asyncpg.Connection) -> int:
             now: int = await conn.fetchval("SELECT sbus_now_ms()")
-            a = await conn.execute("DELETE FROM sbus_dl_entries WHERE served_ms <= $1", now - ttl)
-            b = await conn.execute(
-                "DELETE FROM sbus_dl_sessions WHERE NOT overflowed AND last_served_ms <= $1",
-                now - 2 * ttl,
-            )
-            c = await conn.execute("DELETE FROM sbus_idempotency WHERE expires_ms <= $1", now)
-            return sum(int(tag.split()[-1]) for tag in (a, b, c))
+            tags = []
+            if ttl > 0:
+                tags.append(
+                    await conn.execute(
+                        "DELETE FROM sbus_dl_entries WHERE served_ms <= $1", now - ttl
+                    )
+                )
+                tags.append(
+                    await conn.execute(
+                        "DELETE FROM sbus_dl_sessions WHERE NOT overflowed "
+                        "AND last_served_ms <= $1",
+                        now - 2 * ttl,
+                    )
+                )
+            for sql in (
+                "DELETE FROM sbus_idempotency WHERE expires_ms <= $1",
+                "DELETE FROM sbus_consumed_mandates WHERE retain_until_ms <= $1",
+                "DELETE FROM sbus_revocations WHERE until_ms <= $1",
+            ):
+                tags.append(await conn.execute(sql, now))
+            return sum(int(tag.split()[-1]) for tag in tags)
 
         return await self._run(body)
+
+    async def revoke(self, jti: str, until_ms: int) -> None:
+        async def body(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO sbus_revocations (jti, until_ms) VALUES ($1, $2) ON CONFLICT (jti) "
+                "DO UPDATE SET until_ms = greatest(sbus_revocations.until_ms, excluded.until_ms)",
+                jti,
+                until_ms,
+            )
+
+        await self._run(body)
+
+    async def is_revoked(self, jti: str) -> bool:
+        async with self._conn() as conn:
+            found = await conn.fetchval(
+                "SELECT 1 FROM sbus_revocations WHERE jti = $1 AND until_ms > sbus_now_ms()", jti
+            )
+        return found is not None
 
     # history, counters, admin ------------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
@@ -773,12 +822,12 @@ class PostgresStore:
             # halfway; the reset is one atomic step.
             await conn.execute(
                 "LOCK TABLE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
-                "sbus_counters, sbus_idempotency IN ACCESS EXCLUSIVE MODE"
+                "sbus_counters, sbus_idempotency, sbus_consumed_mandates IN ACCESS EXCLUSIVE MODE"
             )
             cleared: int = await conn.fetchval("SELECT count(*) FROM sbus_shards")
             await conn.execute(
                 "TRUNCATE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
-                "sbus_counters, sbus_idempotency"
+                "sbus_counters, sbus_idempotency, sbus_consumed_mandates"
             )
             return cleared
 

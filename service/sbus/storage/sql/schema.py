@@ -19,7 +19,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0003"
 
 metadata = MetaData()
 
@@ -111,3 +111,18 @@ idempotency = Table(
     PrimaryKeyConstraint("agent_id", "idem_key"),
 )
 Index("sbus_idempotency_expiry", idempotency.c.expires_ms)
+
+consumed_mandates = Table(
+    "sbus_consumed_mandates",
+    metadata,
+    Column("jti", Text, primary_key=True),
+    Column("retain_until_ms", BigInteger, nullable=False),
+)
+Index("sbus_consumed_mandates_expiry", consumed_mandates.c.retain_until_ms)
+
+revocations = Table(
+    "sbus_revocations",
+    metadata,
+    Column("jti", Text, primary_key=True),
+    Column("until_ms", BigInteger, nullable=False),
+)

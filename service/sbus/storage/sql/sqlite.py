@@ -523,6 +523,13 @@ class SQLiteStore:
             if w.kind == "rollback":
                 sources[w.key] = self._history_entry(conn, w.key, w.target_version)
         limits = self.limits
+        consumed = txn.mandate is not None and (
+            conn.exec_driver_sql(
+                "SELECT 1 FROM sbus_consumed_mandates WHERE jti = ? AND retain_until_ms > ?",
+                (txn.mandate.jti, now),
+            ).fetchone()
+            is not None
+        )
         fx = rules.decide(
             txn,
             shards,
@@ -531,6 +538,7 @@ class SQLiteStore:
             now_ms=now,
             ttl_ms=limits.session_ttl_ms,
             rollback_sources=sources,
+            mandate_consumed=consumed,
         )
         for name, delta in fx.counters.items():
             conn.exec_driver_sql(
@@ -554,6 +562,12 @@ class SQLiteStore:
             self._clear_entries(conn, txn.agent_id, txn.session_id)
         self._put_entries(conn, txn.agent_id, txn.session_id, fx.dl_writes)
         self._put_session(conn, txn.agent_id, txn.session_id, view.overflowed, now)
+        if fx.consume is not None:
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO sbus_consumed_mandates (jti, retain_until_ms) "
+                "VALUES (?, ?)",
+                (fx.consume.jti, fx.consume.retain_until_ms),
+            )
         outcome = rules.render(txn, post)
         self._idem_put(conn, txn.idem, outcome, now)
         return outcome
@@ -665,23 +679,50 @@ class SQLiteStore:
         return result
 
     async def purge(self) -> int:
-        """Delete DL entries past the TTL and sessions past their expired marker."""
+        """Delete expired state: DL entries past the TTL, sessions past their expired
+        marker, consumed mandates and revocations past their retention."""
         ttl = self.limits.session_ttl_ms
-        if ttl <= 0:
-            return 0
 
         def run(conn: Db) -> int:
             now = self._now(conn)
-            gone = conn.exec_driver_sql(
-                "DELETE FROM sbus_dl_entries WHERE served_ms <= ?", (now - ttl,)
+            gone = 0
+            if ttl > 0:
+                gone += conn.exec_driver_sql(
+                    "DELETE FROM sbus_dl_entries WHERE served_ms <= ?", (now - ttl,)
+                ).rowcount
+                gone += conn.exec_driver_sql(
+                    "DELETE FROM sbus_dl_sessions WHERE overflowed = 0 AND last_served_ms <= ?",
+                    (now - 2 * ttl,),
+                ).rowcount
+            gone += conn.exec_driver_sql(
+                "DELETE FROM sbus_consumed_mandates WHERE retain_until_ms <= ?", (now,)
             ).rowcount
             gone += conn.exec_driver_sql(
-                "DELETE FROM sbus_dl_sessions WHERE overflowed = 0 AND last_served_ms <= ?",
-                (now - 2 * ttl,),
+                "DELETE FROM sbus_revocations WHERE until_ms <= ?", (now,)
             ).rowcount
             return int(gone)
 
         result: int = await self._call(run)
+        return result
+
+    async def revoke(self, jti: str, until_ms: int) -> None:
+        await self._call(
+            lambda c: c.exec_driver_sql(
+                "INSERT INTO sbus_revocations (jti, until_ms) VALUES (?, ?) ON CONFLICT (jti) "
+                "DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)",
+                (jti, until_ms),
+            )
+        )
+
+    async def is_revoked(self, jti: str) -> bool:
+        def run(conn: Db) -> bool:
+            row = conn.exec_driver_sql(
+                "SELECT 1 FROM sbus_revocations WHERE jti = ? AND until_ms > ?",
+                (jti, self._now(conn)),
+            ).fetchone()
+            return row is not None
+
+        result: bool = await self._call(run, write=False)
         return result
 
     # history, counters, admin -----------------------------------------------------------------
@@ -736,6 +777,7 @@ class SQLiteStore:
                 "sbus_dl_sessions",
                 "sbus_counters",
                 "sbus_idempotency",
+                "sbus_consumed_mandates",  # revocations survive a reset (SPEC section 2)
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             return cleared
