@@ -104,8 +104,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
     app.state.no_issuer_reason = no_keys
     verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
-    # The revocation lookup (a store read by jti) plugs in here as ``revoked=``.
-    authenticator = Authenticator(verifier=verifier, admin_enabled=settings.admin_enabled)
+    # Every request's token is checked against the store's revocation list, so a
+    # revocation made through any replica is refused by every replica at once.
+    authenticator = Authenticator(
+        verifier=verifier, admin_enabled=settings.admin_enabled, revoked=store.is_revoked
+    )
     app.state.authenticator = authenticator
     problems.install(app)
     for module in (shards, commits, sessions, admin, stats):

@@ -16,10 +16,9 @@ from sbus.core import errors as e
 from sbus.core.chain import canonical_json
 from sbus.core.engine import Bus
 from sbus.core.keys import text_problem
-from sbus.core.types import CreateOp, IdemRef, Outcome, Shard, Txn
+from sbus.core.types import IdemRef
 from sbus.security import TokenInvalid
 from sbus.security.rights import Capabilities, Principal, Right
-from sbus.storage.protocol import Store
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
 SESSION_HEADER = "x-sbus-session-id"
@@ -177,37 +176,12 @@ def require_rights(request: Request, needs: Iterable[tuple[str, Right]]) -> None
         raise refusal
 
 
-class _Refusing:
-    """The store as seen by a state change that failed its capability check: reads
-    (the idempotency lookup) pass through, the one atomic call raises the refusal."""
-
-    def __init__(self, store: Store, refusal: e.CapabilityDenied) -> None:
-        self._store = store
-        self._refusal = refusal
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def apply(self, txn: Txn) -> Outcome:
-        raise self._refusal
-
-    async def create(self, op: CreateOp) -> Outcome:
-        raise self._refusal
-
-    async def admin_create(self, op: CreateOp) -> Shard | None:
-        raise self._refusal
-
-
 def checked_bus(request: Request, bus: Bus, needs: Iterable[tuple[str, Right]]) -> Bus:
     """The bus to submit a state change through. SPEC section 4 puts the capability
-    check (step 8) after idempotency (6) and the limits (7), which the engine applies;
-    the engine has no capability hook yet, so a refused request goes through a bus whose
-    store raises the refusal instead of making the atomic call. An allowed request (the
-    open-mode case) uses the shared bus untouched."""
-    refusal = denied(capabilities_of(request), needs)
-    if refusal is None:
-        return bus
-    return Bus(cast(Store, _Refusing(bus.store, refusal)), bus.limits)
+    check (step 8) after idempotency (6) and the limits (7), which the engine applies,
+    so a refused request hands its refusal to the engine, which raises it just before
+    the store. An allowed request (the open-mode case) uses the shared bus untouched."""
+    return bus.refusing(denied(capabilities_of(request), needs))
 
 
 def commit_needs(

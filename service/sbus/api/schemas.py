@@ -172,6 +172,12 @@ class ClaimsOut(BaseModel):
     aud: str
 
 
+class RevokeOut(BaseModel):
+    revoked: bool
+    jti: str
+    until: str = Field(description="RFC 3339 UTC: the jti is refused until then")
+
+
 class TokenOut(BaseModel):
     token: str = Field(description="The JWT, for Authorization: Bearer")
     jti: str

@@ -195,6 +195,15 @@ class ScopeIn(WireModel):
     rights: list[str]
 
 
+class RevokeBody(WireModel):
+    """POST /admin/tokens/revoke. ``exp`` (epoch seconds) bounds how long the jti is
+    kept; without it the deployment's SBUS_TOKEN_MAX_TTL from now is used, which
+    outlives any token that could carry the jti."""
+
+    jti: Annotated[Text, Field(min_length=1, max_length=256)]
+    exp: Version | None = None
+
+
 class TokenBody(WireModel):
     """POST /admin/tokens. Patterns and rights are checked by ``sbus.security``."""
 

@@ -15,6 +15,7 @@ from sbus.core.errors import (
     DeltaTooLarge,
     IdempotencyKeyReused,
     ReadSetTooLarge,
+    SBusError,
     TooManyWrites,
 )
 from sbus.core.types import (
@@ -49,9 +50,22 @@ def new_commit_id() -> str:
 
 
 class Bus:
-    def __init__(self, store: Store, limits: EngineLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: EngineLimits | None = None,
+        refusal: SBusError | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or EngineLimits()
+        # Step 8 (capabilities) is decided by the caller, which knows the principal,
+        # but must answer after idempotency (6) and limits (7): a refused request
+        # carries its refusal here and the engine raises it just before the store.
+        self.refusal = refusal
+
+    def refusing(self, refusal: SBusError | None) -> Bus:
+        """This bus for one request whose capability check failed (or self)."""
+        return self if refusal is None else Bus(self.store, self.limits, refusal)
 
     async def _replay(self, idem: IdemRef | None) -> Outcome | None:
         """Step 6: a recorded outcome for this (agent, key) replays or refuses."""
@@ -88,10 +102,14 @@ class Bus:
         if replay is not None:
             return replay
         self._check_content(op.key, op.content)
+        if self.refusal is not None:
+            raise self.refusal
         return await self.store.create(op)
 
     async def admin_create(self, op: CreateOp) -> Shard | None:
         self._check_content(op.key, op.content)
+        if self.refusal is not None:
+            raise self.refusal
         return await self.store.admin_create(op)
 
     async def submit(self, txn: Txn) -> Outcome:
@@ -110,6 +128,8 @@ class Bus:
             if write.kind == "commit":
                 self._check_content(write.key, write.content)
         self._check_read_set(txn.read_set)
+        if self.refusal is not None:
+            raise self.refusal
         return await self.store.apply(txn)
 
 

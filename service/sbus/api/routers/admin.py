@@ -4,6 +4,7 @@ which any authenticated caller may read. POST /admin/tokens issues capability to
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -19,6 +20,7 @@ from sbus.api.schemas import (
     DeliveryLogOut,
     InjectOut,
     ResetOut,
+    RevokeOut,
     ShardOut,
     TokenOut,
 )
@@ -28,6 +30,7 @@ from sbus.api.wire import (
     CreateShardBody,
     InjectStaleBody,
     QueryInt,
+    RevokeBody,
     Text,
     TokenBody,
 )
@@ -188,3 +191,19 @@ async def issue_token(body: TokenBody, request: Request) -> Response:
         },
         status=201,
     )
+
+
+@router.post(
+    "/tokens/revoke",
+    response_model=RevokeOut,
+    responses=errs(401, 403, 422, 503),
+    dependencies=[AdminDep],
+    summary="Revoke a token by jti on every replica (kept until its expiry)",
+)
+async def revoke_token(body: RevokeBody, bus: BusDep, settings: SettingsDep) -> Response:
+    if body.exp is not None:
+        until_ms = body.exp * 1000 + settings.clock_leeway * 1000
+    else:
+        until_ms = int(time.time() * 1000) + settings.token_max_ttl * 1000
+    await bus.store.revoke(body.jti, until_ms)
+    return json_response({"revoked": True, "jti": body.jti, "until": rfc3339(until_ms)})
