@@ -16,12 +16,13 @@ from sbus import __version__
 from sbus.api import openapi, problems
 from sbus.api.auth import Authenticator
 from sbus.api.middleware import Gate
-from sbus.api.routers import admin, commits, sessions, shards, stats
+from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
 from sbus.security import KeyConfigError
 from sbus.security.keys import KeySet
+from sbus.security.mandates import Mandates
 from sbus.security.tokens import Issuer, Verifier
 from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.not_ready_reason = "store not connected yet"
     app.state.metrics = Metrics()
     app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
+    app.state.mandates = Mandates.from_settings(settings, keys) if keys is not None else None
     app.state.no_issuer_reason = no_keys
     verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
     # Every request's token is checked against the store's revocation list, so a
@@ -111,7 +113,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     )
     app.state.authenticator = authenticator
     problems.install(app)
-    for module in (shards, commits, sessions, admin, stats):
+    for module in (shards, commits, sessions, mandates, admin, stats):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(

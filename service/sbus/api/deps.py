@@ -5,7 +5,8 @@ If-Match parsing, Idempotency-Key fingerprints and the admin gate."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
@@ -16,8 +17,9 @@ from sbus.core import errors as e
 from sbus.core.chain import canonical_json
 from sbus.core.engine import Bus
 from sbus.core.keys import text_problem
-from sbus.core.types import IdemRef
+from sbus.core.types import IdemRef, MandateRef
 from sbus.security import TokenInvalid
+from sbus.security.mandates import Mandates
 from sbus.security.rights import Capabilities, Principal, Right
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
@@ -200,3 +202,50 @@ async def require_admin(request: Request) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+
+def mandate_check(
+    request: Request,
+    bus: Bus,
+    token: str | None,
+    *,
+    agent: str,
+    written: Iterable[str],
+    context: Mapping[str, Any] | None,
+) -> Callable[[], Awaitable[MandateRef]] | None:
+    """The verification of a presented mandate, for the engine to run at step 9a (the
+    checks that need no store: 404 MandateNotFound, 410 MandateExpired on the store
+    clock, 403 Holder/Scope/ContextMismatch); the store's atomic step re-checks expiry
+    and consumes it. None when the request carries no mandate."""
+    if token is None:
+        return None
+    written_keys = list(written)
+
+    async def verify() -> MandateRef:
+        mandates: Mandates | None = request.app.state.mandates
+        if mandates is None:
+            raise e.MandateNotFound("this deployment has no signing keys: no mandate verifies")
+        now = await bus.store.now_ms()
+        claims = mandates.verify_mandate(
+            token, agent=agent, written_keys=written_keys, context=context, now_ms=now
+        )
+        return MandateRef(claims.jti, claims.expires_at_ms, claims.retain_until_ms(mandates.leeway))
+
+    return verify
+
+
+def header_context(request: Request) -> dict[str, Any] | None:
+    """DELETE carries its mandate context as JSON in X-SBus-Mandate-Context."""
+    raw = request.headers.get("x-sbus-mandate-context")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise e.ValidationFailed(
+            "X-SBus-Mandate-Context must be a JSON object",
+            loc=["header", "X-SBus-Mandate-Context"],
+        )
+    return value

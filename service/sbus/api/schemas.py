@@ -172,6 +172,13 @@ class ClaimsOut(BaseModel):
     aud: str
 
 
+class MandateOut(BaseModel):
+    mandate: str = Field(description="The signed mandate: send it as `mandate` on a commit")
+    jti: str
+    expires_at: str = Field(description="RFC 3339 UTC")
+    context_hash: str = Field(description="sha256 hex of the sorted-key compact JSON context")
+
+
 class RevokeOut(BaseModel):
     revoked: bool
     jti: str

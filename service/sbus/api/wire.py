@@ -195,6 +195,17 @@ class ScopeIn(WireModel):
     rights: list[str]
 
 
+class MandateBody(WireModel):
+    """POST /mandates. ``keys`` are patterns (the scope syntax); ``context`` is any JSON
+    object, bound by its sha256 (sorted keys, compact)."""
+
+    holder: AgentId
+    keys: Annotated[list[Text], Field(min_length=1, max_length=256)]
+    context: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: Annotated[int, Field(ge=1, le=MAX_INT)]
+    agent_id: AgentId | None = None
+
+
 class RevokeBody(WireModel):
     """POST /admin/tokens/revoke. ``exp`` (epoch seconds) bounds how long the jti is
     kept; without it the deployment's SBUS_TOKEN_MAX_TTL from now is used, which

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sbus.core.errors import (
@@ -112,8 +113,12 @@ class Bus:
             raise self.refusal
         return await self.store.admin_create(op)
 
-    async def submit(self, txn: Txn) -> Outcome:
-        """Commit, multi-commit, rollback or delete."""
+    async def submit(
+        self, txn: Txn, verify_mandate: Callable[[], Awaitable[MandateRef]] | None = None
+    ) -> Outcome:
+        """Commit, multi-commit, rollback or delete. ``verify_mandate`` (when the request
+        carries a mandate) runs after idempotency, limits and capabilities, as the first
+        part of step 9a; the store finishes 9a (expiry on its clock, consume-once)."""
         if txn.idem is not None:
             replay = await self._replay(txn.idem)
             if replay is not None:
@@ -130,6 +135,8 @@ class Bus:
         self._check_read_set(txn.read_set)
         if self.refusal is not None:
             raise self.refusal
+        if verify_mandate is not None:
+            txn = txn._replace(mandate=await verify_mandate())
         return await self.store.apply(txn)
 
 

@@ -12,6 +12,7 @@ from sbus.api.deps import (
     expected_from,
     idempotency,
     if_match,
+    mandate_check,
     require_agent,
     session_of,
 )
@@ -53,8 +54,11 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
         has_mandate=body.mandate is not None,
     )
+    check = mandate_check(
+        request, bus, body.mandate, agent=agent, written=[body.key], context=body.context
+    )
     bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
-    return outcome_response(await bus.submit(txn))
+    return outcome_response(await bus.submit(txn, check))
 
 
 @router.post(
@@ -98,9 +102,17 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         idem=idempotency(request, agent, body.model_dump()),
         has_mandate=body.mandate is not None,
     )
+    check = mandate_check(
+        request,
+        bus,
+        body.mandate,
+        agent=agent,
+        written=[w.key for w in body.writes],
+        context=body.context,
+    )
     needs = commit_needs([w.key for w in body.writes], [i.key for i in body.read_set or ()])
     bus = checked_bus(request, bus, needs)
-    return outcome_response(await bus.submit(txn))
+    return outcome_response(await bus.submit(txn, check))
 
 
 @router.post(
@@ -123,5 +135,8 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
         idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
         has_mandate=body.mandate is not None,
     )
+    check = mandate_check(
+        request, bus, body.mandate, agent=agent, written=[body.key], context=body.context
+    )
     bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
-    return outcome_response(await bus.submit(txn))
+    return outcome_response(await bus.submit(txn, check))

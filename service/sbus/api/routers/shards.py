@@ -14,8 +14,10 @@ from sbus.api.deps import (
     capabilities_of,
     checked_bus,
     expected_from,
+    header_context,
     idempotency,
     if_match,
+    mandate_check,
     require_agent,
     require_rights,
     session_of,
@@ -151,6 +153,7 @@ async def delete_shard(
     agent = require_agent(request, agent_id)
     session = session_of(request, session_id)
     mandate = request.headers.get("x-sbus-mandate")
+    context = header_context(request)  # validated (422) before anything is decided
     bus = checked_bus(request, bus, [(key, Right.DELETE)])
     fingerprint_body = {"key": key, "expected_version": expected, "session_id": session}
     txn = commit_txn(
@@ -161,9 +164,10 @@ async def delete_shard(
         read_set=[],
         rationale="delete",
         idem=idempotency(request, agent, fingerprint_body),
-        has_mandate=bool(mandate),
+        has_mandate=mandate is not None,
     )
-    return outcome_response(await bus.submit(txn))
+    check = mandate_check(request, bus, mandate, agent=agent, written=[key], context=context)
+    return outcome_response(await bus.submit(txn, check))
 
 
 @router.get(

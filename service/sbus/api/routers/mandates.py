@@ -1,0 +1,59 @@
+"""Mandates (SPEC section 5): consume-once authorizations for side-effecting commits,
+issued by an agent holding the mandate right to a holder, for key patterns and a
+context. The commit that carries one consumes it in the store's atomic step."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from sbus.api.deps import BusDep, agent_of, capabilities_of, principal_of
+from sbus.api.openapi import errs
+from sbus.api.render import json_response
+from sbus.api.schemas import MandateOut
+from sbus.api.wire import MandateBody
+from sbus.core import errors as e
+from sbus.core.clock import rfc3339
+from sbus.security import SigningUnavailable
+from sbus.security.mandates import Mandates
+from sbus.security.rights import Identity, Principal
+
+router = APIRouter(tags=["mandates"])
+
+
+@router.post(
+    "/mandates",
+    status_code=201,
+    response_model=MandateOut,
+    responses=errs(401, 403, 422, 503),
+    summary="Issue a consume-once mandate (needs the mandate right)",
+)
+async def issue_mandate(body: MandateBody, request: Request, bus: BusDep) -> Response:
+    mandates: Mandates | None = request.app.state.mandates
+    if mandates is None:
+        raise SigningUnavailable(
+            f"this deployment has no signing keys: {request.app.state.no_issuer_reason}"
+        )
+    issuer: Principal = principal_of(request)
+    if not issuer.agent:
+        # Open mode: the issuing agent is the one the request names.
+        agent = agent_of(request, body.agent_id)
+        if agent is None:
+            raise e.ValidationFailed(
+                "agent_id is required to issue a mandate", loc=["body", "agent_id"]
+            )
+        issuer = Identity(agent, capabilities_of(request))
+    else:
+        agent_of(request, body.agent_id)  # 403 AgentMismatch if the body names another
+    token, claims = mandates.issue_mandate(
+        issuer, body.holder, body.keys, body.context, body.ttl_s, now_ms=await bus.store.now_ms()
+    )
+    return json_response(
+        {
+            "mandate": token,
+            "jti": claims.jti,
+            "expires_at": rfc3339(claims.expires_at * 1000),
+            "context_hash": claims.context_hash,
+        },
+        status=201,
+    )

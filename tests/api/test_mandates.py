@@ -1,0 +1,147 @@
+"""Mandates over HTTP (SPEC sections 4 step 9a and 5): issue, consume once, and every
+refusal in its order, with state (versions, the consumed record) left untouched by a
+refusal."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.api.auth_helpers import auth, root_token, token, token_app
+from tests.api.helpers import ok, problem
+from tests.conftest import AppFactory
+
+Env = tuple[FastAPI, httpx.AsyncClient, dict[str, str], dict[str, str], dict[str, str]]
+
+
+@pytest.fixture
+async def env(make_client: AppFactory) -> Env:
+    """pay/1..pay/16 require a mandate; G may grant mandates on pay/*; A may write."""
+    app, c = await token_app(make_client, test_hooks=True)
+    root = auth(root_token(app))
+    for i in range(1, 17):
+        body = {"key": f"pay/{i}", "content": "v0", "policy": {"require_mandate": True}}
+        ok(await c.post("/shard", json=body, headers=root), 201)
+    ok(await c.post("/shard", json={"key": "free", "content": "v0"}, headers=root), 201)
+    g = auth(token(app, "G", ("pay/*", "mandate")))
+    a = auth(token(app, "A", ("**", "read,write,delete")))
+    return app, c, root, g, a
+
+
+async def issue(
+    c: httpx.AsyncClient, grantor: dict[str, str], holder: str = "A", **extra: Any
+) -> dict[str, Any]:
+    body = {"holder": holder, "keys": ["pay/*"], "context": {"order": 7}, "ttl_s": 60}
+    body.update(extra)
+    return ok(await c.post("/mandates", json=body, headers=grantor), 201)
+
+
+def commit(key: str, mandate: str | None, context: Any = None, version: int = 0) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": key, "expected_version": version, "delta": "paid"}
+    if mandate is not None:
+        body["mandate"] = mandate
+        body["context"] = {"order": 7} if context is None else context
+    return body
+
+
+async def version(c: httpx.AsyncClient, root: dict[str, str], key: str) -> int:
+    v: int = ok(await c.get(f"/shard/{key}", params={"record": "false"}, headers=root))["version"]
+    return v
+
+
+async def test_consumed_once(env: Env) -> None:
+    _, c, root, g, a = env
+    m = await issue(c, g)
+    assert len(m["context_hash"]) == 64
+    problem(
+        await c.post("/commit/v2", json=commit("pay/1", None), headers=a), 403, "MandateRequired"
+    )
+    out = ok(await c.post("/commit/v2", json=commit("pay/1", m["mandate"]), headers=a))
+    assert out["new_version"] == 1
+    again = await c.post("/commit/v2", json=commit("pay/2", m["mandate"]), headers=a)
+    body = problem(again, 409, "MandateConsumed")
+    assert body["jti"] == m["jti"]
+    assert (await version(c, root, "pay/1"), await version(c, root, "pay/2")) == (1, 0)
+    stats = ok(await c.get("/stats", headers=root))
+    assert (stats["total_commits"], stats["total_conflicts"]) == (1, 0)
+
+
+async def test_refusals_in_order_leave_the_mandate_usable(env: Env) -> None:
+    app, c, root, g, a = env
+    b = auth(token(app, "B", ("**", "read,write")))
+    m = await issue(c, g)
+    cases = [
+        (b, commit("pay/1", m["mandate"]), 403, "MandateHolderMismatch"),
+        (a, commit("free", m["mandate"]), 403, "MandateScopeMismatch"),
+        (a, commit("pay/1", m["mandate"], context={"order": 8}), 403, "MandateContextMismatch"),
+        (a, commit("pay/1", m["mandate"] + "x"), 404, "MandateNotFound"),
+        (a, commit("pay/1", "garbage"), 404, "MandateNotFound"),
+    ]
+    for headers, body, status, code in cases:
+        problem(await c.post("/commit/v2", json=body, headers=headers), status, code)
+    assert await version(c, root, "pay/1") == 0
+    # none of the refusals consumed it
+    ok(await c.post("/commit/v2", json=commit("pay/1", m["mandate"]), headers=a))
+
+
+async def test_expired_on_the_store_clock(env: Env) -> None:
+    _, c, root, g, a = env
+    m = await issue(c, g, ttl_s=5)
+    ok(await c.post("/admin/test/advance-clock", json={"ms": 6_000}, headers=root))
+    problem(
+        await c.post("/commit/v2", json=commit("pay/1", m["mandate"]), headers=a),
+        410,
+        "MandateExpired",
+    )
+    assert await version(c, root, "pay/1") == 0
+
+
+async def test_delete_with_mandate_headers(env: Env) -> None:
+    _, c, _, g, a = env
+    m = await issue(c, g)
+    headers = {**a, "X-SBus-Mandate": m["mandate"], "X-SBus-Mandate-Context": '{"order": 7}'}
+    problem(
+        await c.delete("/shard/pay/3", params={"expected_version": 0}, headers=a),
+        403,
+        "MandateRequired",
+    )
+    r = await c.delete("/shard/pay/3", params={"expected_version": 0}, headers=headers)
+    assert r.status_code == 204, r.text
+    bad = {**headers, "X-SBus-Mandate-Context": "[1]"}
+    problem(
+        await c.delete("/shard/pay/4", params={"expected_version": 0}, headers=bad),
+        422,
+        "ValidationError",
+    )
+
+
+async def test_issuing_needs_the_mandate_right_and_a_bounded_ttl(env: Env) -> None:
+    _, c, _, g, a = env
+    body = {"holder": "A", "keys": ["pay/*"], "context": {}, "ttl_s": 60}
+    problem(await c.post("/mandates", json=body, headers=a), 403, "CapabilityDenied")
+    problem(
+        await c.post("/mandates", json={**body, "ttl_s": 3601}, headers=g), 422, "ValidationError"
+    )
+    problem(
+        await c.post("/mandates", json={**body, "ttl_s": False}, headers=g), 422, "ValidationError"
+    )
+
+
+async def test_sixteen_concurrent_commits_with_one_mandate(env: Env) -> None:
+    _, c, root, g, a = env
+    m = await issue(c, g)
+    results = await asyncio.gather(
+        *(
+            c.post("/commit/v2", json=commit(f"pay/{i}", m["mandate"]), headers=a)
+            for i in range(1, 17)
+        )
+    )
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [200] + [409] * 15, [r.text for r in results]
+    assert all(r.json()["error"] == "MandateConsumed" for r in results if r.status_code == 409)
+    versions = [await version(c, root, f"pay/{i}") for i in range(1, 17)]
+    assert sorted(versions) == [0] * 15 + [1]
