@@ -145,3 +145,15 @@ async def test_sixteen_concurrent_commits_with_one_mandate(env: Env) -> None:
     assert all(r.json()["error"] == "MandateConsumed" for r in results if r.status_code == 409)
     versions = [await version(c, root, f"pay/{i}") for i in range(1, 17)]
     assert sorted(versions) == [0] * 15 + [1]
+
+
+async def test_idempotent_retry_of_a_mandated_commit_replays(env: Env) -> None:
+    _, c, root, g, a = env
+    m = await issue(c, g)
+    headers = {**a, "Idempotency-Key": "pay-1"}
+    first = await c.post("/commit/v2", json=commit("pay/1", m["mandate"]), headers=headers)
+    assert first.status_code == 200, first.text
+    again = await c.post("/commit/v2", json=commit("pay/1", m["mandate"]), headers=headers)
+    assert (again.status_code, again.json()) == (200, first.json())
+    assert again.headers["idempotent-replayed"] == "true"
+    assert await version(c, root, "pay/1") == 1
