@@ -11,7 +11,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sbus.core.engine import EngineLimits
-from sbus.core.types import Limits
+from sbus.core.types import Limits, RateLimit
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +87,10 @@ class Settings(BaseSettings):
 
     def startup_problem(self) -> str | None:
         """Why this configuration must not serve, or None."""
+        try:
+            RateLimit.parse(self.rate_limit)
+        except ValueError as exc:
+            return str(exc)
         if self.auth_mode == "token":
             # Imported here: sbus.security.keys imports this module.
             from sbus.security.keys import token_mode_problem

@@ -20,6 +20,7 @@ from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
+from sbus.core.types import RateLimit
 from sbus.security import KeyConfigError
 from sbus.security.keys import KeySet
 from sbus.security.mandates import Mandates
@@ -98,7 +99,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.bus = Bus(store, settings.engine_limits())
+    # Rate limits apply in token mode only (SPEC section 4 step 5): in open mode every
+    # agent id is self-declared, so a per-agent bucket would limit nothing.
+    rate = RateLimit.parse(settings.rate_limit) if settings.auth_mode == "token" else None
+    app.state.bus = Bus(store, settings.engine_limits(), rate=rate)
     app.state.ready = False
     app.state.not_ready_reason = "store not connected yet"
     app.state.metrics = Metrics()

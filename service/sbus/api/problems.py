@@ -69,6 +69,7 @@ STATUS: dict[type[e.SBusError], int] = {
     e.PreconditionConflict: 422,
     e.IdempotencyKeyReused: 422,
     e.PreconditionRequired: 428,
+    e.RateLimited: 429,
     KeyConfigError: 500,  # refused at startup; never expected while serving
     e.StoreUnavailable: 503,
     # A verify-only replica: the request is fine, another replica (with
@@ -105,7 +106,7 @@ def problem_response(err: e.SBusError, *, token_sent: bool = True) -> Response:
     token, which selects the ``WWW-Authenticate`` challenge."""
     status = status_of(err)
     headers: dict[str, str] = {}
-    if isinstance(err, e.StoreUnavailable):
+    if isinstance(err, e.StoreUnavailable | e.RateLimited):
         headers["Retry-After"] = str(err.retry_after)
     if isinstance(err, TokenInvalid):
         headers["WWW-Authenticate"] = CHALLENGE_INVALID if token_sent else CHALLENGE

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sbus.core.errors import (
     DeltaTooLarge,
     IdempotencyKeyReused,
+    RateLimited,
     ReadSetTooLarge,
     SBusError,
     TooManyWrites,
@@ -24,6 +25,7 @@ from sbus.core.types import (
     IdemRef,
     MandateRef,
     Outcome,
+    RateLimit,
     ReadItem,
     Shard,
     Txn,
@@ -56,9 +58,12 @@ class Bus:
         store: Store,
         limits: EngineLimits | None = None,
         refusal: SBusError | None = None,
+        rate: RateLimit | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or EngineLimits()
+        # Step 5: a per-agent token bucket in the store (token mode, when configured).
+        self.rate = rate
         # Step 8 (capabilities) is decided by the caller, which knows the principal,
         # but must answer after idempotency (6) and limits (7): a refused request
         # carries its refusal here and the engine raises it just before the store.
@@ -66,7 +71,19 @@ class Bus:
 
     def refusing(self, refusal: SBusError | None) -> Bus:
         """This bus for one request whose capability check failed (or self)."""
-        return self if refusal is None else Bus(self.store, self.limits, refusal)
+        return self if refusal is None else Bus(self.store, self.limits, refusal, self.rate)
+
+    async def _throttle(self, agent_id: str) -> None:
+        """Step 5: 429 RateLimited with Retry-After when the agent's bucket is empty."""
+        if self.rate is None:
+            return
+        wait_ms = await self.store.take_token(agent_id, self.rate)
+        if wait_ms:
+            retry_after = max(1, -(-wait_ms // 1000))
+            raise RateLimited(
+                f"agent {agent_id!r} is over its rate limit; retry in {retry_after} s",
+                retry_after=retry_after,
+            )
 
     async def _replay(self, idem: IdemRef | None) -> Outcome | None:
         """Step 6: a recorded outcome for this (agent, key) replays or refuses."""
@@ -99,6 +116,7 @@ class Bus:
             )
 
     async def create(self, op: CreateOp) -> Outcome:
+        await self._throttle(op.agent_id)
         replay = await self._replay(op.idem)
         if replay is not None:
             return replay
@@ -119,6 +137,7 @@ class Bus:
         """Commit, multi-commit, rollback or delete. ``verify_mandate`` (when the request
         carries a mandate) runs after idempotency, limits and capabilities, as the first
         part of step 9a; the store finishes 9a (expiry on its clock, consume-once)."""
+        await self._throttle(txn.agent_id)
         if txn.idem is not None:
             replay = await self._replay(txn.idem)
             if replay is not None:

@@ -10,7 +10,7 @@ statuses; everything below the API raises these classes and nothing else.
     │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, ValidationFailed
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
     │   ├── DeltaTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
-    │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed
+    │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
     │   └── HostNotAllowed, AgentMismatch, AdminDisabled, CapabilityDenied
     ├── StateError              the store's state refuses the request
     │   ├── ShardNotFound, ShardDeleted, ShardAlreadyExists, VersionNotFound
@@ -202,6 +202,17 @@ class MandateExpired(StateError):
 class MandateConsumed(StateError):
     code = "MandateConsumed"
     title = "Mandate already consumed"
+
+
+class RateLimited(RequestError):
+    """429: the agent's token bucket is empty; ``retry_after`` seconds until a token."""
+
+    code = "RateLimited"
+    title = "Rate limit exceeded"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class StoreUnavailable(SBusError):

@@ -34,6 +34,7 @@ from sbus.core.types import (
     HistoryEntry,
     MandateRef,
     Outcome,
+    RateLimit,
     SessionView,
     Shard,
     Txn,
@@ -385,6 +386,20 @@ def render(txn: Txn, post: Mapping[str, Shard]) -> Outcome:
 
 def render_create(shard: Shard) -> Outcome:
     return Outcome(201, shard_body(shard), etag=shard.version)
+
+
+def bucket_take(
+    tokens: float | None, updated_ms: int | None, now_ms: int, rate: RateLimit
+) -> tuple[float, int]:
+    """The token bucket step: (tokens left after the refill and the take, wait in ms).
+    A wait > 0 means nothing was taken. ``tokens`` None is a new, full bucket."""
+    if tokens is None or updated_ms is None:
+        level = float(rate.burst)
+    else:
+        level = min(float(rate.burst), tokens + max(0, now_ms - updated_ms) * rate.per_ms)
+    if level >= 1.0:
+        return level - 1.0, 0
+    return level, max(1, int((1.0 - level) / rate.per_ms + 0.999))
 
 
 def plan_read(session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int) -> str:

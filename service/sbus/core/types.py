@@ -164,6 +164,32 @@ class RegisterResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A per-agent token bucket: ``per_ms`` tokens refill each millisecond, up to
+    ``burst``; each state-changing request takes one."""
+
+    per_ms: float
+    burst: int
+
+    @classmethod
+    def parse(cls, spec: str) -> RateLimit | None:
+        """``""`` (off), ``RATE/UNIT`` or ``RATE/UNIT,BURST``: ``50/s``, ``600/m,100``.
+        UNIT is s, m or h; BURST defaults to RATE. Raises ValueError."""
+        spec = spec.strip()
+        if not spec:
+            return None
+        rate_part, _, burst_part = spec.partition(",")
+        count, _, unit = rate_part.partition("/")
+        seconds = {"s": 1, "m": 60, "h": 3600}.get(unit.strip() or "s")
+        if seconds is None or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"SBUS_RATE_LIMIT {spec!r}: expected RATE/UNIT[,BURST], e.g. 50/s")
+        burst = int(burst_part) if burst_part.strip() else int(count)
+        if burst < 1:
+            raise ValueError(f"SBUS_RATE_LIMIT {spec!r}: BURST must be at least 1")
+        return cls(per_ms=int(count) / (seconds * 1000), burst=burst)
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """The knobs the atomic step needs; copied from Settings once at start-up."""
 

@@ -26,6 +26,7 @@ from sbus.core.types import (
     IdemRecord,
     Limits,
     Outcome,
+    RateLimit,
     RegisterResult,
     SessionView,
     Shard,
@@ -49,6 +50,7 @@ class MemoryStore:
         self._idem: dict[tuple[str, str], IdemRecord] = {}
         self._consumed: dict[str, int] = {}  # mandate jti -> retained until (ms)
         self._revoked: dict[str, int] = {}  # token jti -> listed until (ms)
+        self._buckets: dict[str, tuple[float, int]] = {}  # agent -> (tokens, updated ms)
         self._ori = True
         self._offset_ms = 0
         self.limits = limits or Limits()
@@ -324,6 +326,13 @@ class MemoryStore:
                     gone += 1
         return gone
 
+    async def take_token(self, agent_id: str, rate: RateLimit) -> int:
+        now = self._now()
+        tokens, updated = self._buckets.get(agent_id, (None, None))
+        left, wait = rules.bucket_take(tokens, updated, now, rate)
+        self._buckets[agent_id] = (left, now)
+        return wait
+
     async def revoke(self, jti: str, until_ms: int) -> None:
         self._revoked[jti] = max(until_ms, self._revoked.get(jti, 0))
 
@@ -365,4 +374,5 @@ class MemoryStore:
         self._counters.clear()
         self._idem.clear()
         self._consumed.clear()  # revocations survive a reset (SPEC section 2)
+        self._buckets.clear()
         return cleared

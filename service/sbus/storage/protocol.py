@@ -21,6 +21,7 @@ from sbus.core.types import (
     IdemRecord,
     Limits,
     Outcome,
+    RateLimit,
     RegisterResult,
     Shard,
     StoreStats,
@@ -82,6 +83,11 @@ class Store(Protocol):
 
     async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
         """Overwrite a DL entry. Raises ShardNotFound, ValidationFailed (version out of range)."""
+
+    async def take_token(self, agent_id: str, rate: RateLimit) -> int:
+        """Take one token from the agent's bucket (refilled on the store clock). Returns
+        0 when taken, else the milliseconds until one is available (nothing taken).
+        Buckets go with ``reset_all``."""
 
     async def revoke(self, jti: str, until_ms: int) -> None:
         """Put a token id on the revocation list until ``until_ms`` (its expiry); kept

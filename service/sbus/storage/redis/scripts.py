@@ -514,7 +514,8 @@ RESET_ALL = r"""
 local COUNTERS, LIVE, ALL, SESSIONS, IIDX = unpack(KEYS)
 local tag = ARGV[1]
 local cleared = redis.call('ZCARD', ALL)
-redis.call('DEL', tag .. ':mandates')  -- consumed mandates go; revocations (':rv:') stay
+-- consumed mandates and rate buckets go; revocations (':rv:') stay
+redis.call('DEL', tag .. ':mandates', tag .. ':buckets')
 for _, k in ipairs(redis.call('ZRANGE', ALL, 0, -1)) do
   redis.call('DEL', tag .. ':s:' .. k, tag .. ':h:' .. k)
 end
@@ -637,6 +638,28 @@ def _script(name: str, body: str, *, writes: bool = True) -> Script:
     return Script(name, source, hashlib.sha1(source.encode()).hexdigest(), writes)
 
 
+# ---------------------------------------------------------------------------------
+# take_token: the per-agent token bucket (rules.bucket_take in Lua).
+# KEYS: meta, the buckets hash (fields t:<agent>, u:<agent>).  ARGV: per_ms, burst,
+# agent.  Returns the wait in ms (0 = taken).
+TAKE_TOKEN = r"""
+local now = clock(KEYS[1])
+local per_ms, burst, agent = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local b = redis.call('HMGET', KEYS[2], 't:' .. agent, 'u:' .. agent)
+local level = burst
+if b[1] then
+  level = math.min(burst, tonumber(b[1]) + math.max(0, now - tonumber(b[2])) * per_ms)
+end
+local wait = 0
+if level >= 1 then
+  level = level - 1
+else
+  wait = math.max(1, math.ceil((1 - level) / per_ms))
+end
+redis.call('HSET', KEYS[2], 't:' .. agent, tostring(level), 'u:' .. agent, s(now))
+return wait
+"""
+
 SCRIPTS: dict[str, Script] = {
     s.name: s
     for s in (
@@ -650,6 +673,7 @@ SCRIPTS: dict[str, Script] = {
         _script("reset_all", RESET_ALL),
         _script("advance_clock", ADVANCE_CLOCK),
         _script("set_ori", SET_ORI),
+        _script("take_token", TAKE_TOKEN),
         _script("now", NOW, writes=False),
         _script("history", HISTORY, writes=False),
         _script("stats", STATS, writes=False),

@@ -82,6 +82,7 @@ from sbus.core.types import (
     IdemRef,
     Limits,
     Outcome,
+    RateLimit,
     RegisterResult,
     Shard,
     StoreStats,
@@ -800,6 +801,15 @@ class RedisStore:
         sums = dict(zip(flat[::2], flat[1::2], strict=True))
         counters = Counters(**{n: int(sums.get(n, 0)) for n in COUNTER_NAMES})
         return StoreStats(counters, int(total), int(agents), int(deliveries), bool(ori))
+
+    async def take_token(self, agent_id: str, rate: RateLimit) -> int:
+        # All buckets share one hash, so /admin/reset (RESET_ALL) deletes them at once.
+        wait = await self._eval(
+            "take_token",
+            [self.k_meta, f"{self.tag}:buckets"],
+            [repr(rate.per_ms), rate.burst, agent_id],
+        )
+        return int(wait)
 
     async def revoke(self, jti: str, until_ms: int) -> None:
         # One key per revoked jti, expiring with the token (SET ... PXAT), outside the

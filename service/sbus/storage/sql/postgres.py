@@ -50,6 +50,7 @@ from sbus.core.types import (
     IdemRef,
     Limits,
     Outcome,
+    RateLimit,
     RegisterResult,
     SessionView,
     Shard,
@@ -755,6 +756,34 @@ class PostgresStore:
 
         return await self._run(body)
 
+    async def take_token(self, agent_id: str, rate: RateLimit) -> int:
+        """One statement (its own transaction): the row lock serializes an agent's
+        requests across replicas; the arithmetic is rules.bucket_take's."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                """
+                WITH now AS (SELECT sbus_now_ms() AS ms),
+                cur AS (
+                  SELECT least($3::float8, coalesce(
+                           (SELECT b.tokens + greatest(0, now.ms - b.updated_ms) * $2::float8
+                              FROM sbus_rate_buckets b WHERE b.agent_id = $1 FOR UPDATE),
+                           $3::float8)) AS level, now.ms AS ms
+                    FROM now
+                )
+                INSERT INTO sbus_rate_buckets AS b (agent_id, tokens, updated_ms)
+                SELECT $1, CASE WHEN level >= 1 THEN level - 1 ELSE level END, ms FROM cur
+                ON CONFLICT (agent_id) DO UPDATE
+                  SET tokens = excluded.tokens, updated_ms = excluded.updated_ms
+                RETURNING (SELECT level FROM cur) AS level
+                """,
+                agent_id,
+                rate.per_ms,
+                float(rate.burst),
+            )
+        assert row is not None
+        level = float(row["level"])
+        return 0 if level >= 1.0 else max(1, int((1.0 - level) / rate.per_ms + 0.999))
+
     async def revoke(self, jti: str, until_ms: int) -> None:
         async def body(conn: asyncpg.Connection) -> None:
             await conn.execute(
@@ -822,12 +851,13 @@ class PostgresStore:
             # halfway; the reset is one atomic step.
             await conn.execute(
                 "LOCK TABLE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
-                "sbus_counters, sbus_idempotency, sbus_consumed_mandates IN ACCESS EXCLUSIVE MODE"
+                "sbus_counters, sbus_idempotency, sbus_consumed_mandates, sbus_rate_buckets "
+                "IN ACCESS EXCLUSIVE MODE"
             )
             cleared: int = await conn.fetchval("SELECT count(*) FROM sbus_shards")
             await conn.execute(
                 "TRUNCATE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
-                "sbus_counters, sbus_idempotency, sbus_consumed_mandates"
+                "sbus_counters, sbus_idempotency, sbus_consumed_mandates, sbus_rate_buckets"
             )
             return cleared
 

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -125,4 +126,12 @@ revocations = Table(
     metadata,
     Column("jti", Text, primary_key=True),
     Column("until_ms", BigInteger, nullable=False),
+)
+
+rate_buckets = Table(
+    "sbus_rate_buckets",
+    metadata,
+    Column("agent_id", Text, primary_key=True),
+    Column("tokens", Float, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
 )

@@ -38,6 +38,7 @@ from sbus.core.types import (
     IdemRef,
     Limits,
     Outcome,
+    RateLimit,
     RegisterResult,
     SessionView,
     Shard,
@@ -705,6 +706,25 @@ class SQLiteStore:
         result: int = await self._call(run)
         return result
 
+    async def take_token(self, agent_id: str, rate: RateLimit) -> int:
+        def run(conn: Db) -> int:
+            now = self._now(conn)
+            row = conn.exec_driver_sql(
+                "SELECT tokens, updated_ms FROM sbus_rate_buckets WHERE agent_id = ?", (agent_id,)
+            ).fetchone()
+            left, wait = rules.bucket_take(
+                row[0] if row else None, row[1] if row else None, now, rate
+            )
+            conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO sbus_rate_buckets (agent_id, tokens, updated_ms) "
+                "VALUES (?, ?, ?)",
+                (agent_id, left, now),
+            )
+            return wait
+
+        result: int = await self._call(run)
+        return result
+
     async def revoke(self, jti: str, until_ms: int) -> None:
         await self._call(
             lambda c: c.exec_driver_sql(
@@ -778,6 +798,7 @@ class SQLiteStore:
                 "sbus_counters",
                 "sbus_idempotency",
                 "sbus_consumed_mandates",  # revocations survive a reset (SPEC section 2)
+                "sbus_rate_buckets",
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             return cleared
