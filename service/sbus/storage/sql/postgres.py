@@ -480,15 +480,18 @@ class PostgresStore:
             consumed = False
             if txn.mandate is not None:
                 # Concurrent commits carrying one mandate queue on this lock, on any
-                # replica; the loser then sees the winner's consumed record.
+                # replica. The check must be a SEPARATE statement: under READ COMMITTED a
+                # statement's snapshot is taken before it waits, so a check in the
+                # locking statement would not see the winner's record.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))", txn.mandate.jti
+                )
                 consumed = bool(
                     await conn.fetchval(
-                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 2)), "
-                        "EXISTS (SELECT 1 FROM sbus_consumed_mandates "
+                        "SELECT EXISTS (SELECT 1 FROM sbus_consumed_mandates "
                         "WHERE jti = $1 AND retain_until_ms > $2)",
                         txn.mandate.jti,
                         now,
-                        column=1,
                     )
                 )
             sources = {h["key"]: entry_from(h) for h in loaded["sources"]}
