@@ -193,6 +193,9 @@ async def issue_token(body: TokenBody, request: Request) -> Response:
     )
 
 
+MAX_UNTIL_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last RFC 3339 instant
+
+
 @router.post(
     "/tokens/revoke",
     response_model=RevokeOut,
@@ -203,6 +206,12 @@ async def issue_token(body: TokenBody, request: Request) -> Response:
 async def revoke_token(body: RevokeBody, bus: BusDep, settings: SettingsDep) -> Response:
     if body.exp is not None:
         until_ms = body.exp * 1000 + settings.clock_leeway * 1000
+        if until_ms > MAX_UNTIL_MS:
+            # Past year 9999 the expiry has no RFC 3339 form (this was a 500).
+            raise e.ValidationFailed(
+                "exp (plus the clock leeway) must not pass 9999-12-31T23:59:59Z",
+                loc=["body", "exp"],
+            )
     else:
         until_ms = int(time.time() * 1000) + settings.token_max_ttl * 1000
     await bus.store.revoke(body.jti, until_ms)
