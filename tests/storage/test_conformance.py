@@ -125,6 +125,18 @@ class TestStoreConformance:
         out = await store.apply(commit("a", 0, "x"))
         assert out.body is not None and out.body["new_version"] == 1
 
+    async def test_register_restarts_an_expired_session_even_recording_nothing(
+        self, store: Store
+    ) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.read("a", "A", "", True)
+        await store.advance_clock(10_000)  # exactly TTL: expired
+        result = await store.register("A", "", ["ghost"])
+        assert (result.registered, result.skipped_no_shard) == (0, ["ghost"])
+        out = await store.apply(commit("b", 0, "x"))
+        assert out.body is not None and out.body["new_version"] == 1
+
     async def test_history_retention_by_depth_and_bytes(self, store: Store) -> None:
         await store.create(create("k", "0"))
         for v in range(5):

@@ -3,13 +3,16 @@ Problem schema, replacing FastAPI's default 422 ``HTTPValidationError``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
+from sbus.api import wire
 from sbus.api.auth import PUBLIC
 from sbus.api.schemas import Problem
+from sbus.core.keys import MAX_KEY_LENGTH
 
 DESCRIPTIONS = {
     400: "Malformed request (JSON, If-Match, identity)",
@@ -31,6 +34,47 @@ COMMON_GET = (401, 403, 404, 422, 503)
 COMMON_WRITE = (400, 401, 403, 404, 405, 413, 415, 422, 503)
 
 
+# Shard keys (sbus.core.keys.key_problem) as JSON Schema: '/'-separated segments of
+# A-Z a-z 0-9 . _ : @ -, none empty, "." or "..". Checked in code by the wire models'
+# ``Key`` validator, which FastAPI cannot describe, so the document states it here.
+_SEGMENT = (
+    r"(?:[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*|\.[A-Za-z0-9_:@-][A-Za-z0-9._:@-]*|\.\.[A-Za-z0-9._:@-]+)"
+)
+KEY_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_KEY_LENGTH,
+    "pattern": rf"^{_SEGMENT}(?:/{_SEGMENT})*$",
+}
+_KEY_CHECK = get_args(wire.Key)[1]
+
+
+def _key_fields() -> dict[str, list[str]]:
+    """Component name -> the properties that hold a shard key."""
+    found: dict[str, list[str]] = {}
+    for model in vars(wire).values():
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for name, field in model.model_fields.items():
+            if any(check is _KEY_CHECK for check in field.metadata):
+                found.setdefault(model.__name__, []).append(field.alias or name)
+    return found
+
+
+def _describe_keys(schema: dict[str, Any]) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    for model, fields in _key_fields().items():
+        properties = components.get(model, {}).get("properties", {})
+        for name in fields:
+            if name in properties:
+                properties[name].update(KEY_SCHEMA)
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") == "key":
+                    parameter.setdefault("schema", {}).update(KEY_SCHEMA)
+
+
 def errs(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": Problem, "description": DESCRIPTIONS[s]} for s in statuses}
 
@@ -50,6 +94,7 @@ def install(app: FastAPI) -> None:
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
         components["Problem"] = Problem.model_json_schema()
+        _describe_keys(schema)
         for path, methods in schema.get("paths", {}).items():
             for method, operation in methods.items():
                 responses = operation.setdefault("responses", {})

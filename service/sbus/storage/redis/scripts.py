@@ -227,7 +227,9 @@ local now = clock(META)
 local live = {}
 local state = session_state(DLT, DLV, now, ttl)
 -- an empty or expired session restarts with the first read; an overflowed one keeps
--- its entries
+-- its entries. A register on an expired session starts it afresh even when it
+-- records nothing (SPEC section 1).
+if state == 'expired' then redis.call('DEL', DLT, DLV) end
 if state == 'live' or state == 'overflowed' then
   for _, k in ipairs(live_keys(DLT, now, ttl)) do live[k] = true end
 end

@@ -574,8 +574,24 @@ class PostgresStore:
             )
             view = await self._session(conn, agent_id, session_id, lock=True)
             live = rules.live_entries(view, now, ttl)
-            if rules.session_state(view, now, ttl) in ("empty", "expired"):
+            state = rules.session_state(view, now, ttl)
+            if state in ("empty", "expired"):
                 live = {}  # the read restarts the session; an overflowed one keeps its entries
+            if state == "expired":
+                # SPEC section 1: a register on an expired session starts it afresh,
+                # even when it records nothing.
+                await self._apply_effects(
+                    conn,
+                    {
+                        "agent": agent_id,
+                        "session": session_id,
+                        "clear_dl": True,
+                        "dl": [],
+                        "overflowed": False,
+                        "last_served": None,
+                    },
+                )
+                view = SessionView()
             rows = await conn.fetch(
                 "SELECT key, version, deleted FROM sbus_shards WHERE key = ANY($1)", keys
             )
