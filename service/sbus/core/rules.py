@@ -388,6 +388,30 @@ def render_create(shard: Shard) -> Outcome:
     return Outcome(201, shard_body(shard), etag=shard.version)
 
 
+def record_read(
+    view: SessionView,
+    key: str,
+    version: int,
+    *,
+    now_ms: int,
+    ttl_ms: int,
+    max_entries: int,
+) -> str:
+    """Apply a recorded read (GET or register) to ``view`` in place and return what a
+    store must persist: ``skip`` (nothing), ``overflow`` (mark the session overflowed),
+    ``record`` (upsert the entry and the session's last read) or ``restart`` (delete the
+    session's old entries first, then as ``record``)."""
+    plan = plan_read(view, key, now_ms=now_ms, ttl_ms=ttl_ms, max_entries=max_entries)
+    if plan == "overflow":
+        view.overflowed = True
+    elif plan != "skip":
+        if plan == "restart":
+            view.entries.clear()
+        view.entries[key] = DLEntry(version, now_ms)
+        view.last_served_ms = now_ms
+    return plan
+
+
 def bucket_take(
     tokens: float | None, updated_ms: int | None, now_ms: int, rate: RateLimit
 ) -> tuple[float, int]:

@@ -142,23 +142,15 @@ class MemoryStore:
 
     def _record(self, view: SessionView, key: str, version: int, now: int) -> bool:
         """Apply a recorded read to the session; False when it was not recorded."""
-        plan = rules.plan_read(
+        plan = rules.record_read(
             view,
             key,
+            version,
             now_ms=now,
             ttl_ms=self.limits.session_ttl_ms,
             max_entries=self.limits.max_dl_entries,
         )
-        if plan == "skip":
-            return False
-        if plan == "overflow":
-            view.overflowed = True
-            return False
-        if plan == "restart":
-            view.entries.clear()
-        view.entries[key] = DLEntry(version, now)
-        view.last_served_ms = now
-        return True
+        return plan in ("record", "restart")
 
     async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
         shard = self._shards.get(key)

@@ -645,9 +645,10 @@ class PostgresStore:
         version: int,
         now: int,
     ) -> bool:
-        plan = rules.plan_read(
+        plan = rules.record_read(
             view,
             key,
+            version,
             now_ms=now,
             ttl_ms=self.limits.session_ttl_ms,
             max_entries=self.limits.max_dl_entries,
@@ -655,7 +656,6 @@ class PostgresStore:
         if plan == "skip":
             return False
         if plan == "overflow":
-            view.overflowed = True
             await conn.execute(
                 "UPDATE sbus_dl_sessions SET overflowed = true "
                 "WHERE agent_id = $1 AND session_id = $2",
@@ -663,10 +663,6 @@ class PostgresStore:
                 session_id,
             )
             return False
-        if plan == "restart":
-            view.entries.clear()
-        view.entries[key] = DLEntry(version, now)
-        view.last_served_ms = now
         await self._apply_effects(
             conn,
             {

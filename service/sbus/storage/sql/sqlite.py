@@ -452,9 +452,10 @@ class SQLiteStore:
         version: int,
         now: int,
     ) -> bool:
-        plan = rules.plan_read(
+        plan = rules.record_read(
             view,
             key,
+            version,
             now_ms=now,
             ttl_ms=self.limits.session_ttl_ms,
             max_entries=self.limits.max_dl_entries,
@@ -462,14 +463,10 @@ class SQLiteStore:
         if plan == "skip":
             return False
         if plan == "overflow":
-            view.overflowed = True
             self._put_session(conn, agent_id, session_id, True, view.last_served_ms)
             return False
         if plan == "restart":
-            view.entries.clear()
             self._clear_entries(conn, agent_id, session_id)
-        view.entries[key] = DLEntry(version, now)
-        view.last_served_ms = now
         self._put_entries(conn, agent_id, session_id, {key: view.entries[key]})
         self._put_session(conn, agent_id, session_id, False, now)
         return True
