@@ -300,6 +300,33 @@ def decide(
     return fx
 
 
+def creation_entry(op: CreateOp, version: int, prev_hash: str, now_ms: int) -> HistoryEntry:
+    """The history entry of a creation at ``version`` after ``prev_hash`` (GENESIS for a
+    new key, the tombstone's hash for a re-creation)."""
+    digest = entry_hash(
+        prev_hash,
+        version,
+        agent_id=op.agent_id,
+        commit_id=op.commit_id,
+        committed_at=rfc3339(now_ms),
+        rationale="create",
+        deleted=False,
+        content=op.content,
+    )
+    return HistoryEntry(
+        key=op.key,
+        version=version,
+        agent_id=op.agent_id,
+        committed_ms=now_ms,
+        content=op.content,
+        deleted=False,
+        rationale="create",
+        commit_id=op.commit_id,
+        prev_hash=prev_hash,
+        hash=digest,
+    )
+
+
 def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Shard, HistoryEntry]:
     """The row and genesis-or-continuation history entry for POST /shard.
 
@@ -309,16 +336,8 @@ def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Sha
     version = 0 if existing is None else existing.version + 1
     prev = GENESIS if existing is None else existing.head_hash
     depth = 0 if existing is None else existing.history_depth
-    digest = entry_hash(
-        prev,
-        version,
-        agent_id=op.agent_id,
-        commit_id=op.commit_id,
-        committed_at=rfc3339(now_ms),
-        rationale="create",
-        deleted=False,
-        content=op.content,
-    )
+    entry = creation_entry(op, version, prev, now_ms)
+    digest = entry.hash
     shard = Shard(
         key=op.key,
         id=content_id(op.content),
@@ -333,18 +352,6 @@ def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Sha
         deleted=False,
         head_hash=digest,
         history_depth=depth + (1 if version else 0),
-    )
-    entry = HistoryEntry(
-        key=op.key,
-        version=version,
-        agent_id=op.agent_id,
-        committed_ms=now_ms,
-        content=op.content,
-        deleted=False,
-        rationale="create",
-        commit_id=op.commit_id,
-        prev_hash=prev,
-        hash=digest,
     )
     return shard, entry
 

@@ -428,16 +428,7 @@ class RedisStore:
             hv = int(version_s) if version_s is not None else -1
             prev = head if head is not None else GENESIS
             version = hv + 1
-            digest = entry_hash(
-                prev,
-                version,
-                agent_id=op.agent_id,
-                commit_id=op.commit_id,
-                committed_at=rfc3339(now),
-                rationale="create",
-                deleted=False,
-                content=op.content,
-            )
+            digest = rules.creation_entry(op, version, prev, now).hash
             meta = _entry_meta(version, op.agent_id, now, False, "create", op.commit_id, prev)
             payload: dict[str, Any] = {
                 "now": now,
