@@ -161,21 +161,24 @@ def install(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        # Starlette raises these for unknown routes and methods, FastAPI for a body it
+        # cannot read; the body cap is the gate's (it answers RequestTooLarge itself).
         err: e.SBusError
         if exc.status_code == 404:
             err = e.RouteNotFound("no such route")
         elif exc.status_code == 405:
             err = e.MethodNotAllowed("method not allowed on this route")
-        elif exc.status_code == 413:
-            err = e.RequestTooLarge(str(exc.detail))
         elif exc.status_code == 400:
             err = e.MalformedJSON(str(exc.detail))
         else:
+            # Anything else keeps its own status, in the body as on the wire.
             err = e.RequestError(str(exc.detail))
-        response = problem_response(err)
-        if exc.status_code not in (400, 404, 405, 413):
-            response.status_code = exc.status_code
-        return response
+            return Response(
+                orjson.dumps(problem_body(err, exc.status_code)),
+                status_code=exc.status_code,
+                media_type=MEDIA_TYPE,
+            )
+        return problem_response(err)
 
     app.add_exception_handler(e.SBusError, on_sbus)
     app.add_exception_handler(RequestValidationError, on_validation)
