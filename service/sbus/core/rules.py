@@ -419,6 +419,22 @@ def record_read(
     return plan
 
 
+def begin_register(view: SessionView, now_ms: int, ttl_ms: int) -> tuple[dict[str, DLEntry], bool]:
+    """Open a register on ``view``: the live entries it must skip, and whether the
+    session was expired and has been started afresh (SPEC section 1: even when the
+    register records nothing). An empty session has no live entries; an overflowed one
+    keeps its entries. On a restart ``view`` is emptied in place and the store must
+    drop the session's persisted entries and marker."""
+    state = session_state(view, now_ms, ttl_ms)
+    if state == "expired":
+        view.entries.clear()
+        view.last_served_ms = None
+        return {}, True
+    if state == "empty":
+        return {}, False
+    return live_entries(view, now_ms, ttl_ms), False
+
+
 def bucket_take(
     tokens: float | None, updated_ms: int | None, now_ms: int, rate: RateLimit
 ) -> tuple[float, int]:

@@ -245,15 +245,7 @@ class MemoryStore:
         limits = self.limits
         now = self._now()
         view = self._session(agent_id, session_id)
-        live = rules.live_entries(view, now, limits.session_ttl_ms)
-        state = rules.session_state(view, now, limits.session_ttl_ms)
-        if state in ("empty", "expired"):
-            live = {}  # the read restarts the session; an overflowed one keeps its entries
-        if state == "expired":
-            # SPEC section 1: a register on an expired session starts it afresh, even
-            # when it records nothing.
-            view.entries.clear()
-            view.last_served_ms = None
+        live, _ = rules.begin_register(view, now, limits.session_ttl_ms)
         registered = 0
         existing: list[str] = []
         missing: list[str] = []

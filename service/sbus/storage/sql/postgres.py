@@ -573,13 +573,8 @@ class PostgresStore:
                 session_id,
             )
             view = await self._session(conn, agent_id, session_id, lock=True)
-            live = rules.live_entries(view, now, ttl)
-            state = rules.session_state(view, now, ttl)
-            if state in ("empty", "expired"):
-                live = {}  # the read restarts the session; an overflowed one keeps its entries
-            if state == "expired":
-                # SPEC section 1: a register on an expired session starts it afresh,
-                # even when it records nothing.
+            live, restarted = rules.begin_register(view, now, ttl)
+            if restarted:
                 await self._apply_effects(
                     conn,
                     {
@@ -591,7 +586,6 @@ class PostgresStore:
                         "last_served": None,
                     },
                 )
-                view = SessionView()
             rows = await conn.fetch(
                 "SELECT key, version, deleted FROM sbus_shards WHERE key = ANY($1)", keys
             )

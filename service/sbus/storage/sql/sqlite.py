@@ -599,16 +599,10 @@ class SQLiteStore:
             now = self._now(conn)
             ttl = self.limits.session_ttl_ms
             view = self._session(conn, agent_id, session_id)
-            live = rules.live_entries(view, now, ttl)
-            state = rules.session_state(view, now, ttl)
-            if state in ("empty", "expired"):
-                live = {}  # the read restarts the session; an overflowed one keeps its entries
-            if state == "expired":
-                # SPEC section 1: a register on an expired session starts it afresh,
-                # even when it records nothing.
+            live, restarted = rules.begin_register(view, now, ttl)
+            if restarted:
                 self._clear_entries(conn, agent_id, session_id)
                 self._put_session(conn, agent_id, session_id, False, None)
-                view = SessionView()
             shards = self._load_many(conn, keys)
             registered = 0
             existing: list[str] = []
