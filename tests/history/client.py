@@ -1,0 +1,235 @@
+"""Record every bus request of an ``httpx.Client`` into a :class:`History`, unchanged
+for the test that sends it: :meth:`Recorder.attach` installs request and response
+hooks.
+
+What a commit rests on is rebuilt on the client side, as an agent framework would see
+it: a mirror of each (agent, session) DeliveryLog holds the versions that session's
+recorded GETs returned and its own commits installed (read-your-writes). The mirror may
+know less than the bus (a register records versions the client is never told; an
+advanced test clock may have expired entries, so it forgets everything then), never
+more, so the checker can miss an anomaly through it but cannot invent one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import jwt
+
+from tests.history.record import History, Op, OpKind, Result
+
+OP_KEY = "sbus_history_op"
+AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
+SESSION_HEADER = "x-sbus-session-id"
+
+
+class Recorder:
+    def __init__(self, history: History | None = None) -> None:
+        self.history = history if history is not None else History()
+        self._mirrors: dict[tuple[str, str], dict[str, int]] = {}
+        self._lock = threading.Lock()
+        self._processes = 0
+        self.ori = True
+        # A test that records anomalies on purpose checks its history itself.
+        self.checked_by_test = False
+
+    def attach(self, client: httpx.Client) -> httpx.Client:
+        """Record ``client``'s requests as one process; returns the client."""
+        with self._lock:
+            process = self._processes
+            self._processes += 1
+        client.event_hooks = {
+            "request": [*client.event_hooks["request"], lambda r: self._sent(process, r)],
+            "response": [*client.event_hooks["response"], self._answered],
+        }
+        return client
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _sent(self, process: int, request: httpx.Request) -> None:
+        body = _json(request.content)
+        kind, keys = _classify(request, body)
+        if kind is None:
+            request.extensions[OP_KEY] = (None, request, body)
+            return
+        agent = _agent(request, body)
+        session = _session(request, body)
+        op = self.history.begin(process, agent, session, kind, ori=self.ori)
+        if kind == "get":
+            request.extensions[OP_KEY] = (op, request, body)
+            return
+        op.guards = [(k, _expected(request, body, k)) for k in keys]
+        if kind != "create" and agent is not None:
+            written = set(keys)
+            with self._lock:
+                mirror = dict(self._mirrors.get((agent, session), {}))
+            pairs = {(k, v) for k, v in mirror.items() if k not in written}
+            for item in body.get("read_set") or []:
+                if isinstance(item, dict) and item.get("key") not in written:
+                    pairs.add((item["key"], item["version_at_read"]))
+            op.reads = sorted(pairs)
+        op.mandate = _jti(body.get("mandate") or request.headers.get("x-sbus-mandate"))
+        request.extensions[OP_KEY] = (op, request, body)
+
+    # --- answers ----------------------------------------------------------------------
+
+    def _answered(self, response: httpx.Response) -> None:
+        entry = response.request.extensions.get(OP_KEY)
+        if entry is None:
+            return
+        op, request, body = entry
+        response.read()
+        answer = _json(response.content) if response.content else {}
+        status = response.status_code
+        if op is None:
+            self._side_effects(request, body, status, answer)
+            return
+        error = answer.get("error") if status >= 400 else None
+        result: Result
+        if 200 <= status < 300:
+            result = "ok"
+        elif status >= 500 and (status != 503 or answer.get("outcome") == "unknown"):
+            result = "info"
+        else:
+            result = "fail"
+        op.replay = response.headers.get("idempotent-replayed") == "true"
+        if op.op == "get":
+            self._read(op, request, status, answer)
+        elif result == "ok":
+            op.writes = _installed(op, answer)
+        if op.op == "get" and op.reads:
+            result = "ok"  # a tombstone's 404 still read a version
+        self.history.end(op, result, status, error)
+        if op.agent is None:
+            return
+        key = (op.agent, op.session)
+        with self._lock:
+            if error == "SessionExpired":
+                self._mirrors.pop(key, None)
+            elif op.op != "get" and result == "ok":
+                self._mirrors.setdefault(key, {}).update(op.writes)
+
+    def _read(self, op: Op, request: httpx.Request, status: int, answer: dict[str, Any]) -> None:
+        """A GET that answered a version read it (a tombstone's 404 names its version)."""
+        if status == 200 or answer.get("error") == "ShardDeleted":
+            key = _shard_key(request)
+            op.reads = [(key, answer["version"])]
+            recorded = request.url.params.get("record", "true") != "false"
+            if op.agent is not None and recorded:
+                with self._lock:
+                    self._mirrors.setdefault((op.agent, op.session), {})[key] = answer["version"]
+
+    def _side_effects(
+        self, request: httpx.Request, body: dict[str, Any], status: int, answer: dict[str, Any]
+    ) -> None:
+        """Requests that change what later commits rest on without being operations."""
+        if status != 200:
+            return
+        path = request.url.path
+        with self._lock:
+            if path == "/session":
+                agent, session = _agent(request, body), _session(request, body)
+                if agent is not None:
+                    self._mirrors.pop((agent, session), None)
+            elif path == "/admin/config" and "ori_enabled" in answer:
+                self.ori = bool(answer["ori_enabled"])
+            elif path == "/admin/test/advance-clock":
+                self._mirrors.clear()
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _shard_key(request: httpx.Request) -> str:
+    return request.url.path[len("/shard/") :]
+
+
+def _classify(request: httpx.Request, body: dict[str, Any]) -> tuple[OpKind | None, list[str]]:
+    path, method = request.url.path, request.method
+    if method == "GET" and path.startswith("/shard/"):
+        return "get", [_shard_key(request)]
+    if method == "DELETE" and path.startswith("/shard/"):
+        return "delete", [_shard_key(request)]
+    if method != "POST":
+        return None, []
+    if path == "/shard":
+        return "create", [body.get("key", "")]
+    if path in ("/commit", "/commit/v2"):
+        return "commit", [body.get("key", "")]
+    if path == "/rollback":
+        return "rollback", [body.get("key", "")]
+    if path == "/commit/multi":
+        return "multi", [w.get("key", "") for w in body.get("writes") or [] if isinstance(w, dict)]
+    return None, []
+
+
+def _claims(token: str | None) -> dict[str, Any]:
+    if not token:
+        return {}
+    try:
+        claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return claims
+
+
+def _agent(request: httpx.Request, body: dict[str, Any]) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        sub = _claims(auth[7:].strip()).get("sub")
+        if isinstance(sub, str):
+            return sub
+    for header in AGENT_HEADERS:
+        if request.headers.get(header):
+            return request.headers[header]
+    agent = body.get("agent_id") or request.url.params.get("agent_id")
+    return str(agent) if agent else None
+
+
+def _session(request: httpx.Request, body: dict[str, Any]) -> str:
+    session = body.get("session_id")
+    if session is None:
+        session = request.headers.get(SESSION_HEADER) or request.url.params.get("session_id")
+    return str(session or "")
+
+
+def _expected(request: httpx.Request, body: dict[str, Any], key: str) -> int | None:
+    for write in body.get("writes") or []:
+        if isinstance(write, dict) and write.get("key") == key:
+            value = write.get("expected_version", write.get("expected_ver"))
+            return value if isinstance(value, int) else None
+    value = body.get("expected_version", body.get("expected_ver"))
+    if value is None:
+        value = request.url.params.get("expected_version")
+    if value is None:
+        tag = request.headers.get("if-match", "").strip('" ')
+        value = tag if tag.isdigit() else None
+    if request.url.path == "/shard" or value is None:
+        return None
+    return int(value) if str(value).isdigit() else None
+
+
+def _jti(token: str | None) -> str | None:
+    jti = _claims(token).get("jti")
+    return jti if isinstance(jti, str) else None
+
+
+def _installed(op: Op, answer: dict[str, Any]) -> list[tuple[str, int]]:
+    """The versions an ok answer says were installed."""
+    key = op.guards[0][0] if op.guards else ""
+    if op.op == "multi":
+        return [(r["key"], r["new_version"]) for r in answer.get("results", [])]
+    if op.op == "commit":
+        return [(key, answer["new_version"])]
+    if op.op == "delete":
+        expected = op.guards[0][1]
+        return [(key, expected + 1)] if expected is not None else []
+    return [(key, answer["version"])]
