@@ -37,7 +37,26 @@ CONSTANTS
     Hero,           \* the agent of the liveness property, or a model value
     Target,         \* the key Hero wants to write
     MaxExpiries,    \* liveness only: how many TTL / mandate expiries occur
-    MaxCommits      \* model bound: ordinary commits + creates in the history
+    MaxCommits,     \* model bound: ordinary commits + creates in the history
+    Mutation        \* "none", or one seeded bug (MC_Mut_*.cfg): see Mutations
+
+\* Mutations: each is a plausible implementation bug, switched on only by its own
+\* config, to show that the property it targets can fail (is not vacuous).
+\* "none" is exactly the protocol; every other value changes one rule of it.
+\*  no_version_guard    9f's compare-and-set loses its version condition: the
+\*                      expected_version is not checked and the write lands at
+\*                      expected_version + 1 (UPDATE .. SET v = :exp + 1 WHERE key
+\*                      = :k, without AND v = :exp)              -> WWSerial
+\*  no_consumed_check   9a does not reject a consumed jti        -> MandateConsumeOnce
+\*  no_mandate_consume  9g does not record the jti consumed      -> MandateConsumeOnce
+\*  create_from_zero    POST /shard on a tombstone restarts at 0 -> ReadSetSoundness
+\*  dl_keeps_first_read a GET does not overwrite an existing DL entry (setdefault
+\*                      instead of assignment): a re-read after 409 cannot refresh
+\*                      the stale entry; safe, but Hero may retry forever
+\*                                                    -> HeroEventuallyCommits
+Mutations == {"none", "no_version_guard", "no_consumed_check", "no_mandate_consume",
+              "create_from_zero", "dl_keeps_first_read"}
+ASSUME Mutation \in Mutations
 
 NoV == -1   \* "no DL entry" / "no expected_version"
 
@@ -114,25 +133,34 @@ Outcome(a, W, m) ==
     ELSE IF m # NoMandate /\ mstate[m] = "unissued" THEN "404 MandateNotFound"
     ELSE IF m # NoMandate /\ mstate[m] = "expired" THEN "410 MandateExpired"
     ELSE IF m # NoMandate /\ mholder[m] # a THEN "403 MandateHolderMismatch"
-    ELSE IF m # NoMandate /\ mstate[m] = "consumed" THEN "409 MandateConsumed"
+    ELSE IF m # NoMandate /\ mstate[m] = "consumed" /\ Mutation # "no_consumed_check"
+         THEN "409 MandateConsumed"
     \* 9b session
     ELSE IF expired[a] THEN "410 SessionExpired"
     \* 9c-9e effective read set (a deleted key diverges: its tombstone version)
     ELSE IF ORI /\ \E p \in RS(a, W) : ver[p[1]] # p[2] THEN "409 CrossShardStale"
     \* 9f written keys
     ELSE IF \E k \in W : del[k] THEN "404 ShardDeleted"
-    ELSE IF \E p \in Ex(a, W) : ver[p[1]] # p[2] THEN "409 VersionMismatch"
+    ELSE IF \E p \in Ex(a, W) : ver[p[1]] # p[2] /\ Mutation # "no_version_guard"
+         THEN "409 VersionMismatch"
     ELSE "ok"
+
+\* the new version of written key k (ex: expected versions sent by the client)
+NewVer(k, ex) ==
+    IF Mutation = "no_version_guard" /\ \E p \in ex : p[1] = k
+    THEN (CHOOSE p \in ex : p[1] = k)[2] + 1
+    ELSE ver[k] + 1
 
 \* 9g apply: version + 1, tombstone on delete, consume the mandate, history,
 \* read-your-writes in the committer's DL
 Apply(a, W, kind, m, rs, ex) ==
-    /\ ver' = [k \in Keys |-> IF k \in W THEN ver[k] + 1 ELSE ver[k]]
+    /\ ver' = [k \in Keys |-> IF k \in W THEN NewVer(k, ex) ELSE ver[k]]
     /\ del' = [k \in Keys |-> IF k \in W THEN kind = "delete" ELSE del[k]]
-    /\ dl' = [dl EXCEPT ![a] = [k \in Keys |-> IF k \in W THEN ver[k] + 1 ELSE dl[a][k]]]
-    /\ mstate' = IF m = NoMandate THEN mstate ELSE [mstate EXCEPT ![m] = "consumed"]
+    /\ dl' = [dl EXCEPT ![a] = [k \in Keys |-> IF k \in W THEN NewVer(k, ex) ELSE dl[a][k]]]
+    /\ mstate' = IF m = NoMandate \/ Mutation = "no_mandate_consume" THEN mstate
+                 ELSE [mstate EXCEPT ![m] = "consumed"]
     /\ hist' = Append(hist, [agent |-> a, kind |-> kind,
-                             w |-> {<<k, ver[k] + 1>> : k \in W},
+                             w |-> {<<k, NewVer(k, ex)>> : k \in W},
                              rs |-> rs, ex |-> ex, m |-> m])
 
 KindOK(W, kind) == kind = "delete" => (Cardinality(W) = 1 /\ W \subseteq DeletableKeys)
@@ -170,11 +198,13 @@ SplitWrite(a) ==
         /\ UNCHANGED <<expired, mholder, heroRecover, toRead, expiries>>
 
 \* POST /shard on a tombstone: continues at tombstone + 1 (no ABA)
+CreateVer(k) == IF Mutation = "create_from_zero" THEN 0 ELSE ver[k] + 1
+
 Create(a, k) ==
     /\ del[k] /\ InBound(a, {k})
-    /\ ver' = [ver EXCEPT ![k] = ver[k] + 1]
+    /\ ver' = [ver EXCEPT ![k] = CreateVer(k)]
     /\ del' = [del EXCEPT ![k] = FALSE]
-    /\ hist' = Append(hist, [agent |-> a, kind |-> "create", w |-> {<<k, ver[k] + 1>>},
+    /\ hist' = Append(hist, [agent |-> a, kind |-> "create", w |-> {<<k, CreateVer(k)>>},
                              rs |-> {}, ex |-> {}, m |-> NoMandate])
     /\ UNCHANGED <<dl, expired, mstate, mholder, pending, heroRecover, toRead, expiries>>
 
@@ -185,6 +215,7 @@ Create(a, k) ==
 \* session starts it afresh.  A GET of a tombstone is a 404, not recorded.
 ReadDL(a, k) ==
     IF expired[a] THEN [j \in Keys |-> IF j = k THEN ver[k] ELSE NoV]
+    ELSE IF Mutation = "dl_keeps_first_read" /\ dl[a][k] # NoV THEN dl[a]
     ELSE [dl[a] EXCEPT ![k] = ver[k]]
 
 Read(a, k) ==
