@@ -17,6 +17,12 @@ Topologies: the ``bus`` fixture runs a test once per :data:`TOPOLOGIES` entry:
 Tests spread their clients over :attr:`Bus.urls` so that what one replica recorded is
 checked by the other: nothing that matters may live in a bus process (SPEC section 7).
 
+Histories: every client :func:`new_client` makes is recorded (``tests.history``) into
+the running test's history, and the autouse ``history`` fixture runs the isolation
+checker on it at teardown (real-time ORILegal, WWSerial, Adya's graph, mandates; see
+docs/isolation.md). A test that records anomalies on purpose sets
+``history.checked_by_test`` and checks them itself.
+
 Clients talk to ``127.0.0.1`` only, with ``trust_env=False`` so no proxy variable can
 route the traffic elsewhere.
 """
@@ -42,6 +48,9 @@ import httpx
 import pytest
 
 from tests import backends
+from tests.history.check import Summary
+from tests.history.client import Recorder, answered
+from tests.history.verify import verify
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 LOOPBACK = "127.0.0.1"
@@ -365,9 +374,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # --- client-side helpers ------------------------------------------------------------------
 
 
+_RECORDING: list[Recorder] = []  # the running test's recorder, if any
+
+
+def _sent(client_key: int, request: httpx.Request) -> None:
+    # Looked up per request: a client made by a module-scoped fixture records into
+    # whichever test is running.
+    if _RECORDING:
+        _RECORDING[-1].sent(client_key, request)
+
+
 def new_client(base_url: str, timeout: float = 30.0) -> httpx.Client:
-    """One connection per simulated agent; never a proxy."""
-    return httpx.Client(base_url=base_url, headers=JSON_HEADERS, timeout=timeout, trust_env=False)
+    """One connection per simulated agent; never a proxy. Its requests are recorded
+    into the running test's history."""
+    client = httpx.Client(base_url=base_url, headers=JSON_HEADERS, timeout=timeout, trust_env=False)
+    key = id(client)
+    client.event_hooks = {"request": [lambda r: _sent(key, r)], "response": [answered]}
+    return client
+
+
+@pytest.fixture(autouse=True)
+def history(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    """This test's history; checked when the test ends (unless it checks it itself)."""
+    recorder = Recorder()
+    _RECORDING.append(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDING.remove(recorder)
+    if not recorder.checked_by_test and len(recorder.history):
+        summary: Summary = verify(recorder.history.ops, label=request.node.nodeid)
+        print(f"\nhistory {request.node.nodeid}: {summary}")
 
 
 def expect(resp: httpx.Response, allowed: frozenset[int] | Sequence[int]) -> int:

@@ -31,35 +31,39 @@ class Recorder:
         self.history = history if history is not None else History()
         self._mirrors: dict[tuple[str, str], dict[str, int]] = {}
         self._lock = threading.Lock()
-        self._processes = 0
+        self._processes: dict[int, int] = {}
         self.ori = True
         # A test that records anomalies on purpose checks its history itself.
         self.checked_by_test = False
 
     def attach(self, client: httpx.Client) -> httpx.Client:
         """Record ``client``'s requests as one process; returns the client."""
-        with self._lock:
-            process = self._processes
-            self._processes += 1
+        key = id(client)
         client.event_hooks = {
-            "request": [*client.event_hooks["request"], lambda r: self._sent(process, r)],
-            "response": [*client.event_hooks["response"], self._answered],
+            "request": [*client.event_hooks["request"], lambda r: self.sent(key, r)],
+            "response": [*client.event_hooks["response"], answered],
         }
         return client
 
+    def process_of(self, client_key: int) -> int:
+        """A small process number per client (Elle wants integers)."""
+        with self._lock:
+            return self._processes.setdefault(client_key, len(self._processes))
+
     # --- requests ---------------------------------------------------------------------
 
-    def _sent(self, process: int, request: httpx.Request) -> None:
+    def sent(self, client_key: int, request: httpx.Request) -> None:
+        """Request hook: stamp the invocation (the answer goes to :func:`answered`)."""
         body = _json(request.content)
         kind, keys = _classify(request, body)
         if kind is None:
-            request.extensions[OP_KEY] = (None, request, body)
+            request.extensions[OP_KEY] = (self, None, body)
             return
         agent = _agent(request, body)
         session = _session(request, body)
-        op = self.history.begin(process, agent, session, kind, ori=self.ori)
+        op = self.history.begin(self.process_of(client_key), agent, session, kind, ori=self.ori)
+        request.extensions[OP_KEY] = (self, op, body)
         if kind == "get":
-            request.extensions[OP_KEY] = (op, request, body)
             return
         op.guards = [(k, _expected(request, body, k)) for k in keys]
         if kind != "create" and agent is not None:
@@ -72,16 +76,12 @@ class Recorder:
                     pairs.add((item["key"], item["version_at_read"]))
             op.reads = sorted(pairs)
         op.mandate = _jti(body.get("mandate") or request.headers.get("x-sbus-mandate"))
-        request.extensions[OP_KEY] = (op, request, body)
 
     # --- answers ----------------------------------------------------------------------
 
-    def _answered(self, response: httpx.Response) -> None:
-        entry = response.request.extensions.get(OP_KEY)
-        if entry is None:
-            return
-        op, request, body = entry
+    def answered(self, op: Op | None, response: httpx.Response, body: dict[str, Any]) -> None:
         response.read()
+        request = response.request
         answer = _json(response.content) if response.content else {}
         status = response.status_code
         if op is None:
@@ -138,6 +138,14 @@ class Recorder:
                 self.ori = bool(answer["ori_enabled"])
             elif path == "/admin/test/advance-clock":
                 self._mirrors.clear()
+
+
+def answered(response: httpx.Response) -> None:
+    """Response hook: hand the answer to the recorder that saw the request."""
+    entry = response.request.extensions.get(OP_KEY)
+    if entry is not None:
+        recorder, op, body = entry
+        recorder.answered(op, response, body)
 
 
 def _json(raw: bytes) -> dict[str, Any]:

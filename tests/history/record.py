@@ -133,6 +133,13 @@ class History:
             self._ops.append(entry)
         return entry
 
+    def append(self, entry: Op) -> Op:
+        """Add an operation built elsewhere (times from :meth:`now_ns`); sets its index."""
+        with self._lock:
+            entry.index = len(self._ops)
+            self._ops.append(entry)
+        return entry
+
     def end(self, entry: Op, result: Result, status: int | None, error: str | None) -> None:
         entry.result = result
         entry.status = status

@@ -33,6 +33,14 @@ flakily) and that the example has not run for ``MARGIN_MS`` of real time.
 PostgreSQL and Redis are shared servers (``scripts/with-services.sh`` starts them):
 ``tests.backends.require`` skips locally (fails under CI) when one is unreachable, and
 ``tests.backends.wipe`` empties both at the start of every example.
+Histories. Every operation is also recorded, per store and from that store's own answer,
+into an ndjson history (``tests.history``): the reads a commit rests on are the model's
+effective read set, the versions it installed are the store's. The ``history_is_clean``
+invariant runs the isolation checker on each store's history after every step (its
+index order is the commit order: the machine sends one request at a time), and the
+teardown runs the whole pipeline once per store (ndjson schema, real-time checks, Elle
+export); ``SBUS_HISTORY_DIR`` keeps the files.
+
 ``SBUS_TEST_MODEL_STORES`` (comma-separated, default all four) narrows the run, e.g. to
 ``memory,sqlite`` without servers, or to one backend alone against the model; the first
 store listed is the one the others are compared with.
@@ -65,6 +73,9 @@ import sbus.storage.sql.sqlite
 from sbus.api.app import create_app
 from sbus.config import Settings
 from tests import backends
+from tests.history.check import assert_clean
+from tests.history.record import History, Op, OpKind, Result
+from tests.history.verify import verify
 from tests.model.model import Model, Reply, Write
 
 # "B" < "a" < "b/x" < "c" in code-point order: checks run in ascending key order.
@@ -132,7 +143,22 @@ def untimed(value: Any, ages: dict[AgePath, float], at: AgePath = ()) -> Any:
     return value
 
 
+def installed(op: OpKind, guards: list[tuple[str, int | None]], body: Any) -> list[tuple[str, int]]:
+    """The versions an ok answer says were installed."""
+    key, expected = guards[0]
+    if op == "multi":
+        return [(r["key"], r["new_version"]) for r in body["results"]]
+    if op == "commit":
+        return [(key, body["new_version"])]
+    if op == "delete":
+        assert expected is not None
+        return [(key, expected + 1)]
+    return [(key, body["version"])]  # create, rollback: the shard as it now is
+
+
 class LockstepMachine(RuleBasedStateMachine):
+    examples = 0
+
     def __init__(self) -> None:
         super().__init__()
         self.patch = pytest.MonkeyPatch()
@@ -152,11 +178,15 @@ class LockstepMachine(RuleBasedStateMachine):
             for kind in STORES:
                 self.loop.run_until_complete(self._start(kind))
         except BaseException:
-            self.teardown()
+            self._stop()
             raise
         self.model = Model(ttl_ms=TTL_MS, max_entries=MAX_DL)
         self.high_water: dict[str, int] = {}
         self.etag: str | None = None  # of the last response (equal on every store)
+        self.answers: dict[str, Answer] = {}  # of the last request, by store
+        self.histories = {kind: History(kind) for kind in STORES}
+        self.examples = getattr(LockstepMachine, "examples", 0) + 1
+        LockstepMachine.examples = self.examples
 
     async def _start(self, kind: str) -> None:
         url = {
@@ -189,6 +219,14 @@ class LockstepMachine(RuleBasedStateMachine):
         )
 
     def teardown(self) -> None:
+        try:
+            for kind, history in self.histories.items():
+                label = f"model-{kind}-{self.examples}"
+                verify(history.ops, realtime=True, label=label)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
         async def stop() -> None:
             for client in self.clients.values():
                 await client.aclose()
@@ -239,6 +277,7 @@ class LockstepMachine(RuleBasedStateMachine):
         """Send to every store; they must agree (``agree``). Returns the first store's
         answer (memory's, unless SBUS_TEST_MODEL_STORES says otherwise)."""
         answers = self.call_all(method, url, body=body, params=params, headers=headers, drop=drop)
+        self.answers = answers
         ref = STORES[0]
         for kind, answer in answers.items():
             self.agree(ref, answers[ref], kind, answer, f"{method} {url} {body} {params}")
@@ -341,6 +380,49 @@ class LockstepMachine(RuleBasedStateMachine):
         effective = self.model.effective_read_set(agent, session, ops, rs)
         return {k: s.version for k, s in self.model.shards.items()}, effective
 
+    # histories ----------------------------------------------------------------------
+    def record(
+        self,
+        op: OpKind,
+        agent: str | None,
+        session: str,
+        invoked: int,
+        *,
+        reads: list[tuple[str, int]] | None = None,
+        guards: list[tuple[str, int | None]] | None = None,
+        ori: bool = True,
+    ) -> None:
+        """One operation into each store's history, from that store's own answer to the
+        request just sent (``invoked``: the history clock when it was sent)."""
+        for kind, (status, body, _) in self.answers.items():
+            history = self.histories[kind]
+            entry = Op(
+                index=0,
+                process=AGENTS.index(agent) if agent in AGENTS else len(AGENTS),
+                agent=agent,
+                session=session,
+                op=op,
+                invoke_ns=invoked,
+                complete_ns=history.now_ns(),
+                reads=list(reads or []),
+                guards=list(guards or []),
+                status=status,
+                error=body.get("error") if isinstance(body, dict) and status >= 400 else None,
+                ori=ori,
+            )
+            result: Result = "ok" if status < 300 else "fail"
+            if op == "get":
+                # A tombstone's 404 still read a version.
+                if isinstance(body, dict) and "version" in body:
+                    entry.reads, result = [(body["key"], body["version"])], "ok"
+            elif result == "ok":
+                entry.writes = installed(op, entry.guards, body)
+            entry.result = result
+            history.append(entry)
+
+    def clock(self) -> int:
+        return self.histories[STORES[0]].now_ns()
+
     # rules --------------------------------------------------------------------------
     @initialize(created=st.lists(keys, min_size=2, max_size=4, unique=True), content=contents)
     def seed(self, created: list[str], content: str) -> None:
@@ -353,7 +435,9 @@ class LockstepMachine(RuleBasedStateMachine):
 
     @rule(key=keys, content=contents)
     def create(self, key: str, content: str) -> None:
+        invoked = self.clock()
         got = self.call("POST", "/shard", body={"key": key, "content": content})
+        self.record("create", None, "", invoked, guards=[(key, None)])
         self.expect(got, self.model.create(key, content), f"create {key}")
 
     @rule(
@@ -368,7 +452,9 @@ class LockstepMachine(RuleBasedStateMachine):
             params["agent_id"] = agent
         if not record:
             params["record"] = "false"
+        invoked = self.clock()
         got = self.call("GET", f"/shard/{key}", params=params)
+        self.record("get", agent, session, invoked)
         self.expect(got, self.model.read(agent, session, key, record), f"read {key}")
 
     @rule(
@@ -404,7 +490,11 @@ class LockstepMachine(RuleBasedStateMachine):
         if rs is not None:
             body["read_set"] = [{"key": k, "version_at_read": v} for k, v in rs]
         before = self.snapshot(agent, session, [key], rs or [])
+        invoked, ori = self.clock(), self.model.ori
         got = self.call("POST", route, body=body)
+        self.record(
+            "commit", agent, session, invoked, reads=before[1], guards=[(key, expected)], ori=ori
+        )
         self.expect(got, self.model.commit(agent, session, key, expected, content, rs or []), route)
         self.check_admission(got, agent, session, [key], before)
 
@@ -434,7 +524,10 @@ class LockstepMachine(RuleBasedStateMachine):
             body["read_set"] = [{"key": k, "version_at_read": v} for k, v in rs]
         written = [k for k, _, _ in resolved]
         before = self.snapshot(agent, session, written, rs or [])
+        invoked, ori = self.clock(), self.model.ori
         got = self.call("POST", "/commit/multi", body=body)
+        guards: list[tuple[str, int | None]] = [(k, e) for k, e, _ in resolved]
+        self.record("multi", agent, session, invoked, reads=before[1], guards=guards, ori=ori)
         self.expect(got, self.model.multi(agent, session, resolved, rs or []), "multi")
         self.check_admission(got, agent, session, written, before)
 
@@ -470,7 +563,11 @@ class LockstepMachine(RuleBasedStateMachine):
         if rs is not None:
             body["read_set"] = [{"key": k, "version_at_read": v} for k, v in rs]
         before = self.snapshot(agent, session, [key], rs or [])
+        invoked, ori = self.clock(), self.model.ori
         got = self.call("POST", "/rollback", body=body)
+        self.record(
+            "rollback", agent, session, invoked, reads=before[1], guards=[(key, expected)], ori=ori
+        )
         want = self.model.rollback(agent, session, key, version, expected, rs or [])
         self.expect(got, want, f"rollback {key} to {version}")
         self.check_admission(got, agent, session, [key], before)
@@ -480,7 +577,11 @@ class LockstepMachine(RuleBasedStateMachine):
         expected = max(self.current(key) + offset, 0)
         params = {"expected_version": expected, "agent_id": agent, "session_id": session}
         before = self.snapshot(agent, session, [key], [])
+        invoked, ori = self.clock(), self.model.ori
         got = self.call("DELETE", f"/shard/{key}", params=params)
+        self.record(
+            "delete", agent, session, invoked, reads=before[1], guards=[(key, expected)], ori=ori
+        )
         self.expect(got, self.model.delete(agent, session, key, expected), f"delete {key}")
         self.check_admission(got, agent, session, [key], before)
 
@@ -534,6 +635,13 @@ class LockstepMachine(RuleBasedStateMachine):
         status, dl = self.call("GET", "/admin/delivery-log")
         assert status == 200, dl
         self.agree("model", self.model.delivery_log(), STORES[0], dl, "DL vs model")
+
+    @invariant()
+    def history_is_clean(self) -> None:
+        """Each store's history so far passes the checker, with its index order as the
+        global commit order (one request at a time)."""
+        for kind, history in self.histories.items():
+            assert_clean(history.ops, realtime=False, label=f"model history of {kind}")
 
     @invariant()
     def clock_margin_holds(self) -> None:
