@@ -5,6 +5,7 @@ refusal."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ from fastapi import FastAPI
 from tests.api.auth_helpers import auth, root_token, token, token_app
 from tests.api.helpers import ok, problem
 from tests.conftest import AppFactory
+from tests.history.client import Recorder
+from tests.history.verify import verify
 
 Env = tuple[FastAPI, httpx.AsyncClient, dict[str, str], dict[str, str], dict[str, str]]
 
@@ -131,9 +134,11 @@ async def test_issuing_needs_the_mandate_right_and_a_bounded_ttl(env: Env) -> No
     )
 
 
-async def test_sixteen_concurrent_commits_with_one_mandate(env: Env) -> None:
+async def test_sixteen_concurrent_commits_with_one_mandate(env: Env, store_kind: str) -> None:
     _, c, root, g, a = env
     m = await issue(c, g)
+    recorder = Recorder()
+    recorder.attach_async(c)
     results = await asyncio.gather(
         *(
             c.post("/commit/v2", json=commit(f"pay/{i}", m["mandate"]), headers=a)
@@ -145,6 +150,14 @@ async def test_sixteen_concurrent_commits_with_one_mandate(env: Env) -> None:
     assert all(r.json()["error"] == "MandateConsumed" for r in results if r.status_code == 409)
     versions = [await version(c, root, f"pay/{i}") for i in range(1, 17)]
     assert sorted(versions) == [0] * 15 + [1]
+    # The history of the race passes the checker (MandateConsumeOnce among the rest).
+    ops = recorder.history.ops
+    assert sorted(op.result for op in ops if op.mandate == m["jti"]) == ["fail"] * 15 + ["ok"]
+    for a_op, b_op in itertools.combinations(ops, 2):  # a process is one request at a time
+        if a_op.process == b_op.process:
+            first, second = sorted((a_op, b_op), key=lambda o: o.invoke_ns)
+            assert first.complete_ns is not None and first.complete_ns <= second.invoke_ns
+    verify(ops, label=f"mandate-race-{store_kind}")
 
 
 async def test_idempotent_retry_of_a_mandated_commit_replays(env: Env) -> None:

@@ -31,7 +31,9 @@ class Recorder:
         self.history = history if history is not None else History()
         self._mirrors: dict[tuple[str, str], dict[str, int]] = {}
         self._lock = threading.Lock()
-        self._processes: dict[int, int] = {}
+        self._processes: dict[int, int] = {}  # client -> its current process number
+        self._busy: set[int] = set()  # processes with a request in flight
+        self._next_process = 0
         self.ori = True
         # A test that records anomalies on purpose checks its history itself.
         self.checked_by_test = False
@@ -45,10 +47,36 @@ class Recorder:
         }
         return client
 
+    def attach_async(self, client: httpx.AsyncClient) -> httpx.AsyncClient:
+        """The same for an ``httpx.AsyncClient`` (whose hooks are coroutines)."""
+        key = id(client)
+
+        async def on_request(request: httpx.Request) -> None:
+            self.sent(key, request)
+
+        async def on_response(response: httpx.Response) -> None:
+            await response.aread()
+            answered(response)
+
+        client.event_hooks = {
+            "request": [*client.event_hooks["request"], on_request],
+            "response": [*client.event_hooks["response"], on_response],
+        }
+        return client
+
     def process_of(self, client_key: int) -> int:
-        """A small process number per client (Elle wants integers)."""
+        """A small process number per client (Elle wants integers). A process sends one
+        request at a time, as Elle requires: a client with a request still in flight
+        (concurrent requests on one async client, or one that never got an answer) is
+        given a fresh process number, as Jepsen does after an indeterminate operation."""
         with self._lock:
-            return self._processes.setdefault(client_key, len(self._processes))
+            process = self._processes.get(client_key)
+            if process is None or process in self._busy:
+                process = self._next_process
+                self._next_process += 1
+                self._processes[client_key] = process
+            self._busy.add(process)
+            return process
 
     # --- requests ---------------------------------------------------------------------
 
@@ -87,6 +115,8 @@ class Recorder:
         if op is None:
             self._side_effects(request, body, status, answer)
             return
+        with self._lock:
+            self._busy.discard(op.process)
         error = answer.get("error") if status >= 400 else None
         result: Result
         if 200 <= status < 300:
