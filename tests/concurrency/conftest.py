@@ -402,9 +402,13 @@ def history(request: pytest.FixtureRequest) -> Iterator[Recorder]:
         yield recorder
     finally:
         _RECORDING.remove(recorder)
-    if not recorder.checked_by_test and len(recorder.history):
-        summary: Summary = verify(recorder.history.ops, label=request.node.nodeid)
-        print(f"\nhistory {request.node.nodeid}: {summary}")
+    if recorder.checked_by_test:
+        return
+    for part, recorded in enumerate(recorder.histories()):
+        if len(recorded):
+            label = f"{request.node.nodeid}-{part}" if part else request.node.nodeid
+            summary: Summary = verify(recorded.ops, label=label)
+            print(f"\nhistory {label}: {summary}")
 
 
 def expect(resp: httpx.Response, allowed: frozenset[int] | Sequence[int]) -> int:

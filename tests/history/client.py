@@ -29,6 +29,7 @@ SESSION_HEADER = "x-sbus-session-id"
 class Recorder:
     def __init__(self, history: History | None = None) -> None:
         self.history = history if history is not None else History()
+        self.earlier: list[History] = []  # closed by an /admin/reset
         self._mirrors: dict[tuple[str, str], dict[str, int]] = {}
         self._lock = threading.Lock()
         self._processes: dict[int, int] = {}  # client -> its current process number
@@ -37,6 +38,10 @@ class Recorder:
         self.ori = True
         # A test that records anomalies on purpose checks its history itself.
         self.checked_by_test = False
+
+    def histories(self) -> list[History]:
+        """Every history recorded, the current one last (one per /admin/reset)."""
+        return [*self.earlier, self.history]
 
     def attach(self, client: httpx.Client) -> httpx.Client:
         """Record ``client``'s requests as one process; returns the client."""
@@ -168,6 +173,11 @@ class Recorder:
                 self.ori = bool(answer["ori_enabled"])
             elif path == "/admin/test/advance-clock":
                 self._mirrors.clear()
+            elif path == "/admin/reset":
+                # Versions start again at 0: what follows is a new history.
+                self._mirrors.clear()
+                self.earlier.append(self.history)
+                self.history = History()
 
 
 def answered(response: httpx.Response) -> None:
