@@ -160,3 +160,15 @@ async def test_history_max_bytes(make_client: AppFactory) -> None:
     assert (await read(c, "k"))["delta_log_depth"] == 1
     r = await c.post("/rollback", json={"key": "k", "target_version": 0, "agent_id": "r"})
     problem(r, 404, "VersionNotFound")
+
+
+async def test_history_default_limit_is_100(client: httpx.AsyncClient) -> None:
+    """SPEC section 2: without ``limit`` a page holds the newest 100 entries; ``before``
+    pages on to the rest."""
+    await create(client, "k", "c0")
+    for version in range(120):
+        await committed(client, "k", version, f"c{version + 1}")
+    page = await history(client, "k")
+    assert [e["version"] for e in page] == list(range(120, 20, -1))
+    rest = await history(client, "k", before=21)
+    assert [e["version"] for e in rest] == list(range(20, -1, -1))

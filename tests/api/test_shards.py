@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
+from sbus.api.app import create_app
+from sbus.config import Settings
+from sbus.core.engine import new_commit_id
+from sbus.core.types import CreateOp
 from tests.api.helpers import (
     SHARD_FIELDS,
     TIMESTAMP,
@@ -423,3 +428,22 @@ async def test_delete_with_session_query(client: httpx.AsyncClient) -> None:
     assert (await delete(client, "k", 0, agent="d", session_id="s")).status_code == 204
     # read-your-writes records the tombstone version in that session
     assert await dl_entries(client, "d", "s") == {"k": 1}
+
+
+async def test_list_max_default_caps_an_unlimited_listing() -> None:
+    """SPEC section 2: ``/shards`` without ``limit`` returns at most SBUS_LIST_MAX keys,
+    10000 by default. Memory store only: the per-store cap logic is covered above with a
+    small SBUS_LIST_MAX; this pins the default itself."""
+    settings = Settings(store="memory://")
+    assert settings.list_max == 10_000
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        bus = app.state.bus
+        keys = [f"k{i:05d}" for i in range(10_001)]
+        for key in keys:
+            await bus.create(CreateOp(key, "", "", False, "", new_commit_id()))
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            body = ok(await c.get("/shards"))
+    assert (body["count"], body["shards"][-1], body["next_after"]) == (10_000, "k09999", "k09999")
+    assert body["shards"] == keys[:10_000]

@@ -18,10 +18,10 @@ Tests spread their clients over :attr:`Bus.urls` so that what one replica record
 checked by the other: nothing that matters may live in a bus process (SPEC section 7).
 
 Histories: every client :func:`new_client` makes is recorded (``tests.history``) into
-the running test's history, and the autouse ``history`` fixture runs the isolation
+the running test's history, and the autouse ``recorder`` fixture runs the isolation
 checker on it at teardown (real-time ORILegal, WWSerial, Adya's graph, mandates; see
 docs/isolation.md). A test that records anomalies on purpose sets
-``history.checked_by_test`` and checks them itself.
+``recorder.checked_by_test`` and checks them itself.
 
 Clients talk to ``127.0.0.1`` only, with ``trust_env=False`` so no proxy variable can
 route the traffic elsewhere.
@@ -394,17 +394,17 @@ def new_client(base_url: str, timeout: float = 30.0) -> httpx.Client:
 
 
 @pytest.fixture(autouse=True)
-def history(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+def recorder(request: pytest.FixtureRequest) -> Iterator[Recorder]:
     """This test's history; checked when the test ends (unless it checks it itself)."""
-    recorder = Recorder()
-    _RECORDING.append(recorder)
+    current = Recorder()
+    _RECORDING.append(current)
     try:
-        yield recorder
+        yield current
     finally:
-        _RECORDING.remove(recorder)
-    if recorder.checked_by_test:
+        _RECORDING.remove(current)
+    if current.checked_by_test:
         return
-    for part, recorded in enumerate(recorder.histories()):
+    for part, recorded in enumerate(current.histories()):
         if len(recorded):
             label = f"{request.node.nodeid}-{part}" if part else request.node.nodeid
             summary: Summary = verify(recorded.ops, label=label)

@@ -164,7 +164,7 @@ def stats(url: str) -> dict[str, Any]:
     return body
 
 
-def test_one_mandate_sixteen_commits_two_replicas(bus2: Bus, history: Recorder) -> None:
+def test_one_mandate_sixteen_commits_two_replicas(bus2: Bus, recorder: Recorder) -> None:
     m = issue_mandate(bus2.url(0))
     barrier = threading.Barrier(SHARDS, timeout=THREAD_TIMEOUT_S)
     replies: list[Reply] = []
@@ -213,7 +213,7 @@ def test_one_mandate_sixteen_commits_two_replicas(bus2: Bus, history: Recorder) 
         assert s["total_commits"] == 1, (url, s)
     # The recorded history carries the mandate on all sixteen commits (MandateConsumeOnce
     # is checked on it at teardown, and here on the counts).
-    carried = [op for op in history.history.ops if op.mandate == m["jti"]]
+    carried = [op for op in recorder.history.ops if op.mandate == m["jti"]]
     assert sorted(op.result for op in carried) == ["fail"] * (SHARDS - 1) + ["ok"]
 
 

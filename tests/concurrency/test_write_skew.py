@@ -121,12 +121,12 @@ def run_ring(bus: Bus, rounds: int) -> tuple[list[list[Outcome | None]], float]:
     return results, time.monotonic() - began
 
 
-def test_ring_admits_no_write_skew(bus: Bus, history: Recorder) -> None:
+def test_ring_admits_no_write_skew(bus: Bus, recorder: Recorder) -> None:
     rounds = ROUNDS[bus.topology.name]
     results, elapsed = run_ring(bus, rounds)
     # The recorded history (checked again at teardown) has every commit's read of its
     # neighbour as a validated read, and the graph has edges to find cycles in.
-    summary = assert_clean(history.history.ops)
+    summary = assert_clean(recorder.history.ops)
     # Two admitted commits per round, each resting on its neighbour and its own guard.
     assert summary.validated_reads == 2 * 2 * rounds
     assert summary.committed_writes == RING + 2 * rounds
@@ -194,23 +194,23 @@ def test_ring_admits_no_write_skew(bus: Bus, history: Recorder) -> None:
 ORI_OFF_ROUNDS = 20
 
 
-def test_ring_with_ori_off_shows_write_skew_to_the_checker(bus: Bus, history: Recorder) -> None:
+def test_ring_with_ori_off_shows_write_skew_to_the_checker(bus: Bus, recorder: Recorder) -> None:
     """The checker is not vacuous on real histories. With ORI off (SPEC 4: the DeliveryLog
     is then observed, not enforced) all three commits of every round are admitted, which
     is write skew. The history records those reads as unvalidated, so it is clean as the
     bus documents it; taken as if ORI had validated them, the checker must find exactly
     one G2-item cycle per round, made of that round's three commits."""
-    history.checked_by_test = True
+    recorder.checked_by_test = True
     with httpx.Client(base_url=bus.url(0), headers=JSON_HEADERS, trust_env=False) as admin:
         resp = admin.post("/admin/config", json={"ori_enabled": False})
         assert (resp.status_code, resp.json()["ori_enabled"]) == (200, False)
-    history.ori = False  # the admin client above is not recorded
+    recorder.ori = False  # the admin client above is not recorded
     results, _ = run_ring(bus, ORI_OFF_ROUNDS)
     assert [sorted(o.status for o in row if o is not None) for row in results] == [
         [200] * RING
     ] * ORI_OFF_ROUNDS
 
-    ops = history.history.ops
+    ops = recorder.history.ops
     commits = [op for op in ops if op.op == "commit"]
     assert len(commits) == RING * ORI_OFF_ROUNDS
     assert all(not op.ori and len(op.reads) == 1 for op in commits)

@@ -42,6 +42,7 @@ from tests.concurrency.conftest import (
     Server,
     free_port,
     new_client,
+    recorder,
     sbus_executable,
     server_env,
 )
@@ -56,6 +57,10 @@ RETRY_PAUSE_S = 0.05
 BUS_ENV = {"SBUS_HISTORY_DEPTH": "50000"}
 
 INITDB_OPTIONS = ("-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+
+# The autouse fixture that records every request of these tests and runs the isolation
+# checker on the history (tests/history): answers lost to a crash are "info" operations.
+__all__ = ["recorder"]
 
 _BUSES = pytest.StashKey[list[Server]]()
 
