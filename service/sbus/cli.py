@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from typing import Annotated
@@ -79,21 +80,29 @@ def serve(
         raise typer.Exit(2)
     if count > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sbus-prom-")
+    ready_dir = tempfile.mkdtemp(prefix="sbus-ready-") if count > 1 else None
+    if ready_dir is not None:
+        # /admin/health answers ready only when every worker has its store (readiness.py).
+        os.environ["SBUS_READY_DIR"] = ready_dir
     typer.echo(
         f"sbus {__version__}: {settings.auth_mode} mode, store {settings.store}, "
         f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
         err=True,
     )
-    uvicorn.run(
-        "sbus.cli:_factory",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=count,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            "sbus.cli:_factory",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=count,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if ready_dir is not None:
+            shutil.rmtree(ready_dir, ignore_errors=True)
 
 
 @app.command()

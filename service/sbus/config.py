@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     port: int = Field(7000, ge=0, le=65535)
     store: str = "sqlite:///./sbus.db"
     workers: int | None = Field(None, ge=1)
+    # Set by `sbus serve --workers N` for its workers (sbus.api.readiness); not for operators.
+    ready_dir: str | None = None
     namespace: str = "sbus"
     auth: Literal["open", "token"] | None = None
     allow_insecure: bool = False
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
     idempotency_ttl: int = Field(86_400, ge=1)
     require_agent_id: bool = False
     test_hooks: bool = False
+    # With test_hooks: every worker but the first of `sbus serve --workers N` waits this
+    # long before connecting its store, so tests can see a half-ready server.
+    test_connect_delay_ms: int = Field(0, ge=0, le=60_000)
     # Token mode (SPEC section 5); sbus.security.keys reads the key variables.
     secret: str = ""
     signing_key: str = ""

@@ -16,6 +16,7 @@ from sbus import __version__
 from sbus.api import openapi, problems
 from sbus.api.auth import Authenticator
 from sbus.api.middleware import Gate
+from sbus.api.readiness import WorkerReadiness
 from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
 from sbus.config import Settings
 from sbus.core.engine import Bus
@@ -39,6 +40,10 @@ async def _connect(app: FastAPI, store: Store) -> None:
     """Start the store, retrying with capped exponential backoff until it answers;
     then purge expired state once a minute. Expiry never depends on the purge (every
     read of the DeliveryLog filters by age); the purge only bounds storage."""
+    settings: Settings = app.state.settings
+    lagging = settings.test_hooks and settings.test_connect_delay_ms > 0
+    if lagging and not app.state.readiness.is_first():
+        await asyncio.sleep(settings.test_connect_delay_ms / 1000)
     delay = 0.1
     while True:
         try:
@@ -51,6 +56,7 @@ async def _connect(app: FastAPI, store: Store) -> None:
             continue
         app.state.ready = True
         app.state.not_ready_reason = None
+        app.state.readiness.mark_ready()
         break
     while True:
         await asyncio.sleep(PURGE_INTERVAL_S)
@@ -84,6 +90,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         try:
             yield
         finally:
+            app.state.readiness.clear()
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
@@ -105,6 +112,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.bus = Bus(store, settings.engine_limits(), rate=rate)
     app.state.ready = False
     app.state.not_ready_reason = "store not connected yet"
+    app.state.readiness = WorkerReadiness(settings.ready_dir, settings.worker_count())
     app.state.metrics = Metrics()
     app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
     app.state.mandates = Mandates.from_settings(settings, keys) if keys is not None else None

@@ -61,12 +61,15 @@ async def livez() -> Response:
     "/admin/health",
     response_model=HealthOut,
     responses={503: {"model": HealthOut, "description": "Store not ready"}},
-    summary="Readiness: 200 when the store answers, else 503 not_ready",
+    summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready",
 )
 async def health(request: Request, bus: BusDep) -> Response:
     if not request.app.state.ready:
         reason = request.app.state.not_ready_reason or "store not connected yet"
         return json_response({"status": "not_ready", "reason": reason}, status=503)
+    waiting = request.app.state.readiness.waiting_for()
+    if waiting is not None:
+        return json_response({"status": "not_ready", "reason": waiting}, status=503)
     try:
         s = await bus.store.stats()
     except StoreUnavailable as exc:

@@ -1,0 +1,79 @@
+"""Readiness of every worker of one ``sbus serve``, not just the one that answers.
+
+uvicorn's workers share one listening socket, so a load balancer cannot choose which
+worker gets its next request: ``/admin/health`` may only say ready once EVERY worker
+has connected to its store, or a client told "ready" can still meet a worker that
+answers 503 ``not_ready``. ``sbus serve --workers N`` (N > 1) hands its workers a fresh
+directory (``SBUS_READY_DIR``); each worker drops a ``ready-<pid>`` marker there once
+its store answers and removes it on shutdown. A marker whose process is gone (a
+SIGKILLed worker that uvicorn replaced) does not count, and is cleared when seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+PREFIX = "ready-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class WorkerReadiness:
+    """Markers in ``directory`` for ``workers`` processes; with no directory (one
+    worker, or an app built in-process) this worker's own state is the whole answer."""
+
+    def __init__(self, directory: str | None, workers: int) -> None:
+        self.directory = Path(directory) if directory else None
+        self.workers = workers
+        self.marker: Path | None = None
+
+    def is_first(self) -> bool:
+        """Whether this worker is the first of its server to ask (claims a slot file);
+        True without a directory."""
+        if self.directory is None:
+            return True
+        try:
+            (self.directory / "first").open("x").close()
+        except FileExistsError:
+            return False
+        return True
+
+    def mark_ready(self) -> None:
+        if self.directory is None:
+            return
+        self.marker = self.directory / f"{PREFIX}{os.getpid()}"
+        self.marker.touch()
+
+    def clear(self) -> None:
+        if self.marker is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.marker.unlink()
+            self.marker = None
+
+    def waiting_for(self) -> str | None:
+        """None when every worker is ready, else why not (for /admin/health)."""
+        if self.directory is None:
+            return None
+        ready = 0
+        for path in self.directory.glob(f"{PREFIX}*"):
+            suffix = path.name[len(PREFIX) :]
+            if not suffix.isdigit():
+                continue
+            if _alive(int(suffix)):
+                ready += 1
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        if ready >= self.workers:
+            return None
+        return f"{ready} of {self.workers} workers connected to the store"

@@ -1,0 +1,74 @@
+"""Worker readiness markers (sbus.api.readiness): /admin/health is ready only when every
+worker of one ``sbus serve`` has connected; the multi-process behaviour itself is tested
+against real servers in tests/concurrency/test_workers_ready.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from sbus.api.app import create_app
+from sbus.api.readiness import WorkerReadiness
+from sbus.config import Settings
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_without_a_directory_this_worker_is_the_answer() -> None:
+    readiness = WorkerReadiness(None, 4)
+    readiness.mark_ready()
+    assert readiness.waiting_for() is None
+    readiness.clear()
+
+
+def test_counts_live_markers_only(tmp_path: Path) -> None:
+    readiness = WorkerReadiness(str(tmp_path), 2)
+    assert readiness.waiting_for() == "0 of 2 workers connected to the store"
+    readiness.mark_ready()
+    assert (tmp_path / f"ready-{os.getpid()}").exists()
+    assert readiness.waiting_for() == "1 of 2 workers connected to the store"
+    stale = tmp_path / f"ready-{dead_pid()}"
+    stale.touch()
+    (tmp_path / "ready-notapid").touch()
+    assert readiness.waiting_for() == "1 of 2 workers connected to the store"
+    assert not stale.exists()  # a dead worker's marker is cleared when seen
+    (tmp_path / "ready-1").touch()  # pid 1 is alive (init), owned by another user or not
+    assert readiness.waiting_for() is None
+    readiness.clear()
+    assert not (tmp_path / f"ready-{os.getpid()}").exists()
+    assert readiness.waiting_for() == "1 of 2 workers connected to the store"
+    readiness.clear()  # twice is harmless
+
+
+async def test_health_waits_for_every_worker(tmp_path: Path) -> None:
+    """In-process, as worker 1 of 2: ready itself, /admin/health still answers 503 until
+    the other worker's marker appears; requests are served meanwhile."""
+    app = create_app(Settings(store="memory://", ready_dir=str(tmp_path), workers=2))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            for _ in range(200):
+                if app.state.ready:
+                    break
+                await asyncio.sleep(0.01)
+            resp = await c.get("/admin/health")
+            assert (resp.status_code, resp.json()) == (
+                503,
+                {"status": "not_ready", "reason": "1 of 2 workers connected to the store"},
+            )
+            assert (await c.get("/shards")).status_code == 200
+            (tmp_path / "ready-1").touch()
+            resp = await c.get("/admin/health")
+            assert (resp.status_code, resp.json()["status"]) == (200, "ok")
+    assert sorted(os.listdir(tmp_path)) == ["ready-1"]  # ours was removed at exit
