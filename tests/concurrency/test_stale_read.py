@@ -38,6 +38,7 @@ from tests.concurrency.conftest import (
     new_client,
     run_threads,
 )
+from tests.history.client import Recorder
 
 pytestmark = pytest.mark.concurrency
 
@@ -67,7 +68,7 @@ class AgentCommit:
     body: dict[str, object]
 
 
-def test_stale_reads_are_rejected(bus: Bus) -> None:
+def test_stale_reads_are_rejected(bus: Bus, recorder: Recorder) -> None:
     with new_client(bus.url(0)) as admin:
         assert create_shard(admin, SHARED, "s0") == 0
         for i in range(AGENTS):
@@ -229,3 +230,8 @@ def test_stale_reads_are_rejected(bus: Bus) -> None:
     assert stats["cross_shard_stale"] == stale
     assert stats["total_commits"] == ok + len(injected)
     assert stats["total_conflicts"] == injector_conflicts == 0
+    # The recorded history (checked in full at teardown) holds every agent commit with
+    # its read of the shared key as a validated read.
+    commit_ops = [op for op in recorder.history.ops if op.op == "commit" and op.agent in commits]
+    assert sorted(op.result for op in commit_ops) == ["fail"] * stale + ["ok"] * ok
+    assert all(any(k == SHARED for k, _ in op.reads) for op in commit_ops)

@@ -6,9 +6,12 @@ Each check returns the :class:`Violation` s it finds (empty when the history is 
   commit that expected version ``e`` installs ``e + 1`` (no lost update); and in the
   real-time form, a write that completed before another was sent has the lower version.
 - :func:`aborted_reads` (Adya G1a, and reads of versions nobody wrote): every version an
-  operation read was installed by a committed operation, or predates the history.
+  operation read was installed by a committed operation (or by an attempt of unknown
+  outcome: the version after its guard, or what a replay of its retry showed), or
+  predates the history.
 - :func:`read_recency`: a GET returns at least every version that had completed before it
-  was sent (the bus has one store of truth, whatever replica answers).
+  was sent, and no version whose writer was sent only after the GET's answer arrived (the
+  bus has one store of truth, whatever replica answers).
 - :func:`ori_legal` (ORILegal): no admitted commit rests on a read that a newer committed
   version had overwritten before the commit. Two forms: over a global commit order
   (sequential histories, as in the lockstep model test), and real-time (histories of
@@ -127,17 +130,29 @@ def _before(first: Op, second: Op) -> bool:
 
 def aborted_reads(ops: Sequence[Op]) -> list[Violation]:
     installed = set(_writers(ops))
-    created = {key for op in ops if op.op == "create" for key, _ in op.guards}
-    created |= {key for op in _committed(ops) if op.op == "create" for key, _ in op.writes}
+    # An attempt of unknown outcome installed what a replay of its retry showed (its
+    # writes), or may have installed the version after each guard, or (unguarded) any.
+    maybe: set[Pair] = set()
+    any_version: set[str] = set()
+    for op in ops:
+        if op.result != "info" or not op.is_write:
+            continue
+        maybe.update(op.writes)
+        if op.writes:
+            continue
+        for key, expected in op.guards:
+            if expected is None:
+                any_version.add(key)
+            else:
+                maybe.add((key, expected + 1))
+    created = {key for op in _committed(ops) if op.op == "create" for key, _ in op.writes}
     lowest: dict[str, int] = {}
-    for key, version in installed:
+    for key, version in installed | maybe:
         lowest[key] = min(version, lowest.get(key, version))
-    # A write whose outcome is unknown may have installed any version of its keys.
-    unknown = {key for op in ops if op.result == "info" and op.is_write for key, _ in op.guards}
     found: list[Violation] = []
     for op in _committed(ops):
         for key, version in [*op.reads, *((k, v) for k, v in op.guards if v is not None)]:
-            if (key, version) in installed or key in unknown:
+            if (key, version) in installed or (key, version) in maybe or key in any_version:
                 continue
             if key not in created and version < lowest.get(key, version + 1):
                 continue  # the state before the history began
@@ -182,7 +197,14 @@ def _completed_writes(ops: Sequence[Op]) -> dict[str, _Completed]:
 
 
 def read_recency(ops: Sequence[Op]) -> list[Violation]:
+    """A GET returns neither less than every version that completed before it was sent,
+    nor a version whose writer had not yet been sent when the GET's answer arrived."""
     completed = _completed_writes(ops)
+    writers = {pair: by for pair, by in _writers(ops).items()}
+    for op in ops:
+        if op.result == "info":
+            for pair in op.writes:
+                writers.setdefault(pair, []).append(op)
     found: list[Violation] = []
     for op in _committed(ops):
         if op.op != "get":
@@ -197,6 +219,17 @@ def read_recency(ops: Sequence[Op]) -> list[Violation]:
                         f"GET op {op.index} returned {key}@{version} after op {newest[1]} had "
                         f"installed {key}@{newest[0]}",
                         (newest[1], op.index),
+                    )
+                )
+            by = writers.get((key, version), [])
+            if by and op.complete_ns is not None and all(w.invoke_ns > op.complete_ns for w in by):
+                found.append(
+                    Violation(
+                        "ReadRecency",
+                        "future-read",
+                        f"GET op {op.index} returned {key}@{version} before op {by[0].index}, "
+                        "which installed it, was sent",
+                        (op.index, by[0].index),
                     )
                 )
     return found

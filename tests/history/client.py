@@ -4,10 +4,15 @@ hooks.
 
 What a commit rests on is rebuilt on the client side, as an agent framework would see
 it: a mirror of each (agent, session) DeliveryLog holds the versions that session's
-recorded GETs returned and its own commits installed (read-your-writes). The mirror may
-know less than the bus (a register records versions the client is never told; an
-advanced test clock may have expired entries, so it forgets everything then), never
-more, so the checker can miss an anomaly through it but cannot invent one.
+recorded GETs returned and its own commits installed (read-your-writes). The mirror is
+built to know a subset of what the bus recorded, so that the checker can miss an anomaly
+through it but not invent one: a register records versions the client is never told, an
+advanced test clock may have expired entries (the mirror then forgets everything), and a
+create or an idempotent replay touches no DeliveryLog entry. Known limits, which the
+tests using it stay clear of: a history starts on a fresh store (ORI on) unless the test
+sets :attr:`Recorder.ori`; ORI switched while a commit is in flight labels it with the
+state at sending; sessions are driven only through recorded clients; and an entry
+expiring in real time (``SBUS_SESSION_TTL``) is not modelled.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jwt
 from tests.history.record import History, Op, OpKind, Result
 
 OP_KEY = "sbus_history_op"
+MIRRORED = frozenset({"commit", "multi", "rollback", "delete"})
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
 SESSION_HEADER = "x-sbus-session-id"
 
@@ -73,7 +79,8 @@ class Recorder:
         """A small process number per client (Elle wants integers). A process sends one
         request at a time, as Elle requires: a client with a request still in flight
         (concurrent requests on one async client, or one that never got an answer) is
-        given a fresh process number, as Jepsen does after an indeterminate operation."""
+        given a fresh process number, as Jepsen does after an indeterminate operation (a
+        process whose operation ended ``info`` never sends again)."""
         with self._lock:
             process = self._processes.get(client_key)
             if process is None or process in self._busy:
@@ -109,6 +116,7 @@ class Recorder:
                     pairs.add((item["key"], item["version_at_read"]))
             op.reads = sorted(pairs)
         op.mandate = _jti(body.get("mandate") or request.headers.get("x-sbus-mandate"))
+        op.idem = request.headers.get("idempotency-key")
 
     # --- answers ----------------------------------------------------------------------
 
@@ -120,8 +128,6 @@ class Recorder:
         if op is None:
             self._side_effects(request, body, status, answer)
             return
-        with self._lock:
-            self._busy.discard(op.process)
         error = answer.get("error") if status >= 400 else None
         result: Result
         if 200 <= status < 300:
@@ -130,21 +136,30 @@ class Recorder:
             result = "info"
         else:
             result = "fail"
+        if result != "info":
+            with self._lock:
+                self._busy.discard(op.process)
         op.replay = response.headers.get("idempotent-replayed") == "true"
         if op.op == "get":
             self._read(op, request, status, answer)
         elif result == "ok":
-            op.writes = _installed(op, answer)
+            op.writes = _installed(op, answer, response.headers.get("etag"))
+            if op.op == "create" and status != 201:
+                result = "fail"  # POST /admin/shard: 200 already_exists installed nothing
         if op.op == "get" and op.reads:
             result = "ok"  # a tombstone's 404 still read a version
         self.history.end(op, result, status, error)
+        if op.replay:
+            self.history.resolve_retry(op)
         if op.agent is None:
             return
         key = (op.agent, op.session)
         with self._lock:
             if error == "SessionExpired":
                 self._mirrors.pop(key, None)
-            elif op.op != "get" and result == "ok":
+            elif op.op in MIRRORED and result == "ok" and not op.replay:
+                # Read-your-writes: the bus sets the committer's entries; a create and a
+                # replay set none.
                 self._mirrors.setdefault(key, {}).update(op.writes)
 
     def _read(self, op: Op, request: httpx.Request, status: int, answer: dict[str, Any]) -> None:
@@ -165,11 +180,10 @@ class Recorder:
             return
         path = request.url.path
         with self._lock:
-            if path == "/session":
-                agent, session = _agent(request, body), _session(request, body)
-                if agent is not None:
-                    self._mirrors.pop((agent, session), None)
-            elif path == "/admin/config" and "ori_enabled" in answer:
+            if path == "/session" and isinstance(answer.get("agent_id"), str):
+                # The answer names whose session was reset (an admin may reset another's).
+                self._mirrors.pop((answer["agent_id"], _session(request, body)), None)
+            elif path in ("/admin/config", "/stats") and "ori_enabled" in answer:
                 self.ori = bool(answer["ori_enabled"])
             elif path == "/admin/test/advance-clock":
                 self._mirrors.clear()
@@ -208,7 +222,7 @@ def _classify(request: httpx.Request, body: dict[str, Any]) -> tuple[OpKind | No
         return "delete", [_shard_key(request)]
     if method != "POST":
         return None, []
-    if path == "/shard":
+    if path in ("/shard", "/admin/shard"):
         return "create", [body.get("key", "")]
     if path in ("/commit", "/commit/v2"):
         return "commit", [body.get("key", "")]
@@ -260,7 +274,7 @@ def _expected(request: httpx.Request, body: dict[str, Any], key: str) -> int | N
     if value is None:
         tag = request.headers.get("if-match", "").strip('" ')
         value = tag if tag.isdigit() else None
-    if request.url.path == "/shard" or value is None:
+    if request.url.path in ("/shard", "/admin/shard") or value is None:
         return None
     return int(value) if str(value).isdigit() else None
 
@@ -270,14 +284,16 @@ def _jti(token: str | None) -> str | None:
     return jti if isinstance(jti, str) else None
 
 
-def _installed(op: Op, answer: dict[str, Any]) -> list[tuple[str, int]]:
-    """The versions an ok answer says were installed."""
+def _installed(op: Op, answer: dict[str, Any], etag: str | None) -> list[tuple[str, int]]:
+    """The versions an ok answer says were installed (a 204 delete says it in its ETag)."""
     key = op.guards[0][0] if op.guards else ""
     if op.op == "multi":
         return [(r["key"], r["new_version"]) for r in answer.get("results", [])]
     if op.op == "commit":
         return [(key, answer["new_version"])]
     if op.op == "delete":
-        expected = op.guards[0][1]
-        return [(key, expected + 1)] if expected is not None else []
+        tag = (etag or "").strip('"')
+        return [(key, int(tag))] if tag.isdigit() else []
+    if "version" not in answer:
+        return []
     return [(key, answer["version"])]

@@ -8,10 +8,16 @@ recover the version order. A commit reads the versions of its validated read set
 of its guards (``["r", k, v]``) and writes the versions it installed (``["w", k, v]``),
 so Elle sees "read v, then wrote v + 1" for every guarded key.
 
-Two choices, documented in docs/isolation.md: a failed or unknown commit carries no
-writes (the bus never assigned it a version), and an idempotent replay is left out
-(it repeats an earlier answer and installs nothing). Reads ORI did not validate are
-left out as well, as reads obtained outside the bus would be.
+Choices, documented in docs/isolation.md: a failed commit carries no writes (the bus
+never assigned it a version); an attempt of unknown outcome carries the writes a replay
+of its retry revealed, else none; an idempotent replay is left out (it repeats an
+earlier answer and installs nothing); reads ORI did not validate are left out, as reads
+obtained outside the bus would be.
+
+The JSON Schema checks each event's shape; :func:`structure_errors` checks what Elle
+relies on across events: ``index`` is the position, time never goes back, a process
+has one operation at a time and never sends again after an ``info``, each completion
+repeats its invocation's micro-operations, and no two writes install one value of a key.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ def _mops(op: Op, completed: bool) -> list[Mop]:
     reads: list[Mop] = [["r", k, v if completed else None] for k, v in op.validated_reads()]
     if op.op == "get":
         reads = [["r", k, v if completed else None] for k, v in op.reads]
-    writes: list[Mop] = [["w", k, v] for k, v in op.writes] if op.result == "ok" else []
+    # ok: what it installed; info: what a replay of its retry showed it installed, if any.
+    writes: list[Mop] = [["w", k, v] for k, v in op.writes] if op.result != "fail" else []
     return reads + writes
 
 
@@ -67,6 +74,50 @@ def _event(op: Op, kind: str, time_ns: int, completed: bool) -> dict[str, Any]:
     }
 
 
+def structure_errors(events: list[dict[str, Any]]) -> list[str]:
+    errors: list[str] = []
+    open_ops: dict[int, dict[str, Any]] = {}
+    crashed: set[int] = set()
+    written: dict[tuple[str, Any], int] = {}
+    last_time = 0
+    for position, event in enumerate(events):
+        process, kind = event["process"], event["type"]
+        where = f"event {position} (process {process})"
+        if event["index"] != position:
+            errors.append(f"{where}: index {event['index']} is not its position")
+        if event["time"] < last_time:
+            errors.append(f"{where}: time goes back")
+        last_time = max(last_time, event["time"])
+        if kind == "invoke":
+            if process in open_ops:
+                errors.append(f"{where}: invoked while its previous operation is open")
+            if process in crashed:
+                errors.append(f"{where}: invoked after an info completion")
+            open_ops[process] = event
+            continue
+        invoke = open_ops.pop(process, None)
+        if invoke is None:
+            errors.append(f"{where}: {kind} without an invocation")
+            continue
+        if [m[:2] for m in invoke["value"]] != [m[:2] for m in event["value"]] or [
+            m for m in invoke["value"] if m[0] == "w"
+        ] != [m for m in event["value"] if m[0] == "w"]:
+            errors.append(f"{where}: completion does not repeat its invocation")
+        if kind == "info":
+            crashed.add(process)
+        if kind in ("ok", "info"):
+            for mop in event["value"]:
+                if mop[0] == "w":
+                    pair = (mop[1], mop[2])
+                    if pair in written:
+                        errors.append(
+                            f"{where}: {mop[1]}={mop[2]} already written at event {written[pair]}"
+                        )
+                    written[pair] = position
+    errors.extend(f"process {p}: invocation never completed" for p in sorted(open_ops))
+    return errors
+
+
 @cache
 def _validator(path: Path) -> Draft202012Validator:
     schema = json.loads(path.read_text())
@@ -92,7 +143,7 @@ def _message(err: Any) -> str:
 def export(ops: list[Op], path: Path) -> list[dict[str, Any]]:
     """Write the Elle export of ``ops`` to ``path`` after validating it."""
     document = to_elle(ops)
-    errors = elle_errors(document)
+    errors = elle_errors(document) + structure_errors(document)
     if errors:
         raise ValueError("Elle export does not match its schema: " + "; ".join(errors[:5]))
     path.parent.mkdir(parents=True, exist_ok=True)

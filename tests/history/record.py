@@ -18,6 +18,10 @@ ended. The format is documented in docs/isolation.md and described by
   ``info`` (no answer, or one that says the outcome is unknown).
 - ``ori``: whether ORI validated ``reads`` (with ORI off only the guards are checked).
 - ``replay``: an idempotent replay of an earlier answer (it installs nothing).
+- ``idempotency_key``: the request's ``Idempotency-Key``. When a retry is answered by a
+  replay, an earlier ``info`` attempt with the same agent and key is given the replayed
+  writes: the replay proves that attempt installed them (it stays ``info``: its own
+  answer never came).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Op:
     ori: bool = True
     mandate: str | None = None
     replay: bool = False
+    idem: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,6 +93,7 @@ class Op:
             "ori": self.ori,
             "mandate": self.mandate,
             "replay": self.replay,
+            "idempotency_key": self.idem,
         }
 
     @classmethod
@@ -109,6 +115,7 @@ class Op:
             ori=data["ori"],
             mandate=data["mandate"],
             replay=data["replay"],
+            idem=data["idempotency_key"],
         )
 
 
@@ -116,11 +123,13 @@ class History:
     """A thread-safe, append-only list of operations. :meth:`begin` stamps the invoke
     time and index; :meth:`end` the completion. Operations never ended are ``info``."""
 
-    def __init__(self, label: str = "") -> None:
+    def __init__(self, label: str = "", origin_ns: int | None = None) -> None:
+        """``origin_ns`` (a ``time.monotonic_ns()`` reading) lets several histories share
+        one time origin; default: now."""
         self.label = label
         self._ops: list[Op] = []
         self._lock = threading.Lock()
-        self._origin = time.monotonic_ns()
+        self._origin = time.monotonic_ns() if origin_ns is None else origin_ns
 
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._origin
@@ -145,6 +154,22 @@ class History:
         entry.status = status
         entry.error = error
         entry.complete_ns = self.now_ns()
+
+    def resolve_retry(self, replay: Op) -> None:
+        """A replay proves that the earlier attempt with its agent and idempotency key,
+        if that attempt's outcome is unknown, installed the replayed writes."""
+        if replay.idem is None:
+            return
+        with self._lock:
+            for op in self._ops:
+                if (
+                    op is not replay
+                    and op.result == "info"
+                    and not op.writes
+                    and (op.agent, op.idem) == (replay.agent, replay.idem)
+                ):
+                    op.writes = list(replay.writes)
+                    return
 
     @property
     def ops(self) -> list[Op]:

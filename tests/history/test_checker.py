@@ -20,7 +20,7 @@ from tests.history.check import (
     ori_legal,
     summarize,
 )
-from tests.history.elle import elle_errors, history_errors, to_elle
+from tests.history.elle import elle_errors, history_errors, structure_errors, to_elle
 from tests.history.record import History, Op, OpKind, Result, dumps, loads
 from tests.history.verify import verify
 
@@ -148,10 +148,33 @@ def test_reading_a_version_nobody_committed() -> None:
         mk(1, "commit", t=(3, 4), guards=[("z", 3)], writes=[("z", 4)]),
     ]
     assert check(ops) == []
-    # ... unless a write of unknown outcome may have installed it.
+    # ... unless a write of unknown outcome may have installed it: the version after
+    # its guard, not any other.
     ops = [*seed("y"), mk(1, "commit", t=(5, 6), guards=[("y", 0)], result="info")]
     ops.append(mk(2, "get", t=(7, 8), reads=[("y", 1)]))
     assert check(ops) == []
+    ops[2] = mk(2, "get", t=(7, 8), reads=[("y", 2)])
+    assert names(check(ops)) == {("G1a", "aborted-read")}
+    # An unguarded write of unknown outcome (a rollback without expected_version) may
+    # have installed any version of its key.
+    ops[1] = mk(1, "rollback", t=(5, 6), guards=[("y", None)], result="info")
+    assert check(ops) == []
+
+
+def test_a_replay_reveals_what_an_unknown_attempt_installed() -> None:
+    history = History()
+    first = history.append(mk(0, "commit", t=(1, 2), guards=[("x", 0)], result="info"))
+    first.idem = "k1"
+    retry = history.append(
+        mk(0, "commit", t=(3, 4), guards=[("x", 0)], writes=[("x", 1)], replay=True)
+    )
+    retry.idem = "k1"
+    history.resolve_retry(retry)
+    assert (first.result, first.writes) == ("info", [("x", 1)])
+    document = to_elle(history.ops)
+    assert structure_errors(document) == []
+    assert [e["value"] for e in document] == [[["r", "x", None], ["w", "x", 1]]] * 2
+    assert [e["type"] for e in document] == ["invoke", "info"]
 
 
 def test_a_stale_get_after_a_completed_write() -> None:
@@ -164,6 +187,11 @@ def test_a_stale_get_after_a_completed_write() -> None:
     # Concurrent with the write, either version is a legal answer.
     ops[-1] = mk(2, "get", t=(25, 41), reads=[("x", 0)], process=1)
     assert check(ops) == []
+    ops[-1] = mk(2, "get", t=(25, 41), reads=[("x", 1)], process=1)
+    assert check(ops) == []
+    # But not a version whose writer was sent after the GET's answer came back.
+    ops[-1] = mk(2, "get", t=(5, 15), reads=[("x", 1)], process=1)
+    assert names(check(ops)) == {("ReadRecency", "future-read")}
 
 
 def stale_commit(ori: bool, t: tuple[int, int]) -> list[Op]:
@@ -365,3 +393,39 @@ def test_cli_check_and_export(tmp_path: Path) -> None:
     assert run("elle", str(clean), str(out)).returncode == 0
     assert elle_errors(json.loads(out.read_text())) == []
     assert run("nonsense").returncode == 2
+
+
+def events(*spec: tuple[int, str, list[Any]]) -> list[dict[str, Any]]:
+    """Elle events from (process, type, value), one nanosecond apart."""
+    return [
+        {"index": i, "time": i, "process": p, "type": kind, "f": "txn", "value": value}
+        for i, (p, kind, value) in enumerate(spec)
+    ]
+
+
+W0: list[Any] = [["w", "x", 0]]
+
+
+def test_structure_errors_catch_what_the_schema_cannot() -> None:
+    assert structure_errors(events((0, "invoke", W0), (0, "ok", W0))) == []
+    assert structure_errors(events((0, "invoke", W0), (0, "info", W0))) == []
+    cases = {
+        "not its position": [{**events((0, "invoke", W0))[0], "index": 3}],
+        "time goes back": [
+            *events((0, "invoke", W0)),
+            {**events((0, "invoke", W0), (0, "ok", W0))[1], "time": -1},
+        ],
+        "previous operation is open": events((0, "invoke", W0), (0, "invoke", W0)),
+        "does not repeat its invocation": events((0, "invoke", W0), (0, "ok", [["w", "x", 1]])),
+        "x=0 already written": events(
+            (0, "invoke", W0), (0, "ok", W0), (1, "invoke", W0), (1, "ok", W0)
+        ),
+        "after an info completion": events(
+            (0, "invoke", W0), (0, "info", W0), (0, "invoke", []), (0, "ok", [])
+        ),
+        "without an invocation": events((0, "ok", W0)),
+        "never completed": events((0, "invoke", W0)),
+    }
+    for complaint, history in cases.items():
+        found = structure_errors(history)
+        assert any(complaint in e for e in found), (complaint, found)

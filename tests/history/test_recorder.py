@@ -90,3 +90,59 @@ async def test_what_each_request_records(bus: tuple[httpx.AsyncClient, Recorder]
     assert (await c.post("/shard", json={"key": "x", "content": ""})).status_code == 201
     assert [len(h) for h in recorder.histories()] == [12, 1]
     assert shape(recorder.history.ops[0])[-1] == [("x", 0)]
+
+
+async def test_the_mirror_knows_no_more_than_the_bus(
+    bus: tuple[httpx.AsyncClient, Recorder],
+) -> None:
+    """Creates and idempotent replays set no DeliveryLog entry, so the mirror must not
+    either: each sequence below is legal, and would be reported as a stale admitted read
+    if the mirror believed the agent had read what it created or what a replay repeated."""
+    c, recorder = bus
+    as_b = {"agent_id": "b"}
+    # a creates x (a create records nothing in a's DeliveryLog); b moves x on.
+    created = await c.post("/shard", json={"key": "x", "content": "", "agent_id": "a"})
+    assert created.status_code == 201
+    assert (await c.post("/shard", json={"key": "y", "content": ""})).status_code == 201
+    move = {"key": "x", "expected_version": 0, "delta": "b", **as_b}
+    assert (await c.post("/commit/v2", json=move)).status_code == 200
+    body = {"key": "y", "expected_version": 0, "delta": "a", "agent_id": "a"}
+    assert (await c.post("/commit/v2", json=body)).status_code == 200  # a never read x
+    # a commits z with a key, b moves z on, a re-reads z@2, then a's retry is replayed:
+    # the bus keeps z@2 in a's DeliveryLog, and so must the mirror.
+    assert (await c.post("/shard", json={"key": "z", "content": ""})).status_code == 201
+    first = {"key": "z", "expected_version": 0, "delta": "a", "agent_id": "a"}
+    key = {"Idempotency-Key": "retry-1"}
+    assert (await c.post("/commit/v2", json=first, headers=key)).status_code == 200
+    again = {"key": "z", "expected_version": 1, "delta": "b", **as_b}
+    assert (await c.post("/commit/v2", json=again)).status_code == 200
+    assert (await c.get("/shard/z", params={"agent_id": "a"})).json()["version"] == 2
+    replay = await c.post("/commit/v2", json=first, headers=key)
+    assert replay.headers["idempotent-replayed"] == "true"
+    last = {"key": "y", "expected_version": 1, "delta": "a2", "agent_id": "a"}
+    assert (await c.post("/commit/v2", json=last)).status_code == 200
+    ops = recorder.history.ops
+    assert ops[3].reads == []  # the create did not enter a's reads
+    assert ops[-1].reads == [("z", 2)]
+    assert ops[-2].replay and ops[-2].idem == "retry-1"
+    verify(ops, label="mirror-subset")
+
+
+async def test_session_reset_and_ori_come_from_the_answers(
+    bus: tuple[httpx.AsyncClient, Recorder],
+) -> None:
+    c, recorder = bus
+    assert (await c.post("/shard", json={"key": "x", "content": ""})).status_code == 201
+    assert (await c.get("/shard/x", params={"agent_id": "a"})).status_code == 200
+    # Reset a's session with the agent named in a header: the answer says whose.
+    reset = await c.post("/session", json={}, headers={"X-Agent-Id": "a"})
+    assert reset.json() == {"agent_id": "a", "status": "created"}
+    body = {"key": "x", "expected_version": 0, "delta": "1", "agent_id": "a"}
+    assert (await c.post("/commit/v2", json=body)).status_code == 200
+    assert recorder.history.ops[-1].reads == []
+    # The ORI state is learned from /stats as well as from /admin/config.
+    assert (await c.post("/admin/config", json={"ori_enabled": False})).status_code == 200
+    assert recorder.ori is False
+    recorder.ori = True  # pretend the recorder missed the switch
+    assert (await c.get("/stats")).json()["ori_enabled"] is False
+    assert recorder.ori is False

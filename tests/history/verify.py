@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.history.check import Summary, assert_clean
-from tests.history.elle import elle_errors, history_errors, to_elle
+from tests.history.elle import elle_errors, history_errors, structure_errors, to_elle
 from tests.history.record import Op, dumps, loads
 
 KEEP_ENV = "SBUS_HISTORY_DIR"
@@ -30,6 +30,8 @@ def verify(ops: Sequence[Op], *, realtime: bool = True, label: str = "history") 
     document = to_elle(again)
     errors = elle_errors(document)
     assert not errors, f"{label}: the Elle export breaks its schema: {errors[:3]}"
+    errors = structure_errors(document)
+    assert not errors, f"{label}: the Elle export is not a well-formed history: {errors[:3]}"
     keep = os.environ.get(KEEP_ENV)
     if keep:
         stem = Path(keep) / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)

@@ -184,7 +184,8 @@ class LockstepMachine(RuleBasedStateMachine):
         self.high_water: dict[str, int] = {}
         self.etag: str | None = None  # of the last response (equal on every store)
         self.answers: dict[str, Answer] = {}  # of the last request, by store
-        self.histories = {kind: History(kind) for kind in STORES}
+        origin = time.monotonic_ns()  # one time origin for every store's history
+        self.histories = {kind: History(kind, origin) for kind in STORES}
         self.examples = getattr(LockstepMachine, "examples", 0) + 1
         LockstepMachine.examples = self.examples
 
