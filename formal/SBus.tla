@@ -212,14 +212,14 @@ Create(a, k) ==
 (* Reads, sessions, TTL, mandates                                         *)
 
 \* GET: served and recorded (overwrites the entry); a GET on an expired
-\* session starts it afresh.  A GET of a tombstone is a 404, not recorded.
+\* session starts it afresh.  A GET of a tombstone answers 404 ShardDeleted and
+\* is recorded all the same, at the tombstone version (SPEC 2).
 ReadDL(a, k) ==
     IF expired[a] THEN [j \in Keys |-> IF j = k THEN ver[k] ELSE NoV]
     ELSE IF Mutation = "dl_keeps_first_read" /\ dl[a][k] # NoV THEN dl[a]
     ELSE [dl[a] EXCEPT ![k] = ver[k]]
 
 Read(a, k) ==
-    /\ ~del[k]
     /\ dl' = [dl EXCEPT ![a] = ReadDL(a, k)]
     /\ expired' = [expired EXCEPT ![a] = FALSE]
     /\ UNCHANGED <<ver, del, mstate, mholder, pending, hist, heroRecover, toRead, expiries>>
@@ -291,7 +291,6 @@ HeroCommit ==
 HeroRead ==
     /\ heroRecover
     /\ \/ \E k \in toRead :
-            /\ ~del[k]
             /\ dl' = [dl EXCEPT ![Hero] = ReadDL(Hero, k)]
             /\ expired' = [expired EXCEPT ![Hero] = FALSE]
             /\ toRead' = toRead \ {k}

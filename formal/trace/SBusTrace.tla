@@ -42,16 +42,6 @@ VARIABLES t, i
 
 tvars == <<vars, t, i>>
 
-\* SPEC 2: a GET of a tombstone answers 404 ShardDeleted {key, version} and ALSO
-\* records DL := the tombstone version.  SBus.tla leaves this read out (its Read
-\* needs ~del[k]); without it, real traces diverge (a later commit is checked
-\* against the tombstone version, not against the entry the model still holds).
-ReadTombstone(a, k) ==
-    /\ del[k]
-    /\ dl' = [dl EXCEPT ![a] = ReadDL(a, k)]
-    /\ expired' = [expired EXCEPT ![a] = FALSE]
-    /\ UNCHANGED <<ver, del, mstate, mholder, pending, hist, heroRecover, toRead, expiries>>
-
 OneKey(e) == CHOOSE k \in e.w : TRUE
 
 \* 409 CrossShardStale lists every divergent entry of the effective read set
@@ -81,11 +71,11 @@ Step(e) ==
         k == OneKey(e)
     IN
     \/ /\ e.op = "read" /\ e.res = "200"
-       /\ e.out = {<<k, ver[k]>>}
+       /\ ~del[k] /\ e.out = {<<k, ver[k]>>}
        /\ Read(a, k)
-    \/ /\ e.op = "read" /\ e.res = "404 ShardDeleted"
-       /\ e.out = {<<k, ver[k]>>}
-       /\ ReadTombstone(a, k)
+    \/ /\ e.op = "read" /\ e.res = "404 ShardDeleted"  \* recorded all the same (SPEC 2)
+       /\ del[k] /\ e.out = {<<k, ver[k]>>}
+       /\ Read(a, k)
     \/ /\ e.op \in {"commit", "delete"} /\ e.res \in {"200", "204"}
        /\ e.res = IF e.op = "delete" THEN "204" ELSE "200"
        /\ Ex(a, W) = e.ex             \* the client sent its DL versions

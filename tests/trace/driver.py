@@ -299,13 +299,14 @@ async def record_scenario(
     client: httpx.AsyncClient, label: str = "scenario", ttl_s: int = 3600
 ) -> Trace:
     """A fixed trace (3 agents, 2 keys, ORI on) through the two places where the service,
-    following the SPEC, is finer than SBus.tla (formal/README.md, "Trace validation"):
+    following the SPEC, was found finer than SBus.tla (formal/README.md, "Trace
+    validation"; the first is now in SBus.tla):
 
     - step 6: a1's multi commit of k0 (stale: it read k0@0, k0 is at 1) and k1 (deleted)
       answers 409 VersionMismatch on k0, the first failing key in ascending order (SPEC 4
       step 9f), where SBus.tla's Outcome says 404 ShardDeleted;
     - step 7: a3's GET of the deleted k1 answers 404 ShardDeleted and records k1@1 (the
-      tombstone version, SPEC 2), which SBus.tla's Read does not; so after k1 is created
+      tombstone version, SPEC 2), which SBus.tla's Read once did not; so after k1 is created
       again (k1@2) a3's commit of k0 is 409 CrossShardStale on k1 (step 10).
     """
     rec = Recorder(client, 3, 2, 0, ttl_s)
