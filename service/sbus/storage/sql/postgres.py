@@ -479,19 +479,13 @@ class PostgresStore:
             shards: dict[str, Shard | None] = {s["key"]: shard_from(s) for s in loaded["shards"]}
             consumed = False
             if txn.mandate is not None:
-                # Concurrent commits carrying one mandate queue on this lock, on any
-                # replica. The check must be a SEPARATE statement: under READ COMMITTED a
-                # statement's snapshot is taken before it waits, so a check in the
-                # locking statement would not see the winner's record.
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))", txn.mandate.jti
-                )
+                # Concurrent commits carrying one mandate queue on its advisory lock,
+                # on any replica; the function checks for a consumed record in a
+                # statement of its own after the lock, so it sees the winner's record
+                # (migration 0004 says why that needs a function, not one statement).
                 consumed = bool(
                     await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM sbus_consumed_mandates "
-                        "WHERE jti = $1 AND retain_until_ms > $2)",
-                        txn.mandate.jti,
-                        now,
+                        "SELECT sbus_mandate_consumed($1, $2)", txn.mandate.jti, now
                     )
                 )
             sources = {h["key"]: entry_from(h) for h in loaded["sources"]}
