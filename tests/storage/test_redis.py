@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -473,3 +474,40 @@ class TestSessions:
         assert info.value.fields["stale_keys"] == [
             {"key": "a", "version_at_read": 0, "current_version": 1}
         ]
+
+
+class TestResetInBatches:
+    async def test_a_namespace_larger_than_a_batch_is_cleared_completely(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        """reset_all clears a namespace of many times its batch in several scripts: every
+        shard, history, session and idempotency record goes, the counters too, and the
+        ORI flag and revocations stay (as with a single script)."""
+        store.reset_batch = 3
+        for i in range(10):
+            await store.create(create(f"k{i:02d}"))
+        for i in range(7):
+            await store.read(f"k{i:02d}", f"agent{i}", "", True)
+        for i in range(5):
+            idem = IdemRef(f"agent{i}", f"key-{i}", "fp")
+            await store.apply(commit(f"k{i:02d}", 0, agent=f"agent{i}", idem=idem))
+        await store.set_ori(False)
+        await store.revoke("jti-1", int(time.time() * 1000) + 3_600_000)
+        assert (await store.stats()).total_shards == 10
+        calls: list[str] = []
+        real_eval = store._eval
+
+        async def counting(name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+            calls.append(name)
+            return await real_eval(name, keys, args)
+
+        store._eval = counting  # type: ignore[method-assign]
+        assert await store.reset_all() == 10
+        assert calls == ["reset_all"] * 4  # 10 shards, 3 per script
+        stats = await store.stats()
+        assert (stats.total_shards, stats.counters.total_commits, stats.dl_agents) == (0, 0, 0)
+        assert await store.list_keys("", None, 100) == []
+        leftovers = [k async for k in raw.scan_iter(match=store.tag + "*")]
+        assert sorted(leftovers) == sorted([store.k_meta, f"{store.tag}:rv:jti-1"]), leftovers
+        assert await store.is_revoked("jti-1")
+        assert (await store.create(create("k00"))).body["version"] == 0  # type: ignore[index]

@@ -509,26 +509,34 @@ return {gone, #members == tonumber(ARGV[5]) and members[#members] or ''}
 
 # ---------------------------------------------------------------------------------
 # reset_all: every shard, tombstone, history, DL session, counter and idempotency
-# record; keeps the meta hash (ori_enabled and the clock offset).
+# record; keeps the meta hash (ori_enabled and the clock offset). One call clears at most
+# ARGV[2] entries of each index, so a large namespace is cleared in several calls (one
+# script must not block Redis for long); the counters go with the last call.
 # KEYS: counters, live index, all-shards index, sessions index, idem index.
-# ARGV: tag prefix
+# ARGV: tag prefix, batch size, "1" on the first call.
+# Returns {shards cleared by this call, 1 if any index still has entries}.
 RESET_ALL = r"""
 local COUNTERS, LIVE, ALL, SESSIONS, IIDX = unpack(KEYS)
-local tag = ARGV[1]
-local cleared = redis.call('ZCARD', ALL)
--- consumed mandates and rate buckets go; revocations (':rv:') stay
-redis.call('DEL', tag .. ':mandates', tag .. ':buckets')
-for _, k in ipairs(redis.call('ZRANGE', ALL, 0, -1)) do
+local tag, batch = ARGV[1], tonumber(ARGV[2])
+if ARGV[3] == '1' then
+  -- consumed mandates and rate buckets go; revocations (':rv:') stay
+  redis.call('DEL', tag .. ':mandates', tag .. ':buckets')
+end
+local function drain(index, each)
+  local members = redis.call('ZRANGE', index, 0, batch - 1)
+  for _, m in ipairs(members) do each(m) end
+  if #members > 0 then redis.call('ZREM', index, unpack(members)) end
+  return members
+end
+local shards = drain(ALL, function(k)
   redis.call('DEL', tag .. ':s:' .. k, tag .. ':h:' .. k)
-end
-for _, member in ipairs(redis.call('ZRANGE', SESSIONS, 0, -1)) do
-  redis.call('DEL', tag .. ':dlt:' .. member, tag .. ':dlv:' .. member)
-end
-for _, m in ipairs(redis.call('ZRANGE', IIDX, 0, -1)) do
-  redis.call('DEL', tag .. ':i:' .. m)
-end
-redis.call('DEL', COUNTERS, LIVE, ALL, SESSIONS, IIDX)
-return cleared
+end)
+if #shards > 0 then redis.call('ZREM', LIVE, unpack(shards)) end
+drain(SESSIONS, function(m) redis.call('DEL', tag .. ':dlt:' .. m, tag .. ':dlv:' .. m) end)
+drain(IIDX, function(m) redis.call('DEL', tag .. ':i:' .. m) end)
+local more = redis.call('ZCARD', ALL) + redis.call('ZCARD', SESSIONS) + redis.call('ZCARD', IIDX)
+if more == 0 then redis.call('DEL', COUNTERS, LIVE) return {#shards, 0} end
+return {#shards, 1}
 """
 
 # ---------------------------------------------------------------------------------

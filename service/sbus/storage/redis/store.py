@@ -97,6 +97,7 @@ CLOCK_SKEW_MS = 5_000  # how far a script's clock may be from the hashed committ
 MAX_RACES = 16  # commit retries when a written head moved under the hashes
 RACE_BACKOFF_S = 0.002  # times the attempt number, jittered: lets a hot key's writers pass
 PURGE_BATCH = 500
+RESET_BATCH = 5000
 SHARD_FIELDS = (
     "version",
     "del",
@@ -154,6 +155,7 @@ class RedisStore:
         self.namespace = namespace
         self.limits = limits or Limits()
         self.durable = False
+        self.reset_batch = RESET_BATCH  # entries per index per reset_all script
         self.tag = "{sbus:" + self.namespace + "}"
         tag = self.tag
         self.k_meta = f"{tag}:meta"
@@ -817,13 +819,18 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
 
     async def reset_all(self) -> int:
-        return int(
-            await self._eval(
-                "reset_all",
-                [self.k_counters, self.k_live, self.k_all, self.k_sessions, self.k_idem_index],
-                [self.tag],
-            )
-        )
+        """Clear the namespace in scripts of at most :attr:`reset_batch` entries per index
+        each: one script over a million shards would block Redis (and outlive the
+        client's timeout). A namespace within one batch is cleared atomically; a larger
+        one is not atomic with concurrent writes (stop traffic before an /admin/reset)."""
+        keys = [self.k_counters, self.k_live, self.k_all, self.k_sessions, self.k_idem_index]
+        cleared, first = 0, "1"
+        while True:
+            n, more = await self._eval("reset_all", keys, [self.tag, self.reset_batch, first])
+            cleared += int(n)
+            first = "0"
+            if not int(more):
+                return cleared
 
 
 def _entry_meta(
