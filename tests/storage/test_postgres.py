@@ -114,3 +114,58 @@ async def test_counters_are_split_over_slots(pg: PostgresStore, raw: asyncpg.Con
     assert sum(r["value"] for r in rows) == 40
     assert 1 < len(rows) <= COUNTER_SLOTS  # 40 commits over 16 slots: several rows
     assert (await pg.stats()).counters.total_commits == 40
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["$j$", "x $j$); DROP TABLE sbus_shards; --", "$j$$jab$ ' '' \\ \\' ü€ \u2028", "end $"],
+)
+async def test_content_travels_intact_with_the_commit(
+    pg: PostgresStore, raw: asyncpg.Connection, content: str
+) -> None:
+    """The apply call rides with COMMIT as SQL text (a dollar-quoted literal): content
+    that looks like the quote tag, quotes or SQL must arrive byte for byte."""
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    txn = commit_txn(
+        op="commit",
+        agent_id="A",
+        session_id="",
+        writes=[WriteOp("k", 0, "commit", content)],
+        read_set=[],
+        rationale=content,
+        idem=None,
+    )
+    out = await pg.apply(txn)
+    assert out.body is not None and out.body["new_version"] == 1
+    assert (await pg.read("k", None, "", False)).content == content
+    assert await raw.fetchval("SELECT count(*) FROM sbus_shards") == 1
+    (entry,) = [h for h in await pg.history("k", None, 10) if h.version == 1]
+    assert (entry.content, entry.rationale) == (content, content)
+
+
+async def test_a_failing_apply_skips_the_commit(pg: PostgresStore, raw: asyncpg.Connection) -> None:
+    """If the statement sent with COMMIT fails, PostgreSQL skips the COMMIT: nothing of
+    the transaction lands, and the answer is not_applied."""
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    real = pg._apply_statement
+    pg._apply_statement = lambda payload: "SELECT 1/0"  # type: ignore[method-assign]
+    try:
+        txn = commit_txn(
+            op="commit",
+            agent_id="A",
+            session_id="s",
+            writes=[WriteOp("k", 0, "commit", "new")],
+            read_set=[],
+            rationale=None,
+            idem=None,
+        )
+        with pytest.raises(e.StoreUnavailable) as info:
+            await pg.apply(txn)
+    finally:
+        pg._apply_statement = real  # type: ignore[method-assign]
+    assert info.value.fields["outcome"] == "not_applied"
+    assert (await pg.read("k", None, "", False)).version == 0
+    assert await raw.fetchval("SELECT count(*) FROM sbus_history WHERE key = 'k'") == 1
+    assert (await pg.stats()).counters.total_commits == 0
+    out = await pg.apply(txn)  # the connection went back to the pool clean
+    assert out.body is not None and out.body["new_version"] == 1

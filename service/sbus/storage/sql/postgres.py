@@ -4,8 +4,8 @@ A commit is one READ COMMITTED transaction of two server-side calls (migration 0
 ``sbus_txn_load`` locks the session row, then every written key FOR UPDATE and every
 read-only key FOR SHARE in ONE pass in ascending byte order, and returns the rows;
 :func:`sbus.core.rules.decide` decides in Python; ``sbus_txn_apply`` writes the effects.
-Four round trips (BEGIN, load, apply, COMMIT) whatever the size of the read set, so a
-64-entry read set costs about what a 1-entry one does. Deadlocks (40P01) and
+Three round trips (BEGIN, load, then apply and COMMIT in one message) whatever the size
+of the read set, so a 64-entry read set costs about what a 1-entry one does. Deadlocks (40P01) and
 serialization failures (40001) are retried up to three times, then answered 503
 ``not_applied``; a connection lost while COMMIT was in flight is 503 ``unknown``.
 
@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import orjson
@@ -245,29 +246,43 @@ class PostgresStore:
             with contextlib.suppress(Exception):
                 await sa_conn.close()
 
-    async def _run(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, body: Callable[[asyncpg.Connection], Awaitable[T | _Final[T]]]) -> T:
         """Run ``body`` in one READ COMMITTED transaction, retrying deadlocks and
         serialization failures. A failure before COMMIT was sent is ``not_applied``; a
-        failure while it was in flight is ``unknown`` (the commit may have landed)."""
+        failure while it was in flight is ``unknown`` (the commit may have landed).
+
+        ``body`` may return :class:`_Final`: its last statement is then sent together
+        with the COMMIT, in one simple-query message (one round trip fewer; if the
+        statement fails, PostgreSQL skips the COMMIT and the transaction rolls back)."""
         for attempt in range(4):
             committing = False
             try:
                 async with self._conn() as conn:
-                    tx = conn.transaction(isolation="read_committed")
-                    await tx.start()
+                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     try:
                         result = await body(conn)
                     except _Rejection as rejection:
                         # A rejection's counter writes land: commit, then answer.
                         committing = True
-                        await tx.commit()
+                        await conn.execute("COMMIT")
                         raise rejection.error from None
                     except BaseException:
                         with contextlib.suppress(Exception):
-                            await tx.rollback()
+                            await conn.execute("ROLLBACK")
                         raise
                     committing = True
-                    await tx.commit()
+                    if isinstance(result, _Final):
+                        try:
+                            await conn.execute(result.statement + ";\nCOMMIT")
+                        except asyncpg.PostgresError:
+                            # The statement failed, so the COMMIT was skipped and the
+                            # transaction is aborted: nothing was applied.
+                            committing = False
+                            with contextlib.suppress(Exception):
+                                await conn.execute("ROLLBACK")
+                            raise
+                        return result.value
+                    await conn.execute("COMMIT")
                     return result
             except StoreUnavailable as exc:
                 if committing:
@@ -339,17 +354,25 @@ class PostgresStore:
         expires = now + self.limits.idempotency_ttl_ms
         return [idem.agent_id, idem.key, idem.fingerprint, out.status, body, out.etag, expires]
 
+    def _apply_payload(self, payload: dict[str, Any]) -> str:
+        payload.setdefault("slot", random.randrange(COUNTER_SLOTS))
+        payload.setdefault("counters", {})
+        payload["depth"] = self.limits.history_depth
+        payload["max_bytes"] = self.limits.history_max_bytes
+        return orjson.dumps(payload).decode()
+
+    def _apply_statement(self, payload: dict[str, Any]) -> str:
+        """The ``sbus_txn_apply`` call as SQL text, for :class:`_Final` (the simple
+        query protocol takes no parameters, so the JSON is a dollar-quoted literal)."""
+        return f"SELECT sbus_txn_apply({_dollar_quoted(self._apply_payload(payload))}::jsonb)"
+
     async def _apply_effects(
         self, conn: asyncpg.Connection, payload: dict[str, Any]
     ) -> dict[str, int]:
         """One ``sbus_txn_apply`` call; returns each written key's oldest retained
         history version after trimming."""
-        payload.setdefault("slot", random.randrange(COUNTER_SLOTS))
-        payload.setdefault("counters", {})
-        payload["depth"] = self.limits.history_depth
-        payload["max_bytes"] = self.limits.history_max_bytes
         raw = await conn.fetchval(
-            "SELECT sbus_txn_apply($1::text::jsonb)", orjson.dumps(payload).decode()
+            "SELECT sbus_txn_apply($1::text::jsonb)", self._apply_payload(payload)
         )
         mins: dict[str, int] = _json(raw) if raw is not None else {}
         return mins
@@ -454,7 +477,7 @@ class PostgresStore:
         reads = [r.key for r in txn.read_set]
         rb = [w for w in txn.writes if w.kind == "rollback"]
 
-        async def body(conn: asyncpg.Connection) -> Outcome:
+        async def body(conn: asyncpg.Connection) -> Outcome | _Final[Outcome]:
             raw = await conn.fetchval(
                 "SELECT sbus_txn_load($1, $2, $3, $4, $5, $6, $7)",
                 txn.agent_id,
@@ -528,8 +551,8 @@ class PostgresStore:
             if txn.op != "rollback":
                 outcome = rules.render(txn, {s.key: s for s in fx.shards})
                 payload["idem"] = self._idem_json(txn.idem, outcome, now)
-                await self._apply_effects(conn, payload)
-                return outcome
+                # The apply call rides with the COMMIT (its answer is not needed here).
+                return _Final(outcome, self._apply_statement(payload))
             mins = await self._apply_effects(conn, payload)
             outcome = rules.render(txn, {s.key: _with_depth(s, mins[s.key]) for s in fx.shards})
             idem = self._idem_json(txn.idem, outcome, now)
@@ -875,6 +898,26 @@ def _json(value: Any) -> Any:
 
 def _with_depth(shard: Shard, hist_min: int) -> Shard:
     return shard._replace(history_depth=shard.version - hist_min + 1 - (1 if hist_min == 0 else 0))
+
+
+class _Final(Generic[T]):
+    """What a transaction body answers when its last statement should travel with the
+    COMMIT (see ``PostgresStore._run``)."""
+
+    __slots__ = ("statement", "value")
+
+    def __init__(self, value: T, statement: str) -> None:
+        self.value = value
+        self.statement = statement
+
+
+def _dollar_quoted(text: str) -> str:
+    """``text`` as a dollar-quoted literal whose tag does not occur in it (dollar
+    quoting has no escapes, so nothing in ``text`` can end the literal early)."""
+    tag = "$j$"
+    while tag in text:
+        tag = f"$j{secrets.token_hex(4)}$"
+    return f"{tag}{text}{tag}"
 
 
 class _Rejection(SBusError):
