@@ -169,3 +169,30 @@ async def test_a_failing_apply_skips_the_commit(pg: PostgresStore, raw: asyncpg.
     assert (await pg.stats()).counters.total_commits == 0
     out = await pg.apply(txn)  # the connection went back to the pool clean
     assert out.body is not None and out.body["new_version"] == 1
+
+
+async def test_a_connection_lost_with_the_commit_in_flight_is_unknown(pg: PostgresStore) -> None:
+    """The apply and COMMIT travel together: if the connection dies while they are in
+    flight (here the backend terminates itself mid-statement), the client cannot know
+    whether the COMMIT landed, so the answer must be ``unknown``, never ``not_applied``;
+    the store then recovers on a fresh connection."""
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    real = pg._apply_statement
+    pg._apply_statement = lambda payload: "SELECT pg_terminate_backend(pg_backend_pid())"  # type: ignore[method-assign]
+    txn = commit_txn(
+        op="commit",
+        agent_id="A",
+        session_id="",
+        writes=[WriteOp("k", 0, "commit", "new")],
+        read_set=[],
+        rationale=None,
+        idem=None,
+    )
+    try:
+        with pytest.raises(e.StoreUnavailable) as info:
+            await pg.apply(txn)
+    finally:
+        pg._apply_statement = real  # type: ignore[method-assign]
+    assert info.value.fields["outcome"] == "unknown"
+    out = await pg.apply(txn)
+    assert out.body is not None and out.body["new_version"] == 1

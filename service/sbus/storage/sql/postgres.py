@@ -274,9 +274,11 @@ class PostgresStore:
                     if isinstance(result, _Final):
                         try:
                             await conn.execute(result.statement + ";\nCOMMIT")
+                        except CONNECTION_ERRORS:
+                            raise  # lost in flight: the COMMIT may have landed (unknown)
                         except asyncpg.PostgresError:
-                            # The statement failed, so the COMMIT was skipped and the
-                            # transaction is aborted: nothing was applied.
+                            # The server refused the statement, so it skipped the COMMIT
+                            # and the transaction is aborted: nothing was applied.
                             committing = False
                             with contextlib.suppress(Exception):
                                 await conn.execute("ROLLBACK")
