@@ -196,3 +196,37 @@ async def test_a_connection_lost_with_the_commit_in_flight_is_unknown(pg: Postgr
     assert info.value.fields["outcome"] == "unknown"
     out = await pg.apply(txn)
     assert out.body is not None and out.body["new_version"] == 1
+
+
+async def test_a_connection_returned_inside_a_transaction_is_rolled_back_first() -> None:
+    """A use that could not roll back (a request cancelled mid-flight) may return its
+    connection to the pool inside a transaction; the next use must not run inside it."""
+    await backends.require("postgres")
+    await backends.wipe("postgres")
+    store = PostgresStore(backends.POSTGRES_URL, Limits(), pool_size=1)
+    await store.start()
+    try:
+        await store.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+        await store.create(CreateOp("o", "o0", "", False, "", new_commit_id()))
+        async with store._conn() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("UPDATE sbus_shards SET content = 'stale' WHERE key = 'o'")
+        # The same (only) connection again: the next commit must not run inside that
+        # transaction (its COMMIT would make the stray update durable).
+        txn = commit_txn(
+            op="commit",
+            agent_id="A",
+            session_id="",
+            writes=[WriteOp("k", 0, "commit", "fresh")],
+            read_set=[],
+            rationale=None,
+            idem=None,
+        )
+        out = await store.apply(txn)
+        assert out.body is not None and out.body["new_version"] == 1
+        async with store._conn() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT content FROM sbus_shards WHERE key = 'k'") == "fresh"
+            assert await conn.fetchval("SELECT content FROM sbus_shards WHERE key = 'o'") == "o0"
+    finally:
+        await store.close()

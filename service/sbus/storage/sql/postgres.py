@@ -228,6 +228,11 @@ class PostgresStore:
         try:
             raw = await sa_conn.get_raw_connection()
             driver: asyncpg.Connection = raw.driver_connection
+            if driver.is_in_transaction():
+                # Left open by a use that could not roll back (cancelled mid-flight):
+                # never run inside it. asyncpg tracks the server's transaction status,
+                # so knowing costs no round trip.
+                await driver.execute("ROLLBACK")
             yield driver
         except SBusError:
             raise
