@@ -3,8 +3,10 @@ counters and driver-error mapping. Against the real server of the test command."
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -12,7 +14,13 @@ import pytest
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.types import CreateOp, Limits, ReadItem, WriteOp
-from sbus.storage.sql.postgres import COUNTER_SLOTS, PostgresStore, SchemaOutOfDate, asyncpg_dsn
+from sbus.storage.sql.postgres import (
+    COUNTER_SLOTS,
+    PostgresStore,
+    SchemaOutOfDate,
+    _dollar_quoted,
+    asyncpg_dsn,
+)
 from tests import backends
 
 
@@ -230,3 +238,57 @@ async def test_a_connection_returned_inside_a_transaction_is_rolled_back_first()
             assert await conn.fetchval("SELECT content FROM sbus_shards WHERE key = 'o'") == "o0"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("text", ["", "$j", "a$j", "$j$", "x$j$y$j", "{}$", "$"])
+async def test_dollar_quoting_survives_its_own_tag(raw: asyncpg.Connection, text: str) -> None:
+    literal = _dollar_quoted(text)
+    assert await raw.fetchval(f"SELECT {literal}::text") == text
+
+
+async def test_a_cancelled_commit_leaves_no_open_transaction(raw: asyncpg.Connection) -> None:
+    """A request cancelled while its commit is in flight (the client went away) must not
+    leave a transaction open on a pooled connection, holding the shard's row lock until
+    that connection happens to be reused: the connection is closed, so the server ends
+    the transaction as soon as the statement in flight finishes (here a 1 s sleep
+    standing in for the apply), and another replica's commit of the key goes through."""
+    await backends.wipe("postgres")
+    store = PostgresStore(backends.POSTGRES_URL, Limits(), pool_size=2)
+    await store.start()
+    try:
+        await store.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+        real = store._apply_statement
+        store._apply_statement = lambda payload: "SELECT pg_sleep(1)"  # type: ignore[method-assign]
+        task = asyncio.create_task(store.apply(commit("new")))
+        await asyncio.sleep(0.4)  # BEGIN and the load (row lock on k) are done by now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store._apply_statement = real  # type: ignore[method-assign]
+        # Another replica commits the key: it must not wait on a lock that the cancelled
+        # request's connection still holds, idle in the first replica's pool.
+        other = PostgresStore(backends.POSTGRES_URL, Limits(), pool_size=2)
+        await other.start()
+        try:
+            out = await asyncio.wait_for(other.apply(commit("after")), timeout=5)
+        finally:
+            await other.close()
+        assert out.body is not None and out.body["new_version"] == 1
+        stuck = await raw.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+        )
+        assert stuck == 0
+    finally:
+        await store.close()
+
+
+def commit(content: str) -> Any:
+    return commit_txn(
+        op="commit",
+        agent_id="A",
+        session_id="",
+        writes=[WriteOp("k", 0, "commit", content)],
+        read_set=[],
+        rationale=None,
+        idem=None,
+    )

@@ -511,3 +511,30 @@ class TestResetInBatches:
         assert sorted(leftovers) == sorted([store.k_meta, f"{store.tag}:rv:jti-1"]), leftovers
         assert await store.is_revoked("jti-1")
         assert (await store.create(create("k00"))).body["version"] == 0  # type: ignore[index]
+
+    async def test_an_interrupted_reset_says_unknown(self, store: RedisStore) -> None:
+        """A failure before the first batch changed nothing (the store's own outcome); one
+        after it leaves the namespace half reset: ``unknown``, and a second reset
+        finishes the job."""
+        store.reset_batch = 2
+        for i in range(5):
+            await store.create(create(f"k{i}"))
+        real_eval = store._eval
+        calls = 0
+
+        async def failing_second(name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise e.StoreUnavailable("Redis went away", outcome="not_applied")
+            return await real_eval(name, keys, args)
+
+        store._eval = failing_second  # type: ignore[method-assign]
+        with pytest.raises(e.StoreUnavailable) as info:
+            await store.reset_all()
+        assert info.value.fields["outcome"] == "unknown"
+        assert "repeating it is safe" in info.value.detail
+        store._eval = real_eval  # type: ignore[method-assign]
+        assert len(await store.list_keys("", None, 10)) == 3
+        assert await store.reset_all() == 3
+        assert await store.list_keys("", None, 10) == []

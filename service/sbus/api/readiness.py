@@ -12,8 +12,11 @@ SIGKILLed worker that uvicorn replaced) does not count, and is cleared when seen
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("sbus")
 
 PREFIX = "ready-"
 
@@ -49,10 +52,18 @@ class WorkerReadiness:
         return True
 
     def mark_ready(self) -> None:
+        """Leave this worker's marker. A failure (the directory removed under us) only
+        keeps /admin/health at not_ready, which says what is wrong; it never stops the
+        worker from serving."""
         if self.directory is None:
             return
-        self.marker = self.directory / f"{PREFIX}{os.getpid()}"
-        self.marker.touch()
+        marker = self.directory / f"{PREFIX}{os.getpid()}"
+        try:
+            marker.touch()
+        except OSError as exc:
+            log.warning("cannot mark this worker ready in %s: %s", self.directory, exc)
+            return
+        self.marker = marker
 
     def clear(self) -> None:
         if self.marker is not None:

@@ -519,8 +519,9 @@ RESET_ALL = r"""
 local COUNTERS, LIVE, ALL, SESSIONS, IIDX = unpack(KEYS)
 local tag, batch = ARGV[1], tonumber(ARGV[2])
 if ARGV[3] == '1' then
-  -- consumed mandates and rate buckets go; revocations (':rv:') stay
-  redis.call('DEL', tag .. ':mandates', tag .. ':buckets')
+  -- consumed mandates and rate buckets go (UNLINK frees large hashes in the
+  -- background); revocations (':rv:') stay
+  redis.call('UNLINK', tag .. ':mandates', tag .. ':buckets')
 end
 local function drain(index, each)
   local members = redis.call('ZRANGE', index, 0, batch - 1)

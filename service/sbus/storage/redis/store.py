@@ -97,7 +97,7 @@ CLOCK_SKEW_MS = 5_000  # how far a script's clock may be from the hashed committ
 MAX_RACES = 16  # commit retries when a written head moved under the hashes
 RACE_BACKOFF_S = 0.002  # times the attempt number, jittered: lets a hot key's writers pass
 PURGE_BATCH = 500
-RESET_BATCH = 5000
+RESET_BATCH = 5000  # keep under Lua's unpack limit (~8000 arguments)
 SHARD_FIELDS = (
     "version",
     "del",
@@ -826,7 +826,17 @@ class RedisStore:
         keys = [self.k_counters, self.k_live, self.k_all, self.k_sessions, self.k_idem_index]
         cleared, first = 0, "1"
         while True:
-            n, more = await self._eval("reset_all", keys, [self.tag, self.reset_batch, first])
+            try:
+                n, more = await self._eval("reset_all", keys, [self.tag, self.reset_batch, first])
+            except StoreUnavailable as exc:
+                if first == "1":
+                    raise
+                # Earlier batches are done: the namespace is half reset, whatever this
+                # batch did. Another reset finishes the job.
+                raise StoreUnavailable(
+                    f"reset interrupted after {cleared} shards: {exc.detail}; repeating it is safe",
+                    outcome="unknown",
+                ) from exc
             cleared += int(n)
             first = "0"
             if not int(more):

@@ -71,6 +71,7 @@ CONNECTION_ERRORS = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -225,9 +226,11 @@ class PostgresStore:
         except (*CONNECTION_ERRORS, SQLAlchemyError, asyncpg.PostgresError) as exc:
             # e.g. refused, or "the database system is starting up" wrapped by SQLAlchemy
             raise StoreUnavailable(f"cannot get a PostgreSQL connection: {exc}") from exc
+        driver: asyncpg.Connection | None = None
         try:
             raw = await sa_conn.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection
+            driver = raw.driver_connection
+            assert driver is not None
             if driver.is_in_transaction():
                 # Left open by a use that could not roll back (cancelled mid-flight):
                 # never run inside it. asyncpg tracks the server's transaction status,
@@ -247,7 +250,21 @@ class PostgresStore:
         except (asyncpg.PostgresError, SQLAlchemyError) as exc:
             log.exception("PostgreSQL error")
             raise StoreUnavailable(f"PostgreSQL error: {exc}") from exc
+        except asyncio.CancelledError:
+            # Cancelled mid-flight (the request went away): the transaction may still
+            # be open on the server, holding its row and advisory locks until this
+            # connection is next used. Close it now, synchronously, so cancellation
+            # cannot skip it; the pool opens a fresh one.
+            if driver is not None:
+                driver.terminate()
+            with contextlib.suppress(Exception):
+                await sa_conn.invalidate()
+            raise
         finally:
+            if driver is not None and not driver.is_closed() and driver.is_in_transaction():
+                driver.terminate()  # never hand a transaction to the next use
+                with contextlib.suppress(Exception):
+                    await sa_conn.invalidate()
             with contextlib.suppress(Exception):
                 await sa_conn.close()
 
@@ -919,10 +936,11 @@ class _Final(Generic[T]):
 
 
 def _dollar_quoted(text: str) -> str:
-    """``text`` as a dollar-quoted literal whose tag does not occur in it (dollar
-    quoting has no escapes, so nothing in ``text`` can end the literal early)."""
+    """``text`` as a dollar-quoted literal. Dollar quoting has no escapes: the literal
+    ends at the first occurrence of its tag, so the tag must first occur exactly where
+    it closes, not inside ``text`` nor straddling its end (text ending in ``$j``)."""
     tag = "$j$"
-    while tag in text:
+    while (text + tag).find(tag) != len(text):
         tag = f"$j{secrets.token_hex(4)}$"
     return f"{tag}{text}{tag}"
 
