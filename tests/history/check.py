@@ -200,11 +200,11 @@ def read_recency(ops: Sequence[Op]) -> list[Violation]:
     """A GET returns neither less than every version that completed before it was sent,
     nor a version whose writer had not yet been sent when the GET's answer arrived."""
     completed = _completed_writes(ops)
-    writers = {pair: by for pair, by in _writers(ops).items()}
+    writers = _writers(ops)  # a fresh dict: the unknown attempts join it below
     for op in ops:
         if op.result == "info":
             for pair in op.writes:
-                writers.setdefault(pair, []).append(op)
+                writers[pair].append(op)
     found: list[Violation] = []
     for op in _committed(ops):
         if op.op != "get":

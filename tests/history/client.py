@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import jwt
 
-from tests.history.record import History, Op, OpKind, Result
+from tests.history.record import History, Op, OpKind, Result, installed
 
 OP_KEY = "sbus_history_op"
 MIRRORED = frozenset({"commit", "multi", "rollback", "delete"})
@@ -143,7 +143,7 @@ class Recorder:
         if op.op == "get":
             self._read(op, request, status, answer)
         elif result == "ok":
-            op.writes = _installed(op, answer, response.headers.get("etag"))
+            op.writes = installed(op, answer, response.headers.get("etag"))
             if op.op == "create" and status != 201:
                 result = "fail"  # POST /admin/shard: 200 already_exists installed nothing
         if op.op == "get" and op.reads:
@@ -282,18 +282,3 @@ def _expected(request: httpx.Request, body: dict[str, Any], key: str) -> int | N
 def _jti(token: str | None) -> str | None:
     jti = _claims(token).get("jti")
     return jti if isinstance(jti, str) else None
-
-
-def _installed(op: Op, answer: dict[str, Any], etag: str | None) -> list[tuple[str, int]]:
-    """The versions an ok answer says were installed (a 204 delete says it in its ETag)."""
-    key = op.guards[0][0] if op.guards else ""
-    if op.op == "multi":
-        return [(r["key"], r["new_version"]) for r in answer.get("results", [])]
-    if op.op == "commit":
-        return [(key, answer["new_version"])]
-    if op.op == "delete":
-        tag = (etag or "").strip('"')
-        return [(key, int(tag))] if tag.isdigit() else []
-    if "version" not in answer:
-        return []
-    return [(key, answer["version"])]

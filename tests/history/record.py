@@ -190,6 +190,23 @@ class History:
         path.write_text(self.dumps())
 
 
+def installed(op: Op, answer: dict[str, Any], etag: str | None) -> list[tuple[str, int]]:
+    """The versions a 2xx answer to ``op`` (its guards set) says were installed: a
+    commit's ``new_version``, a multi commit's ``results``, a 204 delete's ``ETag``, the
+    shard a create or rollback answers."""
+    key = op.guards[0][0] if op.guards else ""
+    if op.op == "multi":
+        return [(r["key"], r["new_version"]) for r in answer.get("results", [])]
+    if op.op == "commit":
+        return [(key, answer["new_version"])]
+    if op.op == "delete":
+        tag = (etag or "").strip('"')
+        return [(key, int(tag))] if tag.isdigit() else []
+    if "version" not in answer:
+        return []
+    return [(key, answer["version"])]
+
+
 def dumps(ops: Iterable[Op]) -> str:
     out = io.StringIO()
     for op in ops:

@@ -74,7 +74,7 @@ from sbus.api.app import create_app
 from sbus.config import Settings
 from tests import backends
 from tests.history.check import assert_clean
-from tests.history.record import History, Op, OpKind, Result
+from tests.history.record import History, Op, OpKind, Result, installed
 from tests.history.verify import verify
 from tests.model.model import Model, Reply, Write
 
@@ -141,19 +141,6 @@ def untimed(value: Any, ages: dict[AgePath, float], at: AgePath = ()) -> Any:
     if isinstance(value, list | tuple):
         return [untimed(v, ages, (*at, i)) for i, v in enumerate(value)]
     return value
-
-
-def installed(op: OpKind, guards: list[tuple[str, int | None]], body: Any) -> list[tuple[str, int]]:
-    """The versions an ok answer says were installed."""
-    key, expected = guards[0]
-    if op == "multi":
-        return [(r["key"], r["new_version"]) for r in body["results"]]
-    if op == "commit":
-        return [(key, body["new_version"])]
-    if op == "delete":
-        assert expected is not None
-        return [(key, expected + 1)]
-    return [(key, body["version"])]  # create, rollback: the shard as it now is
 
 
 class LockstepMachine(RuleBasedStateMachine):
@@ -395,7 +382,7 @@ class LockstepMachine(RuleBasedStateMachine):
     ) -> None:
         """One operation into each store's history, from that store's own answer to the
         request just sent (``invoked``: the history clock when it was sent)."""
-        for kind, (status, body, _) in self.answers.items():
+        for kind, (status, body, etag) in self.answers.items():
             history = self.histories[kind]
             entry = Op(
                 index=0,
@@ -417,7 +404,7 @@ class LockstepMachine(RuleBasedStateMachine):
                 if isinstance(body, dict) and "version" in body:
                     entry.reads, result = [(body["key"], body["version"])], "ok"
             elif result == "ok":
-                entry.writes = installed(op, entry.guards, body)
+                entry.writes = installed(entry, body, etag)
             entry.result = result
             history.append(entry)
 

@@ -4,16 +4,16 @@ counters and driver-error mapping. Against the real server of the test command."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn, new_commit_id
-from sbus.core.types import CreateOp, Limits, ReadItem, WriteOp
+from sbus.core.types import CreateOp, Limits, ReadItem, Txn, WriteOp
 from sbus.storage.sql.postgres import (
     COUNTER_SLOTS,
     PostgresStore,
@@ -124,6 +124,30 @@ async def test_counters_are_split_over_slots(pg: PostgresStore, raw: asyncpg.Con
     assert (await pg.stats()).counters.total_commits == 40
 
 
+def commit(content: str, *, rationale: str | None = None, session: str = "") -> Txn:
+    """Agent A's commit of shard ``k`` from version 0."""
+    return commit_txn(
+        op="commit",
+        agent_id="A",
+        session_id=session,
+        writes=[WriteOp("k", 0, "commit", content)],
+        read_set=[],
+        rationale=rationale,
+        idem=None,
+    )
+
+
+@contextlib.contextmanager
+def apply_sends(store: PostgresStore, sql: str) -> Iterator[None]:
+    """Inside the block, ``sql`` travels with COMMIT in place of the apply call."""
+    real = store._apply_statement
+    store._apply_statement = lambda payload: sql  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        store._apply_statement = real  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize(
     "content",
     ["$j$", "x $j$); DROP TABLE sbus_shards; --", "$j$$jab$ ' '' \\ \\' ü€ \u2028", "end $"],
@@ -134,16 +158,7 @@ async def test_content_travels_intact_with_the_commit(
     """The apply call rides with COMMIT as SQL text (a dollar-quoted literal): content
     that looks like the quote tag, quotes or SQL must arrive byte for byte."""
     await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
-    txn = commit_txn(
-        op="commit",
-        agent_id="A",
-        session_id="",
-        writes=[WriteOp("k", 0, "commit", content)],
-        read_set=[],
-        rationale=content,
-        idem=None,
-    )
-    out = await pg.apply(txn)
+    out = await pg.apply(commit(content, rationale=content))
     assert out.body is not None and out.body["new_version"] == 1
     assert (await pg.read("k", None, "", False)).content == content
     assert await raw.fetchval("SELECT count(*) FROM sbus_shards") == 1
@@ -155,22 +170,9 @@ async def test_a_failing_apply_skips_the_commit(pg: PostgresStore, raw: asyncpg.
     """If the statement sent with COMMIT fails, PostgreSQL skips the COMMIT: nothing of
     the transaction lands, and the answer is not_applied."""
     await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
-    real = pg._apply_statement
-    pg._apply_statement = lambda payload: "SELECT 1/0"  # type: ignore[method-assign]
-    try:
-        txn = commit_txn(
-            op="commit",
-            agent_id="A",
-            session_id="s",
-            writes=[WriteOp("k", 0, "commit", "new")],
-            read_set=[],
-            rationale=None,
-            idem=None,
-        )
-        with pytest.raises(e.StoreUnavailable) as info:
-            await pg.apply(txn)
-    finally:
-        pg._apply_statement = real  # type: ignore[method-assign]
+    txn = commit("new", session="s")
+    with apply_sends(pg, "SELECT 1/0"), pytest.raises(e.StoreUnavailable) as info:
+        await pg.apply(txn)
     assert info.value.fields["outcome"] == "not_applied"
     assert (await pg.read("k", None, "", False)).version == 0
     assert await raw.fetchval("SELECT count(*) FROM sbus_history WHERE key = 'k'") == 1
@@ -185,22 +187,10 @@ async def test_a_connection_lost_with_the_commit_in_flight_is_unknown(pg: Postgr
     whether the COMMIT landed, so the answer must be ``unknown``, never ``not_applied``;
     the store then recovers on a fresh connection."""
     await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
-    real = pg._apply_statement
-    pg._apply_statement = lambda payload: "SELECT pg_terminate_backend(pg_backend_pid())"  # type: ignore[method-assign]
-    txn = commit_txn(
-        op="commit",
-        agent_id="A",
-        session_id="",
-        writes=[WriteOp("k", 0, "commit", "new")],
-        read_set=[],
-        rationale=None,
-        idem=None,
-    )
-    try:
-        with pytest.raises(e.StoreUnavailable) as info:
-            await pg.apply(txn)
-    finally:
-        pg._apply_statement = real  # type: ignore[method-assign]
+    txn = commit("new")
+    suicide = "SELECT pg_terminate_backend(pg_backend_pid())"
+    with apply_sends(pg, suicide), pytest.raises(e.StoreUnavailable) as info:
+        await pg.apply(txn)
     assert info.value.fields["outcome"] == "unknown"
     out = await pg.apply(txn)
     assert out.body is not None and out.body["new_version"] == 1
@@ -221,16 +211,7 @@ async def test_a_connection_returned_inside_a_transaction_is_rolled_back_first()
             await conn.execute("UPDATE sbus_shards SET content = 'stale' WHERE key = 'o'")
         # The same (only) connection again: the next commit must not run inside that
         # transaction (its COMMIT would make the stray update durable).
-        txn = commit_txn(
-            op="commit",
-            agent_id="A",
-            session_id="",
-            writes=[WriteOp("k", 0, "commit", "fresh")],
-            read_set=[],
-            rationale=None,
-            idem=None,
-        )
-        out = await store.apply(txn)
+        out = await store.apply(commit("fresh"))
         assert out.body is not None and out.body["new_version"] == 1
         async with store._conn() as conn:
             assert not conn.is_in_transaction()
@@ -257,14 +238,12 @@ async def test_a_cancelled_commit_leaves_no_open_transaction(raw: asyncpg.Connec
     await store.start()
     try:
         await store.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
-        real = store._apply_statement
-        store._apply_statement = lambda payload: "SELECT pg_sleep(1)"  # type: ignore[method-assign]
-        task = asyncio.create_task(store.apply(commit("new")))
-        await asyncio.sleep(0.4)  # BEGIN and the load (row lock on k) are done by now
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        store._apply_statement = real  # type: ignore[method-assign]
+        with apply_sends(store, "SELECT pg_sleep(1)"):
+            task = asyncio.create_task(store.apply(commit("new")))
+            await asyncio.sleep(0.4)  # BEGIN and the load (row lock on k) are done by now
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         # Another replica commits the key: it must not wait on a lock that the cancelled
         # request's connection still holds, idle in the first replica's pool.
         other = PostgresStore(backends.POSTGRES_URL, Limits(), pool_size=2)
@@ -280,15 +259,3 @@ async def test_a_cancelled_commit_leaves_no_open_transaction(raw: asyncpg.Connec
         assert stuck == 0
     finally:
         await store.close()
-
-
-def commit(content: str) -> Any:
-    return commit_txn(
-        op="commit",
-        agent_id="A",
-        session_id="",
-        writes=[WriteOp("k", 0, "commit", content)],
-        read_set=[],
-        rationale=None,
-        idem=None,
-    )
