@@ -196,9 +196,9 @@ async def test_a_connection_lost_with_the_commit_in_flight_is_unknown(pg: Postgr
     assert out.body is not None and out.body["new_version"] == 1
 
 
-async def test_a_connection_returned_inside_a_transaction_is_rolled_back_first() -> None:
-    """A use that could not roll back (a request cancelled mid-flight) may return its
-    connection to the pool inside a transaction; the next use must not run inside it."""
+async def test_a_connection_released_inside_a_transaction_is_not_reused() -> None:
+    """A use that could not roll back may release its connection inside a transaction;
+    the connection is closed instead of pooled, so no later use runs inside it."""
     await backends.require("postgres")
     await backends.wipe("postgres")
     store = PostgresStore(backends.POSTGRES_URL, Limits(), pool_size=1)

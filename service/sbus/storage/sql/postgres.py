@@ -5,8 +5,8 @@ A commit is one READ COMMITTED transaction of two server-side calls (migration 0
 read-only key FOR SHARE in ONE pass in ascending byte order, and returns the rows;
 :func:`sbus.core.rules.decide` decides in Python; ``sbus_txn_apply`` writes the effects.
 Three round trips (BEGIN, load, then apply and COMMIT in one message) whatever the size
-of the read set, so a 64-entry read set costs about what a 1-entry one does. Deadlocks (40P01) and
-serialization failures (40001) are retried up to three times, then answered 503
+of the read set, so a 64-entry read set costs about what a 1-entry one does. Deadlocks
+(40P01) and serialization failures (40001) are retried up to three times, then answered 503
 ``not_applied``; a connection lost while COMMIT was in flight is 503 ``unknown``.
 
 Counters are split over 16 slots per name (each commit adds to a random slot), so no
@@ -231,11 +231,6 @@ class PostgresStore:
             raw = await sa_conn.get_raw_connection()
             driver = raw.driver_connection
             assert driver is not None
-            if driver.is_in_transaction():
-                # Left open by a use that could not roll back (cancelled mid-flight):
-                # never run inside it. asyncpg tracks the server's transaction status,
-                # so knowing costs no round trip.
-                await driver.execute("ROLLBACK")
             yield driver
         except SBusError:
             raise
@@ -250,19 +245,13 @@ class PostgresStore:
         except (asyncpg.PostgresError, SQLAlchemyError) as exc:
             log.exception("PostgreSQL error")
             raise StoreUnavailable(f"PostgreSQL error: {exc}") from exc
-        except asyncio.CancelledError:
-            # Cancelled mid-flight (the request went away): the transaction may still
-            # be open on the server, holding its row and advisory locks until this
-            # connection is next used. Close it now, synchronously, so cancellation
-            # cannot skip it; the pool opens a fresh one.
-            if driver is not None:
-                driver.terminate()
-            with contextlib.suppress(Exception):
-                await sa_conn.invalidate()
-            raise
         finally:
             if driver is not None and not driver.is_closed() and driver.is_in_transaction():
-                driver.terminate()  # never hand a transaction to the next use
+                # A use that could not roll back (a request cancelled mid-flight): never
+                # pool its transaction and its locks for a later use. Closing the socket
+                # ends the transaction once the statement in flight finishes; asyncpg
+                # tracks the server's transaction status, so knowing costs no round trip.
+                driver.terminate()
                 with contextlib.suppress(Exception):
                     await sa_conn.invalidate()
             with contextlib.suppress(Exception):
