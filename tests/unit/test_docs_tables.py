@@ -1,0 +1,109 @@
+"""The tables in docs/ that mirror a table in the code stay identical to it.
+
+docs/errors.md is the error table clients read; the server's is the class tree of
+``sbus.core.errors`` (and ``sbus.security``) with the status map of
+``sbus.api.problems``: every code the server can emit has a row with its status, no row
+names a code the server lacks, and every row sits inside the one table. The rights table
+of docs/security.md has one row per right of ``sbus.security.rights.Right``."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import sbus.api.app  # noqa: F401  (imports every module that defines an error class)
+from sbus.api.problems import status_of
+from sbus.core import errors as e
+from sbus.security.rights import Right
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ERRORS_MD = DOCS / "errors.md"
+HEADER = "| status | `error` | when | extra fields |"
+
+# Codes of classes that are never sent as such: the roots of the tree, and the key
+# configuration error, which refuses startup instead of answering a request.
+NOT_EMITTED = {"SBusError", "BadRequest", "StateError", "KeyConfigError"}
+
+
+def _subclasses(root: type[e.SBusError]) -> list[type[e.SBusError]]:
+    found: list[type[e.SBusError]] = []
+    for cls in root.__subclasses__():
+        found.append(cls)
+        found.extend(_subclasses(cls))
+    return found
+
+
+def server_table() -> dict[str, set[int]]:
+    """code -> the statuses the server answers it with."""
+    table: dict[str, set[int]] = defaultdict(set)
+    classes: list[type[e.SBusError]] = [e.SBusError, *_subclasses(e.SBusError)]
+    for cls in classes:
+        if cls.code in NOT_EMITTED:
+            continue
+        # status_of only looks at the type; __new__ skips each class's own __init__.
+        table[cls.code].add(status_of(cls.__new__(cls)))
+    return dict(table)
+
+
+def table_lines(text: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(HEADER)
+    end = start + 2
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return lines[start + 2 : end]
+
+
+def docs_table() -> dict[str, set[int]]:
+    table: dict[str, set[int]] = defaultdict(set)
+    for line in table_lines(ERRORS_MD.read_text(encoding="utf-8")):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        codes = re.findall(r"`([A-Za-z]+)`", cells[1])
+        assert codes, f"row names no code: {line}"
+        for code in codes:
+            table[code].add(int(cells[0]))
+    return dict(table)
+
+
+def test_every_server_code_is_documented_with_its_status() -> None:
+    server, docs = server_table(), docs_table()
+    missing = {code: statuses for code, statuses in server.items() if code not in docs}
+    assert missing == {}, f"codes without a row in docs/errors.md: {missing}"
+    wrong = {code: (docs[code], server[code]) for code in server if docs[code] != server[code]}
+    assert wrong == {}, f"docs/errors.md status != server status (docs, server): {wrong}"
+
+
+def test_no_row_names_an_unknown_code() -> None:
+    unknown = set(docs_table()) - set(server_table())
+    assert unknown == set(), f"docs/errors.md rows for codes the server lacks: {unknown}"
+
+
+def test_every_row_is_inside_the_table() -> None:
+    text = ERRORS_MD.read_text(encoding="utf-8")
+    inside = set(table_lines(text))
+    outside = [line for line in text.splitlines() if line.startswith("|") and line not in inside]
+    assert outside == [HEADER, "|---|---|---|---|"]
+
+
+def test_the_server_table_is_what_the_code_says() -> None:
+    """Guard the walk itself: a few known codes with their statuses."""
+    server = server_table()
+    assert server["CrossShardStale"] == {409}
+    assert server["MandateHolderMismatch"] == {403}
+    assert server["Unauthorized"] == {401}
+    assert server["SigningUnavailable"] == {503}
+    assert server["ValidationError"] == {422}
+    assert "BadRequest" not in server
+
+
+def test_security_rights_table_lists_every_right() -> None:
+    lines = (DOCS / "security.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| right | routes |")
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.strip("|").split("|")[0].strip())
+    named = {row.split()[0] for row in rows if row != "any valid token"}
+    assert named == {right.value for right in Right}
