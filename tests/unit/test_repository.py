@@ -1,0 +1,30 @@
+"""The repository itself: the licence the package declares is the one shipped, and the
+private keys the README has users write are never committed by accident."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_license_file_is_the_declared_apache_2() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    assert declared == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text.splitlines()[1]
+    assert "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert "APPENDIX: How to apply the Apache License to your work." in text
+
+
+def test_private_key_files_are_ignored_by_git() -> None:
+    for name in ("sbus-key.pem", "keys/other.pem"):
+        done = subprocess.run(
+            ["git", "check-ignore", "--no-index", "-q", name], cwd=ROOT, check=False
+        )
+        assert done.returncode == 0, f"{name} is not ignored"
+    done = subprocess.run(["git", "check-ignore", "-q", "README.md"], cwd=ROOT, check=False)
+    assert done.returncode == 1
