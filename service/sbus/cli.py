@@ -61,6 +61,8 @@ def serve(
     """Run the bus (defaults: 127.0.0.1:7000 on sqlite:///./sbus.db)."""
     import uvicorn
 
+    from sbus.storage.factory import redact_url
+
     overrides = {"host": host, "port": port, "workers": workers, "store": store}
     for name, value in overrides.items():
         if value is not None:
@@ -85,7 +87,7 @@ def serve(
         # /admin/health answers ready only when every worker has its store (readiness.py).
         os.environ["SBUS_READY_DIR"] = ready_dir
     typer.echo(
-        f"sbus {__version__}: {settings.auth_mode} mode, store {settings.store}, "
+        f"sbus {__version__}: {settings.auth_mode} mode, store {redact_url(settings.store)}, "
         f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
         err=True,
     )
@@ -112,7 +114,7 @@ def migrate(
     """Upgrade the store's schema to the newest migration."""
     import asyncio
 
-    from sbus.storage.factory import open_store
+    from sbus.storage.factory import open_store, redact_url
 
     settings = Settings() if store is None else Settings(store=store)
     target = open_store(settings.store, settings.store_limits(), settings.namespace)
@@ -126,7 +128,7 @@ def migrate(
         await target.close()
 
     asyncio.run(run())
-    typer.echo(f"sbus: schema of {settings.store} is at the newest revision", err=True)
+    typer.echo(f"sbus: schema of {redact_url(settings.store)} is at the newest revision", err=True)
 
 
 @app.command()

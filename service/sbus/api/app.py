@@ -18,6 +18,7 @@ from sbus.api.auth import Authenticator
 from sbus.api.middleware import Gate
 from sbus.api.readiness import WorkerReadiness
 from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
+from sbus.api.routers.stats import public_reason
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
@@ -50,6 +51,7 @@ async def _connect(app: FastAPI, store: Store) -> None:
             await store.start()
         except StoreUnavailable as exc:
             app.state.not_ready_reason = exc.detail
+            app.state.not_ready_public = public_reason(exc)
             log.warning("store not ready (%s); retrying in %.1fs", exc.detail, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -111,7 +113,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     rate = RateLimit.parse(settings.rate_limit) if settings.auth_mode == "token" else None
     app.state.bus = Bus(store, settings.engine_limits(), rate=rate)
     app.state.ready = False
-    app.state.not_ready_reason = "store not connected yet"
+    app.state.not_ready_reason = app.state.not_ready_public = "store not connected yet"
     app.state.readiness = WorkerReadiness(settings.ready_dir, settings.worker_count())
     app.state.metrics = Metrics()
     app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None

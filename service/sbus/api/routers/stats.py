@@ -8,9 +8,23 @@ from starlette.responses import Response
 from sbus.api.deps import BusDep
 from sbus.api.render import json_response
 from sbus.api.schemas import HealthOut, StatsOut
-from sbus.core.errors import StoreUnavailable
+from sbus.core.errors import StoreMisconfigured, StoreUnavailable
 
 router = APIRouter(tags=["observability"])
+
+
+def public_reason(exc: StoreUnavailable) -> str:
+    """What an unauthenticated caller of /admin/health in token mode may learn: the
+    driver's detail names the store's host and port, so only the kind of failure."""
+    if isinstance(exc, StoreMisconfigured):
+        return "store misconfigured (the server log says how)"
+    return "store unreachable"
+
+
+def _not_ready(request: Request, detail: str, public: str) -> Response:
+    token_mode = request.app.state.settings.auth_mode == "token"
+    reason = public if token_mode else detail
+    return json_response({"status": "not_ready", "reason": reason}, status=503)
 
 
 @router.get("/stats", response_model=StatsOut, summary="Counters (compat fields plus backend)")
@@ -64,16 +78,16 @@ async def livez() -> Response:
     summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready",
 )
 async def health(request: Request, bus: BusDep) -> Response:
-    if not request.app.state.ready:
-        reason = request.app.state.not_ready_reason or "store not connected yet"
-        return json_response({"status": "not_ready", "reason": reason}, status=503)
+    state = request.app.state
+    if not state.ready:
+        return _not_ready(request, state.not_ready_reason, state.not_ready_public)
     waiting = request.app.state.readiness.waiting_for()
     if waiting is not None:
         return json_response({"status": "not_ready", "reason": waiting}, status=503)
     try:
         s = await bus.store.stats()
     except StoreUnavailable as exc:
-        return json_response({"status": "not_ready", "reason": exc.detail}, status=503)
+        return _not_ready(request, exc.detail, public_reason(exc))
     return json_response(
         {
             "status": "ok",

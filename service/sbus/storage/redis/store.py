@@ -89,6 +89,7 @@ from sbus.core.types import (
     Txn,
     WriteOp,
 )
+from sbus.storage.factory import redact_url
 from sbus.storage.redis.scripts import SCRIPTS, Script
 
 log = logging.getLogger("sbus.redis")
@@ -204,7 +205,7 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             await client.aclose()
             await pool.disconnect()
-            raise StoreUnavailable(f"cannot reach Redis at {self._safe_url()}: {exc}") from exc
+            raise StoreUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {exc}") from exc
         if problem is not None:
             await client.aclose()
             await pool.disconnect()
@@ -246,12 +247,6 @@ class RedisStore:
         for script in SCRIPTS.values():
             await client.script_load(script.source)
         return None
-
-    def _safe_url(self) -> str:
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
 
     async def close(self) -> None:
         client, pool = self._client, self._pool
