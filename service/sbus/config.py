@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     allow_insecure: bool = False
     admin_enabled: bool = False
     cors_origins: str = ""
+    allowed_hosts: str = ""
     session_ttl: int = Field(3600, ge=0)
     max_delta: int = Field(262_144, ge=0)
     max_body: int = Field(1_048_576, ge=1)

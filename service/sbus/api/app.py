@@ -10,11 +10,11 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from sbus import __version__
 from sbus.api import openapi, problems
 from sbus.api.auth import Authenticator
+from sbus.api.browser import Cors, OriginPolicy, listed
 from sbus.api.middleware import Gate
 from sbus.api.readiness import WorkerReadiness
 from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
@@ -129,22 +129,24 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     problems.install(app)
     for module in (shards, commits, sessions, mandates, admin, stats):
         app.include_router(module.router)
+    openapi.install(app)
+    # Each add_middleware wraps the ones before: Timing(Cors(Gate(app))). Timing sees every
+    # response; CORS runs outside the gate, so a preflight needs no token and the gate's
+    # rejections carry CORS headers too.
+    app.add_middleware(
+        Gate,
+        max_body=settings.max_body,
+        origins=None if token_mode else OriginPolicy.from_settings(settings),
+        is_ready=lambda: bool(app.state.ready),
+        authenticator=authenticator,
+    )
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
-            allow_origins=[o.strip() for o in settings.cors_origins.split(",") if o.strip()],
+            Cors,
+            allow_origins=listed(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],
             expose_headers=["ETag", "Idempotent-Replayed", "Retry-After"],
         )
-    openapi.install(app)
-    # Outermost first: Timing sees every response, including the gate's rejections.
-    app.add_middleware(
-        Gate,
-        max_body=settings.max_body,
-        check_host=not token_mode,
-        is_ready=lambda: bool(app.state.ready),
-        authenticator=authenticator,
-    )
     app.add_middleware(Timing, metrics=app.state.metrics)
     return app

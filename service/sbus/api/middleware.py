@@ -1,11 +1,12 @@
 """Pure-ASGI gate for SPEC section 4 steps 1-3 that run before any body is parsed:
-authentication (the open-mode Host check, or the bearer token in token mode, see
-``sbus.api.auth``), the store-readiness gate, the body-size cap and the
+authentication (open mode's Host and Origin checks, or the bearer token in token mode,
+see ``sbus.api.auth``), the store-readiness gate, the body-size cap and the
 ``Content-Type: application/json`` requirement on every POST and DELETE.
 
-The Host and Content-Type rules are what stop a web page in a developer's browser
-from driving a loopback bus: a cross-site form or ``fetch`` without CORS cannot send
-``application/json``, and DNS rebinding arrives with a foreign Host header.
+The Host, Origin and Content-Type rules are what stop a web page in a developer's
+browser from driving a loopback bus (``sbus.api.browser``): DNS rebinding arrives with a
+foreign Host header, a page's requests carry ``Sec-Fetch-Site`` or a foreign ``Origin``,
+and a cross-site form or ``fetch`` without CORS cannot send ``application/json``.
 """
 
 from __future__ import annotations
@@ -17,21 +18,13 @@ from urllib.parse import unquote_to_bytes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
+from sbus.api.browser import OriginPolicy
 from sbus.api.problems import problem_response
 from sbus.core import errors as e
 from sbus.security import TokenInvalid
 
-ALLOWED_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 # Routes that answer while the store is still connecting.
 UNGATED = frozenset({"/livez", "/admin/health", "/metrics", "/openapi.json", "/docs"})
-
-
-def host_name(raw: str) -> str:
-    raw = raw.strip().lower()
-    if raw.startswith("["):
-        end = raw.find("]")
-        return raw[: end + 1] if end > 0 else raw
-    return raw.rsplit(":", 1)[0] if raw.count(":") == 1 else raw
 
 
 def query_problem(raw: bytes) -> str | None:
@@ -50,13 +43,14 @@ class Gate:
         app: ASGIApp,
         *,
         max_body: int,
-        check_host: bool,
+        origins: OriginPolicy | None,
         is_ready: Callable[[], bool],
         authenticator: Authenticator,
     ) -> None:
         self.app = app
         self.max_body = max_body
-        self.check_host = check_host
+        # Open mode's browser checks; None in token mode, where a page holds no token.
+        self.origins = origins
         self.is_ready = is_ready
         self.authenticator = authenticator
 
@@ -89,12 +83,10 @@ class Gate:
         headers: dict[bytes, bytes] = {}
         for name, value in scope["headers"]:
             headers.setdefault(name, value)
-        if self.check_host:
-            host = host_name(headers.get(b"host", b"").decode("latin-1"))
-            if host not in ALLOWED_HOSTS:
-                return e.HostNotAllowed(
-                    f"Host {host!r} is not allowed in open mode; use localhost or 127.0.0.1"
-                )
+        if self.origins is not None:
+            refused = self.origins.problem(scope["headers"])
+            if refused is not None:
+                return refused
         if scope.get("query_string"):
             problem = query_problem(scope["query_string"])
             if problem:

@@ -17,7 +17,7 @@ from sbus.core.keys import MAX_KEY_LENGTH
 DESCRIPTIONS = {
     400: "Malformed request (JSON, If-Match, identity)",
     401: "Missing, invalid, expired or revoked bearer token (token mode)",
-    403: "Forbidden (Host, identity, capability, admin, mandate)",
+    403: "Forbidden (Host, cross-site page, identity, capability, admin, mandate)",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",

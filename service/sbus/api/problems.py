@@ -41,6 +41,7 @@ STATUS: dict[type[e.SBusError], int] = {
     e.AgentMismatch: 403,
     e.AdminDisabled: 403,
     e.HostNotAllowed: 403,
+    e.CrossSiteRequest: 403,
     e.CapabilityDenied: 403,
     e.MandateRequired: 403,
     MandateHolderMismatch: 403,

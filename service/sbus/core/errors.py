@@ -11,7 +11,7 @@ statuses; everything below the API raises these classes and nothing else.
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
     │   ├── DeltaTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
     │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
-    │   └── HostNotAllowed, AgentMismatch, AdminDisabled, CapabilityDenied
+    │   └── HostNotAllowed, CrossSiteRequest, AgentMismatch, AdminDisabled, CapabilityDenied
     ├── StateError              the store's state refuses the request
     │   ├── ShardNotFound, ShardDeleted, ShardAlreadyExists, VersionNotFound
     │   ├── VersionMismatch, CrossShardStale, SessionExpired
@@ -127,6 +127,11 @@ class MethodNotAllowed(RequestError):
 class HostNotAllowed(RequestError):
     code = "HostNotAllowed"
     title = "Host header not allowed in open mode"
+
+
+class CrossSiteRequest(RequestError):
+    code = "CrossSiteRequest"
+    title = "Request from a web page of another site refused"
 
 
 class AgentMismatch(RequestError):
