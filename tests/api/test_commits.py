@@ -746,6 +746,40 @@ async def test_rollback_stale_read_set(client: httpx.AsyncClient) -> None:
     problem(r, 409, "CrossShardStale")
 
 
+async def test_rollback_without_expected_version_checks_its_own_read(
+    client: httpx.AsyncClient,
+) -> None:
+    """Without an expected version nothing guards the rolled-back key but its caller's
+    read of it: a stale DL entry (or read_set entry) for that key is 409 like any read."""
+    await create(client, "k", "c0")
+    await read(client, "k", agent="a")
+    await committed(client, "k", 0, "c1", agent="b")
+    r = await client.post("/rollback", json={"key": "k", "target_version": 0, "agent_id": "a"})
+    body = problem(r, 409, "CrossShardStale")
+    assert (body["key"], body["version_at_read"], body["current_version"]) == ("k", 0, 1)
+    assert body["stale_keys"] == [{"key": "k", "version_at_read": 0, "current_version": 1}]
+    shard = await read(client, "k")
+    assert (shard["version"], shard["content"], shard["attempt_count"]) == (1, "c1", 1)
+    assert (await stats(client))["cross_shard_stale"] == 1
+    rs = [{"key": "k", "version_at_read": 0}]
+    r = await client.post(
+        "/rollback", json={"key": "k", "target_version": 0, "agent_id": "z", "read_set": rs}
+    )
+    problem(r, 409, "CrossShardStale")
+    # With an expected version the guard decides, as for a commit.
+    r = await client.post(
+        "/rollback",
+        json={"key": "k", "target_version": 0, "agent_id": "a", "expected_version": 1},
+    )
+    assert (ok(r)["version"], ok(r)["content"]) == (2, "c0")
+    # A session that never read the key: nothing to check, the rollback applies.
+    r = await client.post(
+        "/rollback", json={"key": "k", "target_version": 1, "agent_id": "a", "session_id": "s2"}
+    )
+    assert (ok(r)["version"], ok(r)["content"]) == (3, "c1")
+    assert await dl_entries(client, "a") == {"k": 2}
+
+
 async def test_rollback_requires_agent(client: httpx.AsyncClient) -> None:
     await _three_versions(client)
     r = await client.post("/rollback", json={"key": "k", "target_version": 0})

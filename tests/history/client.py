@@ -107,7 +107,9 @@ class Recorder:
             return
         op.guards = [(k, _expected(request, body, k)) for k in keys]
         if kind != "create" and agent is not None:
-            written = set(keys)
+            # Only the written keys an expected version guards leave the read set (an
+            # unconditional rollback rests on its caller's read of its own key).
+            written = {k for k, guard in op.guards if guard is not None}
             with self._lock:
                 mirror = dict(self._mirrors.get((agent, session), {}))
             pairs = {(k, v) for k, v in mirror.items() if k not in written}

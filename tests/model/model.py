@@ -222,8 +222,10 @@ class Model:
     def effective_read_set(
         self, agent: str, session: str, writes: list[Write], read_set: list[tuple[str, int]]
     ) -> list[tuple[str, int]]:
-        """Explicit entries plus live DL entries, written keys excluded, sorted."""
-        written = {w.key for w in writes}
+        """Explicit entries plus live DL entries, sorted, without the written keys that
+        an expected version guards: an unconditional rollback rests on its caller's read
+        of the key it rolls back like on any other read."""
+        written = {w.key for w in writes if w.expected is not None}
         pairs = set(read_set)
         if self.session_state(agent, session) == "live":
             pairs |= set(self.live_entries(agent, session).items())

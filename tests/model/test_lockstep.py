@@ -361,10 +361,16 @@ class LockstepMachine(RuleBasedStateMachine):
             assert self.current(key) > versions.get(key, -1)
 
     def snapshot(
-        self, agent: str, session: str, written: list[str], rs: list[tuple[str, int]]
+        self,
+        agent: str,
+        session: str,
+        written: list[str],
+        rs: list[tuple[str, int]],
+        expected: int | None = 0,
     ) -> tuple[dict[str, int], list[tuple[str, int]]]:
-        """Versions and the effective read set before a commit, for check_admission."""
-        ops = [Write(k, 0, "commit") for k in written]
+        """Versions and the effective read set before a commit, for check_admission
+        (``expected`` None: the writes are unguarded, as an unconditional rollback)."""
+        ops = [Write(k, expected, "commit") for k in written]
         effective = self.model.effective_read_set(agent, session, ops, rs)
         return {k: s.version for k, s in self.model.shards.items()}, effective
 
@@ -550,7 +556,7 @@ class LockstepMachine(RuleBasedStateMachine):
             body["expected_version"] = expected
         if rs is not None:
             body["read_set"] = [{"key": k, "version_at_read": v} for k, v in rs]
-        before = self.snapshot(agent, session, [key], rs or [])
+        before = self.snapshot(agent, session, [key], rs or [], expected)
         invoked, ori = self.clock(), self.model.ori
         got = self.call("POST", "/rollback", body=body)
         self.record(

@@ -10,7 +10,7 @@ check this code against an independent model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from sbus.core.chain import GENESIS, content_id, entry_hash
@@ -117,12 +117,16 @@ def decide(
     written for speed: no sorting or copying of one-element collections."""
     fx = Effects()
     writes = txn.writes
+    # ``guarded``: the written keys an expected version guards (see 9c).
+    guarded: Collection[str]
     if len(writes) == 1:
         by_key = {writes[0].key: writes[0]}
         written: list[str] = [writes[0].key]
+        guarded = by_key if writes[0].expected_version is not None else ()
     else:
         by_key = {w.key: w for w in writes}
         written = sorted(by_key)
+        guarded = {w.key for w in writes if w.expected_version is not None}
 
     # 9a. mandates. The engine verified signature, holder, scope and context before
     # the store; expiry is re-checked here on the store clock, and consumption is
@@ -156,13 +160,15 @@ def decide(
         )
         return fx
 
-    # 9c. effective read set: explicit entries plus live DL entries, written keys
-    # excluded; a key in both is checked at both versions.
-    checks = [(r.key, r.version_at_read) for r in txn.read_set if r.key not in by_key]
+    # 9c. effective read set: explicit entries plus live DL entries; a key in both is
+    # checked at both versions. A key written with an expected version is excluded (9f's
+    # guard checks it); a rollback without one is not, or a stale read of the very key
+    # it rolls back would let it overwrite versions its caller never saw.
+    checks = [(r.key, r.version_at_read) for r in txn.read_set if r.key not in guarded]
     if state == "live":
         cutoff = now_ms - ttl_ms if ttl_ms > 0 else None
         for key, entry in session.entries.items():
-            if key not in by_key and (cutoff is None or entry.served_ms > cutoff):
+            if key not in guarded and (cutoff is None or entry.served_ms > cutoff):
                 checks.append((key, entry.version))
     stale: list[dict[str, Any]] = []
     if checks:

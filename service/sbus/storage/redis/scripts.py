@@ -308,9 +308,10 @@ local function shard(key, skey)
   end
   return r
 end
-local written = {}
+-- guarded: the written keys an expected version guards (rules.decide, 9c)
+local guarded = {}
 for i = 1, nw do
-  written[W[i].k] = true
+  if W[i].exp ~= nil then guarded[W[i].k] = true end
   shard(W[i].k, KEYS[7 + 2 * i])
 end
 
@@ -351,13 +352,14 @@ local state = session_state(DLT, DLV, now, P.ttl)
 if state == 'expired' then return reject('SessionExpired', 'reason', 'ttl') end
 if state == 'overflowed' then return reject('SessionExpired', 'reason', 'overflow') end
 
--- 9c. effective read set: explicit entries plus live DL entries, written keys
--- excluded; a key in both is checked at both versions.
+-- 9c. effective read set: explicit entries plus live DL entries, guarded written keys
+-- excluded (a rollback without an expected version is checked like any read); a key
+-- in both is checked at both versions.
 local checks = {}
 local nr = #P.reads
 for j = 1, nr do
   local e = P.reads[j]
-  if not written[e[1]] then
+  if not guarded[e[1]] then
     checks[#checks + 1] = {e[1], e[2], KEYS[8 + 2 * nw + j]}
   end
 end
@@ -366,7 +368,7 @@ if state == 'live' then
   if #keys > 0 then
     local versions = redis.call('HMGET', DLV, unpack(keys))
     for j, k in ipairs(keys) do
-      if not written[k] then checks[#checks + 1] = {k, tonumber(versions[j])} end
+      if not guarded[k] then checks[#checks + 1] = {k, tonumber(versions[j])} end
     end
   end
 end
