@@ -3,7 +3,9 @@ and the open-mode Host check (SPEC sections 2, 4 step 1 and 6)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import Any
 
 import httpx
@@ -71,6 +73,48 @@ async def test_advance_clock_needs_test_hooks(make_client: AppFactory) -> None:
 @pytest.mark.parametrize("ms", [-1, 2**53, 1.5, "10", None])
 async def test_advance_clock_bad_ms(client: httpx.AsyncClient, ms: object) -> None:
     problem(await client.post("/admin/test/advance-clock", json={"ms": ms}), 422, "ValidationError")
+
+
+TEN_YEARS_MS = 10 * 365 * 86_400_000
+
+
+async def advance(c: httpx.AsyncClient, ms: int) -> httpx.Response:
+    return await c.post("/admin/test/advance-clock", json={"ms": ms})
+
+
+async def test_advance_clock_offset_is_capped(client: httpx.AsyncClient) -> None:
+    """The test offset adds up to ten years at most (past year 9999 the store could no
+    longer be written); an advance past the cap is 422 and moves nothing."""
+    await create(client, "k")
+    assert ok(await advance(client, TEN_YEARS_MS - 1000))["offset_ms"] == TEN_YEARS_MS - 1000
+    for ms in (1001, 2**53 - 1):
+        body = problem(await advance(client, ms), 422, "ValidationError")
+        assert body["errors"][0]["loc"] == ["body", "ms"]
+        assert (body["offset_ms"], body["max_offset_ms"]) == (TEN_YEARS_MS - 1000, TEN_YEARS_MS)
+    assert ok(await advance(client, 0))["offset_ms"] == TEN_YEARS_MS - 1000
+    # exactly at the cap the store still takes writes
+    assert ok(await advance(client, 1000))["offset_ms"] == TEN_YEARS_MS
+    await committed(client, "k", 0, "v1")
+    assert (await read(client, "k"))["updated_at"] > "2035"
+
+
+async def test_concurrent_advances_cannot_pass_the_cap_together(
+    client: httpx.AsyncClient,
+) -> None:
+    half = TEN_YEARS_MS // 2 + 1
+    answers = await asyncio.gather(advance(client, half), advance(client, half))
+    assert sorted(r.status_code for r in answers) == [200, 422], [r.text for r in answers]
+    assert ok(await advance(client, 0))["offset_ms"] == half
+
+
+async def test_reset_sets_the_clock_offset_back(client: httpx.AsyncClient) -> None:
+    ok(await client.post("/admin/config", json={"ori_enabled": False}))
+    ok(await advance(client, TEN_YEARS_MS))
+    ok(await client.post("/admin/reset"))
+    body = ok(await advance(client, 0))
+    assert body["offset_ms"] == 0
+    assert abs(body["now_ms"] - time.time() * 1000) < 3_600_000
+    assert (await stats(client))["ori_enabled"] is False  # kept, as before
 
 
 # -- health, livez, stats, metrics ----------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections import deque
 from typing import Any
 
 from sbus.core import rules
-from sbus.core.clock import wall_ms
+from sbus.core.clock import advanced_offset, wall_ms
 from sbus.core.errors import (
     IdempotencyKeyReused,
     ShardAlreadyExists,
@@ -72,7 +72,7 @@ class MemoryStore:
         return self._now()
 
     async def advance_clock(self, ms: int) -> int:
-        self._offset_ms += ms
+        self._offset_ms = advanced_offset(self._offset_ms, ms)
         return self._offset_ms
 
     # shards --------------------------------------------------------------------
@@ -365,4 +365,5 @@ class MemoryStore:
         self._idem.clear()
         self._consumed.clear()  # revocations survive a reset (SPEC section 2)
         self._buckets.clear()
+        self._offset_ms = 0
         return cleared

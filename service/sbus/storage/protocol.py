@@ -46,7 +46,9 @@ class Store(Protocol):
         """The store clock: backend time plus the test offset."""
 
     async def advance_clock(self, ms: int) -> int:
-        """Move the test offset forward by ``ms``; returns the new offset."""
+        """Move the test offset forward by ``ms``; returns the new offset. Checked and
+        moved in one atomic step: raises ValidationFailed, moving nothing, when the offset
+        would pass :data:`sbus.core.clock.MAX_OFFSET_MS`."""
 
     async def create(self, op: CreateOp) -> Outcome:
         """Create ``op.key`` at version 0, or at tombstone + 1 over a tombstone, with its
@@ -109,7 +111,8 @@ class Store(Protocol):
 
     async def reset_all(self) -> int:
         """Delete every shard, tombstone, history entry, DL session, counter and
-        idempotency record; keep ``ori_enabled``. Returns the number of shards removed."""
+        idempotency record, and set the test clock offset back to 0; keep
+        ``ori_enabled`` and revocations. Returns the number of shards removed."""
 
     async def dump_delivery_log(
         self, after: str | None, limit: int

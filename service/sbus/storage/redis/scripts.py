@@ -511,19 +511,20 @@ return {gone, #members == tonumber(ARGV[5]) and members[#members] or ''}
 
 # ---------------------------------------------------------------------------------
 # reset_all: every shard, tombstone, history, DL session, counter and idempotency
-# record; keeps the meta hash (ori_enabled and the clock offset). One call clears at most
+# record, and the test clock offset; keeps ori_enabled in the meta hash. One call clears at most
 # ARGV[2] entries of each index, so a large namespace is cleared in several calls (one
 # script must not block Redis for long); the counters go with the last call.
-# KEYS: counters, live index, all-shards index, sessions index, idem index.
+# KEYS: counters, live index, all-shards index, sessions index, idem index, meta.
 # ARGV: tag prefix, batch size, "1" on the first call.
 # Returns {shards cleared by this call, 1 if any index still has entries}.
 RESET_ALL = r"""
-local COUNTERS, LIVE, ALL, SESSIONS, IIDX = unpack(KEYS)
+local COUNTERS, LIVE, ALL, SESSIONS, IIDX, META = unpack(KEYS)
 local tag, batch = ARGV[1], tonumber(ARGV[2])
 if ARGV[3] == '1' then
   -- consumed mandates and rate buckets go (UNLINK frees large hashes in the
-  -- background); revocations (':rv:') stay
+  -- background); revocations (':rv:') stay, and so does ori_enabled
   redis.call('UNLINK', tag .. ':mandates', tag .. ':buckets')
+  redis.call('HDEL', META, 'offset')
 end
 local function drain(index, each)
   local members = redis.call('ZRANGE', index, 0, batch - 1)
@@ -544,8 +545,13 @@ return {#shards, 1}
 
 # ---------------------------------------------------------------------------------
 # Small state changes.  KEYS: meta.
+# ARGV: ms, the cap (clock.MAX_OFFSET_MS). Checked and moved in one script, so two
+# concurrent advances cannot together pass the cap. Returns {'OK', offset} or
+# {'ERR', offset} (over the cap: nothing moved).
 ADVANCE_CLOCK = r"""
-return redis.call('HINCRBY', KEYS[1], 'offset', ARGV[1])
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+if offset + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {'ERR', offset} end
+return {'OK', redis.call('HINCRBY', KEYS[1], 'offset', ARGV[1])}
 """
 
 SET_ORI = r"""

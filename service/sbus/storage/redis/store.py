@@ -55,7 +55,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from sbus.core import rules
 from sbus.core.chain import GENESIS, content_id, entry_hash
-from sbus.core.clock import rfc3339
+from sbus.core.clock import MAX_OFFSET_MS, offset_refused, rfc3339
 from sbus.core.errors import (
     CrossShardStale,
     IdempotencyKeyReused,
@@ -325,7 +325,10 @@ class RedisStore:
         return int(await self._eval("now", [self.k_meta], []))
 
     async def advance_clock(self, ms: int) -> int:
-        return int(await self._eval("advance_clock", [self.k_meta], [ms]))
+        tag, offset = await self._eval("advance_clock", [self.k_meta], [ms, MAX_OFFSET_MS])
+        if tag == "ERR":
+            raise offset_refused(int(offset), ms)
+        return int(offset)
 
     async def set_ori(self, enabled: bool) -> None:
         await self._eval("set_ori", [self.k_meta], [1 if enabled else 0])
@@ -818,7 +821,14 @@ class RedisStore:
         each: one script over a million shards would block Redis (and outlive the
         client's timeout). A namespace within one batch is cleared atomically; a larger
         one is not atomic with concurrent writes (stop traffic before an /admin/reset)."""
-        keys = [self.k_counters, self.k_live, self.k_all, self.k_sessions, self.k_idem_index]
+        keys = [
+            self.k_counters,
+            self.k_live,
+            self.k_all,
+            self.k_sessions,
+            self.k_idem_index,
+            self.k_meta,
+        ]
         cleared, first = 0, "1"
         while True:
             try:

@@ -32,6 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sbus.core import rules
+from sbus.core.clock import advanced_offset
 from sbus.core.errors import (
     IdempotencyKeyReused,
     SBusError,
@@ -321,12 +322,15 @@ class PostgresStore:
 
     async def advance_clock(self, ms: int) -> int:
         async def body(conn: asyncpg.Connection) -> int:
-            value: int = await conn.fetchval(
-                "UPDATE sbus_meta SET value = value + $1 WHERE name = 'clock_offset_ms' "
-                "RETURNING value",
-                ms,
+            # The row lock serializes concurrent advances, on every replica.
+            current: int = await conn.fetchval(
+                "SELECT value FROM sbus_meta WHERE name = 'clock_offset_ms' FOR UPDATE"
             )
-            return value
+            offset = advanced_offset(current, ms)
+            await conn.execute(
+                "UPDATE sbus_meta SET value = $1 WHERE name = 'clock_offset_ms'", offset
+            )
+            return offset
 
         return await self._run(body)
 
@@ -898,6 +902,7 @@ class PostgresStore:
                 "TRUNCATE sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, "
                 "sbus_counters, sbus_idempotency, sbus_consumed_mandates, sbus_rate_buckets"
             )
+            await conn.execute("UPDATE sbus_meta SET value = 0 WHERE name = 'clock_offset_ms'")
             return cleared
 
         return await self._run(body)

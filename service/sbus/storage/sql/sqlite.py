@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.exc import SQLAlchemyError
 
 from sbus.core import rules
-from sbus.core.clock import wall_ms
+from sbus.core.clock import advanced_offset, wall_ms
 from sbus.core.errors import (
     IdempotencyKeyReused,
     ShardAlreadyExists,
@@ -222,10 +222,12 @@ class SQLiteStore:
 
     async def advance_clock(self, ms: int) -> int:
         def op(conn: Db) -> int:
+            # Checked and written under BEGIN IMMEDIATE: advances are serialized.
+            offset = advanced_offset(self._meta(conn)[1], ms)
             conn.exec_driver_sql(
-                "UPDATE sbus_meta SET value = value + ? WHERE name = 'clock_offset_ms'", (ms,)
+                "UPDATE sbus_meta SET value = ? WHERE name = 'clock_offset_ms'", (offset,)
             )
-            return self._meta(conn)[1]
+            return offset
 
         result: int = await self._call(op)
         return result
@@ -799,6 +801,7 @@ class SQLiteStore:
                 "sbus_rate_buckets",
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
+            conn.exec_driver_sql("UPDATE sbus_meta SET value = 0 WHERE name = 'clock_offset_ms'")
             return cleared
 
         result: int = await self._call(run)
