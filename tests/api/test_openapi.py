@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus.api.app import create_app
+from sbus.config import Settings
 from tests.api.helpers import ok
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
@@ -100,3 +102,162 @@ async def test_no_http_validation_error_schema(document: dict[str, Any]) -> None
 
 async def test_document_is_stable(client: httpx.AsyncClient, document: dict[str, Any]) -> None:
     assert ok(await client.get("/openapi.json")) == document
+
+
+# -- what the handlers read and set outside their signatures --------------------------
+
+AGENT_HEADERS = {"X-Agent-Id", "X-SBus-Agent-Id"}
+COMMIT_HEADERS = AGENT_HEADERS | {"X-SBus-Session-Id", "Idempotency-Key"}
+EXPECTED_HEADERS = {
+    ("post", "/shard"): AGENT_HEADERS | {"Idempotency-Key"},
+    ("get", "/shard/{key}"): AGENT_HEADERS | {"X-SBus-Session-Id"},
+    ("delete", "/shard/{key}"): COMMIT_HEADERS
+    | {"If-Match", "X-SBus-Mandate", "X-SBus-Mandate-Context"},
+    ("post", "/commit"): COMMIT_HEADERS | {"If-Match"},
+    ("post", "/commit/v2"): COMMIT_HEADERS | {"If-Match"},
+    ("post", "/commit/multi"): COMMIT_HEADERS,
+    ("post", "/rollback"): COMMIT_HEADERS | {"If-Match"},
+    ("post", "/session"): AGENT_HEADERS | {"X-SBus-Session-Id"},
+    ("post", "/delivery_log/register"): AGENT_HEADERS | {"X-SBus-Session-Id"},
+    ("post", "/mandates"): AGENT_HEADERS,
+}
+ETAG_SUCCESS = {
+    ("get", "/shard/{key}", "200"),
+    ("post", "/shard", "201"),
+    ("delete", "/shard/{key}", "204"),
+    ("post", "/commit", "200"),
+    ("post", "/commit/v2", "200"),
+    ("post", "/rollback", "200"),
+}
+RATE_LIMITED = {
+    ("post", "/shard"),
+    ("delete", "/shard/{key}"),
+    ("post", "/commit"),
+    ("post", "/commit/v2"),
+    ("post", "/commit/multi"),
+    ("post", "/rollback"),
+}
+PUBLIC_OPERATIONS = {("get", "/livez"), ("get", "/admin/health")}
+
+
+def _built(**settings: Any) -> dict[str, Any]:
+    """The document as a deployment with these settings serves it (no store needed)."""
+    document: dict[str, Any] = create_app(Settings(store="memory://", **settings)).openapi()
+    return document
+
+
+def _token_document() -> dict[str, Any]:
+    return _built(auth="token", secret="x" * 32)
+
+
+def _operation(document: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    for m, p, op in _operations(document):
+        if (m, p) == (method, path):
+            return op
+    raise AssertionError(f"{method} {path} is not documented")
+
+
+def _header_names(operation: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
+
+
+@pytest.mark.parametrize("mode", ["open", "token"])
+def test_request_headers_are_declared(mode: str) -> None:
+    document = _built() if mode == "open" else _token_document()
+    for (method, path), expected in EXPECTED_HEADERS.items():
+        operation = _operation(document, method, path)
+        assert _header_names(operation) >= expected, (method, path)
+        for parameter in operation["parameters"]:
+            if parameter["in"] == "header":
+                assert parameter["required"] is False
+                assert parameter["schema"]["type"] == "string"
+    # Not accepted there (400 InvalidPrecondition), so not offered.
+    assert "If-Match" not in _header_names(_operation(document, "post", "/commit/multi"))
+
+
+def test_token_mode_declares_the_bearer_scheme() -> None:
+    document = _token_document()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes == {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": schemes["bearer"]["description"],
+        }
+    }
+    assert document["security"] == [{"bearer": []}]
+    for method, path, operation in _operations(document):
+        if (method, path) in PUBLIC_OPERATIONS:
+            assert operation["security"] == [], (method, path)
+        else:
+            assert "security" not in operation, (method, path)  # the global requirement
+
+
+def test_open_mode_declares_no_security_scheme() -> None:
+    document = _built()
+    assert "securitySchemes" not in document.get("components", {})
+    assert "security" not in document
+
+
+def test_429_with_retry_after_on_rate_limited_routes_in_token_mode() -> None:
+    document = _token_document()
+    for method, path, operation in _operations(document):
+        responses = operation["responses"]
+        if (method, path) in RATE_LIMITED:
+            limited = responses["429"]
+            assert set(limited["headers"]) == {"Retry-After"}, (method, path)
+            assert limited["content"]["application/problem+json"]["schema"] == PROBLEM_REF
+        else:
+            assert "429" not in responses, (method, path)
+    assert all("429" not in op["responses"] for _, _, op in _operations(_built()))
+
+
+def test_success_responses_declare_etag_and_replay_headers() -> None:
+    document = _built()
+    for method, path, status in ETAG_SUCCESS:
+        headers = _operation(document, method, path)["responses"][status]["headers"]
+        assert headers["ETag"]["schema"] == {"type": "string"}, (method, path)
+    for (method, path), expected in EXPECTED_HEADERS.items():
+        operation = _operation(document, method, path)
+        success = [r for s, r in operation["responses"].items() if int(s) < 300]
+        for response in success:
+            replayed = "Idempotent-Replayed" in response.get("headers", {})
+            assert replayed == ("Idempotency-Key" in expected), (method, path)
+    store_down = _operation(document, "post", "/commit")["responses"]["503"]
+    assert "Retry-After" in store_down["headers"]
+
+
+BODYLESS = [("delete", "/shard/{key}"), ("post", "/admin/reset")]
+
+
+@pytest.mark.parametrize(("method", "path"), BODYLESS)
+def test_bodyless_routes_declare_an_optional_json_body(method: str, path: str) -> None:
+    body = _operation(_built(), method, path)["requestBody"]
+    assert body["required"] is False
+    assert body["content"]["application/json"]["schema"] == {"type": "object", "maxProperties": 0}
+    assert body["content"]["application/json"]["example"] == {}
+
+
+async def test_the_declared_body_is_what_the_server_accepts(client: httpx.AsyncClient) -> None:
+    """What a generated client sends for the declarations above: Content-Type and {}."""
+    sent = {"Content-Type": "application/json", "X-Agent-Id": "A"}
+    ok(await client.post("/shard", json={"key": "k", "content": "c"}), 201)
+    deleted = await client.request(
+        "DELETE", "/shard/k?expected_version=0", content=b"{}", headers=sent
+    )
+    assert deleted.status_code == 204, deleted.text
+    assert deleted.headers["ETag"] == '"1"'
+    reset = await client.request("POST", "/admin/reset", content=b"{}", headers=sent)
+    assert reset.status_code == 200, reset.text
+    assert reset.json() == {"cleared": 1}
+
+
+async def test_livez_is_described_truthfully(client: httpx.AsyncClient) -> None:
+    operation = _operation(_built(), "get", "/livez")
+    text = operation["summary"] + " " + operation.get("description", "")
+    assert "never gated" not in text
+    assert "Host" in text
+    refused = await client.get("/livez", headers={"Host": "attacker.example"})
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "HostNotAllowed"

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from sbus.api import wire
+from sbus.api import openapi_http, wire
 from sbus.api.auth import PUBLIC
 from sbus.api.schemas import Problem
 from sbus.core.keys import MAX_KEY_LENGTH
@@ -103,7 +103,12 @@ def install(app: FastAPI) -> None:
                     if status == 401 and path in PUBLIC:
                         continue
                     responses.setdefault(str(status), {"description": DESCRIPTIONS[status]})
-                for status, response in responses.items():
+        openapi_http.declare(
+            schema, token_mode=app.state.settings.auth_mode == "token", public=PUBLIC
+        )
+        for path, methods in schema.get("paths", {}).items():
+            for operation in methods.values():
+                for status, response in operation["responses"].items():
                     code = int(status)
                     if code >= 400 and not (path == "/admin/health" and code == 503):
                         response["content"] = _problem_ref()

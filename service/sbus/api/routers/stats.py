@@ -66,7 +66,11 @@ async def metrics(request: Request, bus: BusDep) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/livez", summary="Process liveness; never gated")
+@router.get(
+    "/livez",
+    summary="Process liveness: answers without a token and before the store is ready",
+    description="Open mode still applies the Host and cross-site checks of every route.",
+)
 async def livez() -> Response:
     return json_response({"status": "alive"})
 
