@@ -289,13 +289,13 @@ class TestMandatesAndRevocations:
         ref = MandateRef("m-2", now + 60_000, now + 90_000)
         await store.apply(mandated("pay", 0, ref))
         await store.revoke("tok-1", now + 60_000)
-        assert await store.is_revoked("tok-1") is True
-        assert await store.is_revoked("tok-2") is False
+        assert (await store.revocation("tok-1")).revoked is True
+        assert (await store.revocation("tok-2")).revoked is False
         await store.reset_all()
         await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
         out = await store.apply(mandated("pay", 0, ref))
         assert out.body is not None and out.body["new_version"] == 1
-        assert await store.is_revoked("tok-1") is True
+        assert (await store.revocation("tok-1")).revoked is True
 
 
 class TestRateBuckets:
@@ -316,3 +316,23 @@ class TestRateBuckets:
         await store.take_token("C", rate)  # the bucket exists: the race is on one row
         waits = await asyncio.gather(*(store.take_token("C", rate) for _ in range(20)))
         assert sum(1 for w in waits if w == 0) == 4
+
+
+class TestRevocations:
+    async def test_deadline_on_the_store_clock(self, store: Store) -> None:
+        now = await store.now_ms()
+        never = await store.revocation("never")
+        assert (never.until_ms, never.revoked) == (None, False)
+        assert never.now_ms >= now
+        await store.revoke("t", now + 10_000)
+        first = await store.revocation("t")
+        assert (first.until_ms, first.revoked) == (now + 10_000, True)
+        assert first.now_ms >= now
+        await store.revoke("t", now + 5_000)  # an earlier deadline never shortens one
+        assert (await store.revocation("t")).until_ms == now + 10_000
+        await store.advance_clock(10_000)
+        later = await store.revocation("t")
+        assert later.now_ms >= now + 10_000
+        assert not later.revoked
+        await store.purge()
+        assert not (await store.revocation("t")).revoked

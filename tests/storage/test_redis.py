@@ -509,7 +509,7 @@ class TestResetInBatches:
         assert await store.list_keys("", None, 100) == []
         leftovers = [k async for k in raw.scan_iter(match=store.tag + "*")]
         assert sorted(leftovers) == sorted([store.k_meta, f"{store.tag}:rv:jti-1"]), leftovers
-        assert await store.is_revoked("jti-1")
+        assert (await store.revocation("jti-1")).revoked
         assert (await store.create(create("k00"))).body["version"] == 0  # type: ignore[index]
 
     async def test_an_interrupted_reset_says_unknown(self, store: RedisStore) -> None:

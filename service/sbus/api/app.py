@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     # Every request's token is checked against the store's revocation list, so a
     # revocation made through any replica is refused by every replica at once.
     authenticator = Authenticator(
-        verifier=verifier, admin_enabled=settings.admin_enabled, revoked=store.is_revoked
+        verifier=verifier, admin_enabled=settings.admin_enabled, revoked=store.revocation
     )
     app.state.authenticator = authenticator
     problems.install(app)

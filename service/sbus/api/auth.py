@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from sbus.security import TokenInvalid, TokenRevoked
+from sbus.core.types import Revocation
+from sbus.security import TokenExpired, TokenInvalid, TokenRevoked
 from sbus.security.rights import Identity, Principal, open_capabilities
 from sbus.security.tokens import MAX_TOKEN_LENGTH, Claims, Verifier
 
@@ -23,8 +24,9 @@ PUBLIC = frozenset({"/livez", "/admin/health", "/openapi.json", "/docs"})
 PRINCIPAL = "principal"
 BEARER = b"bearer "
 
-# jti -> revoked? The store lookup behind POST /admin/tokens/revoke (Store.is_revoked).
-RevocationCheck = Callable[[str], Awaitable[bool]]
+# jti -> its revocation entry and the store clock (Store.revocation), the lookup behind
+# POST /admin/tokens/revoke.
+RevocationCheck = Callable[[str], Awaitable[Revocation]]
 
 
 def sent_bearer(authorization: Sequence[bytes]) -> bool:
@@ -51,7 +53,7 @@ def bearer_token(authorization: Sequence[bytes]) -> str:
 
 
 class Authenticator:
-    """``verifier`` None means open mode. ``revoked`` is the revocation hook."""
+    """``verifier`` None means open mode. ``revoked`` is the store's revocation lookup."""
 
     def __init__(
         self,
@@ -76,10 +78,17 @@ class Authenticator:
         if path in PUBLIC:
             return None
         claims: Claims = self.verifier.verify(bearer_token(authorization))
-        # ---- REVOCATION HOOK (next step of token mode; no storage yet) -----------------
-        # POST /admin/tokens/revoke will store the jti until exp; create_app passes the
-        # store lookup (revoked=store.is_revoked) and every replica refuses the token.
-        if self.revoked is not None and await self.revoked(claims.jti):
+        if self.revoked is None:
+            return claims
+        # One store read per request, so every replica refuses a token revoked through
+        # any of them.
+        state = await self.revoked(claims.jti)
+        if state.revoked:
             raise TokenRevoked(f"token {claims.jti} has been revoked")
-        # ---------------------------------------------------------------------------------
+        # The verifier checked exp against this replica's clock; the store keeps a
+        # revocation until exp + leeway on ITS clock and then forgets it. Refusing a token
+        # past that point by the store clock too means no clock running ahead of the
+        # other can bring a revoked token back: expiry follows whichever clock is ahead.
+        if state.now_ms >= (claims.expires_at + self.verifier.leeway) * 1000:
+            raise TokenExpired(f"token {claims.jti} expired by the store clock")
         return claims

@@ -164,6 +164,19 @@ class RegisterResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """What the store knows of a token id, read atomically with its clock: ``until_ms``
+    is the revocation list's deadline for it (None: never listed, or purged)."""
+
+    now_ms: int
+    until_ms: int | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.until_ms is not None and self.until_ms > self.now_ms
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimit:
     """A per-agent token bucket: ``per_ms`` tokens refill each millisecond, up to
     ``burst``; each state-changing request takes one."""

@@ -10,8 +10,9 @@ signature check; looks the key up by ``kid`` (unknown -> refused, never "try the
 checks ``iss``, ``aud`` (a string, exactly), the presence and types of every claim, and
 ``exp``/``iat`` against the replica clock with ``SBUS_CLOCK_LEEWAY``. The explicit ``typ``
 keeps a mandate (``sbus-mandate+jwt``) from ever passing as a capability token, and the
-reverse. Revocation is the caller's step: look ``Claims.jti`` up in the store and raise
-:class:`~sbus.security.TokenRevoked`; keep the entry until ``Claims.expires_at``.
+reverse. Revocation is the caller's step (``sbus.api.auth``): look ``Claims.jti`` up in the
+store, raise :class:`~sbus.security.TokenRevoked`, and refuse a token past ``exp`` + leeway
+by the store clock too, since that clock decides when the entry is forgotten.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from sbus.core.types import (
     Outcome,
     RateLimit,
     RegisterResult,
+    Revocation,
     SessionView,
     Shard,
     StoreStats,
@@ -326,8 +327,8 @@ class MemoryStore:
     async def revoke(self, jti: str, until_ms: int) -> None:
         self._revoked[jti] = max(until_ms, self._revoked.get(jti, 0))
 
-    async def is_revoked(self, jti: str) -> bool:
-        return self._revoked.get(jti, 0) > self._now()
+    async def revocation(self, jti: str) -> Revocation:
+        return Revocation(self._now(), self._revoked.get(jti))
 
     # history, counters, admin --------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:

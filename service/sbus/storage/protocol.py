@@ -23,6 +23,7 @@ from sbus.core.types import (
     Outcome,
     RateLimit,
     RegisterResult,
+    Revocation,
     Shard,
     StoreStats,
     Txn,
@@ -92,11 +93,13 @@ class Store(Protocol):
         Buckets go with ``reset_all``."""
 
     async def revoke(self, jti: str, until_ms: int) -> None:
-        """Put a token id on the revocation list until ``until_ms`` (its expiry); kept
-        by ``reset_all``."""
+        """Put a token id on the revocation list until ``until_ms`` on the store clock (an
+        entry already there keeps the later deadline); kept by ``reset_all``."""
 
-    async def is_revoked(self, jti: str) -> bool:
-        """Whether a token id is on the revocation list (checked on every request)."""
+    async def revocation(self, jti: str) -> Revocation:
+        """The token id's revocation deadline together with the store clock, in one read
+        (checked on every request in token mode, so the replica can also refuse a token
+        that has expired by the store clock)."""
 
     async def purge(self) -> int:
         """Delete expired state (DL entries, sessions past their marker, idempotency

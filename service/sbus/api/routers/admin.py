@@ -4,7 +4,6 @@ which any authenticated caller may read. POST /admin/tokens issues capability to
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -204,8 +203,13 @@ MAX_UNTIL_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last RFC 333
     summary="Revoke a token by jti on every replica (kept until its expiry)",
 )
 async def revoke_token(body: RevokeBody, bus: BusDep, settings: SettingsDep) -> Response:
+    # Deadlines are on the store clock, which also purges the list. Past exp + leeway
+    # by that clock every replica refuses the token as expired (sbus.api.auth), so the
+    # entry is needed until then; an exp already past still gets the leeway.
+    now_ms = await bus.store.now_ms()
+    leeway_ms = settings.clock_leeway * 1000
     if body.exp is not None:
-        until_ms = body.exp * 1000 + settings.clock_leeway * 1000
+        until_ms = max(body.exp * 1000, now_ms) + leeway_ms
         if until_ms > MAX_UNTIL_MS:
             # Past year 9999 the expiry has no RFC 3339 form (this was a 500).
             raise e.ValidationFailed(
@@ -213,6 +217,6 @@ async def revoke_token(body: RevokeBody, bus: BusDep, settings: SettingsDep) -> 
                 loc=["body", "exp"],
             )
     else:
-        until_ms = int(time.time() * 1000) + settings.token_max_ttl * 1000
+        until_ms = now_ms + settings.token_max_ttl * 1000 + leeway_ms
     await bus.store.revoke(body.jti, until_ms)
     return json_response({"revoked": True, "jti": body.jti, "until": rfc3339(until_ms)})

@@ -566,6 +566,20 @@ local now = clock(KEYS[1])
 return now
 """
 
+# KEYS: the jti's revocation key.  ARGV: deadline (store ms).  A later deadline already
+# there stays; the key expires with its deadline (PXAT, on Redis's real clock).
+REVOKE = r"""
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[1])
+return 1
+"""
+
+# KEYS: meta, the jti's revocation key.  Returns {store ms, deadline or nil}.
+REVOCATION = r"""
+return {clock(KEYS[1]), redis.call('GET', KEYS[2])}
+"""
+
 # KEYS: shard, hist.  ARGV: before (-1 = none), limit
 HISTORY = r"""
 local r = load(KEYS[1])
@@ -693,7 +707,9 @@ SCRIPTS: dict[str, Script] = {
         _script("advance_clock", ADVANCE_CLOCK),
         _script("set_ori", SET_ORI),
         _script("take_token", TAKE_TOKEN),
+        _script("revoke", REVOKE),
         _script("now", NOW, writes=False),
+        _script("revocation", REVOCATION, writes=False),
         _script("history", HISTORY, writes=False),
         _script("stats", STATS, writes=False),
         _script("dump_dl", DUMP_DL, writes=False),

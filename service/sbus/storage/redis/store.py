@@ -84,6 +84,7 @@ from sbus.core.types import (
     Outcome,
     RateLimit,
     RegisterResult,
+    Revocation,
     Shard,
     StoreStats,
     Txn,
@@ -805,16 +806,14 @@ class RedisStore:
     async def revoke(self, jti: str, until_ms: int) -> None:
         # One key per revoked jti, expiring with the token (SET ... PXAT), outside the
         # keys /admin/reset deletes.
-        try:
-            await self._redis().set(f"{self.tag}:rv:{jti}", str(until_ms), pxat=until_ms)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        await self._eval("revoke", [f"{self.tag}:rv:{jti}"], [until_ms])
 
-    async def is_revoked(self, jti: str) -> bool:
-        try:
-            return bool(await self._redis().exists(f"{self.tag}:rv:{jti}"))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+    async def revocation(self, jti: str) -> Revocation:
+        # A script, so the store clock (TIME plus the test offset) and the entry are read
+        # together; the key's own PXAT runs on Redis's real clock, which is never ahead
+        # of the store clock, so the entry outlives its deadline rather than the reverse.
+        now, until = await self._eval("revocation", [self.k_meta, f"{self.tag}:rv:{jti}"], [])
+        return Revocation(int(now), None if until is None else int(until))
 
     async def reset_all(self) -> int:
         """Clear the namespace in scripts of at most :attr:`reset_batch` entries per index

@@ -54,6 +54,7 @@ from sbus.core.types import (
     Outcome,
     RateLimit,
     RegisterResult,
+    Revocation,
     SessionView,
     Shard,
     StoreStats,
@@ -838,12 +839,15 @@ class PostgresStore:
 
         await self._run(body)
 
-    async def is_revoked(self, jti: str) -> bool:
+    async def revocation(self, jti: str) -> Revocation:
         async with self._conn() as conn:
-            found = await conn.fetchval(
-                "SELECT 1 FROM sbus_revocations WHERE jti = $1 AND until_ms > sbus_now_ms()", jti
+            row = await conn.fetchrow(
+                "SELECT sbus_now_ms() AS now, "
+                "(SELECT until_ms FROM sbus_revocations WHERE jti = $1) AS until",
+                jti,
             )
-        return found is not None
+        assert row is not None
+        return Revocation(int(row["now"]), None if row["until"] is None else int(row["until"]))
 
     # history, counters, admin ------------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:

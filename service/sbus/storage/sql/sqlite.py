@@ -40,6 +40,7 @@ from sbus.core.types import (
     Outcome,
     RateLimit,
     RegisterResult,
+    Revocation,
     SessionView,
     Shard,
     StoreStats,
@@ -734,15 +735,14 @@ class SQLiteStore:
             )
         )
 
-    async def is_revoked(self, jti: str) -> bool:
-        def run(conn: Db) -> bool:
+    async def revocation(self, jti: str) -> Revocation:
+        def run(conn: Db) -> Revocation:
             row = conn.exec_driver_sql(
-                "SELECT 1 FROM sbus_revocations WHERE jti = ? AND until_ms > ?",
-                (jti, self._now(conn)),
+                "SELECT until_ms FROM sbus_revocations WHERE jti = ?", (jti,)
             ).fetchone()
-            return row is not None
+            return Revocation(self._now(conn), None if row is None else int(row[0]))
 
-        result: bool = await self._call(run, write=False)
+        result: Revocation = await self._call(run, write=False)
         return result
 
     # history, counters, admin -----------------------------------------------------------------
