@@ -107,3 +107,32 @@ def test_security_rights_table_lists_every_right() -> None:
         rows.append(line.strip("|").split("|")[0].strip())
     named = {row.split()[0] for row in rows if row != "any valid token"}
     assert named == {right.value for right in Right}
+
+
+ROOT = DOCS.parent
+PAGES = sorted([ROOT / "README.md", ROOT / "loadtest" / "README.md", ROOT / "formal" / "README.md"])
+PAGES += sorted(DOCS.glob("*.md"))
+# The protocol reference is docs/protocol.md; the documents cite nothing outside the
+# repository and speak of no one's role.
+OUTSIDE = re.compile(r"\bSPEC\b|\bthe issue\b|\blead engineer\b|\bthe lead\b|\blead's\b")
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_documents_cite_only_the_repository() -> None:
+    found = [
+        f"{page.relative_to(ROOT)}:{number}: {line.strip()}"
+        for page in PAGES
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        if OUTSIDE.search(line)
+    ]
+    assert found == []
+
+
+def test_relative_links_resolve() -> None:
+    broken = [
+        f"{page.relative_to(ROOT)}: {target}"
+        for page in PAGES
+        for target in LINK.findall(page.read_text(encoding="utf-8"))
+        if "://" not in target and not (page.parent / target).exists()
+    ]
+    assert broken == []
