@@ -1,7 +1,8 @@
-"""The agent loop of docs/agents.md runs as printed against a real bus (uvicorn in a
-thread, memory store), including its 409 path: a commit refused because another agent
-moved a shard it read (CrossShardStale) or wrote (VersionMismatch) is retried after a
-re-read and succeeds."""
+"""The Python snippets of the docs run as printed against a real bus (uvicorn in a
+thread, memory store): the agent loop of docs/agents.md, including its 409 path (a
+commit refused because another agent moved a shard it read, CrossShardStale, or wrote,
+VersionMismatch, is retried after a re-read and succeeds), and the history-chain and
+context_hash code of docs/protocol.md, checked against what the bus computes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import uvicorn
 from sbus.api.app import create_app
 from sbus.config import Settings
 
-AGENTS_MD = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+AGENTS_MD = DOCS / "agents.md"
 PRINTED_URL = 'BUS = "http://127.0.0.1:7000"'
 
 
@@ -35,7 +37,8 @@ def snippet() -> str:
 
 @pytest.fixture
 def bus_url() -> Iterator[str]:
-    app = create_app(Settings(store="memory://"))
+    # A secret so that POST /mandates can issue in open mode.
+    app = create_app(Settings(store="memory://", secret="x" * 32))
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     )
@@ -112,3 +115,58 @@ def test_a_409_is_answered_by_reading_again(bus_url: str, moved: str, code: str)
     finally:
         agent.close()
         other.close()
+
+
+def protocol_code() -> dict[str, Any]:
+    """The definitions of docs/protocol.md's Python blocks, executed in order."""
+    text = (DOCS / "protocol.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2, "protocol.md: the chain verifier and context_hash"
+    namespace: dict[str, Any] = {"__name__": "protocol_snippet"}
+    exec(compile("\n".join(blocks), "protocol.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_history_chain_verifier_accepts_the_bus_and_catches_tampering(bus_url: str) -> None:
+    code = protocol_code()
+    json_body = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=bus_url, headers={"X-Agent-Id": "writer"}) as bus:
+        assert bus.post("/shard", json={"key": "doc/k", "content": "v0"}).status_code == 201
+        for version, rationale in [(0, 'first ✓ "quoted"'), (1, None)]:
+            body = {"key": "doc/k", "expected_version": version, "delta": f"é{version}"}
+            if rationale is not None:
+                body["rationale"] = rationale
+            assert bus.post("/commit/v2", json=body).status_code == 200
+        deleted = bus.delete("/shard/doc/k?expected_version=2", headers=json_body)
+        assert deleted.status_code == 204
+        assert bus.post("/shard", json={"key": "doc/k", "content": "again"}).status_code == 201
+        entries: list[dict[str, Any]] = bus.get("/history/doc/k").json()["entries"]
+    assert [e["version"] for e in entries] == [4, 3, 2, 1, 0]
+    assert [e["rationale"] for e in entries] == [
+        "create",
+        "delete",
+        None,
+        'first ✓ "quoted"',
+        "create",
+    ]
+    assert code["chain_holds"](entries) is True
+    for field, value in [("content", "forged"), ("rationale", "other"), ("agent_id", "B")]:
+        forged = [dict(e) for e in entries]
+        forged[2][field] = value
+        assert code["chain_holds"](forged) is False, field
+    assert code["chain_holds"](entries[:2] + entries[3:]) is False  # an entry removed
+
+
+def test_the_context_hash_code_matches_the_bus(bus_url: str) -> None:
+    code = protocol_code()
+    context = {"b": 1, "a": "é", "nested": {"z": [1, "ü", True], "y": None}}
+    with httpx.Client(base_url=bus_url) as bus:
+        issued = []
+        for extra in ({"context": context}, {}):
+            body = {"agent_id": "G", "holder": "H", "keys": ["**"], "ttl_s": 60, **extra}
+            answer = bus.post("/mandates", json=body)
+            assert answer.status_code == 201, answer.text
+            issued.append(answer.json()["context_hash"])
+    assert issued == [code["context_hash"](context), code["context_hash"](None)]
+    example = code["canonical_json"]({"b": 1, "a": "é"})
+    assert example == '{"a":"é","b":1}'.encode()
