@@ -21,7 +21,6 @@ from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
 from sbus.api.browser import OriginPolicy
 from sbus.api.problems import problem_response
 from sbus.core import errors as e
-from sbus.security import TokenInvalid
 
 # Routes that answer while the store is still connecting.
 UNGATED = frozenset({"/livez", "/admin/health", "/metrics", "/openapi.json", "/docs"})
@@ -62,7 +61,10 @@ class Gate:
             authorization = [v for k, v in scope["headers"] if k == b"authorization"]
             try:
                 principal = await self.authenticator.authenticate(scope["path"], authorization)
-            except TokenInvalid as exc:
+            except e.SBusError as exc:
+                # TokenInvalid (401), or StoreUnavailable from the revocation lookup: this
+                # runs outside the app's exception handlers, so every refusal is rendered
+                # here (a store outage is 503 with Retry-After, not a bare 500).
                 response = problem_response(exc, token_sent=sent_bearer(authorization))
                 await response(scope, receive, send)
                 return
