@@ -15,6 +15,8 @@ from sbus import __version__
 from sbus.api import openapi, problems
 from sbus.api.auth import Authenticator
 from sbus.api.browser import Cors, OriginPolicy, listed
+from sbus.api.ignored import HEADER as IGNORED_FIELDS
+from sbus.api.ignored import IgnoredFieldsHeader
 from sbus.api.middleware import Gate
 from sbus.api.readiness import WorkerReadiness
 from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
@@ -106,6 +108,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             "Errors are RFC 9457 problem+json carrying the compat `error` code."
         ),
         lifespan=lifespan,
+        # A trailing slash is a 404 like any unknown path: no redirect (whose Location
+        # would echo the Host header) and no empty body.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     # Rate limits apply in token mode only (SPEC section 4 step 5): in open mode every
@@ -129,6 +134,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     problems.install(app)
     for module in (shards, commits, sessions, mandates, admin, stats):
         app.include_router(module.router)
+    app.add_middleware(IgnoredFieldsHeader)
     openapi.install(app)
     # Each add_middleware wraps the ones before: Timing(Cors(Gate(app))). Timing sees every
     # response; CORS runs outside the gate, so a preflight needs no token and the gate's
@@ -146,7 +152,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             allow_origins=listed(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],
-            expose_headers=["ETag", "Idempotent-Replayed", "Retry-After"],
+            expose_headers=["ETag", "Idempotent-Replayed", "Retry-After", IGNORED_FIELDS],
         )
     app.add_middleware(Timing, metrics=app.state.metrics)
     return app

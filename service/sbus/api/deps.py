@@ -16,7 +16,7 @@ from sbus.config import Settings
 from sbus.core import errors as e
 from sbus.core.chain import canonical_json
 from sbus.core.engine import Bus
-from sbus.core.keys import text_problem
+from sbus.core.keys import json_problem, text_problem
 from sbus.core.types import IdemRef, MandateRef
 from sbus.security import TokenInvalid
 from sbus.security.mandates import Mandates
@@ -137,7 +137,14 @@ def expected_from(body_value: int | None, header_value: int | None) -> int | Non
     return body_value if body_value is not None else header_value
 
 
-def idempotency(request: Request, agent_id: str, body: Any) -> IdemRef | None:
+def idempotency(
+    request: Request, agent_id: str, session_id: str, body: Mapping[str, Any]
+) -> IdemRef | None:
+    """The Idempotency-Key record to check, or None without the header. The fingerprint
+    covers the resolved agent and session, wherever the request named them (body,
+    query or header): the same retry naming its agent in a header instead of the body
+    is the same request, the same body sent for another session is not. Every value in
+    ``body`` passed validation, so encoding it cannot fail."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
@@ -156,7 +163,8 @@ def idempotency(request: Request, agent_id: str, body: Any) -> IdemRef | None:
     digest.update(b"\n")
     digest.update(request.headers.get("if-match", "").encode())
     digest.update(b"\n")
-    digest.update(canonical_json(body))
+    fields = {k: v for k, v in body.items() if k not in ("agent_id", "session_id")}
+    digest.update(canonical_json({"agent": agent_id, "session": session_id, "body": fields}))
     return IdemRef(agent_id, key, digest.hexdigest())
 
 
@@ -241,11 +249,12 @@ def header_context(request: Request) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
-    if not isinstance(value, dict):
+    problem = "must be a JSON object" if not isinstance(value, dict) else json_problem(value)
+    if problem:
         raise e.ValidationFailed(
-            "X-SBus-Mandate-Context must be a JSON object",
-            loc=["header", "X-SBus-Mandate-Context"],
+            f"X-SBus-Mandate-Context: {problem}", loc=["header", "X-SBus-Mandate-Context"]
         )
+    assert isinstance(value, dict)
     return value

@@ -1,16 +1,18 @@
 """Request bodies on the wire: strict pydantic models (no ``false`` for an integer, no
-number for a string), unknown fields ignored (compat), aliases resolved before
-validation, and a field sent together with its alias refused as AmbiguousField."""
+number for a string), unknown fields ignored (compat; ``sbus.api.ignored`` names them
+in a response header), aliases resolved before validation, and a field sent together
+with its alias refused as AmbiguousField."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from sbus.core.keys import MAX_INT, key_problem, text_problem
+from sbus.core.keys import MAX_INT, json_problem, key_problem, text_problem
 
 
 def _text(value: str) -> str:
@@ -34,11 +36,31 @@ def _agent(value: str) -> str:
     return value
 
 
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    problem = json_problem(value)
+    if problem:
+        raise PydanticCustomError("invalid_json", problem)
+    return value
+
+
+def _unsupported(value: object) -> object:
+    raise PydanticCustomError(
+        "unsupported",
+        "creates and deletes inside /commit/multi are not supported yet; "
+        "use POST /shard and DELETE /shard/{key}",
+    )
+
+
 Text = Annotated[str, AfterValidator(_text)]
 Key = Annotated[str, AfterValidator(_key)]
 AgentId = Annotated[str, AfterValidator(_agent)]
 SessionId = Annotated[str, AfterValidator(_agent)]
 Version = Annotated[int, Field(ge=0, le=MAX_INT)]
+# Free-form JSON (a mandate context): any object that follows the input rules.
+JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+# A field we recognise only to refuse it, rather than ignore it as unknown; hidden from
+# the OpenAPI schema and from dumps (it is always None once validated).
+Refused = SkipJsonSchema[Annotated[Any, AfterValidator(_unsupported)]]
 
 _DIGITS = re.compile(r"[0-9]{1,16}")
 
@@ -65,6 +87,15 @@ def _resolve_alias(data: Any, name: str, alias: str) -> Any:
 
 class WireModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    # Compat aliases, alias -> field name, resolved before validation.
+    wire_aliases: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        for alias, name in cls.wire_aliases.items():
+            data = _resolve_alias(data, name, alias)
+        return data
 
 
 class Policy(WireModel):
@@ -97,7 +128,7 @@ ReadSet = Annotated[list[ReadSetItem] | None, AfterValidator(_unique_read_set)]
 
 class MandateFields(WireModel):
     mandate: Text | None = None
-    context: dict[str, Any] | None = None
+    context: JsonObject | None = None
 
 
 class CommitBody(MandateFields):
@@ -111,23 +142,19 @@ class CommitBody(MandateFields):
     read_set: ReadSet = None
     rationale: Text | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data: Any) -> Any:
-        data = _resolve_alias(data, "expected_version", "expected_ver")
-        return _resolve_alias(data, "delta", "content")
+    wire_aliases = {"expected_ver": "expected_version", "content": "delta"}
 
 
 class MultiWrite(WireModel):
     key: Key
     expected_version: Version
     delta: Text
+    # Ignoring these would turn a delete into an overwrite: refused until a multi can
+    # create and delete.
+    create: Refused = Field(None, exclude=True)
+    delete: Refused = Field(None, exclude=True)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data: Any) -> Any:
-        data = _resolve_alias(data, "expected_version", "expected_ver")
-        return _resolve_alias(data, "delta", "content")
+    wire_aliases = {"expected_ver": "expected_version", "content": "delta"}
 
 
 def _unique_writes(writes: list[MultiWrite]) -> list[MultiWrite]:
@@ -155,10 +182,7 @@ class RollbackBody(MandateFields):
     expected_version: Version | None = None
     read_set: ReadSet = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _aliases(cls, data: Any) -> Any:
-        return _resolve_alias(data, "expected_version", "expected_ver")
+    wire_aliases = {"expected_ver": "expected_version"}
 
 
 class SessionBody(WireModel):
@@ -201,7 +225,7 @@ class MandateBody(WireModel):
 
     holder: AgentId
     keys: Annotated[list[Text], Field(min_length=1, max_length=256)]
-    context: dict[str, Any] = Field(default_factory=dict)
+    context: JsonObject = Field(default_factory=dict)
     ttl_s: Annotated[int, Field(ge=1, le=MAX_INT)]
     agent_id: AgentId | None = None
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from sbus.api.deps import AdminDep, BusDep, SettingsDep, agent_of, checked_bus, session_of
+from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import (
@@ -42,7 +43,7 @@ from sbus.security import SigningUnavailable
 from sbus.security.rights import Right, Scope
 from sbus.security.tokens import Issuer
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)
 
 
 @router.post(

@@ -16,6 +16,7 @@ from sbus.api.deps import (
     require_agent,
     session_of,
 )
+from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import outcome_response
 from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
@@ -24,7 +25,7 @@ from sbus.core import errors as e
 from sbus.core.engine import commit_txn
 from sbus.core.types import ReadItem, WriteOp
 
-router = APIRouter(tags=["commits"])
+router = APIRouter(tags=["commits"], route_class=WireRoute)
 
 COMMIT_ERRORS = errs(400, 403, 404, 409, 410, 413, 422)
 
@@ -51,7 +52,9 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         writes=[WriteOp(body.key, expected, "commit", body.delta)],
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
-        idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
+        idem=idempotency(
+            request, agent, session, body.model_dump() | {"expected_version": expected}
+        ),
         has_mandate=body.mandate is not None,
     )
     check = mandate_check(
@@ -99,7 +102,7 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         writes=[WriteOp(w.key, w.expected_version, "commit", w.delta) for w in body.writes],
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
-        idem=idempotency(request, agent, body.model_dump()),
+        idem=idempotency(request, agent, session, body.model_dump()),
         has_mandate=body.mandate is not None,
     )
     check = mandate_check(
@@ -132,7 +135,9 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
         writes=[WriteOp(body.key, expected, "rollback", target_version=body.target_version)],
         read_set=_read_items(body.read_set),
         rationale=None,
-        idem=idempotency(request, agent, body.model_dump() | {"expected_version": expected}),
+        idem=idempotency(
+            request, agent, session, body.model_dump() | {"expected_version": expected}
+        ),
         has_mandate=body.mandate is not None,
     )
     check = mandate_check(

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from sbus.api.deps import BusDep, agent_of, capabilities_of, principal_of
+from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import MandateOut
@@ -18,7 +19,7 @@ from sbus.security import SigningUnavailable
 from sbus.security.mandates import Mandates
 from sbus.security.rights import Identity, Principal
 
-router = APIRouter(tags=["mandates"])
+router = APIRouter(tags=["mandates"], route_class=WireRoute)
 
 
 @router.post(

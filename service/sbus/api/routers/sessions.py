@@ -13,6 +13,7 @@ from sbus.api.deps import (
     session_of,
     token_agent,
 )
+from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import RegisterOut, SessionOut
@@ -20,7 +21,7 @@ from sbus.api.wire import RegisterBody, SessionBody
 from sbus.core import errors as e
 from sbus.security.rights import Right
 
-router = APIRouter(tags=["sessions"])
+router = APIRouter(tags=["sessions"], route_class=WireRoute)
 
 
 @router.post(

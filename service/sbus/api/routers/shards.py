@@ -22,6 +22,7 @@ from sbus.api.deps import (
     require_rights,
     session_of,
 )
+from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response, outcome_response
 from sbus.api.schemas import HistoryOut, ListOut, ShardOut
@@ -33,7 +34,7 @@ from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp, WriteOp
 from sbus.security.rights import ADMIN_PATTERN, Right
 
-router = APIRouter(tags=["shards"])
+router = APIRouter(tags=["shards"], route_class=WireRoute)
 
 # Store pages a filtered GET /shards may scan before answering a short page.
 LIST_SCAN_PAGES = 8
@@ -58,7 +59,7 @@ async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> 
         require_mandate=body.policy.require_mandate,
         agent_id=agent,
         commit_id=new_commit_id(),
-        idem=idempotency(request, agent, body.model_dump()),
+        idem=idempotency(request, agent, "", body.model_dump()),
     )
     return outcome_response(await bus.create(op))
 
@@ -155,7 +156,7 @@ async def delete_shard(
     mandate = request.headers.get("x-sbus-mandate")
     context = header_context(request)  # validated (422) before anything is decided
     bus = checked_bus(request, bus, [(key, Right.DELETE)])
-    fingerprint_body = {"key": key, "expected_version": expected, "session_id": session}
+    fingerprint_body = {"key": key, "expected_version": expected}
     txn = commit_txn(
         op="delete",
         agent_id=agent,
@@ -163,7 +164,7 @@ async def delete_shard(
         writes=[WriteOp(key, expected, "delete")],
         read_set=[],
         rationale="delete",
-        idem=idempotency(request, agent, fingerprint_body),
+        idem=idempotency(request, agent, session, fingerprint_body),
         has_mandate=mandate is not None,
     )
     check = mandate_check(request, bus, mandate, agent=agent, written=[key], context=context)

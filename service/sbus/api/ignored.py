@@ -1,0 +1,155 @@
+"""Unknown request fields are ignored (compat), but never silently: every response to a
+request whose JSON body was parsed names them in ``SBus-Ignored-Fields``, so a typo
+such as ``"readset"`` or ``"sesion_id"`` shows up in the answer.
+
+Two pieces: :class:`WireRoute` (the route class of every router) works the list out
+once the body is parsed and leaves it in the request scope; :class:`IgnoredFieldsHeader`
+(an ASGI middleware) adds it to whatever response follows, error responses included.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sbus.api.wire import WireModel
+from sbus.core.keys import path_text
+
+HEADER = "SBus-Ignored-Fields"
+_STATE = "sbus.ignored_fields"
+# A body may hold thousands of unknown fields; the header names the first few.
+MAX_LISTED = 32
+BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+Path = list[str | int]
+
+
+def ignored_paths(model: type[BaseModel] | None, data: Any) -> list[Path]:
+    """The paths in ``data`` (a parsed JSON body) that ``model`` does not read. Without
+    a body model every top-level field is ignored. Free-form fields (a mandate
+    ``context``) are read whole, so nothing inside them is ever listed."""
+    found: list[Path] = []
+    if model is None:
+        if isinstance(data, dict):
+            found.extend([name] for name in data)
+    else:
+        _walk(model, data, [], found)
+    return found
+
+
+def _walk(annotation: Any, value: Any, path: Path, found: list[Path]) -> None:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        _walk(get_args(annotation)[0], value, path, found)
+    elif origin is Union or origin is types.UnionType:
+        for member in get_args(annotation):
+            _walk(member, value, path, found)
+    elif origin is list and isinstance(value, list):
+        (item_type,) = get_args(annotation)
+        for i, item in enumerate(value):
+            _walk(item_type, item, [*path, i], found)
+    elif _is_model(annotation) and isinstance(value, dict):
+        _walk_model(annotation, value, path, found)
+
+
+def _walk_model(
+    model: type[BaseModel], value: dict[str, Any], path: Path, found: list[Path]
+) -> None:
+    fields = model.model_fields
+    aliases = model.wire_aliases if issubclass(model, WireModel) else {}
+    for name, item in value.items():
+        field = fields.get(aliases.get(name, name))
+        if field is None:
+            found.append([*path, name])
+        else:
+            _walk(field.annotation, item, [*path, name], found)
+
+
+def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def header_value(paths: list[Path]) -> str:
+    listed = [path_text(p) for p in paths[:MAX_LISTED]]
+    if len(paths) > MAX_LISTED:
+        listed.append("...")
+    return ", ".join(listed)
+
+
+class WireRoute(APIRoute):
+    """An APIRoute that records the ignored fields of the body it parsed. FastAPI
+    caches the parsed body on the request, so nothing is parsed twice; a route
+    without a body model parses a non-empty body only to name its fields."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        field = self.body_field
+        annotation = field.field_info.annotation if field is not None else None
+        model = annotation if _is_model(annotation) else None
+
+        async def handle(request: Request) -> Response:
+            if request.method in BODYLESS:
+                return await handler(request)
+            try:
+                response = await handler(request)
+            except Exception:
+                await _record(request, model)
+                raise
+            await _record(request, model)
+            return response
+
+        return handle
+
+
+async def _record(request: Request, model: type[BaseModel] | None) -> None:
+    paths = ignored_paths(model, await _parsed_body(request, parse=model is None))
+    if paths:
+        request.scope.setdefault("state", {})[_STATE] = header_value(paths)
+
+
+async def _parsed_body(request: Request, *, parse: bool) -> Any:
+    """The JSON body FastAPI parsed (it caches it on the request), or with ``parse``
+    the body parsed here; None when there is none or it is not JSON."""
+    data = getattr(request, "_json", None)
+    if data is not None or not parse:
+        return data
+    body = await request.body()
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+class IgnoredFieldsHeader:
+    """Adds the recorded ``SBus-Ignored-Fields`` to the response, whichever part of the
+    app built it (the route, or an exception handler for its error)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in BODYLESS:
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                value = state.get(_STATE)
+                if value is not None:
+                    headers = list(message.get("headers", []))
+                    headers.append((HEADER.lower().encode(), value.encode("ascii")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
