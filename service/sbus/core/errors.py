@@ -183,6 +183,22 @@ class CrossShardStale(StateError):
     code = "CrossShardStale"
     title = "A shard in the read set has moved on"
 
+    @classmethod
+    def of(cls, stale: list[dict[str, Any]]) -> CrossShardStale:
+        """The refusal for ``stale`` ({key, version_at_read, current_version} in key
+        order), worded here once for every store: the first stale key, and the remedy."""
+        first = stale[0]
+        return cls(
+            f"cross-shard stale read: key={first['key']} "
+            f"version_at_read={first['version_at_read']} "
+            f"current_version={first['current_version']}; re-read the keys listed in "
+            "stale_keys and retry, or start a new session with POST /session",
+            key=first["key"],
+            version_at_read=first["version_at_read"],
+            current_version=first["current_version"],
+            stale_keys=stale,
+        )
+
 
 class SessionExpired(StateError):
     code = "SessionExpired"

@@ -199,17 +199,8 @@ def decide(
 
     # 9e. ORI
     if ori_enabled and stale:
-        first = stale[0]
         fx.counters["cross_shard_stale"] = 1
-        fx.error = CrossShardStale(
-            f"cross-shard stale read: key={first['key']} "
-            f"version_at_read={first['version_at_read']} "
-            f"current_version={first['current_version']}",
-            key=first["key"],
-            version_at_read=first["version_at_read"],
-            current_version=first["current_version"],
-            stale_keys=stale,
-        )
+        fx.error = CrossShardStale.of(stale)
         return fx
 
     # 9f. written keys in ascending order

@@ -360,16 +360,7 @@ class RedisStore:
                 {"key": k, "version_at_read": int(v), "current_version": int(c)}
                 for k, v, c in f["stale_keys"]
             ]
-            first = stale[0]
-            return CrossShardStale(
-                f"cross-shard stale read: key={first['key']} "
-                f"version_at_read={first['version_at_read']} "
-                f"current_version={first['current_version']}",
-                key=first["key"],
-                version_at_read=first["version_at_read"],
-                current_version=first["current_version"],
-                stale_keys=stale,
-            )
+            return CrossShardStale.of(stale)
         if code == "SessionExpired":
             reason = f["reason"]
             return SessionExpired(
