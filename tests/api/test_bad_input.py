@@ -61,6 +61,7 @@ async def env(
         test_hooks=True,
         max_body=MAX_BODY,
         max_delta=MAX_DELTA,
+        secret="s" * 48,  # so POST /mandates hashes the context it accepts
     )
     app = create_app(settings)
     async with LifespanManager(app) as manager:
@@ -627,6 +628,78 @@ def _route_cases() -> Iterator[Any]:
         yield pytest.param(Case(method, url, body, status, code), id=f"{method}-{url}")
 
 
+def _nest(depth: int, leaf: Any = 1) -> Any:
+    """An object ``depth`` levels deep (the outermost counts as 1)."""
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _nest_lists(depth: int) -> Any:
+    value: Any = {"a": 1}
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+# Each breaks the input rules somewhere inside a free-form mandate context. Before they
+# were checked, the first ones made the idempotency fingerprint's encoder raise (500).
+BAD_CONTEXTS: list[Any] = [
+    {"s": SURROGATE},
+    {SURROGATE: 1},
+    {"n": 2**64},
+    {"n": 2**70},
+    _nest(33),
+    _nest(300),
+    _nest_lists(33),
+    {"s": "a\x00b"},
+    {"a\x00": 1},
+    {"n": -1},
+    {"n": -0.5},
+    {"n": MAX_INT + 1},
+    {"n": 1e300},
+    {"n": float("nan")},
+    {"n": float("inf")},
+    {"n": float("-inf")},
+    {"l": [0, [1, -1]]},
+    {"deep": [{"x": ["ok", SURROGATE]}]},
+]
+# The limits themselves are accepted: these contexts reach the protocol.
+GOOD_CONTEXTS: list[dict[str, Any]] = [
+    {},
+    _nest(32),
+    {"n": MAX_INT, "z": 0, "f": 0.5, "t": True, "null": None, "u": "\u00e9\u2713", "": ""},
+    {"l": [[[]], {}], "\U0001f600": "\U0001f600"},
+]
+CONTEXT_ROUTES: dict[str, dict[str, Any]] = {
+    "/commit": COMMIT,
+    "/commit/v2": COMMIT,
+    "/commit/multi": MULTI,
+    "/rollback": ROLLBACK,
+    "/mandates": {"holder": "h", "keys": ["absent"], "ttl_s": 60, "agent_id": "nobody"},
+}
+DELETE_ABSENT = "/shard/absent?expected_version=1&agent_id=nobody"
+
+
+def _context_cases() -> Iterator[Any]:
+    for idem in (False, True):
+        tag = "idem" if idem else "plain"
+        for path, valid in CONTEXT_ROUTES.items():
+            for i, context in enumerate(BAD_CONTEXTS):
+                headers = {"Idempotency-Key": f"ctx-{i}"} if idem else None
+                case = Case("POST", path, {**valid, "context": context}, 422, "ValidationError")
+                yield pytest.param(case._replace(headers=headers), id=f"{path}-{tag}-{i}")
+        for i, context in enumerate(BAD_CONTEXTS):
+            headers = {"X-SBus-Mandate-Context": json.dumps(context)}
+            if idem:
+                headers["Idempotency-Key"] = f"ctx-{i}"
+            yield pytest.param(
+                Case("DELETE", DELETE_ABSENT, None, 422, "ValidationError", headers),
+                id=f"delete-header-{tag}-{i}",
+            )
+
+
 def _encode(body: Any) -> bytes | None:
     if body is None or isinstance(body, bytes):
         return body
@@ -697,6 +770,35 @@ async def test_bad_body(env: Env, cases: list[Case]) -> None:
 @pytest.mark.parametrize("cases", _grouped(_limit_cases()))
 async def test_too_large(env: Env, cases: list[Case]) -> None:
     await _check(env, cases)
+
+
+@pytest.mark.parametrize("cases", _grouped(_context_cases()))
+async def test_bad_context(env: Env, cases: list[Case]) -> None:
+    """Every free-form context that breaks the input rules is 422, with or without an
+    Idempotency-Key, on every route that takes one (the DELETE's in a header)."""
+    await _check(env, cases)
+
+
+@pytest.mark.parametrize("idem", [False, True], ids=["plain", "idem"])
+async def test_context_at_the_limits_is_accepted(env: Env, idem: bool) -> None:
+    expected = {
+        "/commit": (404, "ShardNotFound"),
+        "/commit/v2": (404, "ShardNotFound"),
+        "/commit/multi": (404, "ShardNotFound"),
+        "/rollback": (404, "ShardNotFound"),
+    }
+    for i, context in enumerate(GOOD_CONTEXTS):
+        headers = {"Idempotency-Key": f"good-{i}"} if idem else {}
+        for path, (status, code) in expected.items():
+            body = {**CONTEXT_ROUTES[path], "context": context}
+            r = await env.client.post(path, content=_encode(body), headers=headers)
+            problem(r, status, code)
+        body = {**CONTEXT_ROUTES["/mandates"], "context": context}
+        r = await env.client.post("/mandates", content=_encode(body), headers=headers)
+        assert r.status_code == 201, r.text
+        headers["X-SBus-Mandate-Context"] = json.dumps(context)
+        problem(await env.client.delete(DELETE_ABSENT, headers=headers), 404, "ShardNotFound")
+    assert await snapshot(env.client, *KEYS) == env.baseline
 
 
 @pytest.mark.parametrize("cases", _grouped(_media_cases()))
@@ -849,3 +951,30 @@ async def test_utf8_encoded_surrogate_is_malformed(env: Env) -> None:
             ),
         ],
     )
+
+
+TRAILING_SLASHES = [
+    ("GET", "/shards/"),
+    ("GET", "/stats/"),
+    ("GET", "/livez/"),
+    ("GET", "/admin/health/"),
+    ("GET", "/admin/config/"),
+    ("POST", "/commit/"),
+    ("POST", "/commit/v2/"),
+    ("POST", "/commit/multi/"),
+    ("POST", "/rollback/"),
+    ("POST", "/session/"),
+    ("POST", "/mandates/"),
+    ("POST", "/admin/reset/"),
+]
+
+
+@pytest.mark.parametrize(("method", "url"), TRAILING_SLASHES)
+async def test_trailing_slash_is_not_found(env: Env, method: str, url: str) -> None:
+    """No redirect (its Location would be built from the Host header), no empty body:
+    a path with a trailing slash is an unknown path."""
+    body = b"{}" if method == "POST" else None
+    r = await env.client.request(method, url, content=body, headers={"Host": "localhost:7000"})
+    problem(r, 404, "NotFound")
+    assert "location" not in r.headers
+    assert await snapshot(env.client, *KEYS) == env.baseline

@@ -197,6 +197,12 @@ async def test_commit_without_prior_read_sets_dl(client: httpx.AsyncClient) -> N
 
 # -- cross-shard staleness -------------------------------------------------------------
 
+# The same words on every store, and they name the remedy.
+STALE_DETAIL = (
+    "cross-shard stale read: key={key} version_at_read={read} current_version={current}; "
+    "re-read the keys listed in stale_keys and retry, or start a new session with POST /session"
+)
+
 
 async def test_cross_shard_stale_from_delivery_log(client: httpx.AsyncClient) -> None:
     for key in ("a", "b", "c", "w"):
@@ -206,6 +212,7 @@ async def test_cross_shard_stale_from_delivery_log(client: httpx.AsyncClient) ->
     await committed(client, "c", 0, "c1", agent="y1")
     await committed(client, "a", 0, "a1", agent="y2")
     body = problem(await commit(client, "w", 0, "w1", agent="x"), 409, "CrossShardStale")
+    assert body["detail"] == STALE_DETAIL.format(key="a", read=0, current=1)
     assert (body["key"], body["version_at_read"], body["current_version"]) == ("a", 0, 1)
     assert body["stale_keys"] == [
         {"key": "a", "version_at_read": 0, "current_version": 1},
@@ -479,6 +486,7 @@ async def test_multi_cross_shard_stale(client: httpx.AsyncClient) -> None:
     # a is written: its DL entry is excluded; o is stale
     r = await client.post("/commit/multi", json=_multi(("a", 1, "A"), ("b", 0, "B"), agent="x"))
     body = problem(r, 409, "CrossShardStale")
+    assert body["detail"] == STALE_DETAIL.format(key="o", read=0, current=1)
     assert body["stale_keys"] == [{"key": "o", "version_at_read": 0, "current_version": 1}]
 
 
@@ -743,7 +751,8 @@ async def test_rollback_stale_read_set(client: httpx.AsyncClient) -> None:
     r = await client.post(
         "/rollback", json={"key": "k", "target_version": 0, "agent_id": "z", "read_set": rs}
     )
-    problem(r, 409, "CrossShardStale")
+    body = problem(r, 409, "CrossShardStale")
+    assert body["detail"] == STALE_DETAIL.format(key="o", read=0, current=1)
 
 
 async def test_rollback_without_expected_version_checks_its_own_read(

@@ -30,13 +30,13 @@ async def _replays(
     c: httpx.AsyncClient,
     first: httpx.Response,
     method: str,
-    path: str,
+    url: str,
     keys: tuple[str, ...],
     **kwargs: Any,
 ) -> None:
     """Send the request again: identical status, body and ETag, nothing else changes."""
     before = await snapshot(c, *keys)
-    again = await c.request(method, path, **kwargs)
+    again = await c.request(method, url, **kwargs)
     assert again.status_code == first.status_code
     assert again.content == first.content
     assert again.headers["idempotent-replayed"] == "true"
@@ -252,3 +252,86 @@ async def test_replay_with_conflicting_fields_still_validated(client: httpx.Asyn
     problem(r, 403, "AgentMismatch")
     # the commit did not happen twice
     assert (await commit(client, "k", 1, "y")).status_code == 200
+
+
+# -- the fingerprint covers the resolved agent and session, wherever they were named --------
+
+AGENT_IN_BODY: dict[str, Any] = {"agent_id": "a"}
+AGENT_IN_HEADER = {"X-Agent-Id": "a"}
+
+
+async def _setup_ops(c: httpx.AsyncClient) -> None:
+    await create(c, "k", "c0")
+    await create(c, "m")
+    await committed(c, "k", 0, "c1", agent="w")
+
+
+def _op(
+    name: str, agent: dict[str, Any], session: dict[str, Any], headers: dict[str, str]
+) -> dict[str, Any]:
+    """Request arguments for ``name``: the agent and session as body fields (commit,
+    multi, rollback), query parameters (delete) or headers."""
+    fields = {**agent, **session}
+    if name == "commit":
+        body = {"key": "k", "expected_version": 1, "delta": "x", **fields}
+        return {"method": "POST", "url": "/commit/v2", "json": body, "headers": headers}
+    if name == "multi":
+        writes = [{"key": "k", "expected_version": 1, "delta": "x"}]
+        body = {"writes": writes, **fields}
+        return {"method": "POST", "url": "/commit/multi", "json": body, "headers": headers}
+    if name == "rollback":
+        body = {"key": "k", "target_version": 0, "expected_version": 1, **fields}
+        return {"method": "POST", "url": "/rollback", "json": body, "headers": headers}
+    if name == "delete":
+        params = {"expected_version": "1", **fields}
+        return {"method": "DELETE", "url": "/shard/k", "params": params, "headers": headers}
+    assert name == "create"
+    body = {"key": "n", "content": "", **agent}
+    return {"method": "POST", "url": "/shard", "json": body, "headers": headers}
+
+
+OPS = ["commit", "multi", "rollback", "delete", "create"]
+
+
+@pytest.mark.parametrize("op", OPS)
+async def test_agent_in_body_or_header_is_one_request(client: httpx.AsyncClient, op: str) -> None:
+    """The same request naming its agent in the body (query for DELETE) and then in the
+    X-Agent-Id header replays; it used to be IdempotencyKeyReused."""
+    await _setup_ops(client)
+    first = await client.request(**_op(op, AGENT_IN_BODY, {}, KEY))
+    assert first.status_code in (200, 201, 204), first.text
+    again = _op(op, {}, {}, {**KEY, **AGENT_IN_HEADER})
+    await _replays(client, first, keys=("k", "m", "n"), **again)
+
+
+@pytest.mark.parametrize("op", ["commit", "multi", "rollback", "delete"])
+async def test_session_in_body_or_header_is_one_request(client: httpx.AsyncClient, op: str) -> None:
+    await _setup_ops(client)
+    first = await client.request(**_op(op, AGENT_IN_BODY, {"session_id": "s1"}, KEY))
+    assert first.status_code in (200, 204), first.text
+    again = _op(op, AGENT_IN_BODY, {}, {**KEY, "X-SBus-Session-Id": "s1"})
+    await _replays(client, first, keys=("k", "m", "n"), **again)
+
+
+@pytest.mark.parametrize("op", ["commit", "multi", "rollback", "delete"])
+@pytest.mark.parametrize("via", ["header", "body"])
+async def test_retry_from_another_session_is_not_replayed(
+    client: httpx.AsyncClient, op: str, via: str
+) -> None:
+    """Another session's identical request under the same key is a different request:
+    it used to replay the first session's result when the session came in a header."""
+    await _setup_ops(client)
+
+    def session(name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        if via == "header":
+            return {}, {**KEY, "X-SBus-Session-Id": name}
+        return {"session_id": name}, KEY
+
+    fields, headers = session("s1")
+    first = await client.request(**_op(op, AGENT_IN_BODY, fields, headers))
+    assert first.status_code in (200, 204), first.text
+    before = await snapshot(client, "k", "m")
+    fields, headers = session("s2")
+    r = await client.request(**_op(op, AGENT_IN_BODY, fields, headers))
+    problem(r, 422, "IdempotencyKeyReused")
+    assert await snapshot(client, "k", "m") == before

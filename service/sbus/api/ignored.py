@@ -24,7 +24,10 @@ from sbus.api.wire import WireModel
 from sbus.core.keys import path_text
 
 HEADER = "SBus-Ignored-Fields"
-_STATE = "sbus.ignored_fields"
+# The scope key of a per-request list the middleware hands down and the route fills in
+# (the scope itself may be copied on the way to the route, the list is not; the
+# scope's "state" may be shared by every request of the lifespan).
+_SCOPE_KEY = "sbus.ignored_fields"
 # A body may hold thousands of unknown fields; the header names the first few.
 MAX_LISTED = 32
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -110,9 +113,12 @@ class WireRoute(APIRoute):
 
 
 async def _record(request: Request, model: type[BaseModel] | None) -> None:
+    slot: list[str] | None = request.scope.get(_SCOPE_KEY)
+    if slot is None:
+        return
     paths = ignored_paths(model, await _parsed_body(request, parse=model is None))
     if paths:
-        request.scope.setdefault("state", {})[_STATE] = header_value(paths)
+        slot.append(header_value(paths))
 
 
 async def _parsed_body(request: Request, *, parse: bool) -> Any:
@@ -141,15 +147,14 @@ class IgnoredFieldsHeader:
         if scope["type"] != "http" or scope["method"] in BODYLESS:
             await self.app(scope, receive, send)
             return
-        state: dict[str, Any] = scope.setdefault("state", {})
+        slot: list[str] = []
+        scope[_SCOPE_KEY] = slot
 
         async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                value = state.get(_STATE)
-                if value is not None:
-                    headers = list(message.get("headers", []))
-                    headers.append((HEADER.lower().encode(), value.encode("ascii")))
-                    message = {**message, "headers": headers}
+            if message["type"] == "http.response.start" and slot:
+                headers = list(message.get("headers", []))
+                headers.append((HEADER.lower().encode(), slot[-1].encode("ascii")))
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_header)

@@ -1,0 +1,170 @@
+"""Unknown request fields stay ignored (compat) but are named in ``SBus-Ignored-Fields``
+on every response to a request whose JSON body was parsed, errors included; a
+``/commit/multi`` write carrying ``create`` or ``delete`` is refused, not overwritten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api.helpers import create, ok, problem, read, snapshot
+from tests.conftest import AppFactory
+
+HEADER = "SBus-Ignored-Fields"
+
+
+def _commit(**extra: Any) -> dict[str, Any]:
+    return {"key": "k", "expected_version": 0, "delta": "x", "agent_id": "a", **extra}
+
+
+async def test_typos_are_named(client: httpx.AsyncClient) -> None:
+    await create(client, "k")
+    r = await client.post("/commit/v2", json=_commit(readset=[], sesion_id="s"))
+    assert ok(r)["new_version"] == 1
+    assert r.headers[HEADER] == "readset, sesion_id"
+
+
+async def test_nested_paths(client: httpx.AsyncClient) -> None:
+    await create(client, "a")
+    await create(client, "b")
+    body = {
+        "agent_id": "x",
+        "extra": {"deep": 1},
+        "writes": [
+            {"key": "a", "expected_version": 0, "delta": "A"},
+            {"key": "b", "expected_version": 0, "delta": "B", "foo": 1, "delte": True},
+        ],
+        "read_set": [{"key": "a", "version_at_read": 0, "bar": None}],
+    }
+    r = await client.post("/commit/multi", json=body)
+    ok(r)
+    assert r.headers[HEADER] == "extra, writes[1].foo, writes[1].delte, read_set[0].bar"
+    r = await client.post("/shard", json={"key": "c", "content": "", "policy": {"requre": True}})
+    ok(r, 201)
+    assert r.headers[HEADER] == "policy.requre"
+
+
+async def test_known_fields_aliases_and_context_contents_are_not_named(
+    client: httpx.AsyncClient,
+) -> None:
+    await create(client, "k")
+    body = {"key": "k", "expected_ver": 0, "content": "x", "agent_id": "a", "context": {"z": 1}}
+    r = await client.post("/commit/v2", json=body)
+    ok(r)
+    assert HEADER not in r.headers
+    r = await client.post("/session", json={"agent_id": "a", "session_id": "s"})
+    ok(r)
+    assert HEADER not in r.headers
+    assert HEADER not in (await client.get("/shard/k", params={"agent_id": "a"})).headers
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "named"),
+    [
+        (_commit(expected_version=5, readset=[]), 409, "VersionMismatch", "readset"),
+        (_commit(key="absent", sesion_id="s"), 404, "ShardNotFound", "sesion_id"),
+        (
+            {"key": "k", "expected_version": 0, "delt": "x", "agent_id": "a"},
+            422,
+            "ValidationError",
+            "delt",
+        ),
+        ({**_commit(), "content": "y", "x": 1}, 422, "AmbiguousField", "x"),
+        (_commit(agent_id="", agnet_id="a"), 422, "ValidationError", "agnet_id"),
+    ],
+    ids=["conflict", "not-found", "validation", "ambiguous", "missing-agent"],
+)
+async def test_named_on_error_responses(
+    client: httpx.AsyncClient, body: dict[str, Any], status: int, code: str, named: str
+) -> None:
+    await create(client, "k")
+    r = await client.post("/commit/v2", json=body)
+    problem(r, status, code)
+    assert r.headers[HEADER] == named
+    assert (await read(client, "k"))["version"] == 0
+
+
+async def test_not_named_without_a_parsed_body(client: httpx.AsyncClient) -> None:
+    r = await client.post("/commit/v2", content=b'{"key": "k", "readset": ')
+    problem(r, 400, "MalformedJSON")
+    assert HEADER not in r.headers
+    r = await client.post("/commit/v2", content=b'["readset"]')
+    problem(r, 422, "ValidationError")
+    assert HEADER not in r.headers
+
+
+async def test_routes_without_a_body_model_name_every_field(client: httpx.AsyncClient) -> None:
+    await create(client, "k")
+    r = await client.request(
+        "DELETE", "/shard/k", params={"expected_version": "0", "agent_id": "a"}, json={"why": 1}
+    )
+    assert r.status_code == 204
+    assert r.headers[HEADER] == "why"
+    r = await client.post("/admin/reset", json={"everything": True})
+    ok(r)
+    assert r.headers[HEADER] == "everything"
+    r = await client.post("/admin/reset", json={})
+    assert HEADER not in r.headers
+
+
+async def test_names_are_escaped_and_capped(client: httpx.AsyncClient) -> None:
+    await create(client, "k")
+    odd = {"a, b": 1, "line\r\nX-Injected: 1": 2, "caf\u00e9": 3, "x" * 100: 4, "ok_name-1": 5}
+    r = await client.post("/commit/v2", json=_commit(**odd))
+    ok(r)
+    assert "x-injected" not in r.headers
+    assert r.headers[HEADER] == ", ".join(
+        [
+            '["a\\u002c b"]',
+            '["line\\r\\nX-Injected: 1"]',
+            '["caf\\u00e9"]',
+            '["' + "x" * 64 + '..."]',
+            "ok_name-1",
+        ]
+    )
+    many = {f"f{i:02}": i for i in range(40)}
+    r = await client.post("/commit/v2", json=_commit(expected_version=1, **many))
+    ok(r)
+    assert r.headers[HEADER] == ", ".join([f"f{i:02}" for i in range(32)] + ["..."])
+
+
+async def test_exposed_to_browsers(make_client: AppFactory) -> None:
+    origin = "http://app.test"
+    _, c = await make_client(cors_origins=origin)
+    await create(c, "k")
+    r = await c.post("/commit/v2", json=_commit(readset=[]), headers={"Origin": origin})
+    ok(r)
+    assert r.headers[HEADER] == "readset"
+    exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+    assert HEADER.lower() in exposed
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"delete": True}, {"create": True}, {"delete": False}, {"create": None}],
+    ids=["delete", "create", "delete-false", "create-null"],
+)
+async def test_multi_refuses_create_and_delete(
+    client: httpx.AsyncClient, extra: dict[str, Any]
+) -> None:
+    """Ignoring ``delete: true`` turned a delete into an overwrite; until a multi can
+    create and delete, either field is refused and nothing is written."""
+    await create(client, "a", "A0")
+    await create(client, "b", "B0")
+    before = await snapshot(client, "a", "b")
+    body = {
+        "agent_id": "x",
+        "writes": [
+            {"key": "a", "expected_version": 0, "delta": "A1"},
+            {"key": "b", "expected_version": 0, "delta": "", **extra},
+        ],
+    }
+    r = await client.post("/commit/multi", json=body)
+    err = problem(r, 422, "ValidationError")
+    (name,) = extra
+    assert [e["loc"] for e in err["errors"]] == [["body", "writes", 1, name]]
+    assert err["errors"][0]["type"] == "unsupported"
+    assert await snapshot(client, "a", "b") == before
+    assert (await read(client, "b"))["content"] == "B0"
