@@ -170,3 +170,20 @@ def test_the_context_hash_code_matches_the_bus(bus_url: str) -> None:
     assert issued == [code["context_hash"](context), code["context_hash"](None)]
     example = code["canonical_json"]({"b": 1, "a": "é"})
     assert example == '{"a":"é","b":1}'.encode()
+
+
+# -- docs/sessions.md: one session per task --------------------------------------------------
+
+SESSIONS_MD = DOCS / "sessions.md"
+
+
+def test_the_sessions_example_prints_what_the_page_says(bus_url: str) -> None:
+    """Two tasks of one agent in their own sessions: a plan only task 1 read moves on,
+    task 2 commits, task 1 is refused with the remedy in the detail, follows it and
+    commits. The page shows the exact output."""
+    page = SESSIONS_MD.read_text(encoding="utf-8")
+    (code,) = re.findall(r"```python\n(.*?)```", page, re.S)
+    (printed,) = re.findall(r"```text\n(.*?)```", page, re.S)
+    assert PRINTED_URL in code
+    _, out = run(code, bus_url)
+    assert out == printed

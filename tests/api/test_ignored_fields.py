@@ -168,3 +168,15 @@ async def test_multi_refuses_create_and_delete(
     assert err["errors"][0]["type"] == "unsupported"
     assert await snapshot(client, "a", "b") == before
     assert (await read(client, "b"))["content"] == "B0"
+
+
+async def test_declared_in_openapi(client: httpx.AsyncClient) -> None:
+    paths = ok(await client.get("/openapi.json"))["paths"]
+    for path, method, status in [
+        ("/commit/v2", "post", "200"),
+        ("/commit/v2", "post", "409"),
+        ("/shard/{key}", "delete", "204"),
+        ("/admin/reset", "post", "200"),
+    ]:
+        assert HEADER in paths[path][method]["responses"][status]["headers"], (path, status)
+    assert "headers" not in paths["/shards"]["get"]["responses"]["200"]

@@ -1,10 +1,10 @@
 """What the OpenAPI document cannot learn from the handlers' signatures: the headers the
 handlers read from the raw request (identity, session, preconditions, idempotency,
-mandates), the response headers they set (ETag, Idempotent-Replayed, Retry-After), the
-bearer scheme of token mode, 429 on rate-limited routes, and an optional body for the
-routes that take none but, like every POST and DELETE, need ``Content-Type:
-application/json`` (without it, generated clients and Swagger's "Try it out" send no
-Content-Type and get 415).
+mandates), the response headers they set (ETag, Idempotent-Replayed, Retry-After,
+SBus-Ignored-Fields), the bearer scheme of token mode, 429 on rate-limited routes, and an
+optional body for the routes that take none but, like every POST and DELETE, need
+``Content-Type: application/json`` (without it, generated clients and Swagger's "Try it
+out" send no Content-Type and get 415).
 
 Declared here, in one table, rather than in every router signature, so the handlers keep
 reading headers the one way ``sbus.api.deps`` does. :func:`declare` edits the generated
@@ -116,6 +116,11 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "description": "Seconds to wait before retrying (429, and 503 StoreUnavailable).",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
     },
+    "SBus-Ignored-Fields": {
+        "description": "The body fields the request sent but the bus ignored (unknown), as "
+        "comma-separated paths, e.g. `readset, writes[0].foo`; absent when none.",
+        "schema": {"type": "string"},
+    },
 }
 
 RATE_LIMITED_DESCRIPTION = (
@@ -166,6 +171,8 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
                     _add_response_header(response, "Idempotent-Replayed")
                 if code == 503 and path != "/admin/health":  # health: a plain status body
                     _add_response_header(response, "Retry-After")
+                if method in ("post", "delete"):
+                    _add_response_header(response, "SBus-Ignored-Fields")
             if token_mode and route in RATE_LIMITED:
                 limited = responses.setdefault("429", {"description": RATE_LIMITED_DESCRIPTION})
                 _add_response_header(limited, "Retry-After")
