@@ -437,3 +437,29 @@ def test_token_mode_starts_with_a_key() -> None:
     assert Settings(host="0.0.0.0").startup_problem() is not None
     problem_text = Settings(host="0.0.0.0", auth="open").startup_problem()
     assert problem_text is not None and "SBUS_ALLOW_INSECURE" in problem_text
+
+
+async def test_issue_refuses_tokens_the_verifier_would_refuse(make_client: AppFactory) -> None:
+    """Within every pattern bound, 256 scopes of non-ASCII patterns (each character
+    \\u-escaped to 12 bytes in the JSON) still sign to more than the 64 KiB a verifier
+    reads: 422 at issue, not a token that can never authenticate."""
+    app, c = await token_app(make_client)
+    root = auth(root_token(app))
+    rights = ["read", "write", "create", "delete", "mandate"]
+    scopes = [{"pattern": f"{i:03d}/" + "\U0001f600" * 12, "rights": rights} for i in range(256)]
+    body = {"agent": "A", "scopes": scopes, "ttl_s": 60}
+    detail = problem(await c.post("/admin/tokens", json=body, headers=root), 422, "ValidationError")
+    assert "65536" in detail["detail"]
+    ok(await c.post("/admin/tokens", json={**body, "scopes": scopes[:64]}, headers=root), 201)
+
+
+async def test_issue_bounds_the_scope_patterns(make_client: AppFactory) -> None:
+    app, c = await token_app(make_client)
+    root = auth(root_token(app))
+    scope = {"pattern": "p/" + "x" * 510, "rights": ["read"]}
+    body = {"agent": "A", "scopes": [scope] * 8, "ttl_s": 60}
+    issued = ok(await c.post("/admin/tokens", json=body, headers=root), 201)
+    ok(await c.get("/stats", headers=auth(issued["token"])))
+    over = {**body, "scopes": [scope] * 9}  # 4608 characters of patterns
+    r = await c.post("/admin/tokens", json=over, headers=root)
+    assert "at most 4096" in problem(r, 422, "ValidationError")["detail"]

@@ -170,3 +170,22 @@ async def test_idempotent_retry_of_a_mandated_commit_replays(env: Env) -> None:
     assert (again.status_code, again.json()) == (200, first.json())
     assert again.headers["idempotent-replayed"] == "true"
     assert await version(c, root, "pay/1") == 1
+
+
+async def test_mandate_patterns_are_bounded_at_issue(env: Env) -> None:
+    """The issue's 64 KB mandate (128 patterns of 500 characters) is refused, as is
+    anything past 4096 characters or 256 patterns; the bound itself is served."""
+    _, c, _, g, a = env
+    for keys, words in (
+        (["pay/" + "*a" * 248] * 128, "at most 4096"),
+        (["pay/" + "x" * 508] * 9, "at most 4096"),
+        (["pay/x"] * 257, "at most 256"),
+    ):
+        r = await c.post("/mandates", json={"holder": "A", "keys": keys, "ttl_s": 60}, headers=g)
+        body = problem(r, 422, "ValidationError")
+        assert body["errors"][0]["loc"][-1] == "keys"
+        assert words in body["detail"]
+    wide = [f"pay/{i}" + "*" * (i % 2) for i in range(1, 17)] + ["pay/" + "x" * 508] * 7
+    issued = await issue(c, g, keys=wide)
+    r = await c.post("/commit/v2", json=commit("pay/3", issued["mandate"]), headers=a)
+    assert ok(r)["new_version"] == 1

@@ -1,4 +1,4 @@
-"""Key patterns of scopes and mandates (SPEC section 5).
+"""Key patterns of scopes and mandates (docs/protocol.md section 5.3).
 
 ``*`` matches any run (possibly empty) of characters other than ``/``; ``**`` matches any
 run at all. Every other character is literal (``.``, ``?``, ``[``, ``+`` and ``\\``
@@ -9,27 +9,35 @@ matches both; ``a/**/b`` needs the two slashes (``a/b`` does not match).
 Validation refuses the empty pattern, runs of three or more ``*`` (``***`` could only mean
 ``**``; refusing keeps one spelling per pattern and catches typos), U+0000, lone
 surrogates and patterns over :data:`MAX_PATTERN_LENGTH`. A pattern that can never match a
-valid key (``a//b``, ``/x``) is accepted: it grants nothing.
+valid key (``a//b``, ``/x``) is accepted: it grants nothing. A list of patterns (a token's
+scopes, a mandate's keys) holds at most :data:`MAX_PATTERNS` of them and
+:data:`MAX_PATTERN_CHARS` characters in all (:func:`validate_patterns`).
 
-Matching must stay cheap for patterns chosen by agents (mandate keys), so no pattern with
-more than two wildcards goes to the backtracking ``re`` engine, where ``*a*a*a*b`` against
-a 256-character key takes seconds. Those run on a bit-parallel NFA that costs a few integer
-operations per key character whatever the pattern.
+Matching must stay cheap for patterns chosen by agents (mandate keys), and a request may
+check 128 keys against two such lists. A :class:`PatternSet` matches a key against a
+whole list at once: literal patterns by a set lookup, ``prefix**`` patterns by one
+``str.startswith``, and every other pattern in one bit-parallel NFA (a Shift-And
+simulation of the matching DP) whose state has one bit per pattern token. Each key
+character costs a handful of integer operations on that state, so a match costs
+O(len(key) * total pattern length / word size) whatever the patterns are: no backtracking,
+and no per-pattern loop in Python. The list bounds keep the state a few thousand bits.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
+from sbus.core.errors import ValidationFailed
 from sbus.core.keys import text_problem
 from sbus.security import InvalidPattern
 
 MAX_PATTERN_LENGTH = 512
-# With at most this many wildcards the regex engine backtracks at most O(n^2) steps on a
-# key of n <= 256 characters (~0.1 ms worst case); more go to the NFA.
-_REGEX_MAX_WILDCARDS = 2
+# Per list (a token's scopes, a mandate's keys or grantor_scopes). The character total is
+# what bounds matching work (the NFA state has one bit per character); the count bounds
+# everything else done per pattern.
+MAX_PATTERNS = 256
+MAX_PATTERN_CHARS = 4096
 
 Matcher = Callable[[str], bool]
 
@@ -55,6 +63,31 @@ def validate_pattern(pattern: str, *, loc: list[str | int] | None = None) -> str
     return pattern
 
 
+def check_pattern_budget(patterns: Sequence[str], *, what: str, loc: list[str | int]) -> None:
+    """The list bounds: at most :data:`MAX_PATTERNS` patterns of at most
+    :data:`MAX_PATTERN_CHARS` characters in all; :class:`ValidationFailed` (422)."""
+    if len(patterns) > MAX_PATTERNS:
+        raise ValidationFailed(
+            f"{what}: {len(patterns)} patterns, at most {MAX_PATTERNS} allowed", loc=loc
+        )
+    total = sum(len(p) for p in patterns)
+    if total > MAX_PATTERN_CHARS:
+        raise ValidationFailed(
+            f"{what}: patterns of {total} characters in all, at most {MAX_PATTERN_CHARS} "
+            "allowed; use fewer or broader patterns",
+            loc=loc,
+        )
+
+
+def validate_patterns(value: object, *, what: str) -> tuple[str, ...]:
+    """A non-empty list of valid patterns within the list bounds (``what`` names the
+    field, for messages and ``loc``); :class:`ValidationFailed` otherwise."""
+    if not isinstance(value, list | tuple) or not value:
+        raise ValidationFailed(f"{what} must be a non-empty list of patterns", loc=[what])
+    check_pattern_budget([p if isinstance(p, str) else "" for p in value], what=what, loc=[what])
+    return tuple(validate_pattern(p, loc=[what, i]) for i, p in enumerate(value))
+
+
 def _tokens(pattern: str) -> list[str]:
     """Split into literal characters and the wildcards ``*`` / ``**``."""
     out: list[str] = []
@@ -69,70 +102,92 @@ def _tokens(pattern: str) -> list[str]:
     return out
 
 
-def _regex_matcher(tokens: list[str]) -> Matcher:
-    parts = [".*" if t == "**" else "[^/]*" if t == "*" else re.escape(t) for t in tokens]
-    # DOTALL: ``**`` covers every character; fullmatch anchors both ends.
-    compiled = re.compile("".join(parts), re.DOTALL)
+class PatternSet:
+    """Whether a key matches any of some valid patterns; build it with
+    :func:`pattern_set`, which validates and caches."""
 
-    def match(key: str) -> bool:
-        return compiled.fullmatch(key) is not None
+    __slots__ = (
+        "_accept",
+        "_everything",
+        "_glob",
+        "_literal",
+        "_literals",
+        "_prefixes",
+        "_start",
+        "_wild",
+    )
 
-    return match
+    def __init__(self, patterns: Iterable[str]) -> None:
+        literals: set[str] = set()
+        prefixes: list[str] = []
+        literal: dict[str, int] = {}
+        star = glob = starts = accept = 0
+        offset = 0
+        self._everything = False
+        for pattern in patterns:
+            if "*" not in pattern:
+                literals.add(pattern)
+                continue
+            head = pattern[:-2]
+            if pattern.endswith("**") and "*" not in head:
+                if not head:
+                    self._everything = True
+                prefixes.append(head)
+                continue
+            # Bit offset + j: the pattern's first j tokens have matched. A wildcard token
+            # loops on its bit and may be skipped (bit j -> j+1 on no input); validation
+            # forbids adjacent wildcards, so one closure step suffices. The bit after the
+            # last token accepts; nothing shifts out of it, so patterns never interfere.
+            tokens = _tokens(pattern)
+            starts |= 1 << offset
+            for j, token in enumerate(tokens):
+                bit = 1 << (offset + j)
+                if token == "**":
+                    glob |= bit
+                elif token == "*":
+                    star |= bit
+                else:
+                    literal[token] = literal.get(token, 0) | bit
+            accept |= 1 << (offset + len(tokens))
+            offset += len(tokens) + 1
+        self._literals = frozenset(literals)
+        self._prefixes = tuple(prefixes)
+        self._literal = literal
+        self._glob = glob
+        self._wild = star | glob
+        self._start = starts | ((starts & self._wild) << 1)
+        self._accept = accept
 
-
-def _nfa_matcher(tokens: list[str]) -> Matcher:
-    # State j (bit j) = the first j tokens have matched. A wildcard at j loops on j and
-    # may be skipped (j -> j+1 without input). Validation forbids adjacent wildcards,
-    # so one closure step suffices.
-    literal: dict[str, int] = {}
-    star = glob = 0
-    for j, t in enumerate(tokens):
-        if t == "**":
-            glob |= 1 << j
-        elif t == "*":
-            star |= 1 << j
-        else:
-            literal[t] = literal.get(t, 0) | 1 << j
-    wild = star | glob
-    loop_any = star | glob
-    accept = 1 << len(tokens)
-    start = 1 | ((1 & wild) << 1)
-
-    def match(key: str) -> bool:
-        state = start
+    def __call__(self, key: str) -> bool:
+        if self._everything or key in self._literals or key.startswith(self._prefixes):
+            return True
+        state = self._start
+        if not state:
+            return False
+        literal, glob, wild = self._literal, self._glob, self._wild
         for ch in key:
-            stay = state & (glob if ch == "/" else loop_any)
+            stay = state & (glob if ch == "/" else wild)
             state = ((state & literal.get(ch, 0)) << 1) | stay
             if not state:
                 return False
             state |= (state & wild) << 1
-        return bool(state & accept)
-
-    return match
+        return bool(state & self._accept)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
+def pattern_set(patterns: tuple[str, ...]) -> PatternSet:
+    """A matcher for valid patterns (raises :class:`InvalidPattern` otherwise); cached,
+    so each distinct list is compiled once per process."""
+    for pattern in patterns:
+        validate_pattern(pattern)
+    return PatternSet(patterns)
+
+
 def compile_pattern(pattern: str) -> Matcher:
-    """A matcher for a valid pattern (raises :class:`InvalidPattern` otherwise); cached,
-    so each distinct pattern is compiled once per process."""
-    validate_pattern(pattern)
-    if pattern == "**":
-        return lambda key: True
-    tokens = _tokens(pattern)
-    wildcards = sum(1 for t in tokens if t in ("*", "**"))
-    if wildcards == 0:
-        return pattern.__eq__
-    if wildcards <= _REGEX_MAX_WILDCARDS:
-        return _regex_matcher(tokens)
-    return _nfa_matcher(tokens)
+    """A matcher for one valid pattern (raises :class:`InvalidPattern` otherwise)."""
+    return pattern_set((pattern,))
 
 
 def matches(pattern: str, key: str) -> bool:
     """Whether ``key`` matches ``pattern`` (anchored, case-sensitive)."""
     return compile_pattern(pattern)(key)
-
-
-def _slow_matcher(pattern: str) -> Matcher:
-    """The NFA for any pattern: lets tests check both engines against each other."""
-    validate_pattern(pattern)
-    return _nfa_matcher(_tokens(pattern))

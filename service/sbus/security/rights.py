@@ -9,15 +9,22 @@ valid with the pattern ``**`` because it guards endpoints, not keys.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from sbus.core.errors import ValidationFailed
-from sbus.security.patterns import compile_pattern, validate_pattern
+from sbus.security.patterns import (
+    MAX_PATTERNS,
+    Matcher,
+    check_pattern_budget,
+    compile_pattern,
+    pattern_set,
+    validate_pattern,
+)
 
 ADMIN_PATTERN = "**"
-MAX_SCOPES = 256
+MAX_SCOPES = MAX_PATTERNS
 
 
 class Right(StrEnum):
@@ -92,9 +99,17 @@ class Capabilities:
     """What a request may do: the union of its scopes."""
 
     scopes: tuple[Scope, ...] = ()
+    # right -> one matcher over every pattern holding it (a multi checks 128 keys),
+    # built on first use: most requests need one or two rights.
+    _matchers: dict[Right, Matcher] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def allows(self, right: Right, key: str) -> bool:
-        return any(scope.covers(right, key) for scope in self.scopes)
+        matcher = self._matchers.get(right)
+        if matcher is None:
+            matcher = self._matchers[right] = pattern_set(self.patterns_with(right))
+        return matcher(key)
 
     @property
     def is_admin(self) -> bool:
@@ -150,7 +165,7 @@ def scopes_from_json(value: object) -> tuple[Scope, ...]:
         raise ValidationFailed("scopes must be a list", loc=["scopes"])
     if len(value) > MAX_SCOPES:
         raise ValidationFailed(f"at most {MAX_SCOPES} scopes", loc=["scopes"])
-    return tuple(Scope.from_json(item, loc=["scopes", i]) for i, item in enumerate(value))
+    return check_scopes(Scope.from_json(item, loc=["scopes", i]) for i, item in enumerate(value))
 
 
 def check_scopes(scopes: Iterable[Scope]) -> tuple[Scope, ...]:
@@ -159,6 +174,7 @@ def check_scopes(scopes: Iterable[Scope]) -> tuple[Scope, ...]:
         raise ValidationFailed(f"at most {MAX_SCOPES} scopes", loc=["scopes"])
     if not all(isinstance(s, Scope) for s in out):
         raise ValidationFailed("scopes must be Scope values", loc=["scopes"])
+    check_pattern_budget([s.pattern for s in out], what="scopes", loc=["scopes"])
     return out
 
 

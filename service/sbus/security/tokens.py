@@ -34,8 +34,9 @@ from sbus.security.rights import Capabilities, Scope, check_scopes, scopes_from_
 
 CAPABILITY_TYP = "at+jwt"
 MAX_AGENT_LENGTH = 256
-# Far above any honest token (256 scopes of 512-character patterns is ~150 KiB, so the
-# issuer refuses to mint more than this); bounds the work spent on junk.
+# Far above any honest token; bounds the work spent on junk. The pattern bounds
+# (sbus.security.patterns) keep most tokens well below it, but not all (non-ASCII
+# patterns are \u-escaped in the JSON), so encode_jwt refuses to sign anything longer.
 MAX_TOKEN_LENGTH = 64 * 1024
 _CLAIMS = ["sub", "scopes", "iat", "exp", "jti", "iss", "aud"]
 
@@ -79,9 +80,16 @@ def _str_claim(payload: dict[str, Any], name: str) -> str:
 
 def encode_jwt(keys: KeySet, payload: dict[str, Any], *, typ: str) -> str:
     """Sign ``payload`` with the key set's signing key (:class:`SigningUnavailable`
-    on a verify-only replica)."""
+    on a verify-only replica). A result the verifiers would refuse unread (over
+    :data:`MAX_TOKEN_LENGTH`) is :class:`ValidationFailed` (422) instead."""
     kid, key = keys.signer()
-    return jwt.encode(payload, key, algorithm=keys.algorithm, headers={"kid": kid, "typ": typ})
+    token = jwt.encode(payload, key, algorithm=keys.algorithm, headers={"kid": kid, "typ": typ})
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise ValidationFailed(
+            f"the signed token would be {len(token)} bytes, over the {MAX_TOKEN_LENGTH} a "
+            "verifier accepts; use fewer or shorter patterns"
+        )
+    return token
 
 
 def decode_jwt(
