@@ -393,3 +393,19 @@ def test_cli_issue_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(app, ["token", "issue", "--agent", "A", "--allow", "read:x"])
     assert result.exit_code == 2 and "SBUS_SECRET" in result.output
+
+
+def test_cli_refuses_a_token_the_verifier_would_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 scopes of non-ASCII patterns are within the pattern bounds but sign to more
+    than 64 KiB (the JSON \\u-escapes each character to 12 bytes): exit 2 with the reason,
+    no token printed."""
+    monkeypatch.setenv("SBUS_SECRET", "c" * 32)
+    allows = [f"read,write,create,delete,mandate:{i:03d}/" + "\U0001f600" * 12 for i in range(256)]
+    args = ["token", "issue", "--agent", "A"]
+    for allow in allows:
+        args += ["--allow", allow]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "65536" in result.output and "." not in result.stdout
+    fits = ["token", "issue", "--agent", "A", "--allow", allows[0]]
+    assert CliRunner().invoke(app, fits).exit_code == 0
