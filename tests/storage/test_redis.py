@@ -330,9 +330,19 @@ class TestConcurrency:
                     await store.apply(commit("k", version, f"c{i}", agent="C"))
 
         async def roller(store: RedisStore, n: int) -> None:
-            for _ in range(n):
+            # A session per rollback: its read of k (the last rollback's RYW entry) would
+            # otherwise be checked, and these must stay blind to race the commits.
+            for i in range(n):
                 await store.apply(
-                    commit("k", None, agent="R", kind="rollback", op="rollback", target=0)
+                    commit(
+                        "k",
+                        None,
+                        agent="R",
+                        kind="rollback",
+                        op="rollback",
+                        target=0,
+                        session=f"{id(store)}-{i}",
+                    )
                 )
 
         await asyncio.gather(committer(a, 25), roller(b, 25), committer(b, 25), roller(a, 25))
