@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     allowed_hosts: str = ""
     session_ttl: int = Field(3600, ge=0)
     max_delta: int = Field(262_144, ge=0)
+    max_rationale: int = Field(4096, ge=0)
+    max_goal_tag: int = Field(4096, ge=0)
     max_body: int = Field(1_048_576, ge=1)
     max_read_set: int = Field(1024, ge=0)
     max_dl_entries: int = Field(16384, ge=1)
@@ -87,6 +89,8 @@ class Settings(BaseSettings):
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(
             max_delta=self.max_delta,
+            max_rationale=self.max_rationale,
+            max_goal_tag=self.max_goal_tag,
             max_read_set=self.max_read_set,
             max_txn_keys=self.max_txn_keys,
         )

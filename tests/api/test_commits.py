@@ -15,10 +15,12 @@ from tests.api.helpers import (
     create,
     delete,
     dl_entries,
+    history,
     ok,
     problem,
     read,
     sha256_hex,
+    snapshot,
     stats,
 )
 from tests.conftest import AppFactory
@@ -813,3 +815,54 @@ async def test_delta_too_large(make_client: AppFactory) -> None:
     shard = await read(c, "k")
     assert (shard["version"], shard["attempt_count"]) == (1, 1)
     assert (await stats(c))["total_shards"] == 1
+
+
+async def test_rationale_too_large(client: httpx.AsyncClient) -> None:
+    """SBUS_MAX_RATIONALE (default 4096 UTF-8 bytes) bounds a commit's rationale, which
+    every history entry retains; a refusal leaves everything as it was."""
+    await create(client, "k", "c0")
+    await committed(client, "k", 0, "c1", rationale="é" * 2048)  # exactly 4096 bytes
+    before = await snapshot(client, "k")
+    before_history = await history(client, "k")
+    for rationale, size in (("x" * 4097, 4097), ("é" * 2049, 4098)):
+        body = problem(
+            await commit(client, "k", 1, "c2", rationale=rationale), 413, "FieldTooLarge"
+        )
+        assert (body["field"], body["size"], body["max"]) == ("rationale", size, 4096)
+        r = await client.post("/commit/multi", json=_multi(("k", 1, "c2"), rationale=rationale))
+        body = problem(r, 413, "FieldTooLarge")
+        assert (body["field"], body["size"], body["max"]) == ("rationale", size, 4096)
+    assert await snapshot(client, "k") == before
+    assert await history(client, "k") == before_history
+
+
+async def test_goal_tag_too_large(client: httpx.AsyncClient) -> None:
+    for path in ("/shard", "/admin/shard"):
+        r = await client.post(path, json={"key": "k", "content": "c", "goal_tag": "g" * 4097})
+        body = problem(r, 413, "FieldTooLarge")
+        assert (body["field"], body["size"], body["max"]) == ("goal_tag", 4097, 4096)
+    problem(await client.get("/shard/k"), 404, "ShardNotFound")
+    assert (await stats(client))["total_shards"] == 0
+    assert (await create(client, "k", "c", goal_tag="é" * 2048))["goal_tag"] == "é" * 2048
+
+
+async def test_text_caps_are_settings(make_client: AppFactory) -> None:
+    """The caps are configurable; a delete's and a rollback's rationale are the bus's
+    own words and pass whatever the cap."""
+    _, c = await make_client(max_rationale=3, max_goal_tag=2)
+    problem(
+        await c.post("/shard", json={"key": "k", "content": "c", "goal_tag": "abc"}),
+        413,
+        "FieldTooLarge",
+    )
+    await create(c, "k", "c0", goal_tag="ab")
+    body = problem(await commit(c, "k", 0, "c1", rationale="abcd"), 413, "FieldTooLarge")
+    assert body["max"] == 3
+    await committed(c, "k", 0, "c1", rationale="abc")
+    r = await c.post("/rollback", json={"key": "k", "target_version": 0, "agent_id": "a"})
+    assert ok(r)["version"] == 2
+    assert (await delete(c, "k", 2)).status_code == 204
+    assert [e["rationale"] for e in await history(c, "k")][:2] == ["delete", "rollback to 0"]
+    _, unlimited = await make_client(max_rationale=0, max_goal_tag=0)
+    await create(unlimited, "u", "c0", goal_tag="g" * 5000)
+    await committed(unlimited, "u", 0, "c1", rationale="r" * 5000)

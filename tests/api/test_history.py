@@ -162,6 +162,18 @@ async def test_history_max_bytes(make_client: AppFactory) -> None:
     problem(r, 404, "VersionNotFound")
 
 
+async def test_history_max_bytes_counts_every_byte_of_an_entry(make_client: AppFactory) -> None:
+    """Rationales count against SBUS_HISTORY_MAX_BYTES like content: each commit below
+    retains about 1080 bytes (900 of rationale, the hashes, ids and one of content), so a
+    3000-byte budget keeps the newest two and trims the older ones."""
+    _, c = await make_client(history_max_bytes=3000)
+    await create(c, "k", "c0")
+    for version in range(5):
+        await committed(c, "k", version, "c", rationale="r" * 900)
+    assert [e["version"] for e in await history(c, "k")] == [5, 4]
+    assert (await read(c, "k"))["delta_log_depth"] == 2
+
+
 async def test_history_default_limit_is_100(client: httpx.AsyncClient) -> None:
     """SPEC section 2: without ``limit`` a page holds the newest 100 entries; ``before``
     pages on to the rest."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sbus.core import errors as e
+from sbus.core import rules
 from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.types import (
     Counters,
@@ -26,7 +27,7 @@ from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
 from tests.conftest import store_url
 
-LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=3, history_max_bytes=64)
+LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=3, history_max_bytes=1024)
 
 
 @pytest.fixture
@@ -143,10 +144,31 @@ class TestStoreConformance:
             await store.apply(commit("k", v, str(v + 1)))
         versions = [h.version for h in await store.history("k", None, 100)]
         assert versions == [5, 4, 3]
-        await store.apply(commit("k", 5, "x" * 64))
+        await store.apply(commit("k", 5, "x" * 900))
         versions = [h.version for h in await store.history("k", None, 100)]
-        assert versions == [6]  # 64 bytes plus any older entry exceed the 64-byte cap
+        assert versions == [6]  # 900 bytes plus any older entry exceed the 1024-byte cap
         assert (await store.read("k", None, "", False)).history_depth == 1
+
+    async def test_history_bytes_count_every_field(self, store: Store) -> None:
+        """Retention counts rules.entry_bytes: rationale, ids and hashes as well as content.
+        Each commit here is 480 bytes with one byte of content: two fit in 1024, three do
+        not."""
+        await store.create(create("k", "0"))
+        for v in range(4):
+            txn = commit_txn(
+                op="commit",
+                agent_id="A",
+                session_id="",
+                writes=[WriteOp("k", v, "commit", "c")],
+                read_set=[],
+                rationale="r" * 300,
+                idem=None,
+            )
+            await store.apply(txn)
+        kept = await store.history("k", None, 100)
+        assert [h.version for h in kept] == [4, 3]
+        assert [rules.entry_bytes(h) for h in kept] == [480, 480]
+        assert (await store.read("k", None, "", False)).history_depth == 2
 
     async def test_idempotent_apply_replays(self, store: Store) -> None:
         await store.create(create("k"))

@@ -62,6 +62,7 @@ STATUS: dict[type[e.SBusError], int] = {
     MandateExpired: 410,
     e.RequestTooLarge: 413,
     e.DeltaTooLarge: 413,
+    e.FieldTooLarge: 413,
     e.ReadSetTooLarge: 413,
     e.TooManyWrites: 413,
     e.UnsupportedMediaType: 415,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from sbus.core.errors import (
     DeltaTooLarge,
+    FieldTooLarge,
     IdempotencyKeyReused,
     RateLimited,
     ReadSetTooLarge,
@@ -37,6 +38,8 @@ from sbus.storage.protocol import Store
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     max_delta: int = 262_144  # 0 = unlimited
+    max_rationale: int = 4096  # UTF-8 bytes; 0 = unlimited
+    max_goal_tag: int = 4096
     max_read_set: int = 1024
     max_txn_keys: int = 128
 
@@ -107,6 +110,21 @@ class Bus:
                 max=cap,
             )
 
+    @staticmethod
+    def _check_text(field: str, text: str | None, cap: int, setting: str) -> None:
+        # A free-text field is retained in every history entry (rationale) or the shard
+        # row (goal_tag); without a cap only SBUS_MAX_BODY would bound it.
+        if text is None or not cap or len(text) * 4 <= cap:
+            return
+        size = len(text.encode())
+        if size > cap:
+            raise FieldTooLarge(
+                f"{field} too large: {size} bytes, max {cap} ({setting})",
+                field=field,
+                size=size,
+                max=cap,
+            )
+
     def _check_read_set(self, read_set: tuple[ReadItem, ...]) -> None:
         if len(read_set) > self.limits.max_read_set:
             raise ReadSetTooLarge(
@@ -121,12 +139,14 @@ class Bus:
         if replay is not None:
             return replay
         self._check_content(op.key, op.content)
+        self._check_text("goal_tag", op.goal_tag, self.limits.max_goal_tag, "SBUS_MAX_GOAL_TAG")
         if self.refusal is not None:
             raise self.refusal
         return await self.store.create(op)
 
     async def admin_create(self, op: CreateOp) -> Shard | None:
         self._check_content(op.key, op.content)
+        self._check_text("goal_tag", op.goal_tag, self.limits.max_goal_tag, "SBUS_MAX_GOAL_TAG")
         if self.refusal is not None:
             raise self.refusal
         return await self.store.admin_create(op)
@@ -151,6 +171,11 @@ class Bus:
         for write in txn.writes:
             if write.kind == "commit":
                 self._check_content(write.key, write.content)
+        if txn.op in ("commit", "multi"):
+            # Only a caller's own rationale: a delete's ("delete") and a rollback's
+            # ("rollback to N") are the bus's words, whatever the cap.
+            limit = self.limits.max_rationale
+            self._check_text("rationale", txn.rationale, limit, "SBUS_MAX_RATIONALE")
         self._check_read_set(txn.read_set)
         if self.refusal is not None:
             raise self.refusal

@@ -9,7 +9,7 @@ statuses; everything below the API raises these classes and nothing else.
     ├── RequestError            the request itself is unacceptable (4xx before the store)
     │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, ValidationFailed
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
-    │   ├── DeltaTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
+    │   ├── DeltaTooLarge, FieldTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
     │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
     │   └── HostNotAllowed, CrossSiteRequest, AgentMismatch, AdminDisabled, CapabilityDenied
     ├── StateError              the store's state refuses the request
@@ -92,6 +92,13 @@ class InvalidPrecondition(RequestError):
 class DeltaTooLarge(RequestError):
     code = "DeltaTooLarge"
     title = "Content exceeds SBUS_MAX_DELTA"
+
+
+class FieldTooLarge(RequestError):
+    """A free-text field (``rationale``, ``goal_tag``) over its configured byte cap."""
+
+    code = "FieldTooLarge"
+    title = "A text field exceeds its configured size"
 
 
 class ReadSetTooLarge(RequestError):

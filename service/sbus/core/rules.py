@@ -297,6 +297,28 @@ def decide(
     return fx
 
 
+# What an entry's fixed-size fields count: version and commit time (8 bytes each) and
+# the deleted flag (1).
+ENTRY_FIXED_BYTES = 17
+
+
+def entry_bytes(entry: HistoryEntry) -> int:
+    """What one history entry counts against ``SBUS_HISTORY_MAX_BYTES``: the UTF-8 bytes
+    of every text it retains (key, agent, content, rationale, commit id, both hashes)
+    plus :data:`ENTRY_FIXED_BYTES`. Every store counts by this function (PostgreSQL and
+    Redis are handed its result), so retention is the same on all of them."""
+    return (
+        ENTRY_FIXED_BYTES
+        + len(entry.key.encode())
+        + len(entry.agent_id.encode())
+        + len(entry.content.encode())
+        + len((entry.rationale or "").encode())
+        + len(entry.commit_id.encode())
+        + len(entry.prev_hash.encode())
+        + len(entry.hash.encode())
+    )
+
+
 def creation_entry(op: CreateOp, version: int, prev_hash: str, now_ms: int) -> HistoryEntry:
     """The history entry of a creation at ``version`` after ``prev_hash`` (GENESIS for a
     new key, the tombstone's hash for a re-creation)."""

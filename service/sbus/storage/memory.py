@@ -81,11 +81,11 @@ class MemoryStore:
         """Append and trim by depth and bytes; returns the retained depth (version != 0)."""
         entries = self._history.setdefault(entry.key, deque())
         entries.append(entry)
-        size = self._history_bytes.get(entry.key, 0) + len(entry.content.encode())
+        size = self._history_bytes.get(entry.key, 0) + rules.entry_bytes(entry)
         while len(entries) > 1 and (
             len(entries) > limits.history_depth or size > limits.history_max_bytes
         ):
-            size -= len(entries.popleft().content.encode())
+            size -= rules.entry_bytes(entries.popleft())
         self._history_bytes[entry.key] = size
         return len(entries) - (1 if entries[0].version == 0 else 0)
 

@@ -24,9 +24,11 @@ Conventions shared with :mod:`sbus.storage.redis.store`:
 Shard hash fields: ``id content version goal mand created updated ac cc del head
 hmin hbytes`` (``hmin`` is the oldest retained history version, ``hbytes`` the bytes
 retained). History hash of a key: ``m<v>`` the entry's metadata JSON (built in
-Python, with its chain hash), ``c<v>`` its content. A DeliveryLog session is a sorted
-set (key -> served ms) plus a hash (key -> version, and the markers ``#last`` and
-``#over``, which no shard key can collide with: ``#`` is not a key character).
+Python, with its chain hash), ``c<v>`` its content, ``z<v>`` what it counts against the
+byte budget (:func:`sbus.core.rules.entry_bytes`, computed in Python). A DeliveryLog
+session is a sorted set (key -> served ms) plus a hash (key -> version, and the markers
+``#last`` and ``#over``, which no shard key can collide with: ``#`` is not a key
+character).
 """
 
 from __future__ import annotations
@@ -72,15 +74,19 @@ local function depth(version, hmin)
   return version - hmin + 1 - (hmin == 0 and 1 or 0)
 end
 
--- Append a history entry and trim the oldest while more than max_depth entries or
--- max_bytes bytes are retained; the newest always stays. Returns (hmin, hbytes).
-local function append_history(hkey, version, meta_json, content, hmin, hbytes,
+-- Append a history entry of size bytes (rules.entry_bytes, computed by the caller)
+-- and trim the oldest while more than max_depth entries or max_bytes bytes are
+-- retained; the newest always stays. Returns (hmin, hbytes).
+local function append_history(hkey, version, meta_json, content, size, hmin, hbytes,
                               max_depth, max_bytes)
-  redis.call('HSET', hkey, 'm' .. s(version), meta_json, 'c' .. s(version), content)
-  hbytes = hbytes + #content
+  redis.call('HSET', hkey, 'm' .. s(version), meta_json, 'c' .. s(version), content,
+             'z' .. s(version), s(size))
+  hbytes = hbytes + size
   while hmin < version and (version - hmin + 1 > max_depth or hbytes > max_bytes) do
-    hbytes = hbytes - redis.call('HSTRLEN', hkey, 'c' .. s(hmin))
-    redis.call('HDEL', hkey, 'm' .. s(hmin), 'c' .. s(hmin))
+    local z = redis.call('HGET', hkey, 'z' .. s(hmin))
+    -- an entry written before sizes were kept counted its content only
+    hbytes = hbytes - (z and tonumber(z) or redis.call('HSTRLEN', hkey, 'c' .. s(hmin)))
+    redis.call('HDEL', hkey, 'm' .. s(hmin), 'c' .. s(hmin), 'z' .. s(hmin))
     hmin = hmin + 1
   end
   return hmin, hbytes
@@ -167,7 +173,7 @@ end
 # ---------------------------------------------------------------------------------
 # create / admin_create
 # KEYS: meta, shard, hist, live index, all-shards index, idem, idem index
-# ARGV[1]: JSON {now, skew, hv, hh, id, goal, mand, m, h, max_depth, max_bytes,
+# ARGV[1]: JSON {now, skew, hv, hh, id, goal, mand, m, h, z, max_depth, max_bytes,
 #                admin, idem?}; ARGV[2]: content
 CREATE = r"""
 local META, SHARD, HIST, LIVE, ALL, IKEY, IIDX = unpack(KEYS)
@@ -190,7 +196,7 @@ if (old and (old.version ~= P.hv or old.head ~= P.hh)) or (not old and P.hv ~= -
 end
 now = P.now
 local version = old and old.version + 1 or 0
-local hmin, hbytes = append_history(HIST, version, P.m, content,
+local hmin, hbytes = append_history(HIST, version, P.m, content, P.z,
   old and old.hmin or version, old and old.hbytes or 0, P.max_depth, P.max_bytes)
 redis.call('HSET', SHARD, 'id', P.id, 'content', content, 'version', s(version),
   'goal', P.goal, 'mand', P.mand and '1' or '0', 'created', s(now), 'updated', s(now),
@@ -281,7 +287,7 @@ return {'OK'}
 #       then per write (sorted by key) its shard and history key,
 #       then per explicit read-set entry its shard key
 # ARGV[1]: JSON {now, skew, ttl, op, mandate, member, prefix, max_depth, max_bytes,
-#   writes: [{k, exp?, kind, t, hv, hh, m, h}], reads: [[k, v]], idem?}
+#   writes: [{k, exp?, kind, t, hv, hh, m, h, z}], reads: [[k, v]], idem?}
 # ARGV[1 + i]: the content of write i (commit writes; '' otherwise)
 COMMIT = r"""
 local META, COUNTERS, DLT, DLV, SESSIONS, LIVE, IKEY, IIDX =
@@ -440,7 +446,7 @@ for i = 1, nw do
   local version = r.version + 1
   local content = ARGV[1 + i]
   if w.kind == 'rollback' then content = sources[i] elseif w.kind == 'delete' then content = '' end
-  local hmin, hbytes = append_history(hkey, version, w.m, content, r.hmin, r.hbytes,
+  local hmin, hbytes = append_history(hkey, version, w.m, content, w.z, r.hmin, r.hbytes,
                                       P.max_depth, P.max_bytes)
   local del = w.kind == 'delete'
   redis.call('HSET', skey, 'content', content, 'version', s(version), 'updated', s(now),

@@ -420,7 +420,8 @@ class RedisStore:
             hv = int(version_s) if version_s is not None else -1
             prev = head if head is not None else GENESIS
             version = hv + 1
-            digest = rules.creation_entry(op, version, prev, now).hash
+            entry = rules.creation_entry(op, version, prev, now)
+            digest = entry.hash
             meta = _entry_meta(version, op.agent_id, now, False, "create", op.commit_id, prev)
             payload: dict[str, Any] = {
                 "now": now,
@@ -433,6 +434,7 @@ class RedisStore:
                 "mand": op.require_mandate,
                 "m": _with_hash(meta, digest),
                 "h": digest,
+                "z": rules.entry_bytes(entry),
                 "max_depth": self.limits.history_depth,
                 "max_bytes": self.limits.history_max_bytes,
                 "admin": admin,
@@ -615,6 +617,20 @@ class RedisStore:
                 content=content,
             )
             meta = _entry_meta(version, txn.agent_id, now, deleted, rationale, txn.commit_id, prev)
+            size = rules.entry_bytes(
+                HistoryEntry(
+                    w.key,
+                    version,
+                    txn.agent_id,
+                    now,
+                    content,
+                    deleted,
+                    rationale,
+                    txn.commit_id,
+                    prev,
+                    digest,
+                )
+            )
             entry: dict[str, Any] = {
                 "k": w.key,
                 "kind": w.kind,
@@ -623,6 +639,7 @@ class RedisStore:
                 "hh": head or "",
                 "m": _with_hash(meta, digest),
                 "h": digest,
+                "z": size,
             }
             if w.expected_version is not None:
                 entry["exp"] = w.expected_version

@@ -149,6 +149,7 @@ def _entry_json(h: HistoryEntry) -> dict[str, Any]:
         "commit_id": h.commit_id,
         "prev_hash": h.prev_hash,
         "hash": h.hash,
+        "size": rules.entry_bytes(h),  # retention counts it (migration 0005)
     }
 
 

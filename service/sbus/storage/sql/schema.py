@@ -20,7 +20,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 
 metadata = MetaData()
 
@@ -56,6 +56,7 @@ history = Table(
     Column("commit_id", Text, nullable=False),
     Column("prev_hash", Text, nullable=False),
     Column("hash", Text, nullable=False),
+    # what the entry counts against SBUS_HISTORY_MAX_BYTES (rules.entry_bytes)
     Column("size", BigInteger, nullable=False),
     PrimaryKeyConstraint("key", "version"),
 )

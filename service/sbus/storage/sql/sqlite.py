@@ -264,7 +264,7 @@ class SQLiteStore:
     def _write_shard(self, conn: Db, shard: Shard, entry: HistoryEntry) -> Shard:
         """Upsert the row, append its history entry, trim retention; returns the row
         with its retained depth."""
-        size = len(entry.content.encode())
+        size = rules.entry_bytes(entry)
         row = conn.exec_driver_sql(
             "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
         ).fetchone()
