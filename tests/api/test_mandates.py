@@ -189,3 +189,36 @@ async def test_mandate_patterns_are_bounded_at_issue(env: Env) -> None:
     issued = await issue(c, g, keys=wide)
     r = await c.post("/commit/v2", json=commit("pay/3", issued["mandate"]), headers=a)
     assert ok(r)["new_version"] == 1
+
+
+async def test_recreated_shard_carries_the_policy_of_its_create(env: Env) -> None:
+    """A deleted key re-created with require_mandate keeps refusing unmandated commits,
+    multis, rollbacks and deletes; re-created without it, it needs none. The tombstone's
+    policy plays no part: each create request's policy is the one that holds."""
+    _, c, root, g, a0 = env
+    for key, policy in (("pay/3", True), ("pay/4", False)):
+        a = {**a0, "X-SBus-Session-Id": key}  # a session per key: no stale reads between
+        m = await issue(c, g)
+        mandated = {**a, "X-SBus-Mandate": m["mandate"], "X-SBus-Mandate-Context": '{"order": 7}'}
+        r = await c.delete(f"/shard/{key}", params={"expected_version": 0}, headers=mandated)
+        assert r.status_code == 204, r.text
+        body = {"key": key, "content": "again", "policy": {"require_mandate": policy}}
+        created = ok(await c.post("/shard", json=body, headers=root), 201)
+        assert (created["version"], created["policy"]) == (2, {"require_mandate": policy})
+        got = ok(await c.get(f"/shard/{key}", params={"record": "false"}, headers=root))
+        assert got["policy"] == {"require_mandate": policy}
+        multi = {"writes": [{"key": key, "expected_version": 2, "delta": "x"}]}
+        attempts = [
+            ("POST", "/commit/v2", commit(key, None, version=2), None),
+            ("POST", "/commit/multi", multi, None),
+            ("POST", "/rollback", {"key": key, "target_version": 2}, None),
+            ("DELETE", f"/shard/{key}", None, {"expected_version": 2}),
+        ]
+        for method, path, json, params in attempts:
+            r = await c.request(method, path, json=json, params=params, headers=a)
+            if policy:
+                assert problem(r, 403, "MandateRequired")["key"] == key
+            else:
+                assert r.status_code in (200, 204), r.text
+                break  # the commit went through: the shard needs no mandate
+        assert await version(c, root, key) == (2 if policy else 3)
