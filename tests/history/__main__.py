@@ -5,11 +5,13 @@
 
 ``check`` prints each violation and exits 1 if there is any (``--in-order`` takes the
 file's index order as the commit order, for sequential histories). ``elle`` writes the
-rw-register export, validated against its schema.
+rw-register export, validated against its schema. Usage errors exit 2; every command
+has ``--help``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -18,24 +20,48 @@ from tests.history.elle import export
 from tests.history.record import load
 
 
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m tests.history",
+        description="Check recorded S-Bus histories (docs/isolation.md) or export them for Elle.",
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    checking = commands.add_parser(
+        "check",
+        help="run the isolation checker; exit 1 on any violation",
+        description="Run the isolation checker over each history; exit 1 on any violation.",
+    )
+    checking.add_argument(
+        "--in-order",
+        action="store_true",
+        help="take each file's index order as the commit order (sequential histories)",
+    )
+    checking.add_argument("files", nargs="+", type=Path, metavar="FILE.ndjson")
+    elle = commands.add_parser(
+        "elle",
+        help="write the Elle rw-register export of one history",
+        description="Write the Elle rw-register export of one history, checked by its schema.",
+    )
+    elle.add_argument("file", type=Path, metavar="FILE.ndjson")
+    elle.add_argument("out", type=Path, metavar="OUT.json")
+    return top
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[0] == "check":
-        in_order = "--in-order" in argv
+    args = parser().parse_args(argv)
+    if args.command == "check":
         bad = 0
-        for name in [a for a in argv[1:] if a != "--in-order"]:
-            ops = load(Path(name))
-            found = check(ops, realtime=not in_order)
+        for name in args.files:
+            ops = load(name)
+            found = check(ops, realtime=not args.in_order)
             print(f"{name}: {summarize(ops)}; {len(found)} violation(s)")
             for v in found:
                 print(f"  {v.check} [{v.anomaly}] {v.detail} (ops {list(v.ops)})")
             bad += len(found)
         return 1 if bad else 0
-    if len(argv) == 3 and argv[0] == "elle":
-        document = export(load(Path(argv[1])), Path(argv[2]))
-        print(f"{argv[2]}: {len(document)} events")
-        return 0
-    print(__doc__, file=sys.stderr)
-    return 2
+    document = export(load(args.file), args.out)
+    print(f"{args.out}: {len(document)} events")
+    return 0
 
 
 if __name__ == "__main__":

@@ -393,6 +393,12 @@ def test_cli_check_and_export(tmp_path: Path) -> None:
     assert run("elle", str(clean), str(out)).returncode == 0
     assert elle_errors(json.loads(out.read_text())) == []
     assert run("nonsense").returncode == 2
+    assert run("check").returncode == 2  # no file: a usage error, not a traceback
+    for command in ("check", "elle"):
+        helped = run(command, "--help")
+        assert helped.returncode == 0, helped.stderr
+        assert f"usage: python -m tests.history {command}" in helped.stdout
+    assert "--in-order" in run("check", "--help").stdout
 
 
 def events(*spec: tuple[int, str, list[Any]]) -> list[dict[str, Any]]:

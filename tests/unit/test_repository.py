@@ -3,6 +3,7 @@ private keys the README has users write are never committed by accident."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -28,3 +29,12 @@ def test_private_key_files_are_ignored_by_git() -> None:
         assert done.returncode == 0, f"{name} is not ignored"
     done = subprocess.run(["git", "check-ignore", "-q", "README.md"], cwd=ROOT, check=False)
     assert done.returncode == 1
+
+
+def test_every_phony_make_target_has_a_rule() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.MULTILINE)
+    assert phony is not None
+    rules = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, re.MULTILINE))
+    missing = [name for name in phony.group(1).split() if name not in rules]
+    assert missing == [], f".PHONY targets without a rule: {missing}"
