@@ -1,19 +1,97 @@
-"""The ``sbus`` command: serve, migrate, version, token."""
+"""The ``sbus`` command: serve, migrate, version, and the token commands.
+
+Every failure a user can cause (a bad setting, an unusable store URL, a malformed token)
+ends with one ``sbus: ...`` line on stderr and a non-zero status, never a traceback:
+2 for a configuration or usage error, 1 when the store fails or a token does not pass.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
 import tempfile
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 
 from sbus import __version__
 from sbus.config import Settings
+from sbus.security.patterns import MAX_PATTERN_LENGTH
+from sbus.security.rights import ADMIN_PATTERN, Right
+
+if TYPE_CHECKING:
+    from sbus.storage.protocol import Store
+
+EXIT_CONFIG = 2  # a bad setting, store URL or argument
+EXIT_FAILED = 1  # the store failed, or a token did not pass
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="S-Bus state bus")
+
+
+def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
+    """One line on stderr (drivers' messages may span several), then exit ``code``."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    typer.echo(f"sbus: {line}", err=True)
+    raise typer.Exit(code)
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """One line naming every rejected variable and why."""
+    from sbus.storage.factory import redact_url
+
+    parts = []
+    for error in exc.errors():
+        field = "_".join(str(part) for part in error["loc"])
+        shown = error.get("input")
+        if field == "store" and isinstance(shown, str):
+            shown = redact_url(shown)
+        got = "" if field in ("secret",) else f" (got {shown!r})"
+        parts.append(f"SBUS_{field.upper()}: {error['msg']}{got}")
+    return "invalid setting: " + "; ".join(parts)
+
+
+def load_settings(**values: Any) -> Settings:
+    """The settings from the environment (and ``values``), or a one-line exit."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        fail(settings_problem(exc))
+
+
+def open_configured_store(settings: Settings) -> Store:
+    from sbus.storage.factory import open_store, redact_url
+
+    try:
+        return open_store(settings.store, settings.store_limits(), settings.namespace)
+    except (ValueError, OSError) as exc:
+        # UnknownStore already names SBUS_STORE; the drivers' URL errors do not.
+        message = str(exc)
+        if "SBUS_STORE" not in message:
+            message = f"SBUS_STORE {redact_url(settings.store)}: {message}"
+        fail(message)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """S-Bus state bus. Settings are SBUS_* environment variables: docs/configuration.md."""
 
 
 def _factory() -> object:
@@ -24,87 +102,133 @@ def _factory() -> object:
     return create_app(Settings())
 
 
-def _preflight(settings: Settings) -> str | None:
-    """Connect once before serving: a store that answers but is misconfigured (old
-    schema, Redis eviction) stops the start; one that does not answer yet is left to
-    the running bus, which retries with backoff while /admin/health says not_ready."""
-    if settings.store.startswith(("memory", "sqlite")):
-        return None
+def _preflight(settings: Settings) -> None:
+    """Connect once before serving. A store that answers but is misconfigured (old
+    schema, Redis eviction) or a URL no driver can use stops the start, and so does an
+    SQLite file that cannot be opened; a server that does not answer yet is left to the
+    running bus, which retries with backoff while /admin/health says not_ready."""
+    if settings.store.startswith("memory"):
+        return
     import asyncio
 
     from sbus.core.errors import StoreMisconfigured, StoreUnavailable
-    from sbus.storage.factory import open_store
+    from sbus.storage.factory import redact_url
 
-    store = open_store(settings.store, settings.store_limits(), settings.namespace)
+    store = open_configured_store(settings)
 
-    async def check() -> str | None:
+    async def check() -> None:
         try:
             await store.start()
-        except StoreMisconfigured as exc:
-            return exc.detail
-        except StoreUnavailable as exc:
-            typer.echo(f"sbus: store not reachable yet ({exc.detail}); will retry", err=True)
         finally:
             await store.close()
-        return None
 
-    return asyncio.run(check())
+    try:
+        asyncio.run(check())
+    except StoreMisconfigured as exc:
+        fail(exc.detail)
+    except StoreUnavailable as exc:
+        if settings.store.startswith("sqlite"):
+            fail(exc.detail)
+        typer.echo(f"sbus: store not reachable yet ({exc.detail}); will retry", err=True)
+    except Exception as exc:  # noqa: BLE001 - each driver refuses an unusable URL its own way
+        fail(f"SBUS_STORE {redact_url(settings.store)} cannot be used: {exc}")
 
 
-@app.command()
+def log_config(level: str, access_log: bool) -> dict[str, Any]:
+    """uvicorn's logging configuration plus the ``sbus`` loggers, all at ``level``;
+    access lines (stdout) whenever they are on, whatever the level."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    loggers = config["loggers"]
+    loggers["uvicorn"]["level"] = loggers["uvicorn.error"]["level"] = level.upper()
+    loggers["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
+    loggers["sbus"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+@contextmanager
+def scratch_dirs(count: int) -> Iterator[None]:
+    """The directories a multi-worker server shares (the Prometheus multiprocess
+    files, the ready markers), removed when the server stops, also after SIGTERM or
+    SIGINT: uvicorn's supervisor handles those and returns."""
+    made: list[str] = []
+    try:
+        if count > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            made.append(tempfile.mkdtemp(prefix="sbus-prom-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
+        if count > 1:
+            # /admin/health answers ready only when every worker has its store (readiness.py).
+            made.append(tempfile.mkdtemp(prefix="sbus-ready-"))
+            os.environ["SBUS_READY_DIR"] = made[-1]
+        yield
+    finally:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@app.command(epilog="Every setting, with its default: docs/configuration.md")
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (SBUS_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (SBUS_PORT)")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (SBUS_WORKERS)")] = None,
     store: Annotated[str | None, typer.Option(help="Store URL (SBUS_STORE)")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="critical, error, warning, info or debug (SBUS_LOG_LEVEL, default info)"),
+    ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log", help="One line per request on stdout (SBUS_ACCESS_LOG)"
+        ),
+    ] = None,
 ) -> None:
-    """Run the bus (defaults: 127.0.0.1:7000 on sqlite:///./sbus.db)."""
+    """Run the bus (defaults: 127.0.0.1:7000 on sqlite:///./sbus.db).
+
+    Settings come from SBUS_* environment variables; an option overrides its variable.
+    All of them, with their defaults, are in docs/configuration.md.
+    """
     import uvicorn
 
     from sbus.storage.factory import redact_url
 
-    overrides = {"host": host, "port": port, "workers": workers, "store": store}
+    overrides: dict[str, object] = {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "store": store,
+        "log_level": log_level,
+        "access_log": None if access_log is None else int(access_log),
+    }
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"SBUS_{name.upper()}"] = str(value)
-    settings = Settings()
+    settings = load_settings()
     problem = settings.startup_problem()
     if problem:
-        typer.echo(f"sbus: {problem}", err=True)
-        raise typer.Exit(2)
-    refusal = _preflight(settings)
-    if refusal:
-        typer.echo(f"sbus: {refusal}", err=True)
-        raise typer.Exit(2)
+        fail(problem)
+    _preflight(settings)
     count = settings.worker_count()
     if count > 1 and settings.store.startswith("memory"):
-        typer.echo("sbus: the memory store cannot be shared by several workers", err=True)
-        raise typer.Exit(2)
-    if count > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sbus-prom-")
-    ready_dir = tempfile.mkdtemp(prefix="sbus-ready-") if count > 1 else None
-    if ready_dir is not None:
-        # /admin/health answers ready only when every worker has its store (readiness.py).
-        os.environ["SBUS_READY_DIR"] = ready_dir
+        fail("the memory store cannot be shared by several workers")
     typer.echo(
         f"sbus {__version__}: {settings.auth_mode} mode, store {redact_url(settings.store)}, "
         f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
         err=True,
     )
-    try:
+    with scratch_dirs(count):
         uvicorn.run(
             "sbus.cli:_factory",
             factory=True,
             host=settings.host,
             port=settings.port,
             workers=count,
-            log_level="warning",
-            access_log=False,
+            log_config=log_config(settings.log_level, settings.access_log),
+            log_level=None,
+            access_log=settings.access_log,
             timeout_graceful_shutdown=10,
         )
-    finally:
-        if ready_dir is not None:
-            shutil.rmtree(ready_dir, ignore_errors=True)
 
 
 @app.command()
@@ -114,20 +238,28 @@ def migrate(
     """Upgrade the store's schema to the newest migration."""
     import asyncio
 
-    from sbus.storage.factory import open_store, redact_url
+    from sbus.core.errors import StoreUnavailable
+    from sbus.storage.factory import redact_url
 
-    settings = Settings() if store is None else Settings(store=store)
-    target = open_store(settings.store, settings.store_limits(), settings.namespace)
+    settings = load_settings() if store is None else load_settings(store=store)
+    target = open_configured_store(settings)
 
     async def run() -> None:
         migrate_ = getattr(target, "migrate", None)
-        if migrate_ is not None:
-            await migrate_()  # PostgreSQL: explicit; serve refuses an old schema
-        else:
-            await target.start()  # SQLite migrates on start; memory and Redis have no schema
-        await target.close()
+        try:
+            if migrate_ is not None:
+                await migrate_()  # PostgreSQL: explicit; serve refuses an old schema
+            else:
+                await target.start()  # SQLite migrates on start; memory and Redis have no schema
+        finally:
+            await target.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except StoreUnavailable as exc:
+        fail(exc.detail, EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - the driver's own words, on one line
+        fail(f"cannot migrate {redact_url(settings.store)}: {exc}", EXIT_FAILED)
     typer.echo(f"sbus: schema of {redact_url(settings.store)} is at the newest revision", err=True)
 
 
@@ -152,7 +284,25 @@ def parse_ttl(text: str) -> int:
     return int(number) * _TTL_UNITS[unit]
 
 
-@token_app.command("issue")
+ISSUE_HELP = f"""Sign a capability token with SBUS_SIGNING_KEY or SBUS_SECRET.
+
+Each --allow RIGHTS:PATTERN grants the comma-separated RIGHTS on every key that
+PATTERN matches; repeat it for more scopes.
+
+Rights: {", ".join(r.value for r in Right)}. {Right.ADMIN.value} guards the /admin
+endpoints and is only valid with the pattern {ADMIN_PATTERN}; no right implies another.
+
+Patterns match the whole key, case-sensitively: * matches any run of characters
+except /, ** matches any run including /, every other character is literal; at most
+{MAX_PATTERN_LENGTH} characters. plan/* matches plan/a but not plan/a/b; plan/** matches
+both; ** matches every key.
+
+Example: sbus token issue --agent A --allow 'read:plan/*'
+--allow 'read,write,create:code/A/**'
+"""
+
+
+@token_app.command("issue", help=ISSUE_HELP)
 def token_issue(
     agent: Annotated[str, typer.Option(help="The agent the token identifies (sub)")],
     allow: Annotated[
@@ -162,7 +312,6 @@ def token_issue(
     ttl: Annotated[str, typer.Option(help="Lifetime: 30s, 15m, 1h, 1d")] = "1h",
     json_: Annotated[bool, typer.Option("--json", help="Print {token, claims} as JSON")] = False,
 ) -> None:
-    """Sign a capability token with SBUS_SIGNING_KEY or SBUS_SECRET."""
     import json
 
     from sbus.core.errors import SBusError
@@ -170,13 +319,12 @@ def token_issue(
     from sbus.security.tokens import Issuer
 
     seconds = parse_ttl(ttl)
-    settings = Settings()
+    settings = load_settings()
     try:
         scopes = [parse_allow(spec) for spec in allow]
         token, claims = Issuer.from_settings(settings).issue(agent, scopes, seconds)
     except SBusError as exc:
-        typer.echo(f"sbus: {exc.detail}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc.detail)
     if json_:
         typer.echo(json.dumps({"token": token, "claims": claims.to_json()}, indent=2))
     else:
@@ -196,11 +344,99 @@ def token_keygen(
     try:
         private, public, kid = write_keypair(Path(path), force=force)
     except OSError as exc:
-        typer.echo(f"sbus: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
     typer.echo(f"private key: {private} (SBUS_SIGNING_KEY)", err=True)
     typer.echo(f"public key:  {public} (SBUS_VERIFY_KEY on verify-only replicas)", err=True)
     typer.echo(f"kid:         {kid}", err=True)
+
+
+@token_app.command("inspect")
+def token_inspect(
+    token: Annotated[str, typer.Argument(help="The token (a JWT)")],
+) -> None:
+    """Print a token's header and claims as JSON, and whether it passes.
+
+    With a key configured (SBUS_SIGNING_KEY, SBUS_VERIFY_KEY or SBUS_SECRET) the token is
+    verified exactly as the bus verifies it; without one it is only decoded, and said so.
+    Exit status 0 only for a verified token that has not expired; 1 otherwise (the
+    claims are printed either way); 2 for something that is not a JWT at all.
+    """
+    import json
+
+    from sbus.security import KeyConfigError
+    from sbus.security.inspection import inspect_token
+
+    try:
+        report = inspect_token(token.strip(), load_settings())
+    except KeyConfigError as exc:
+        fail(exc.detail)
+    if report.header is None:
+        fail(report.verdict)
+    typer.echo(json.dumps(report.to_json(), indent=2))
+    typer.echo(f"sbus: {report.verdict}", err=True)
+    if not report.passes:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_or_jti: Annotated[
+        str,
+        typer.Argument(
+            metavar="TOKEN_OR_JTI", help="A token (its jti and exp are read from it) or a jti"
+        ),
+    ],
+    exp: Annotated[
+        int | None,
+        typer.Option(
+            help="The token's expiry (epoch seconds); default: read from the token, "
+            "else SBUS_TOKEN_MAX_TTL from now"
+        ),
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="Store URL (SBUS_STORE)")] = None,
+) -> None:
+    """Revoke a token in the configured store, as POST /admin/tokens/revoke does.
+
+    Every replica over that store refuses the token from the next request on; the
+    revocation is kept until the token's expiry plus SBUS_CLOCK_LEEWAY.
+    """
+    import asyncio
+    import json
+
+    from sbus.core import revocation
+    from sbus.core.clock import rfc3339
+    from sbus.core.errors import StoreUnavailable, ValidationFailed
+    from sbus.security.inspection import revocation_target
+
+    settings = load_settings() if store is None else load_settings(store=store)
+    if settings.store.startswith("memory"):
+        fail("the memory store lives inside one sbus serve; use POST /admin/tokens/revoke")
+    try:
+        jti, token_exp = revocation_target(token_or_jti.strip())
+    except ValueError as exc:
+        fail(str(exc))
+    target = open_configured_store(settings)
+
+    async def run() -> int:
+        try:
+            await target.start()
+            return await revocation.revoke_token(
+                target,
+                jti,
+                exp if exp is not None else token_exp,
+                leeway_s=settings.clock_leeway,
+                max_ttl_s=settings.token_max_ttl,
+            )
+        finally:
+            await target.close()
+
+    try:
+        until_ms = asyncio.run(run())
+    except ValidationFailed as exc:
+        fail(exc.detail)
+    except StoreUnavailable as exc:
+        fail(exc.detail, EXIT_FAILED)
+    typer.echo(json.dumps({"revoked": True, "jti": jti, "until": rfc3339(until_ms)}))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     mandate_max_ttl: int = 3600
     clock_leeway: int = 30
     rate_limit: str = ""
+    # Operations (docs/configuration.md): what `sbus serve` logs.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
 
     @property
     def auth_mode(self) -> str:

@@ -102,6 +102,8 @@ def test_serve_banner_masks_the_password(monkeypatch: pytest.MonkeyPatch) -> Non
     uvicorn itself is not started."""
     started: list[dict[str, Any]] = []
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    for name in ("SBUS_STORE", "SBUS_WORKERS"):  # serve exports them for its workers
+        monkeypatch.setenv(name, "")
     url = unreachable_url("redis", closed_port())
     result = CliRunner().invoke(cli.app, ["serve", "--store", url, "--workers", "1"])
     assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -61,6 +62,7 @@ async def _connect(app: FastAPI, store: Store) -> None:
         app.state.ready = True
         app.state.not_ready_reason = None
         app.state.readiness.mark_ready()
+        log.info("ready: the %s store answers (worker %d)", store.backend, os.getpid())
         break
     while True:
         await asyncio.sleep(PURGE_INTERVAL_S)

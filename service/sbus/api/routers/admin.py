@@ -35,6 +35,7 @@ from sbus.api.wire import (
     TokenBody,
 )
 from sbus.core import errors as e
+from sbus.core import revocation
 from sbus.core.clock import rfc3339
 from sbus.core.engine import new_commit_id
 from sbus.core.rules import shard_body
@@ -193,9 +194,6 @@ async def issue_token(body: TokenBody, request: Request) -> Response:
     )
 
 
-MAX_UNTIL_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last RFC 3339 instant
-
-
 @router.post(
     "/tokens/revoke",
     response_model=RevokeOut,
@@ -204,20 +202,11 @@ MAX_UNTIL_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last RFC 333
     summary="Revoke a token by jti on every replica (kept until its expiry)",
 )
 async def revoke_token(body: RevokeBody, bus: BusDep, settings: SettingsDep) -> Response:
-    # Deadlines are on the store clock, which also purges the list. Past exp + leeway
-    # by that clock every replica refuses the token as expired (sbus.api.auth), so the
-    # entry is needed until then; an exp already past still gets the leeway.
-    now_ms = await bus.store.now_ms()
-    leeway_ms = settings.clock_leeway * 1000
-    if body.exp is not None:
-        until_ms = max(body.exp * 1000, now_ms) + leeway_ms
-        if until_ms > MAX_UNTIL_MS:
-            # Past year 9999 the expiry has no RFC 3339 form (this was a 500).
-            raise e.ValidationFailed(
-                "exp (plus the clock leeway) must not pass 9999-12-31T23:59:59Z",
-                loc=["body", "exp"],
-            )
-    else:
-        until_ms = now_ms + settings.token_max_ttl * 1000 + leeway_ms
-    await bus.store.revoke(body.jti, until_ms)
+    until_ms = await revocation.revoke_token(
+        bus.store,
+        body.jti,
+        body.exp,
+        leeway_s=settings.clock_leeway,
+        max_ttl_s=settings.token_max_ttl,
+    )
     return json_response({"revoked": True, "jti": body.jti, "until": rfc3339(until_ms)})
