@@ -67,7 +67,12 @@ def open_configured_store(settings: Settings) -> Store:
     from sbus.storage.factory import open_store, redact_url
 
     try:
-        return open_store(settings.store, settings.store_limits(), settings.namespace)
+        return open_store(
+            settings.store,
+            settings.store_limits(),
+            settings.namespace,
+            pool_size=settings.pg_pool(),
+        )
     except (ValueError, OSError) as exc:
         # UnknownStore already names SBUS_STORE; the drivers' URL errors do not.
         message = str(exc)

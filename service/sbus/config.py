@@ -23,6 +23,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# One `sbus serve` opens at most this many PostgreSQL connections by default (all its
+# workers together), leaving 20 of PostgreSQL's default max_connections=100 for
+# superuser-reserved slots, `sbus migrate` and an operator's psql.
+PG_CONNECTION_BUDGET = 80
+PG_POOL_MAX = 32  # more per worker bought nothing in the benchmarks (docs/performance.md)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SBUS_", extra="ignore")
 
@@ -66,6 +73,7 @@ class Settings(BaseSettings):
     # Operations (docs/configuration.md): what `sbus serve` logs.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    pg_pool_size: int | None = Field(None, ge=1, le=1000)
 
     @property
     def auth_mode(self) -> str:
@@ -79,6 +87,13 @@ class Settings(BaseSettings):
         if self.store.startswith(("sqlite", "memory")):
             return 1
         return os.cpu_count() or 1
+
+    def pg_pool(self) -> int:
+        """PostgreSQL connections per worker: SBUS_PG_POOL_SIZE, else an even share of
+        :data:`PG_CONNECTION_BUDGET` over the workers (at most 32, at least 1)."""
+        if self.pg_pool_size is not None:
+            return self.pg_pool_size
+        return max(1, min(PG_POOL_MAX, PG_CONNECTION_BUDGET // self.worker_count()))
 
     def store_limits(self) -> Limits:
         return Limits(

@@ -88,7 +88,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or Settings()
     keys, no_keys = _keys(settings)
     token_mode = settings.auth_mode == "token"
-    store = store or open_store(settings.store, settings.store_limits(), settings.namespace)
+    store = store or open_store(
+        settings.store, settings.store_limits(), settings.namespace, pool_size=settings.pg_pool()
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

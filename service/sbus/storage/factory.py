@@ -43,7 +43,11 @@ def redact_url(url: str) -> str:
     return redacted
 
 
-def open_store(url: str, limits: Limits, namespace: str = "sbus") -> Store:
+def open_store(
+    url: str, limits: Limits, namespace: str = "sbus", *, pool_size: int | None = None
+) -> Store:
+    """The store ``url`` names. ``pool_size``: connections per process, PostgreSQL only
+    (its own default when None)."""
     if url.startswith("memory://") or url == "memory":
         from sbus.storage.memory import MemoryStore
 
@@ -55,7 +59,10 @@ def open_store(url: str, limits: Limits, namespace: str = "sbus") -> Store:
     if url.startswith(("postgresql", "postgres://")):
         from sbus.storage.sql.postgres import PostgresStore
 
-        return PostgresStore(url.replace("postgres://", "postgresql://", 1), limits)
+        url = url.replace("postgres://", "postgresql://", 1)
+        if pool_size is None:
+            return PostgresStore(url, limits)
+        return PostgresStore(url, limits, pool_size=pool_size)
     if url.startswith("redis://"):
         from sbus.storage.redis import RedisStore
 
