@@ -191,34 +191,62 @@ async def test_mandate_patterns_are_bounded_at_issue(env: Env) -> None:
     assert ok(r)["new_version"] == 1
 
 
-async def test_recreated_shard_carries_the_policy_of_its_create(env: Env) -> None:
-    """A deleted key re-created with require_mandate keeps refusing unmandated commits,
-    multis, rollbacks and deletes; re-created without it, it needs none. The tombstone's
-    policy plays no part: each create request's policy is the one that holds."""
+async def test_a_recreated_key_keeps_requiring_a_mandate(env: Env) -> None:
+    """require_mandate survives delete and re-create: the tombstone keeps it and a
+    re-create's policy is the tombstone's OR the request's, through POST /shard (with or
+    without a policy, replayed by an Idempotency-Key) and POST /admin/shard alike. A
+    re-create may strengthen the policy, never weaken it."""
     _, c, root, g, a0 = env
-    for key, policy in (("pay/3", True), ("pay/4", False)):
-        a = {**a0, "X-SBus-Session-Id": key}  # a session per key: no stale reads between
-        m = await issue(c, g)
-        mandated = {**a, "X-SBus-Mandate": m["mandate"], "X-SBus-Mandate-Context": '{"order": 7}'}
-        r = await c.delete(f"/shard/{key}", params={"expected_version": 0}, headers=mandated)
+    sessions = itertools.count()
+
+    def agent(**extra: str) -> dict[str, str]:
+        # a session per request: no DeliveryLog entry of one step is stale in the next
+        return {**a0, "X-SBus-Session-Id": f"s{next(sessions)}", **extra}
+
+    async def delete(key: str, at: int, mandated: bool = True) -> None:
+        headers = agent()
+        if mandated:
+            m = await issue(c, g)
+            headers["X-SBus-Mandate"] = m["mandate"]
+            headers["X-SBus-Mandate-Context"] = '{"order": 7}'
+        r = await c.delete(f"/shard/{key}", params={"expected_version": at}, headers=headers)
         assert r.status_code == 204, r.text
-        body = {"key": key, "content": "again", "policy": {"require_mandate": policy}}
-        created = ok(await c.post("/shard", json=body, headers=root), 201)
-        assert (created["version"], created["policy"]) == (2, {"require_mandate": policy})
+
+    async def recreate(
+        key: str, policy: bool | None, at: int, path: str = "/shard", **extra: str
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": key, "content": "again"}
+        if policy is not None:
+            body["policy"] = {"require_mandate": policy}
+        created = ok(await c.post(path, json=body, headers={**root, **extra}), 201)
+        assert created["version"] == at
+        return created
+
+    async def protected(key: str, at: int, created: dict[str, Any]) -> None:
+        assert created["policy"] == {"require_mandate": True}
         got = ok(await c.get(f"/shard/{key}", params={"record": "false"}, headers=root))
-        assert got["policy"] == {"require_mandate": policy}
-        multi = {"writes": [{"key": key, "expected_version": 2, "delta": "x"}]}
-        attempts = [
-            ("POST", "/commit/v2", commit(key, None, version=2), None),
-            ("POST", "/commit/multi", multi, None),
-            ("POST", "/rollback", {"key": key, "target_version": 2}, None),
-            ("DELETE", f"/shard/{key}", None, {"expected_version": 2}),
-        ]
-        for method, path, json, params in attempts:
-            r = await c.request(method, path, json=json, params=params, headers=a)
-            if policy:
-                assert problem(r, 403, "MandateRequired")["key"] == key
-            else:
-                assert r.status_code in (200, 204), r.text
-                break  # the commit went through: the shard needs no mandate
-        assert await version(c, root, key) == (2 if policy else 3)
+        assert (got["version"], got["policy"]) == (at, {"require_mandate": True})
+        r = await c.post("/commit/v2", json=commit(key, None, version=at), headers=agent())
+        assert problem(r, 403, "MandateRequired")["key"] == key
+        assert await version(c, root, key) == at
+
+    await delete("pay/3", 0)
+    await protected("pay/3", 2, await recreate("pay/3", None, 2))
+    await delete("pay/3", 2)
+    first = await recreate("pay/3", False, 4, **{"Idempotency-Key": "again"})
+    await protected("pay/3", 4, first)
+    body = {"key": "pay/3", "content": "again", "policy": {"require_mandate": False}}
+    replay = await c.post("/shard", json=body, headers={**root, "Idempotency-Key": "again"})
+    assert (replay.status_code, replay.json()) == (201, first)
+    assert replay.headers["idempotent-replayed"] == "true"
+    await delete("pay/3", 4)
+    await protected("pay/3", 6, await recreate("pay/3", False, 6, path="/admin/shard"))
+
+    # "free" never required one: re-created without a policy it still needs none, and a
+    # re-create may add the requirement, which then holds.
+    await delete("free", 0, mandated=False)
+    assert (await recreate("free", None, 2))["policy"] == {"require_mandate": False}
+    r = await c.post("/commit/v2", json=commit("free", None, version=2), headers=agent())
+    assert ok(r)["new_version"] == 3
+    await delete("free", 3, mandated=False)
+    await protected("free", 5, await recreate("free", True, 5))

@@ -99,7 +99,11 @@ class WireModel(BaseModel):
 
 
 class Policy(WireModel):
-    require_mandate: bool = False
+    require_mandate: bool = Field(
+        False,
+        description="Commits, rollbacks and deletes of the shard need a mandate. A re-create "
+        "over a tombstone that required one requires one whatever this says.",
+    )
 
 
 class CreateShardBody(WireModel):

@@ -346,10 +346,20 @@ def creation_entry(op: CreateOp, version: int, prev_hash: str, now_ms: int) -> H
     )
 
 
+def created_require_mandate(requested: bool, tombstone_requires: bool) -> bool:
+    """The ``require_mandate`` of a (re-)created shard: the request's, or the
+    tombstone's when that one required a mandate. A re-create may strengthen the
+    policy but never weaken it; otherwise anyone with only the create right could turn
+    a key that needs a mandate even to delete into one that needs none. Only
+    /admin/reset, which removes the tombstones, clears it."""
+    return requested or tombstone_requires
+
+
 def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Shard, HistoryEntry]:
     """The row and genesis-or-continuation history entry for POST /shard.
 
-    Re-creating a tombstoned key continues at tombstone + 1 and extends its chain.
+    Re-creating a tombstoned key continues at tombstone + 1, extends its chain and
+    keeps the tombstone's mandate requirement (:func:`created_require_mandate`).
     The caller has already refused a live ``existing``.
     """
     version = 0 if existing is None else existing.version + 1
@@ -363,7 +373,9 @@ def create_shard(op: CreateOp, existing: Shard | None, now_ms: int) -> tuple[Sha
         content=op.content,
         version=version,
         goal_tag=op.goal_tag,
-        require_mandate=op.require_mandate,
+        require_mandate=created_require_mandate(
+            op.require_mandate, existing is not None and existing.require_mandate
+        ),
         created_ms=now_ms,
         updated_ms=now_ms,
         attempt_count=0,

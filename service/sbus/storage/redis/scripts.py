@@ -196,10 +196,14 @@ if (old and (old.version ~= P.hv or old.head ~= P.hh)) or (not old and P.hv ~= -
 end
 now = P.now
 local version = old and old.version + 1 or 0
+-- rules.created_require_mandate: a re-create keeps the tombstone's requirement. The
+-- caller already folded it in for the head it read; the script that writes the row
+-- holds the rule itself rather than trust that.
+local mand = P.mand or (old ~= nil and old.mand)
 local hmin, hbytes = append_history(HIST, version, P.m, content, P.z,
   old and old.hmin or version, old and old.hbytes or 0, P.max_depth, P.max_bytes)
 redis.call('HSET', SHARD, 'id', P.id, 'content', content, 'version', s(version),
-  'goal', P.goal, 'mand', P.mand and '1' or '0', 'created', s(now), 'updated', s(now),
+  'goal', P.goal, 'mand', mand and '1' or '0', 'created', s(now), 'updated', s(now),
   'ac', '0', 'cc', '0', 'del', '0', 'head', P.h, 'hmin', s(hmin), 'hbytes', s(hbytes))
 redis.call('ZADD', LIVE, 0, P.key)
 redis.call('ZADD', ALL, 0, P.key)

@@ -415,8 +415,12 @@ class RedisStore:
         for attempt in range(MAX_RACES):
             if attempt:
                 await asyncio.sleep(random.random() * RACE_BACKOFF_S * attempt)
-            now, res = await self._snapshot(("HMGET", self.k_shard(op.key), "version", "head"))
-            version_s, head = res[0]
+            now, res = await self._snapshot(
+                ("HMGET", self.k_shard(op.key), "version", "head", "mand")
+            )
+            version_s, head, mand_s = res[0]
+            # the script's head check makes this the policy of the tombstone it replaces
+            mand = rules.created_require_mandate(op.require_mandate, mand_s == "1")
             hv = int(version_s) if version_s is not None else -1
             prev = head if head is not None else GENESIS
             version = hv + 1
@@ -431,7 +435,7 @@ class RedisStore:
                 "hh": head or "",
                 "id": content_id(op.content),
                 "goal": op.goal_tag,
-                "mand": op.require_mandate,
+                "mand": mand,
                 "m": _with_hash(meta, digest),
                 "h": digest,
                 "z": rules.entry_bytes(entry),
@@ -446,7 +450,7 @@ class RedisStore:
                     op.content,
                     version,
                     op.goal_tag,
-                    op.require_mandate,
+                    mand,
                     now,
                     now,
                     0,
