@@ -37,6 +37,11 @@ trap 'stop_server; rm -rf "$WORK"' EXIT INT TERM
 
 wait_ready() {
   for _ in $(seq 100); do
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+      echo "fuzz: the server exited before it was ready:" >&2
+      tail -20 "$WORK"/*.log >&2
+      return 1
+    fi
     curl -sf "http://127.0.0.1:$1/admin/health" >/dev/null 2>&1 && return 0
     sleep 0.2
   done
@@ -64,6 +69,9 @@ run_mode() {
 }
 
 failed=0
+case "$STORE" in
+  postgresql*) "$BIN/sbus" migrate --store "$STORE" ;;
+esac
 
 PORT=$(free_port)
 SBUS_STORE=$STORE SBUS_PORT=$PORT SBUS_ADMIN_ENABLED=1 SBUS_TEST_HOOKS=1 SBUS_SECRET=$SECRET \
