@@ -1,7 +1,8 @@
 -------------------------------- MODULE SBus --------------------------------
 (***************************************************************************)
-(* The S-Bus commit protocol (SPEC sections 1, 4, 5; service/sbus/core/   *)
-(* rules.py `decide`, steps 9a-9g) as a TLA+ state machine.                *)
+(* The S-Bus commit protocol (docs/protocol.md sections 1, 4, 5;           *)
+(* service/sbus/core/rules.py `decide`, steps 9a-9g) as a TLA+ state       *)
+(* machine.                                                                *)
 (*                                                                         *)
 (*  - shards: a version per key, a tombstone flag; versions never reused   *)
 (*  - the DeliveryLog (DL): per agent a partial map key -> version served, *)
@@ -16,9 +17,10 @@
 (*                                                                         *)
 (* One session per agent (session_id is just another agent identity here). *)
 (* Explicit read_set entries are not modelled separately: the DL is the    *)
-(* read set.  Rejected commits change nothing (SPEC 4 step 10), so for     *)
-(* ordinary agents they are stuttering steps and are not modelled; only    *)
-(* the liveness agent `Hero` takes an explicit step when it is rejected.  *)
+(* read set.  Rejected commits change nothing (protocol.md 4, step 10),    *)
+(* so for ordinary agents they are stuttering steps and are not modelled;  *)
+(* only the liveness agent `Hero` takes an explicit step when it is        *)
+(* rejected.                                                               *)
 (***************************************************************************)
 EXTENDS Naturals, Integers, Sequences, FiniteSets, TLC
 
@@ -26,7 +28,7 @@ CONSTANTS
     Agents,         \* agent identities (one session each)
     Keys,           \* shard keys, all created at version 0 initially
     MaxVersion,     \* model bound: ordinary commits/creates stop at this version
-    MaxWrites,      \* most keys one commit writes (multi-commit); SPEC: >= 1
+    MaxWrites,      \* most keys one commit writes (multi-commit); protocol.md: >= 1
     ORI,            \* TRUE: step 9e on (ORI), FALSE: ORI off
     Variant,        \* "atomic" or "split"
     Mandates,       \* mandate ids (jtis)
@@ -64,7 +66,7 @@ VARIABLES
     ver,          \* key -> current version
     del,          \* key -> tombstone?
     dl,           \* agent -> key -> version served, or NoV
-    expired,      \* agent -> session is in state "expired" (SPEC 1)
+    expired,      \* agent -> session is in state "expired" (docs/protocol.md section 1)
     mstate,       \* mandate -> "unissued" | "live" | "consumed" | "expired"
     mholder,      \* mandate -> holder
     pending,      \* split variant: agent -> {} or {validated txn awaiting its write}
@@ -213,7 +215,7 @@ Create(a, k) ==
 
 \* GET: served and recorded (overwrites the entry); a GET on an expired
 \* session starts it afresh.  A GET of a tombstone answers 404 ShardDeleted and
-\* is recorded all the same, at the tombstone version (SPEC 2).
+\* is recorded all the same, at the tombstone version (docs/protocol.md section 2).
 ReadDL(a, k) ==
     IF expired[a] THEN [j \in Keys |-> IF j = k THEN ver[k] ELSE NoV]
     ELSE IF Mutation = "dl_keeps_first_read" /\ dl[a][k] # NoV THEN dl[a]

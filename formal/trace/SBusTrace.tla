@@ -21,8 +21,9 @@
 (*                                                                         *)
 (* TraceNext takes exactly the model action the event names, with its      *)
 (* parameters, and requires the model to produce the observed answer and   *)
-(* the observed state.  A refused request is a stutter of the model (SPEC 4*)
-(* step 10), so the model must refuse it too: Outcome # "ok", with the     *)
+(* the observed state.  A refused request is a stutter of the model        *)
+(* (docs/protocol.md section 4 step 10), so the model must refuse it too:  *)
+(* Outcome # "ok", with the                                                *)
 (* same status, code and details.  "advance" (the store clock moved past   *)
 (* the TTL) lets the model take any number of ExpireEntry and MarkerLapse  *)
 (* steps (i unchanged), then the observed DeliveryLog (all entries gone)   *)
@@ -32,7 +33,7 @@
 (*                                                                         *)
 (* Acceptance: every successful step prints <<"step", t, i>>; trace t is   *)
 (* accepted iff TLC ends without error and printed step Len(Traces[t]).    *)
-(* A rejected trace's last printed step is how far the model followed it. *)
+(* A rejected trace's last printed step is how far the model followed it.  *)
 (* (Several traces are checked in one TLC run, so an "i > Len" invariant,  *)
 (* which stops TLC at the first trace consumed, would not do.)             *)
 (***************************************************************************)
@@ -47,7 +48,7 @@ OneKey(e) == CHOOSE k \in e.w : TRUE
 \* 409 CrossShardStale lists every divergent entry of the effective read set
 Stale(a, W) == {<<p[1], p[2], ver[p[1]]>> : p \in {q \in RS(a, W) : ver[q[1]] # q[2]}}
 
-\* SPEC 4 step 9f checks the written keys one by one in ascending key order
+\* docs/protocol.md section 4 step 9f checks the written keys one by one in ascending key order
 \* (keys are numbers here, in the service's order) and reports the first that
 \* fails; Outcome only says that one fails (a deleted one before a mismatched one).
 Bad9f(a, W) == {k \in W : del[k] \/ (dl[a][k] # NoV /\ ver[k] # dl[a][k])}
@@ -73,7 +74,7 @@ Step(e) ==
     \/ /\ e.op = "read" /\ e.res = "200"
        /\ ~del[k] /\ e.out = {<<k, ver[k]>>}
        /\ Read(a, k)
-    \/ /\ e.op = "read" /\ e.res = "404 ShardDeleted"  \* recorded all the same (SPEC 2)
+    \/ /\ e.op = "read" /\ e.res = "404 ShardDeleted"  \* recorded all the same (protocol.md section 2)
        /\ del[k] /\ e.out = {<<k, ver[k]>>}
        /\ Read(a, k)
     \/ /\ e.op \in {"commit", "delete"} /\ e.res \in {"200", "204"}

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # With test_hooks: every worker but the first of `sbus serve --workers N` waits this
     # long before connecting its store, so tests can see a half-ready server.
     test_connect_delay_ms: int = Field(0, ge=0, le=60_000)
-    # Token mode (SPEC section 5); sbus.security.keys reads the key variables.
+    # Token mode (protocol.md §5); sbus.security.keys reads the key variables.
     secret: str = ""
     signing_key: str = ""
     verify_key: str = ""

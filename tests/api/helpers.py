@@ -1,5 +1,5 @@
 """Shared helpers for the API suite: exact problem assertions, small request wrappers
-and an independent re-implementation of the history hash chain (SPEC section 3)."""
+and an independent re-implementation of the history hash chain (protocol.md §3)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def sha256_hex(text: str) -> str:
 
 
 def entry_hash(entry: dict[str, Any]) -> str:
-    """SPEC section 3, re-implemented independently of sbus.core.chain."""
+    """protocol.md §3, re-implemented independently of sbus.core.chain."""
     meta = {k: entry[k] for k in ("agent_id", "commit_id", "committed_at", "rationale", "deleted")}
     canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     digest = hashlib.sha256()

@@ -1,5 +1,5 @@
 """Admin endpoints, their gate, observability (/stats, /metrics, /livez, /admin/health)
-and the open-mode Host check (SPEC sections 2, 4 step 1 and 6)."""
+and the open-mode Host check (protocol.md §§2, 4 step 1 and 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token mode over HTTP (SPEC sections 2, 4 steps 1/4/8 and 5): authentication,
+"""Token mode over HTTP (protocol.md §§2, 4 steps 1/4/8 and 5): authentication,
 identity binding, capabilities on every route that changes or reveals state, and
 POST /admin/tokens. Every refusal asserts the exact status and code and that no state
 changed."""

@@ -1,5 +1,5 @@
 """Malformed input of every kind on every endpoint: each is a 4xx problem+json with the
-exact status and code, and leaves the bus exactly as it was (SPEC sections 1, 2, 4, 6).
+exact status and code, and leaves the bus exactly as it was (protocol.md §§1, 2, 4, 6).
 No input may produce a 5xx.
 
 One app per store serves the whole module (the cases only ever fail), seeded with a

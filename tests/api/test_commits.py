@@ -1,4 +1,4 @@
-"""POST /commit, /commit/v2, /commit/multi and /rollback: the commit protocol of SPEC
+"""POST /commit, /commit/v2, /commit/multi and /rollback: the commit protocol of protocol.md
 section 4 seen through the wire, with its counters (section 6)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The reference server's clients, replayed request for request: the experiment harness,
-the Python agents, the analysis scripts and the Rust LLM proxy (SPEC "compat" names)."""
+the Python agents, the analysis scripts and the Rust LLM proxy (protocol.md "compat" names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET /history/{key}: order, paging, retention and the hash chain (SPEC section 3)."""
+"""GET /history/{key}: order, paging, retention and the hash chain (protocol.md §3)."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ async def test_history_max_bytes_counts_every_byte_of_an_entry(make_client: AppF
 
 
 async def test_history_default_limit_is_100(client: httpx.AsyncClient) -> None:
-    """SPEC section 2: without ``limit`` a page holds the newest 100 entries; ``before``
+    """protocol.md §2: without ``limit`` a page holds the newest 100 entries; ``before``
     pages on to the rest."""
     await create(client, "k", "c0")
     for version in range(120):

@@ -1,4 +1,4 @@
-"""Idempotency-Key on every state-changing POST and DELETE (SPEC section 3)."""
+"""Idempotency-Key on every state-changing POST and DELETE (protocol.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mandates over HTTP (SPEC sections 4 step 9a and 5): issue, consume once, and every
+"""Mandates over HTTP (protocol.md §§4 step 9a and 5): issue, consume once, and every
 refusal in its order, with state (versions, the consumed record) left untouched by a
 refusal."""
 

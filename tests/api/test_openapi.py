@@ -1,5 +1,5 @@
 """The OpenAPI document: every route is described, and every error response is
-problem+json with the Problem schema instead of FastAPI's HTTPValidationError (SPEC 6)."""
+problem+json with the Problem schema instead of FastAPI's HTTPValidationError (protocol.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-agent rate limits (SPEC section 4 step 5): a token bucket in the store, token
+"""Per-agent rate limits (protocol.md §4 step 5): a token bucket in the store, token
 mode only, 429 RateLimited with Retry-After, nothing changed by a limited request."""
 
 from __future__ import annotations

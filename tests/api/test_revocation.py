@@ -1,5 +1,5 @@
 """POST /admin/tokens/revoke: the revocation list lives in the store and every request
-is checked against it (SPEC section 5)."""
+is checked against it (protocol.md §5)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ async def test_revoked_token_is_refused_and_others_are_not(make_client: AppFacto
         assert r.headers["www-authenticate"].startswith("Bearer")
     ok(await c.get("/shard/plan/a", headers=other))
     assert ok(await c.get("/shard/plan/a", headers=root))["version"] == 0
-    # a reset keeps revocations (SPEC section 2)
+    # a reset keeps revocations (protocol.md §2)
     ok(await c.post("/admin/reset", headers=root))
     problem(await c.get("/stats", headers=a), 401, "TokenRevoked")
 

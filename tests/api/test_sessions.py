@@ -1,5 +1,5 @@
 """Sessions and the DeliveryLog: TTL expiry, overflow, POST /session and
-POST /delivery_log/register (SPEC sections 1, 2 and 4 step 9b)."""
+POST /delivery_log/register (protocol.md §§1, 2 and 4 step 9b)."""
 
 from __future__ import annotations
 

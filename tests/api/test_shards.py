@@ -1,4 +1,4 @@
-"""POST /shard, GET /shard/{key}, GET /shards and DELETE /shard/{key} (SPEC sections 2, 3)."""
+"""POST /shard, GET /shard/{key}, GET /shards and DELETE /shard/{key} (protocol.md §§2, 3)."""
 
 from __future__ import annotations
 
@@ -431,7 +431,7 @@ async def test_delete_with_session_query(client: httpx.AsyncClient) -> None:
 
 
 async def test_list_max_default_caps_an_unlimited_listing() -> None:
-    """SPEC section 2: ``/shards`` without ``limit`` returns at most SBUS_LIST_MAX keys,
+    """protocol.md §2: ``/shards`` without ``limit`` returns at most SBUS_LIST_MAX keys,
     10000 by default. Memory store only: the per-store cap logic is covered above with a
     small SBUS_LIST_MAX; this pins the default itself."""
     settings = Settings(store="memory://")

@@ -15,7 +15,7 @@ Topologies: the ``bus`` fixture runs a test once per :data:`TOPOLOGIES` entry:
 - ``redis-2``: the same over the shared Redis server (wiped).
 
 Tests spread their clients over :attr:`Bus.urls` so that what one replica recorded is
-checked by the other: nothing that matters may live in a bus process (SPEC section 7).
+checked by the other: nothing that matters may live in a bus process (protocol.md §7).
 
 Histories: every client :func:`new_client` makes is recorded (``tests.history``) into
 the running test's history, and the autouse ``recorder`` fixture runs the isolation

@@ -1,4 +1,4 @@
-"""Mandates across replicas (SPEC section 5): two token-mode ``sbus serve`` processes over
+"""Mandates across replicas (protocol.md §5): two token-mode ``sbus serve`` processes over
 one shared store (PostgreSQL, then Redis) behave as one bus for consume-once mandates.
 
 - Of 16 concurrent commits carrying one mandate, each to a different shard and spread

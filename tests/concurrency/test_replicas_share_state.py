@@ -1,4 +1,4 @@
-"""Two bus processes over one shared store behave as one bus (SPEC section 7).
+"""Two bus processes over one shared store behave as one bus (protocol.md §7).
 
 Nothing that matters may live in a bus process, so for each shared store (postgres-2,
 redis-2) two ``sbus serve --workers 1`` replicas A and B are started once per module and

@@ -195,7 +195,7 @@ ORI_OFF_ROUNDS = 20
 
 
 def test_ring_with_ori_off_shows_write_skew_to_the_checker(bus: Bus, recorder: Recorder) -> None:
-    """The checker is not vacuous on real histories. With ORI off (SPEC 4: the DeliveryLog
+    """The checker is not vacuous on real histories. With ORI off (protocol.md §4: the DeliveryLog
     is then observed, not enforced) all three commits of every round are admitted, which
     is write skew. The history records those reads as unvalidated, so it is clean as the
     bus documents it; taken as if ORI had validated them, the checker must find exactly

@@ -1,4 +1,4 @@
-"""The bus starts before its store (SPEC section 7): the listener is up at once, readiness
+"""The bus starts before its store (protocol.md §7): the listener is up at once, readiness
 and every store route say 503 until the store answers, then the same process serves
 without a restart."""
 

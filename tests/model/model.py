@@ -1,11 +1,11 @@
-"""A small, pure reference model of SPEC sections 1, 2 and 4 (shards, DeliveryLog,
+"""A small, pure reference model of protocol.md §§1, 2 and 4 (shards, DeliveryLog,
 sessions, the commit protocol and its counters).
 
-Written from the SPEC alone and deliberately NOT from ``sbus.core.rules``: the lockstep
+Written from protocol.md alone and deliberately NOT from ``sbus.core.rules``: the lockstep
 test checks the service against this independent reading. Every method takes the
 model's own idea of "now" (integer milliseconds on the store clock) and answers a
 :class:`Reply` holding the status and the JSON fields that must match exactly.
-Where the SPEC left a choice open, the comment tagged ``AMBIGUITY`` says which way
+Where protocol.md left a choice open, the comment tagged ``AMBIGUITY`` says which way
 the model goes and why.
 """
 
@@ -111,7 +111,7 @@ class Model:
         self.now_ms += ms
 
     def is_live(self, served_ms: int) -> bool:
-        # SPEC 1: live while served_at > now - TTL; TTL 0 = never expires.
+        # protocol.md §1: live while served_at > now - TTL; TTL 0 = never expires.
         return self.ttl_ms == 0 or served_ms > self.now_ms - self.ttl_ms
 
     def live_entries(self, agent: str, session: str) -> dict[str, int]:
@@ -218,7 +218,7 @@ class Model:
             },
         )
 
-    # the commit protocol (SPEC 4, step 9) ---------------------------------------------
+    # the commit protocol (protocol.md §4, step 9) ---------------------------------------------
     def effective_read_set(
         self, agent: str, session: str, writes: list[Write], read_set: list[tuple[str, int]]
     ) -> list[tuple[str, int]]:
@@ -236,7 +236,7 @@ class Model:
     ) -> Reply | dict[str, ShardState]:
         """Steps 9b-9g. Returns a problem Reply, or the post-commit shards by key."""
         state = self.session_state(agent, session)
-        # AMBIGUITY: SessionExpired also names the agent (SPEC only lists reason).
+        # AMBIGUITY: SessionExpired also names the agent (protocol.md only lists reason).
         if state == "expired":
             return problem(410, "SessionExpired", reason="ttl", agent_id=agent)
         if state == "overflowed":

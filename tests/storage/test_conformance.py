@@ -261,7 +261,7 @@ def mandated(key: str, expected: int, ref: MandateRef | None, agent: str = "A") 
 
 
 class TestMandatesAndRevocations:
-    """The store's half of SPEC section 5: consume-once in the atomic step, expiry on
+    """The store's half of protocol.md §5: consume-once in the atomic step, expiry on
     the store clock, policy shards, and the revocation list."""
 
     async def test_required_mandate(self, store: Store) -> None:

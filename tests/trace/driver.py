@@ -104,7 +104,7 @@ class Recorder:
         self.rng = random.Random(seed)
         self.ttl_ms = ttl_s * 1000
         assert self.ttl_ms > 0
-        # the client's view of its DeliveryLog, and of its session's state (SPEC 1)
+        # the client's view of its DeliveryLog, and of its session's state (protocol.md §1)
         self.mirror: dict[str, dict[int, int]] = {a: {} for a in self.agents}
         self.session = dict.fromkeys(self.agents, "empty")
         self.memory: dict[str, dict[int, int]] = {a: {} for a in self.agents}  # pre-expiry
@@ -163,7 +163,7 @@ class Recorder:
         res, body = _answer(r, 200)
         assert res in ("200", "404 ShardDeleted"), (res, body)
         version = int(body["version"])
-        self.mirror[a][k] = version  # a tombstone read is recorded too (SPEC 2)
+        self.mirror[a][k] = version  # a tombstone read is recorded too (protocol.md §2)
         self.session[a] = "live"  # an expired or empty session starts afresh
         self.memory[a] = {}
         await self.record("read", a, (k,), (), res, ((k, version),))
@@ -280,7 +280,7 @@ async def record_trace(
     return Trace(label, rec.agents, keys, ori, tuple(rec.events))
 
 
-# the answers SCENARIO must get (SPEC 2 and SPEC 4 step 9f), one per request
+# the answers SCENARIO must get (protocol.md §2 and protocol.md §4 step 9f), one per request
 SCENARIO_ANSWERS = (
     *("200",) * 4,
     "200",
@@ -299,14 +299,14 @@ async def record_scenario(
     client: httpx.AsyncClient, label: str = "scenario", ttl_s: int = 3600
 ) -> Trace:
     """A fixed trace (3 agents, 2 keys, ORI on) through the two places where the service,
-    following the SPEC, was found finer than SBus.tla (formal/README.md, "Trace
+    following protocol.md, was found finer than SBus.tla (formal/README.md, "Trace
     validation"; the first is now in SBus.tla):
 
     - step 6: a1's multi commit of k0 (stale: it read k0@0, k0 is at 1) and k1 (deleted)
-      answers 409 VersionMismatch on k0, the first failing key in ascending order (SPEC 4
+      answers 409 VersionMismatch on k0, the first failing key in ascending order (protocol.md §4
       step 9f), where SBus.tla's Outcome says 404 ShardDeleted;
     - step 7: a3's GET of the deleted k1 answers 404 ShardDeleted and records k1@1 (the
-      tombstone version, SPEC 2), which SBus.tla's Read once did not; so after k1 is created
+      tombstone version, protocol.md §2), which SBus.tla's Read once did not; so after k1 is created
       again (k1@2) a3's commit of k0 is 409 CrossShardStale on k1 (step 10).
     """
     rec = Recorder(client, 3, 2, 0, ttl_s)

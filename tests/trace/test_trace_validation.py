@@ -3,7 +3,7 @@
 For every store (memory, SQLite, PostgreSQL, Redis) seeded workloads (tests/trace/driver.py)
 record four traces of 40 requests each against the in-process bus: three with ORI on (3
 agents x 3 keys, 2 x 2, 3 x 2) and one with ORI off, plus a fixed 13-request scenario
-(``driver.record_scenario``: the two places where the service, following the SPEC, is finer
+(``driver.record_scenario``: the two places where the service, following protocol.md, is finer
 than SBus.tla; its answers are asserted). TLC checks them against SBus.tla
 through formal/trace/SBusTrace.tla (the mapping is described there and in
 formal/README.md, "Trace validation"), all ORI-on traces in one run, the ORI-off trace in

@@ -98,7 +98,7 @@ def test_round_trip(mandates: Mandates) -> None:
 
 def test_refusal_codes_in_spec_order(mandates: Mandates) -> None:
     """Start from a request that fails every check, then fix one cause at a time: each
-    step must report the next code of SPEC section 4, step 9a."""
+    step must report the next code of protocol.md §4, step 9a."""
     token = issue(mandates)
     wrong: dict[str, Any] = {
         "agent": "mallory",

@@ -1,9 +1,9 @@
-"""SPEC section 4 step 1: who is calling. The gate asks an :class:`Authenticator` for
+"""protocol.md §4 step 1: who is calling. The gate asks an :class:`Authenticator` for
 the request's principal before any body is read and puts it in the ASGI scope state
 (``scope["state"]["principal"]``), where :func:`sbus.api.deps.principal_of` reads it.
 
 - open mode: every request gets the same :class:`~sbus.security.rights.Identity` with no
-  agent of its own (the agent comes from the request, SPEC section 2) and every right
+  agent of its own (the agent comes from the request, protocol.md §2) and every right
   except admin, which ``SBUS_ADMIN_ENABLED=1`` adds.
 - token mode: every route except :data:`PUBLIC` needs ``Authorization: Bearer <jwt>``;
   the principal is the verified :class:`~sbus.security.tokens.Claims`. A missing or

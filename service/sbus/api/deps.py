@@ -1,4 +1,4 @@
-"""Request-scoped helpers: the bus, the principal and identity resolution (SPEC
+"""Request-scoped helpers: the bus, the principal and identity resolution (protocol.md
 section 2, "Identity on the wire"; section 4 step 4), capability checks (step 8),
 If-Match parsing, Idempotency-Key fingerprints and the admin gate."""
 
@@ -179,7 +179,7 @@ def denied(caps: Capabilities, needs: Iterable[tuple[str, Right]]) -> e.Capabili
 
 
 def require_rights(request: Request, needs: Iterable[tuple[str, Right]]) -> None:
-    """Raise CapabilityDenied now (reads: SPEC section 4, "A GET runs ... the read-right
+    """Raise CapabilityDenied now (reads: protocol.md §4, "A GET runs ... the read-right
     check"), before the store is touched."""
     refusal = denied(capabilities_of(request), needs)
     if refusal is not None:
@@ -187,7 +187,7 @@ def require_rights(request: Request, needs: Iterable[tuple[str, Right]]) -> None
 
 
 def checked_bus(request: Request, bus: Bus, needs: Iterable[tuple[str, Right]]) -> Bus:
-    """The bus to submit a state change through. SPEC section 4 puts the capability
+    """The bus to submit a state change through. protocol.md §4 puts the capability
     check (step 8) after idempotency (6) and the limits (7), which the engine applies,
     so a refused request hands its refusal to the engine, which raises it just before
     the store. An allowed request (the open-mode case) uses the shared bus untouched."""

@@ -67,7 +67,7 @@ _DIGITS = re.compile(r"[0-9]{1,16}")
 
 def _query_digits(value: object) -> object:
     """Query strings are text, so FastAPI parses them leniently ("1.0" -> 1); the
-    SPEC's strict typing wants plain decimal digits, as in a JSON body."""
+    protocol.md's strict typing wants plain decimal digits, as in a JSON body."""
     if isinstance(value, str) and not _DIGITS.fullmatch(value):
         raise PydanticCustomError("int_parsing", "must be a non-negative decimal integer")
     return value

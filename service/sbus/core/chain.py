@@ -1,4 +1,4 @@
-"""The per-shard history hash chain (SPEC section 3).
+"""The per-shard history hash chain (protocol.md §3).
 
 ``hash = sha256(prev_hash || u64_be(version) || sha256(canonical_json(meta)) || utf8(content))``
 where ``meta = {agent_id, commit_id, committed_at, rationale, deleted}``; the genesis

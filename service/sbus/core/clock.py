@@ -1,7 +1,7 @@
 """Wall-clock helpers in integer milliseconds, RFC 3339 rendering, and the bound on
 the store clock's test offset.
 
-Stores add their own test offset (SPEC section 1) on top of :func:`wall_ms`; the
+Stores add their own test offset (protocol.md §1) on top of :func:`wall_ms`; the
 engine never reads the clock itself, so every replica sees the store's idea of now.
 """
 

@@ -1,4 +1,4 @@
-"""The bus engine: SPEC section 4 steps 6 to 9 over a Store, with no transport.
+"""The bus engine: protocol.md §4 steps 6 to 9 over a Store, with no transport.
 
 The API layer authenticates, parses and validates (steps 1-5) and hands the engine
 typed commands; the engine applies idempotency, limits and capabilities, then makes

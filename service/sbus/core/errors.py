@@ -58,7 +58,7 @@ class RequestTooLarge(RequestError):
 
 
 class ValidationFailed(RequestError):
-    """A 422. Always carries ``errors: [{loc, msg, type}]`` (SPEC section 6); ``loc``
+    """A 422. Always carries ``errors: [{loc, msg, type}]`` (protocol.md §6); ``loc``
     names the offending field when the caller knows it."""
 
     code = "ValidationError"

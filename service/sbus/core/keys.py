@@ -1,4 +1,4 @@
-"""Shard key and string hygiene rules (SPEC section 1), shared by every entry point."""
+"""Shard key and string hygiene rules (protocol.md §1), shared by every entry point."""
 
 from __future__ import annotations
 

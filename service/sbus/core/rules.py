@@ -1,4 +1,4 @@
-"""The commit protocol of SPEC section 4, step 9, as pure functions.
+"""The commit protocol of protocol.md §4, step 9, as pure functions.
 
 A store opens its atomic step (a critical section, a transaction holding row locks,
 one Lua script), loads the rows named by a :class:`~sbus.core.types.Txn`, calls
@@ -76,7 +76,7 @@ class Effects:
 
 
 def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> str:
-    """``empty`` | ``live`` | ``expired`` | ``overflowed`` (SPEC section 1)."""
+    """``empty`` | ``live`` | ``expired`` | ``overflowed`` (protocol.md §1)."""
     if session.overflowed:
         return "overflowed"
     if session.last_served_ms is None:
@@ -452,7 +452,7 @@ def record_read(
 
 def begin_register(view: SessionView, now_ms: int, ttl_ms: int) -> tuple[dict[str, DLEntry], bool]:
     """Open a register on ``view``: the live entries it must skip, and whether the
-    session was expired and has been started afresh (SPEC section 1: even when the
+    session was expired and has been started afresh (protocol.md §1: even when the
     register records nothing). An empty session has no live entries; an overflowed one
     keeps its entries. On a restart ``view`` is emptied in place and the store must
     drop the session's persisted entries and marker."""

@@ -1,4 +1,4 @@
-"""Token mode: capability tokens, patterns, rights and mandates (SPEC section 5).
+"""Token mode: capability tokens, patterns, rights and mandates (protocol.md §5).
 
 The modules, innermost first: ``patterns`` (the glob syntax of scopes and mandate keys),
 ``rights`` (Scope, Capabilities, the ``--allow`` syntax), ``keys`` (the one signing

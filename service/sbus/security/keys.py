@@ -7,7 +7,7 @@
 - otherwise ``SBUS_SECRET`` (at least 32 bytes of UTF-8): HS256.
 - none of them: :class:`KeyConfigError` naming the three variables.
 
-When an Ed25519 key is configured ``SBUS_SECRET`` is ignored, as the SPEC orders; HS256
+When an Ed25519 key is configured ``SBUS_SECRET`` is ignored, as protocol.md orders; HS256
 tokens are then refused like any other algorithm. Each key has a ``kid``, a 16-hex-digit
 fingerprint: sha256 of the raw Ed25519 public key, or HMAC-SHA256 of a fixed label under
 the secret (so the kid reveals nothing a token's own signature does not). Rotation: sign

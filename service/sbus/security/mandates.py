@@ -1,4 +1,4 @@
-"""Mandates: consume-once authorizations for side-effecting commits (SPEC section 5).
+"""Mandates: consume-once authorizations for side-effecting commits (protocol.md §5).
 
 A mandate is a JWT with header ``typ: "sbus-mandate+jwt"`` and claims ``jti``, ``holder``,
 ``keys`` (patterns), ``grantor`` (the issuing agent), ``grantor_scopes`` (the patterns on
@@ -6,11 +6,11 @@ which the grantor holds the mandate right, frozen at issue), ``context_hash``, `
 ``exp`` and ``iss`` = ``aud`` = ``SBUS_NAMESPACE``. Validity and expiry therefore need no
 store lookup; the store only remembers consumed jtis, until ``exp`` plus the leeway.
 
-Mandate time is the store's clock (SPEC section 1), so both calls take ``now_ms`` from
+Mandate time is the store's clock (protocol.md §1), so both calls take ``now_ms`` from
 ``Store.now_ms()`` rather than reading the replica clock; ``exp`` is compared without
 leeway because every replica sees the same store clock.
 
-:meth:`Mandates.verify_mandate` runs the checks of step 9a that need no store, in the SPEC
+:meth:`Mandates.verify_mandate` runs the checks of step 9a that need no store, in protocol.md
 order: 404 MandateNotFound (not a verifiable mandate of this deployment), 410
 MandateExpired, 403 MandateHolderMismatch, 403 MandateScopeMismatch, 403
 MandateContextMismatch. MandateRequired (the shard policy) precedes them and 409

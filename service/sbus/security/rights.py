@@ -1,4 +1,4 @@
-"""Rights, scopes and capability sets (SPEC section 5).
+"""Rights, scopes and capability sets (protocol.md §5).
 
 A :class:`Scope` grants some rights on the keys matching one pattern; a
 :class:`Capabilities` value is what one request may do. Rights are independent: ``admin``

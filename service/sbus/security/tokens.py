@@ -1,4 +1,4 @@
-"""Capability tokens: JWTs signed with the deployment's one algorithm (SPEC section 5).
+"""Capability tokens: JWTs signed with the deployment's one algorithm (protocol.md §5).
 
 Header ``{alg, typ: "at+jwt", kid}``; claims ``sub`` (the agent), ``scopes: [{pattern,
 rights}]``, ``iat``, ``exp``, ``jti`` (128 random bits), ``iss`` = ``aud`` =

@@ -1,4 +1,4 @@
-"""Mandates (SPEC section 5): consume-once authorizations for side-effecting commits,
+"""Mandates (protocol.md §5): consume-once authorizations for side-effecting commits,
 issued by an agent holding the mandate right to a holder, for key patterns and a
 context. The commit that carries one consumes it in the store's atomic step."""
 

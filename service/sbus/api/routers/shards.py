@@ -185,7 +185,7 @@ async def history(
     limit: Annotated[QueryInt, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     # History reveals every retained version's content, so it needs the read right; it
-    # records nothing in the DeliveryLog (SPEC section 3).
+    # records nothing in the DeliveryLog (protocol.md §3).
     require_rights(request, [(key, Right.READ)])
     entries = await bus.store.history(key, before, limit)
     return json_response(

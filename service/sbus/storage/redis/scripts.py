@@ -98,7 +98,7 @@ local function row_reply(key, r)
           r.mand and 1 or 0, r.created, r.updated, r.del and 1 or 0, r.head}
 end
 
--- SPEC section 1 session states: empty | live | expired | overflowed.
+-- protocol.md section 1 session states: empty | live | expired | overflowed.
 local function session_state(dlt, dlv, now, ttl)
   local m = redis.call('HMGET', dlv, '#over', '#last')
   if m[1] == '1' then return 'overflowed' end
@@ -238,7 +238,7 @@ local live = {}
 local state = session_state(DLT, DLV, now, ttl)
 -- an empty or expired session restarts with the first read; an overflowed one keeps
 -- its entries. A register on an expired session starts it afresh even when it
--- records nothing (SPEC section 1).
+-- records nothing (protocol.md section 1).
 if state == 'expired' then redis.call('DEL', DLT, DLV) end
 if state == 'live' or state == 'overflowed' then
   for _, k in ipairs(live_keys(DLT, now, ttl)) do live[k] = true end
@@ -286,7 +286,7 @@ return {'OK'}
 """
 
 # ---------------------------------------------------------------------------------
-# The commit protocol (SPEC section 4 step 9), exactly rules.decide.
+# The commit protocol (protocol.md section 4 step 9), exactly rules.decide.
 # KEYS: meta, counters, dlt, dlv, sessions index, live index, idem, idem index,
 #       then per write (sorted by key) its shard and history key,
 #       then per explicit read-set entry its shard key
