@@ -130,10 +130,12 @@ class Postgres:
         except (FileNotFoundError, PermissionError):
             return "<no PostgreSQL log>"
 
-    def start(self) -> None:
+    def start(self, settings: str = "-c fsync=off -c synchronous_commit=on") -> None:
+        """Start with ``settings`` (server options; the default is fast but keeps every
+        acknowledged commit across a server crash)."""
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} "
-            "-c fsync=off -c synchronous_commit=on -c max_connections=200"
+            f"-c max_connections=200 {settings}"
         )
         self._pg([*self._ctl(), "-o", options, "start"])
 

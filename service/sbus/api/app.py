@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from sbus import __version__
-from sbus.api import openapi, problems
+from sbus.api import openapi, problems, upkeep
 from sbus.api.auth import Authenticator
 from sbus.api.browser import Cors, OriginPolicy, listed
 from sbus.api.ignored import HEADER as IGNORED_FIELDS
@@ -37,13 +37,9 @@ from sbus.telemetry.metrics import Metrics, Timing
 log = logging.getLogger("sbus")
 
 
-PURGE_INTERVAL_S = 60.0
-
-
 async def _connect(app: FastAPI, store: Store) -> None:
     """Start the store, retrying with capped exponential backoff until it answers;
-    then purge expired state once a minute. Expiry never depends on the purge (every
-    read of the DeliveryLog filters by age); the purge only bounds storage."""
+    then keep it up (sbus.api.upkeep: configuration checks, the purge)."""
     settings: Settings = app.state.settings
     lagging = settings.test_hooks and settings.test_connect_delay_ms > 0
     if lagging and not app.state.readiness.is_first():
@@ -53,23 +49,20 @@ async def _connect(app: FastAPI, store: Store) -> None:
         try:
             await store.start()
         except StoreUnavailable as exc:
+            upkeep.stop_if_cancelled()
             app.state.not_ready_reason = exc.detail
             app.state.not_ready_public = public_reason(exc)
             log.warning("store not ready (%s); retrying in %.1fs", exc.detail, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
+        upkeep.stop_if_cancelled()
         app.state.ready = True
         app.state.not_ready_reason = None
         app.state.readiness.mark_ready()
         log.info("ready: the %s store answers (worker %d)", store.backend, os.getpid())
         break
-    while True:
-        await asyncio.sleep(PURGE_INTERVAL_S)
-        try:
-            await store.purge()
-        except StoreUnavailable as exc:
-            log.warning("purge skipped: %s", exc.detail)
+    await upkeep.run(app, store)
 
 
 def _keys(settings: Settings) -> tuple[KeySet | None, str | None]:

@@ -66,6 +66,9 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def check(self) -> None:
+        return None  # nothing outside this process can change
+
     def _now(self) -> int:
         return wall_ms() + self._offset_ms
 

@@ -43,6 +43,11 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Cheap liveness probe; raises StoreUnavailable."""
 
+    async def check(self) -> None:
+        """Read again the server settings the bus depends on (run every few seconds by
+        the app): updates ``durable``; raises StoreMisconfigured while the server must not
+        be used (Redis without ``noeviction``), StoreUnavailable when it cannot be asked."""
+
     async def now_ms(self) -> int:
         """The store clock: backend time plus the test offset."""
 

@@ -32,7 +32,8 @@ Design
   (it is fully determined by the heads the script verifies), except the counters a
   concurrent rejection may move (``attempt_count``, ``conflict_count``,
   ``delta_log_depth``), which the script records beside it and a replay patches in.
-- **Failures**: ``maxmemory-policy`` other than ``noeviction`` refuses to start
+- **Failures**: ``maxmemory-policy`` other than ``noeviction`` refuses to start, and
+  makes :meth:`RedisStore.check` (every few seconds) report the store misconfigured
   (eviction would silently drop DeliveryLog entries and idempotency records).
   Connection errors before a script is sent are 503 ``not_applied``; once EVALSHA
   is on the wire a broken connection is ``unknown``. Write scripts are never resent
@@ -157,6 +158,7 @@ class RedisStore:
         self.namespace = namespace
         self.limits = limits or Limits()
         self.durable = False
+        self._durability: tuple[str, str] | None = None  # (appendonly, appendfsync) last seen
         self.reset_batch = RESET_BATCH  # entries per index per reset_all script
         self.tag = "{sbus:" + self.namespace + "}"
         tag = self.tag
@@ -215,11 +217,31 @@ class RedisStore:
         self._pool, self._client = pool, client
 
     async def _check_server(self, client: Redis) -> str | None:
-        """Why this server must not be used, or None; sets ``durable``."""
+        """Why this server must not be used, or None; sets ``durable`` and loads the
+        scripts."""
         info = await client.info("server")
         version = str(info.get("redis_version", "0"))
         if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (7, 0):
             return f"Redis {version} is too old: S-Bus needs Redis >= 7.0"
+        problem = await self._check_config(client)
+        if problem is None:
+            for script in SCRIPTS.values():
+                await client.script_load(script.source)
+        return problem
+
+    async def check(self) -> None:
+        """The configuration again (an operator may ``CONFIG SET`` it at run time):
+        StoreMisconfigured while eviction is on, so the bus answers not-ready."""
+        try:
+            problem = await self._check_config(self._redis())
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        if problem is not None:
+            raise StoreMisconfigured(problem)
+
+    async def _check_config(self, client: Redis) -> str | None:
+        """Why this configuration must not be used, or None; sets ``durable`` and logs
+        when it changes."""
         try:
             config: dict[str, str] = {}
             for name in ("maxmemory-policy", "appendonly", "appendfsync"):
@@ -230,23 +252,23 @@ class RedisStore:
                 f"cannot read the Redis configuration (CONFIG GET: {exc}); S-Bus must verify "
                 "maxmemory-policy noeviction before it starts"
             )
+        durability = (config.get("appendonly", ""), config.get("appendfsync", ""))
+        self.durable = durability == ("yes", "always")
+        if durability != self._durability:
+            self._durability = durability
+            if not self.durable:
+                log.warning(
+                    "Redis is not durable (appendonly=%s, appendfsync=%s): acknowledged "
+                    "commits can be lost on a crash; set appendonly yes and appendfsync always",
+                    *durability,
+                )
         policy = config.get("maxmemory-policy", "")
         if policy != "noeviction":
             return (
-                f"refusing to start: Redis maxmemory-policy is {policy!r}; S-Bus needs "
-                "'noeviction' (eviction would silently drop DeliveryLog entries and "
-                "idempotency records). Set `maxmemory-policy noeviction`."
+                f"Redis maxmemory-policy is {policy!r}; S-Bus needs 'noeviction' (eviction "
+                "would silently drop DeliveryLog entries and idempotency records). Set "
+                "`maxmemory-policy noeviction`."
             )
-        self.durable = config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
-        if not self.durable:
-            log.warning(
-                "Redis is not durable (appendonly=%s, appendfsync=%s): acknowledged commits "
-                "can be lost on a crash; set appendonly yes and appendfsync always",
-                config.get("appendonly"),
-                config.get("appendfsync"),
-            )
-        for script in SCRIPTS.values():
-            await client.script_load(script.source)
         return None
 
     async def close(self) -> None:

@@ -153,13 +153,26 @@ def _entry_json(h: HistoryEntry) -> dict[str, Any]:
     }
 
 
+# What makes an acknowledged commit survive a crash of the server or the machine: WAL
+# flushed by fsync before COMMIT returns (synchronous_commit not off), and full-page
+# writes so a torn page can be repaired from the WAL. Read again by ``check``: an operator
+# may change them with a reload.
+DURABILITY_SQL = (
+    "SELECT current_setting('fsync'), current_setting('synchronous_commit'), "
+    "current_setting('full_page_writes')"
+)
+
+
+def is_durable(fsync: str, synchronous_commit: str, full_page_writes: str) -> bool:
+    return fsync == "on" and synchronous_commit != "off" and full_page_writes == "on"
+
+
 def asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
 class PostgresStore:
     backend = "postgres"
-    durable = True
 
     def __init__(self, url: str, limits: Limits | None = None, pool_size: int = 32) -> None:
         self.url = (
@@ -168,6 +181,8 @@ class PostgresStore:
         self.limits = limits or Limits()
         self._pool_size = pool_size
         self._engine: AsyncEngine | None = None
+        self.durable = False  # until the server says so (start, check)
+        self._durability: tuple[str, ...] | None = None
 
     # lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,6 +202,7 @@ class PostgresStore:
         try:
             async with engine.connect() as conn:
                 current = await conn.run_sync(current_revision)
+                settings = (await conn.exec_driver_sql(DURABILITY_SQL)).one()
         except Exception as exc:
             await engine.dispose()
             raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
@@ -197,7 +213,34 @@ class PostgresStore:
                 f"database schema is at {current or 'nothing'}, this release needs {head}: "
                 "run `sbus migrate`"
             )
+        self._note_durability(tuple(str(value) for value in settings))
         self._engine = engine
+
+    async def check(self) -> None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(DURABILITY_SQL)
+        assert row is not None
+        self._note_durability(tuple(str(value) for value in row))
+
+    def _note_durability(self, settings: tuple[str, ...]) -> None:
+        """Set ``durable`` from (fsync, synchronous_commit, full_page_writes); log when
+        it is first known or changes, so the warning is not repeated every check."""
+        if settings == self._durability:
+            return
+        self._durability = settings
+        fsync, synchronous_commit, full_page_writes = settings
+        self.durable = is_durable(fsync, synchronous_commit, full_page_writes)
+        if not self.durable:
+            log.warning(
+                "PostgreSQL is not durable (fsync=%s, synchronous_commit=%s, "
+                "full_page_writes=%s): acknowledged commits can be lost on a crash; set "
+                "fsync on, synchronous_commit on and full_page_writes on",
+                fsync,
+                synchronous_commit,
+                full_page_writes,
+            )
+        else:
+            log.info("PostgreSQL is durable (fsync on, synchronous_commit=%s)", synchronous_commit)
 
     async def migrate(self) -> None:
         """Upgrade the schema to head (``sbus migrate``)."""

@@ -206,6 +206,9 @@ class SQLiteStore:
     async def ping(self) -> None:
         await self._call(lambda c: c.exec_driver_sql("SELECT 1").scalar(), write=False)
 
+    async def check(self) -> None:
+        return None  # the file's settings are this process's own (set at start)
+
     # clock and flags ---------------------------------------------------------------------
     @staticmethod
     def _meta(conn: Db) -> tuple[bool, int]:

@@ -1,0 +1,80 @@
+"""PostgreSQL's real durability in ``/stats`` ``wal_enabled``, on a private server this
+test may reconfigure: true with fsync, synchronous_commit and full_page_writes on; false
+as soon as a reload turns synchronous_commit off (seen by the running bus's periodic
+check), true again once it is back. The shared test server runs fsync=off, where it is
+false (tests/api/test_upkeep.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from sbus.api import upkeep
+from sbus.api.app import create_app
+from sbus.config import Settings
+from sbus.storage.sql.postgres import asyncpg_dsn
+from tests.faults.conftest import Postgres, unavailable
+
+pytestmark = pytest.mark.faults
+DEADLINE_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def client_of(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(store=url))
+    async with LifespanManager(app) as manager:
+        for _ in range(1000):
+            if app.state.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert app.state.ready, app.state.not_ready_reason
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            yield client
+
+
+async def wal_becomes(client: httpx.AsyncClient, expected: bool) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    seen = None
+    while time.monotonic() < deadline:
+        resp = await client.get("/stats")
+        assert resp.status_code == 200, resp.text
+        seen = resp.json()["wal_enabled"]
+        if seen is expected:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"wal_enabled stayed {seen} for {DEADLINE_S}s, expected {expected}")
+
+
+async def reload_with(url: str, statement: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute(statement)
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+
+
+async def test_wal_enabled_follows_postgres_durability(
+    postgres: Postgres, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upkeep, "CHECK_INTERVAL_S", 0.02)
+    try:
+        # synchronous_commit not on the command line, so a reload can change it
+        postgres.start("-c fsync=on -c full_page_writes=on")
+    except RuntimeError as exc:
+        unavailable(f"PostgreSQL did not start: {exc}")
+    postgres.migrate()
+    async with client_of(postgres.url) as client:
+        await wal_becomes(client, True)
+        await reload_with(postgres.url, "ALTER SYSTEM SET synchronous_commit = off")
+        await wal_becomes(client, False)
+        await reload_with(postgres.url, "ALTER SYSTEM RESET synchronous_commit")
+        await wal_becomes(client, True)
