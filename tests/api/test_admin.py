@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus.security.rights import ALL_RIGHTS, Scope
+from tests.api.auth_helpers import auth, issuer, root_token, token_app
 from tests.api.helpers import (
     SHARD_FIELDS,
     STATS_FIELDS,
@@ -78,8 +80,10 @@ async def test_advance_clock_bad_ms(client: httpx.AsyncClient, ms: object) -> No
 TEN_YEARS_MS = 10 * 365 * 86_400_000
 
 
-async def advance(c: httpx.AsyncClient, ms: int) -> httpx.Response:
-    return await c.post("/admin/test/advance-clock", json={"ms": ms})
+async def advance(
+    c: httpx.AsyncClient, ms: int, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return await c.post("/admin/test/advance-clock", json={"ms": ms}, headers=headers)
 
 
 async def test_advance_clock_offset_is_capped(client: httpx.AsyncClient) -> None:
@@ -105,6 +109,34 @@ async def test_concurrent_advances_cannot_pass_the_cap_together(
     answers = await asyncio.gather(advance(client, half), advance(client, half))
     assert sorted(r.status_code for r in answers) == [200, 422], [r.text for r in answers]
     assert ok(await advance(client, 0))["offset_ms"] == half
+
+
+async def test_token_mode_caps_the_offset_at_the_token_lifetime(make_client: AppFactory) -> None:
+    """In token mode every token past exp by the store clock is refused, the admin token
+    that /admin/reset needs included: an offset past SBUS_TOKEN_MAX_TTL would lock
+    everyone out for good (the offset survives restarts). Past that cap: 422, nothing
+    moves; within it a freshly issued admin token of maximum lifetime still works and
+    /admin/reset brings the offset back to 0."""
+    app, c = await token_app(make_client)
+    max_ttl = app.state.settings.token_max_ttl
+    cap = max_ttl * 1000
+    root = auth(root_token(app))
+    ok(await c.post("/shard", json={"key": "k", "content": ""}, headers=root), 201)
+    for ms in (cap + 1, 25 * 3_600_000, TEN_YEARS_MS):
+        body = problem(await advance(c, ms, headers=root), 422, "ValidationError")
+        assert body["errors"][0]["loc"] == ["body", "ms"]
+        assert (body["offset_ms"], body["max_offset_ms"]) == (0, cap)
+    assert ok(await advance(c, 0, headers=root))["offset_ms"] == 0
+    assert ok(await advance(c, cap - 1000, headers=root))["offset_ms"] == cap - 1000
+    # The 600 s root token has now expired by the store clock; a new one of maximum
+    # lifetime has not, and recovers the deployment.
+    problem(await c.get("/stats", headers=root), 401, "Unauthorized")
+    fresh = auth(issuer(app).issue("root", [Scope("**", ALL_RIGHTS)], max_ttl)[0])
+    problem(await advance(c, 1001, headers=fresh), 422, "ValidationError")
+    ok(await c.get("/shard/k", headers=fresh))
+    ok(await c.post("/admin/reset", headers=fresh))
+    assert ok(await advance(c, 0, headers=root))["offset_ms"] == 0
+    ok(await c.get("/stats", headers=root))
 
 
 async def test_reset_sets_the_clock_offset_back(client: httpx.AsyncClient) -> None:

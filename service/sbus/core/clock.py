@@ -23,24 +23,38 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def advanced_offset(offset_ms: int, ms: int) -> int:
+def offset_cap_ms(token_max_ttl_s: int | None) -> int:
+    """The cap on the test offset: :data:`MAX_OFFSET_MS`, and in token mode (given
+    ``SBUS_TOKEN_MAX_TTL``) at most that lifetime. Every request's token is refused once
+    it is past ``exp`` by the store clock, the admin token that /admin/reset needs
+    included, and only /admin/reset clears the offset: a larger offset would lock every
+    caller out for good. Within the cap a freshly issued token of maximum lifetime is
+    still valid by the store clock."""
+    if token_max_ttl_s is None:
+        return MAX_OFFSET_MS
+    return max(0, min(MAX_OFFSET_MS, token_max_ttl_s * 1000))
+
+
+def advanced_offset(offset_ms: int, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
     """The test offset after moving ``offset_ms`` forward by ``ms``. A store calls this
     inside the atomic step that writes the result, so concurrent advances cannot
-    together pass :data:`MAX_OFFSET_MS`; raises :func:`offset_refused`'s error."""
-    if offset_ms + ms > MAX_OFFSET_MS:
-        raise offset_refused(offset_ms, ms)
+    together pass ``cap_ms`` (:func:`offset_cap_ms`); raises :func:`offset_refused`'s
+    error."""
+    if offset_ms + ms > cap_ms:
+        raise offset_refused(offset_ms, ms, cap_ms)
     return offset_ms + ms
 
 
-def offset_refused(offset_ms: int, ms: int) -> ValidationFailed:
+def offset_refused(offset_ms: int, ms: int, cap_ms: int = MAX_OFFSET_MS) -> ValidationFailed:
     """The 422 for an advance past the cap; the offset stays ``offset_ms``."""
+    why = "10 years" if cap_ms == MAX_OFFSET_MS else "SBUS_TOKEN_MAX_TTL, in token mode"
     return ValidationFailed(
         f"advancing the store clock by {ms} ms would take its test offset to "
-        f"{offset_ms + ms} ms, past the cap of {MAX_OFFSET_MS} ms (10 years); "
+        f"{offset_ms + ms} ms, past the cap of {cap_ms} ms ({why}); "
         "POST /admin/reset sets the offset back to 0",
         loc=["body", "ms"],
         offset_ms=offset_ms,
-        max_offset_ms=MAX_OFFSET_MS,
+        max_offset_ms=cap_ms,
     )
 
 

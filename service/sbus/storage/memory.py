@@ -10,7 +10,7 @@ from collections import deque
 from typing import Any
 
 from sbus.core import rules
-from sbus.core.clock import advanced_offset, wall_ms
+from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import (
     IdempotencyKeyReused,
     ShardAlreadyExists,
@@ -75,8 +75,8 @@ class MemoryStore:
     async def now_ms(self) -> int:
         return self._now()
 
-    async def advance_clock(self, ms: int) -> int:
-        self._offset_ms = advanced_offset(self._offset_ms, ms)
+    async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
+        self._offset_ms = advanced_offset(self._offset_ms, ms, cap_ms)
         return self._offset_ms
 
     # shards --------------------------------------------------------------------

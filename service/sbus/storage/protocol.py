@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from sbus.core.clock import MAX_OFFSET_MS
 from sbus.core.types import (
     CreateOp,
     HistoryEntry,
@@ -51,10 +52,10 @@ class Store(Protocol):
     async def now_ms(self) -> int:
         """The store clock: backend time plus the test offset."""
 
-    async def advance_clock(self, ms: int) -> int:
+    async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
         """Move the test offset forward by ``ms``; returns the new offset. Checked and
         moved in one atomic step: raises ValidationFailed, moving nothing, when the offset
-        would pass :data:`sbus.core.clock.MAX_OFFSET_MS`."""
+        would pass ``cap_ms`` (the caller's :func:`sbus.core.clock.offset_cap_ms`)."""
 
     async def create(self, op: CreateOp) -> Outcome:
         """Create ``op.key`` at version 0, or at tombstone + 1 over a tombstone, with its

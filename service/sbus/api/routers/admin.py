@@ -36,7 +36,7 @@ from sbus.api.wire import (
 )
 from sbus.core import errors as e
 from sbus.core import revocation
-from sbus.core.clock import rfc3339
+from sbus.core.clock import offset_cap_ms, rfc3339
 from sbus.core.engine import new_commit_id
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp
@@ -160,7 +160,8 @@ async def admin_shard(body: CreateShardBody, request: Request, bus: BusDep) -> R
 async def advance_clock(body: AdvanceClockBody, bus: BusDep, settings: SettingsDep) -> Response:
     if not settings.test_hooks:
         raise e.RouteNotFound("test hooks are disabled; set SBUS_TEST_HOOKS=1")
-    offset = await bus.store.advance_clock(body.ms)
+    token_ttl = settings.token_max_ttl if settings.auth_mode == "token" else None
+    offset = await bus.store.advance_clock(body.ms, offset_cap_ms(token_ttl))
     return json_response({"offset_ms": offset, "now_ms": await bus.store.now_ms()})
 
 

@@ -555,7 +555,7 @@ return {#shards, 1}
 
 # ---------------------------------------------------------------------------------
 # Small state changes.  KEYS: meta.
-# ARGV: ms, the cap (clock.MAX_OFFSET_MS). Checked and moved in one script, so two
+# ARGV: ms, the cap (clock.offset_cap_ms). Checked and moved in one script, so two
 # concurrent advances cannot together pass the cap. Returns {'OK', offset} or
 # {'ERR', offset} (over the cap: nothing moved).
 ADVANCE_CLOCK = r"""

@@ -347,10 +347,10 @@ class RedisStore:
     async def now_ms(self) -> int:
         return int(await self._eval("now", [self.k_meta], []))
 
-    async def advance_clock(self, ms: int) -> int:
-        tag, offset = await self._eval("advance_clock", [self.k_meta], [ms, MAX_OFFSET_MS])
+    async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
+        tag, offset = await self._eval("advance_clock", [self.k_meta], [ms, cap_ms])
         if tag == "ERR":
-            raise offset_refused(int(offset), ms)
+            raise offset_refused(int(offset), ms, cap_ms)
         return int(offset)
 
     async def set_ori(self, enabled: bool) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sbus.core import rules
-from sbus.core.clock import advanced_offset
+from sbus.core.clock import MAX_OFFSET_MS, advanced_offset
 from sbus.core.errors import (
     IdempotencyKeyReused,
     SBusError,
@@ -365,13 +365,13 @@ class PostgresStore:
             value: int = await conn.fetchval("SELECT sbus_now_ms()")
             return value
 
-    async def advance_clock(self, ms: int) -> int:
+    async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
         async def body(conn: asyncpg.Connection) -> int:
             # The row lock serializes concurrent advances, on every replica.
             current: int = await conn.fetchval(
                 "SELECT value FROM sbus_meta WHERE name = 'clock_offset_ms' FOR UPDATE"
             )
-            offset = advanced_offset(current, ms)
+            offset = advanced_offset(current, ms, cap_ms)
             await conn.execute(
                 "UPDATE sbus_meta SET value = $1 WHERE name = 'clock_offset_ms'", offset
             )

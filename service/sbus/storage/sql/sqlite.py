@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.exc import SQLAlchemyError
 
 from sbus.core import rules
-from sbus.core.clock import advanced_offset, wall_ms
+from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import (
     IdempotencyKeyReused,
     ShardAlreadyExists,
@@ -224,10 +224,10 @@ class SQLiteStore:
         result: int = await self._call(self._now, write=False)
         return result
 
-    async def advance_clock(self, ms: int) -> int:
+    async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
         def op(conn: Db) -> int:
             # Checked and written under BEGIN IMMEDIATE: advances are serialized.
-            offset = advanced_offset(self._meta(conn)[1], ms)
+            offset = advanced_offset(self._meta(conn)[1], ms, cap_ms)
             conn.exec_driver_sql(
                 "UPDATE sbus_meta SET value = ? WHERE name = 'clock_offset_ms'", (offset,)
             )
