@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Fuzz a real `sbus serve` process with the Schemathesis CLI: every operation of the
-# OpenAPI document, all four phases (examples, coverage, fuzzing, stateful), once in open
-# mode (admin and test hooks on) and once in token mode with an all-rights token. The
-# only check is "no 5xx": every other answer must be a 4xx problem or a success.
+# OpenAPI document, all four phases (examples, coverage, fuzzing, stateful), against
+# three servers in turn: a default one (no settings), open mode with the admin endpoints
+# and test hooks on, and token mode with an all-rights token. The only check is "no 5xx"
+# (and no traceback in the server's log): every other answer is a 4xx problem or a success.
 #
 #   scripts/fuzz.sh [STORE_URL]        (default: a throwaway SQLite file)
 #   FUZZ_MAX_EXAMPLES=50 FUZZ_MAX_TIME=300 scripts/fuzz.sh
 #
 # `make fuzz` runs it over SQLite; `scripts/with-services.sh scripts/fuzz.sh
-# "$SBUS_TEST_POSTGRES_URL"` over PostgreSQL. Exit code: non-zero if either run found
-# a failure. Reports (JUnit XML) land in $FUZZ_REPORT_DIR (default: a temp dir, printed).
+# "$SBUS_TEST_POSTGRES_URL"` over PostgreSQL. Exit code: non-zero if any run found a
+# failure. Reports (JUnit XML) land in $FUZZ_REPORT_DIR (default: a temp dir, printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
+BIN=${BIN:-$PWD/.venv/bin}
 WORK=$(mktemp -d /tmp/sbus-fuzz.XXXXXX)
 STORE=${1:-sqlite:///$WORK/fuzz.db}
 MAX_EXAMPLES=${FUZZ_MAX_EXAMPLES:-30}
@@ -39,7 +40,7 @@ wait_ready() {
   for _ in $(seq 100); do
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
       echo "fuzz: the server exited before it was ready:" >&2
-      tail -20 "$WORK"/*.log >&2
+      tail -n 20 "$WORK"/*.log >&2
       return 1
     fi
     curl -sf "http://127.0.0.1:$1/admin/health" >/dev/null 2>&1 && return 0
@@ -55,14 +56,14 @@ run_mode() {
   shift 2
   echo "fuzz: $name mode, store $STORE, up to $MAX_EXAMPLES examples per operation, ${MAX_TIME}s" >&2
   set +e
-  "$BIN/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
+  (cd "$WORK" && "$BIN/schemathesis" run "http://127.0.0.1:$port/openapi.json" \
     --checks not_a_server_error \
     --phases examples,coverage,fuzzing,stateful \
     --max-examples "$MAX_EXAMPLES" --max-time "$MAX_TIME" \
     --workers 1 --request-timeout 10 --continue-on-failure \
     --suppress-health-check all \
     --report junit --report-dir "$REPORTS/$name" \
-    "$@"
+    "$@")  # run from the work dir: the CLI leaves a .schemathesis/ cache where it runs
   local status=$?
   set -e
   return $status
@@ -73,33 +74,36 @@ case "$STORE" in
   postgresql*) "$BIN/sbus" migrate --store "$STORE" ;;
 esac
 
-PORT=$(free_port)
-SBUS_STORE=$STORE SBUS_PORT=$PORT SBUS_ADMIN_ENABLED=1 SBUS_TEST_HOOKS=1 SBUS_SECRET=$SECRET \
-  "$BIN/sbus" serve >"$WORK/open.log" 2>&1 &
-SERVER_PID=$!
-wait_ready "$PORT"
-run_mode open "$PORT" || failed=1
-stop_server
-if grep -q "Traceback" "$WORK/open.log"; then
-  echo "fuzz: the open-mode server logged a traceback:" >&2
-  grep -n -m3 -A20 "Traceback" "$WORK/open.log" >&2 || true
-  failed=1
-fi
+# fuzz_server NAME [VAR=value ...] -- [schemathesis args...]: start `sbus serve` with
+# the given settings on a free port, fuzz it, stop it, and fail on a logged traceback.
+fuzz_server() {
+  local name=$1 port settings=()
+  shift
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do settings+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  port=$(free_port)
+  env SBUS_STORE="$STORE" SBUS_PORT="$port" "${settings[@]}" \
+    "$BIN/sbus" serve >"$WORK/$name.log" 2>&1 &
+  SERVER_PID=$!
+  wait_ready "$port" || { failed=1; stop_server; return; }
+  run_mode "$name" "$port" "$@" || failed=1
+  stop_server
+  if grep -q "Traceback" "$WORK/$name.log"; then
+    echo "fuzz: the $name server logged a traceback:" >&2
+    grep -n -m3 -A20 "Traceback" "$WORK/$name.log" >&2 || true
+    failed=1
+  fi
+}
 
-PORT=$(free_port)
+# 1. A default server: no settings but the store and the port.
+fuzz_server default
+# 2. Open mode with the admin endpoints and the test hooks on.
+fuzz_server open SBUS_ADMIN_ENABLED=1 SBUS_TEST_HOOKS=1
+# 3. Token mode with a token holding every right.
 TOKEN=$(SBUS_SECRET=$SECRET "$BIN/sbus" token issue --agent fuzzer \
   --allow 'read,write,create,delete,mandate,admin:**' --ttl 1h)
-SBUS_STORE=$STORE SBUS_PORT=$PORT SBUS_AUTH=token SBUS_TEST_HOOKS=1 SBUS_SECRET=$SECRET \
-  "$BIN/sbus" serve >"$WORK/token.log" 2>&1 &
-SERVER_PID=$!
-wait_ready "$PORT"
-run_mode token "$PORT" -H "Authorization: Bearer $TOKEN" || failed=1
-stop_server
-if grep -q "Traceback" "$WORK/token.log"; then
-  echo "fuzz: the token-mode server logged a traceback:" >&2
-  grep -n -m3 -A20 "Traceback" "$WORK/token.log" >&2 || true
-  failed=1
-fi
+fuzz_server token SBUS_AUTH=token SBUS_TEST_HOOKS=1 SBUS_SECRET=$SECRET -- \
+  -H "Authorization: Bearer $TOKEN"
 
 if [ -z "${FUZZ_REPORT_DIR:-}" ]; then
   # Keep the reports: the work dir is removed on exit.
@@ -107,5 +111,5 @@ if [ -z "${FUZZ_REPORT_DIR:-}" ]; then
   cp -r "$REPORTS"/. "$KEEP"/
   echo "fuzz: reports in $KEEP" >&2
 fi
-[ $failed -eq 0 ] && echo "fuzz: no server errors in either mode" >&2
+[ $failed -eq 0 ] && echo "fuzz: no server errors in any mode" >&2
 exit $failed
