@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -280,12 +281,18 @@ app.add_typer(token_app, name="token")
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
+# ASCII digits only (str.isdigit() takes "\u00b2", which int() refuses), and few enough
+# for int(); the issuer refuses anything past SBUS_TOKEN_MAX_TTL.
+_TTL_NUMBER = re.compile(r"[0-9]{1,12}")
+
+
 def parse_ttl(text: str) -> int:
-    """``30s``, ``15m``, ``1h``, ``1d`` or plain seconds -> seconds."""
+    """``30s``, ``15m``, ``1h``, ``1d`` or plain seconds -> seconds; ValueError (its
+    message says what is expected) for anything else."""
     text = text.strip()
     number, unit = (text[:-1], text[-1]) if text[-1:] in _TTL_UNITS else (text, "s")
-    if not number.isdigit() or int(number) < 1:
-        raise typer.BadParameter(f"{text!r}: expected a positive duration like 30s, 15m, 1h, 1d")
+    if not _TTL_NUMBER.fullmatch(number) or int(number) < 1:
+        raise ValueError(f"--ttl {text!r}: expected a positive duration like 30s, 15m, 1h, 1d")
     return int(number) * _TTL_UNITS[unit]
 
 
@@ -323,7 +330,10 @@ def token_issue(
     from sbus.security.rights import parse_allow
     from sbus.security.tokens import Issuer
 
-    seconds = parse_ttl(ttl)
+    try:
+        seconds = parse_ttl(ttl)
+    except ValueError as exc:
+        fail(str(exc))
     settings = load_settings()
     try:
         scopes = [parse_allow(spec) for spec in allow]

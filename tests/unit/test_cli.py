@@ -98,6 +98,19 @@ def test_migrate_of_an_unreachable_store_is_one_line() -> None:
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in line
 
 
+@pytest.mark.parametrize(
+    "ttl", ["\u00b2h", "\u00b2\u00b3", "0\u00b9", "\u0663s", "1_0s", "+5m", "9" * 5000, "0s", "1w"]
+)
+def test_bad_token_ttl_is_one_line(monkeypatch: pytest.MonkeyPatch, ttl: str) -> None:
+    """Unicode digits passed str.isdigit() and then made int() raise (a traceback), or
+    were read as ASCII ones; any --ttl that is not ASCII digits plus a unit is refused."""
+    monkeypatch.setenv("SBUS_SECRET", SECRET)
+    result = run("token", "issue", "--agent", "A", "--allow", "read:x", "--ttl", ttl)
+    line = one_line_error(result)
+    assert "expected a positive duration like 30s, 15m, 1h, 1d" in line, line
+    assert result.stdout == ""
+
+
 def test_serve_help_points_to_the_configuration_page() -> None:
     result = run("serve", "--help")
     assert result.exit_code == 0

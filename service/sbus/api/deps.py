@@ -12,6 +12,7 @@ from typing import Annotated, Any, cast
 from fastapi import Depends, Request
 
 from sbus.api.auth import PRINCIPAL
+from sbus.api.wire import DIGITS
 from sbus.config import Settings
 from sbus.core import errors as e
 from sbus.core.chain import canonical_json
@@ -120,7 +121,7 @@ def if_match(request: Request) -> int | None:
     if raw is None:
         return None
     value = raw.strip()
-    if len(value) >= 3 and value[0] == '"' and value[-1] == '"' and value[1:-1].isdigit():
+    if len(value) >= 3 and value[0] == '"' and value[-1] == '"' and DIGITS.fullmatch(value[1:-1]):
         number = int(value[1:-1])
         if number <= 2**53 - 1:
             return number

@@ -11,6 +11,7 @@ and a cross-site form or ``fetch`` without CORS cannot send ``application/json``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -21,6 +22,10 @@ from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
 from sbus.api.browser import OriginPolicy
 from sbus.api.problems import problem_response
 from sbus.core import errors as e
+
+# A Content-Length we read: ASCII digits, short enough that int() cannot refuse it (a
+# longer one is past any body cap anyway, and refused as invalid).
+CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 
 # Routes that answer while the store is still connecting.
 UNGATED = frozenset({"/livez", "/admin/health", "/metrics", "/openapi.json", "/docs"})
@@ -100,10 +105,10 @@ class Gate:
         if method in ("POST", "PUT", "PATCH", "DELETE"):
             length = headers.get(b"content-length")
             if length is not None:
-                try:
-                    size = int(length)
-                except ValueError:
+                # Digits only: int() would also read " 5", "+5" and "1_0".
+                if not CONTENT_LENGTH.fullmatch(length):
                     return e.MalformedJSON("invalid Content-Length")
+                size = int(length)
                 if size > self.max_body:
                     return e.RequestTooLarge(
                         f"request body of {size} bytes exceeds {self.max_body}", max=self.max_body

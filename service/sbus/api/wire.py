@@ -62,13 +62,16 @@ JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 # the OpenAPI schema and from dumps (it is always None once validated).
 Refused = SkipJsonSchema[Annotated[Any, AfterValidator(_unsupported)]]
 
-_DIGITS = re.compile(r"[0-9]{1,16}")
+# Plain ASCII decimal digits, at most 16 (2^53-1 has 16). Not str.isdigit(), which also
+# takes superscripts (U+00B2, which int() then refuses with an exception) and other
+# scripts' digits (U+0663, which int() reads as 3).
+DIGITS = re.compile(r"[0-9]{1,16}")
 
 
 def _query_digits(value: object) -> object:
     """Query strings are text, so FastAPI parses them leniently ("1.0" -> 1); the
     protocol.md's strict typing wants plain decimal digits, as in a JSON body."""
-    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+    if isinstance(value, str) and not DIGITS.fullmatch(value):
         raise PydanticCustomError("int_parsing", "must be a non-negative decimal integer")
     return value
 
