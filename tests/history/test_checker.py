@@ -401,6 +401,32 @@ def test_cli_check_and_export(tmp_path: Path) -> None:
     assert "--in-order" in run("check", "--help").stdout
 
 
+def test_cli_file_problems_are_one_line(tmp_path: Path) -> None:
+    """A file that cannot be read or written, or is not a history: one line naming it
+    on stderr and exit 2, never a traceback."""
+    clean, garbage = tmp_path / "clean.ndjson", tmp_path / "garbage.ndjson"
+    clean.write_text(dumps(serial_history()))
+    garbage.write_text("{not json\n")
+    (tmp_path / "file").write_text("")
+    missing = tmp_path / "nonexistent"
+    cases = [
+        (("check", str(missing)), f"cannot read {missing}: No such file or directory"),
+        (("check", str(clean), str(tmp_path)), f"cannot read {tmp_path}: Is a directory"),
+        (("check", str(garbage)), f"{garbage} is not a recorded history"),
+        (("elle", str(missing), str(tmp_path / "out.json")), f"cannot read {missing}"),
+        (("elle", str(clean), str(tmp_path / "file" / "out.json")), "cannot write"),
+    ]
+    for args, needle in cases:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.history", *args], capture_output=True, text=True
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr, args
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, (args, lines)
+        assert lines[0].startswith("python -m tests.history: " + needle), (args, lines)
+
+
 def events(*spec: tuple[int, str, list[Any]]) -> list[dict[str, Any]]:
     """Elle events from (process, type, value), one nanosecond apart."""
     return [
