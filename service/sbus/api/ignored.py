@@ -15,11 +15,11 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
 
 from fastapi import Request
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sbus.api.routing import ExactRoute
 from sbus.api.wire import WireModel
 from sbus.core.keys import path_text
 
@@ -87,10 +87,11 @@ def header_value(paths: list[Path]) -> str:
     return ", ".join(listed)
 
 
-class WireRoute(APIRoute):
-    """An APIRoute that records the ignored fields of the body it parsed. FastAPI
-    caches the parsed body on the request, so nothing is parsed twice; a route
-    without a body model parses a non-empty body only to name its fields."""
+class WireRoute(ExactRoute):
+    """The route class of every router: an exact-path route that records the ignored
+    fields of the body it parsed. FastAPI caches the parsed body on the request, so
+    nothing is parsed twice; a route without a body model parses a non-empty body only
+    to name its fields."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from sbus.api.deps import BusDep
+from sbus.api.ignored import WireRoute
 from sbus.api.render import json_response
 from sbus.api.schemas import HealthOut, StatsOut
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
 
-router = APIRouter(tags=["observability"])
+router = APIRouter(tags=["observability"], route_class=WireRoute)
 
 
 def public_reason(exc: StoreUnavailable) -> str:
