@@ -234,6 +234,9 @@ def serve(
             log_level=None,
             access_log=settings.access_log,
             timeout_graceful_shutdown=10,
+            # Header deadline and connection cap (the body's is the app's own gate).
+            http="sbus.api.connections:GuardedHttpToolsProtocol",
+            timeout_keep_alive=settings.keepalive_timeout,
         )
 
 

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
     pg_pool_size: int | None = Field(None, ge=1, le=1000)
+    # Slow and idle clients (sbus.api.connections), per worker process.
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    body_timeout: float = Field(30.0, gt=0, le=3600)
+    keepalive_timeout: int = Field(5, ge=1, le=3600)
+    max_connections: int = Field(512, ge=1)
 
     @property
     def auth_mode(self) -> str:

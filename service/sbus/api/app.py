@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         origins=None if token_mode else OriginPolicy.from_settings(settings),
         is_ready=lambda: bool(app.state.ready),
         authenticator=authenticator,
+        body_timeout=settings.body_timeout,
     )
     if settings.cors_origins:
         app.add_middleware(

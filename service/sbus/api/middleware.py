@@ -11,6 +11,7 @@ and a cross-site form or ``fetch`` without CORS cannot send ``application/json``
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
@@ -50,9 +51,11 @@ class Gate:
         origins: OriginPolicy | None,
         is_ready: Callable[[], bool],
         authenticator: Authenticator,
+        body_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body
+        self.body_timeout = body_timeout  # seconds for the whole body (SBUS_BODY_TIMEOUT)
         # Open mode's browser checks; None in token mode, where a page holds no token.
         self.origins = origins
         self.is_ready = is_ready
@@ -132,8 +135,18 @@ class Gate:
         chunks: list[bytes] = []
         size = 0
         more = True
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout is None else loop.time() + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                timeout = e.RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout:g} s"
+                )
+                await self._reject(timeout, scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

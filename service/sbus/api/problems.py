@@ -60,6 +60,7 @@ STATUS: dict[type[e.SBusError], int] = {
     e.StateError: 409,
     e.SessionExpired: 410,
     MandateExpired: 410,
+    e.RequestTimeout: 408,
     e.RequestTooLarge: 413,
     e.DeltaTooLarge: 413,
     e.FieldTooLarge: 413,
@@ -112,6 +113,8 @@ def problem_response(err: e.SBusError, *, token_sent: bool = True) -> Response:
         headers["Retry-After"] = str(err.retry_after)
     if isinstance(err, TokenInvalid):
         headers["WWW-Authenticate"] = CHALLENGE_INVALID if token_sent else CHALLENGE
+    if isinstance(err, e.RequestTimeout):
+        headers["Connection"] = "close"  # the rest of the request may never come
     return Response(
         orjson.dumps(problem_body(err, status)),
         status_code=status,

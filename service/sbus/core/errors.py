@@ -7,7 +7,7 @@ statuses; everything below the API raises these classes and nothing else.
 
     SBusError
     ├── RequestError            the request itself is unacceptable (4xx before the store)
-    │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, ValidationFailed
+    │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, RequestTimeout, ValidationFailed
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
     │   ├── DeltaTooLarge, FieldTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
     │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
@@ -55,6 +55,14 @@ class UnsupportedMediaType(RequestError):
 class RequestTooLarge(RequestError):
     code = "RequestTooLarge"
     title = "Request body too large"
+
+
+class RequestTimeout(RequestError):
+    """The client took longer than SBUS_HEADER_TIMEOUT / SBUS_BODY_TIMEOUT to send its
+    request; the connection is closed after the answer."""
+
+    code = "RequestTimeout"
+    title = "Request timeout"
 
 
 class ValidationFailed(RequestError):

@@ -1,0 +1,153 @@
+"""Connection limits uvicorn does not have: how long a client may take to send a
+request's headers, and how many connections one worker holds.
+
+uvicorn times out only an idle keep-alive connection after a response
+(``SBUS_KEEPALIVE_TIMEOUT``); a client that connects and sends nothing, or trickles its
+headers a byte at a time, was held for ever (thousands of such sockets exhaust the
+worker). Its own ``limit_concurrency`` still accepts and reads every connection, then
+answers a text/plain 503. :class:`GuardedHttpToolsProtocol` is uvicorn's protocol with:
+
+- a **header deadline**: the request line and headers must be complete within
+  ``SBUS_HEADER_TIMEOUT`` seconds, counted from the connection (first request) or from
+  the request's first byte (later requests; the idle time between requests is the
+  keep-alive timeout's). A connection that sent nothing is then closed silently; one in
+  the middle of its headers gets 408 ``RequestTimeout`` (problem+json) and is closed;
+- a **connection cap**: a connection beyond ``SBUS_MAX_CONNECTIONS`` held by this worker
+  is closed at once, before anything is read; the client sees the connection closed
+  without a response and may retry.
+
+The body's deadline (``SBUS_BODY_TIMEOUT``) is the ASGI gate's (sbus.api.middleware),
+which can answer it with a problem document. ``sbus serve`` selects this class with
+uvicorn's ``http`` option; each worker reads the limits from its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from sbus.api.problems import MEDIA_TYPE, problem_body
+from sbus.config import Settings
+from sbus.core.errors import RequestTimeout
+
+log = logging.getLogger("sbus")
+
+# How often a refused connection may be logged (an attack would flood the log).
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout: float
+    max_connections: int
+
+
+@functools.cache
+def configured_limits() -> ConnectionLimits:
+    """This worker's limits, read once from the environment (``sbus serve`` checked
+    the settings before starting any worker)."""
+    settings = Settings()
+    return ConnectionLimits(settings.header_timeout, settings.max_connections)
+
+
+def timeout_response(seconds: float) -> bytes:
+    """A complete HTTP/1.1 408 with a problem document, for a connection the app never saw."""
+    error = RequestTimeout(f"the request headers did not arrive within {seconds:g} s")
+    body = orjson.dumps(problem_body(error, 408))
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\n"
+        f"content-type: {MEDIA_TYPE}\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class _RefusalLog:
+    """Log refused connections at most once per interval, with how many there were."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+        self.count = 0
+
+    def note(self, cap: int) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= REFUSAL_LOG_INTERVAL_S:
+            log.warning(
+                "refused %d connection(s): this worker holds SBUS_MAX_CONNECTIONS=%d",
+                self.count,
+                cap,
+            )
+            self.last, self.count = now, 0
+
+
+_refusals = _RefusalLog()
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = configured_limits()
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.partial = False  # some bytes of the pending request's head have arrived
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self.refused = True
+            _refusals.note(self.limits.max_connections)
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._arm(partial=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if not self.refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.header_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm(partial=True)  # the first bytes of a new request
+        elif self.header_timer is not None:
+            self.partial = True
+        cycle = self.cycle
+        super().data_received(data)
+        if self.cycle is not cycle:
+            self._disarm()  # the headers are complete: the request is the app's now
+
+    def _arm(self, *, partial: bool) -> None:
+        self._disarm()
+        self.partial = partial
+        self.header_timer = self.loop.call_later(self.limits.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _expired(self) -> None:
+        self.header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.partial:
+            self.transport.write(timeout_response(self.limits.header_timeout))
+        self.transport.close()
