@@ -59,3 +59,13 @@ def test_token_mode_is_the_default_off_loopback_and_refuses_to_start() -> None:
     s = Settings(host="0.0.0.0")
     assert s.auth_mode == "token"
     assert s.startup_problem() is not None
+
+
+def test_every_setting_has_one_row_in_the_configuration_page() -> None:
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    rows = re.findall(r"^\| `(SBUS_[A-Z0-9_]+)` \|", page.read_text(), re.MULTILINE)
+    assert len(rows) == len(set(rows)), "a variable has two rows"
+    assert set(rows) == {f"SBUS_{name.upper()}" for name in Settings.model_fields}
