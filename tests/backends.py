@@ -22,7 +22,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 TABLES = (
     "sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, sbus_counters, "
-    "sbus_idempotency, sbus_consumed_mandates, sbus_revocations, sbus_rate_buckets"
+    "sbus_idempotency, sbus_consumed_mandates, sbus_revocations, sbus_rate_buckets, "
+    "sbus_secrets"
 )
 
 

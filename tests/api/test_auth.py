@@ -414,12 +414,19 @@ async def test_verify_only_replica_cannot_issue(make_client: AppFactory, tmp_pat
 # -- open mode --------------------------------------------------------------------------------
 
 
-async def test_open_mode_admin_tokens(make_client: AppFactory) -> None:
+async def test_open_mode_admin_tokens(make_client: AppFactory, tmp_path: Path) -> None:
     _, c = await make_client(secret=SECRET)
     body = {"agent": "A", "scopes": [{"pattern": "**", "rights": ["read"]}], "ttl_s": 60}
     assert ok(await c.post("/admin/tokens", json=body), 201)["claims"]["sub"] == "A"
+    # Without a configured key open mode signs with the store's (test_open_mode_keys.py);
+    # a verify-only configuration still cannot sign.
     _, bare = await make_client()
-    problem(await bare.post("/admin/tokens", json=body), 503, "SigningUnavailable")
+    assert ok(await bare.post("/admin/tokens", json=body), 201)["claims"]["sub"] == "A"
+    _, public, _ = write_keypair(tmp_path / "k.pem")
+    _, verify_only = await make_client(verify_key=str(public))
+    problem(await verify_only.post("/admin/tokens", json=body), 503, "SigningUnavailable")
+    mandate = {"agent_id": "G", "holder": "A", "keys": ["k"], "ttl_s": 60}
+    problem(await verify_only.post("/mandates", json=mandate), 503, "SigningUnavailable")
     _, closed = await make_client(secret=SECRET, admin_enabled=False)
     problem(await closed.post("/admin/tokens", json=body), 403, "AdminDisabled")
 

@@ -358,3 +358,26 @@ class TestRevocations:
         assert not later.revoked
         await store.purge()
         assert not (await store.revocation("t")).revoked
+
+
+class TestOpenModeSecret:
+    """The open-mode signing secret: the first one offered is kept, every later caller
+    (on any replica over the store) gets it back, and a reset keeps it."""
+
+    async def test_the_first_candidate_is_kept(
+        self, store: Store, store_kind: str, tmp_path: Path
+    ) -> None:
+        a, b = b"a" * 32, b"b" * 32
+        first, second = await asyncio.gather(store.open_mode_secret(a), store.open_mode_secret(b))
+        assert first == second
+        assert first in (a, b)
+        await store.reset_all()
+        assert await store.open_mode_secret(b"c" * 32) == first
+        replica = open_store(store_url(store_kind, tmp_path), LIMITS)
+        await replica.start()
+        try:
+            kept = await replica.open_mode_secret(b"d" * 32)
+        finally:
+            await replica.close()
+        # memory:// is one process's store: another one keeps its own.
+        assert kept == (b"d" * 32 if store_kind == "memory" else first)

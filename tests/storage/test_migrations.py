@@ -18,7 +18,7 @@ def test_migrations_produce_the_declared_schema(tmp_path: Path) -> None:
         upgrade_to_head(conn)
     with engine.connect() as conn:
         context = MigrationContext.configure(conn)
-        assert context.get_current_revision() == head_revision() == "0005"
+        assert context.get_current_revision() == head_revision() == "0006"
         diffs = compare_metadata(context, metadata)
         assert diffs == []
         meta: dict[str, int] = dict(

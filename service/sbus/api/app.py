@@ -27,7 +27,8 @@ from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
 from sbus.core.types import RateLimit
 from sbus.security import KeyConfigError
-from sbus.security.keys import KeySet
+from sbus.security.keys import KeySet, open_mode_keys
+from sbus.security.keys import configured as keys_configured
 from sbus.security.mandates import Mandates
 from sbus.security.tokens import Issuer, Verifier
 from sbus.storage.factory import open_store
@@ -48,6 +49,8 @@ async def _connect(app: FastAPI, store: Store) -> None:
     while True:
         try:
             await store.start()
+            if app.state.keys_from_store:
+                _install_keys(app, await open_mode_keys(store.open_mode_secret))
         except StoreUnavailable as exc:
             upkeep.stop_if_cancelled()
             app.state.not_ready_reason = exc.detail
@@ -66,15 +69,23 @@ async def _connect(app: FastAPI, store: Store) -> None:
 
 
 def _keys(settings: Settings) -> tuple[KeySet | None, str | None]:
-    """The key set, or None and why not. Token mode needs one (KeyConfigError, which
-    ``startup_problem`` reports before we get here); open mode only uses it to issue
-    tokens through POST /admin/tokens."""
+    """The configured key set, or None and why not. Token mode needs one (KeyConfigError,
+    which ``startup_problem`` reports before we get here); open mode signs mandates and
+    POST /admin/tokens with it, and without one configured with the store's secret
+    (installed once the store answers, see ``_connect``)."""
     try:
         return KeySet.from_settings(settings), None
     except KeyConfigError as exc:
         if settings.auth_mode == "token":
             raise
         return None, exc.detail
+
+
+def _install_keys(app: FastAPI, keys: KeySet | None) -> None:
+    """The signers of POST /admin/tokens and POST /mandates (None: 503 SigningUnavailable)."""
+    settings: Settings = app.state.settings
+    app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
+    app.state.mandates = Mandates.from_settings(settings, keys) if keys is not None else None
 
 
 def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
@@ -118,9 +129,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.state.not_ready_reason = app.state.not_ready_public = "store not connected yet"
     app.state.readiness = WorkerReadiness(settings.ready_dir, settings.worker_count())
     app.state.metrics = Metrics()
-    app.state.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
-    app.state.mandates = Mandates.from_settings(settings, keys) if keys is not None else None
+    _install_keys(app, keys)
     app.state.no_issuer_reason = no_keys
+    # Open mode never refuses to start for want of a key: with none configured it signs
+    # with the secret the store keeps for every replica, obtained before the worker is
+    # ready (until then the gate answers 503 not_ready, as for every store route).
+    app.state.keys_from_store = not token_mode and not keys_configured(settings)
     verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
     # Every request's token is checked against the store's revocation list, so a
     # revocation made through any replica is refused by every replica at once.

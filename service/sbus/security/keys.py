@@ -5,7 +5,9 @@
 - ``SBUS_VERIFY_KEY`` alone (comma-separated paths of PEM Ed25519 public keys): EdDSA,
   verify-only; issuing raises :class:`SigningUnavailable`.
 - otherwise ``SBUS_SECRET`` (at least 32 bytes of UTF-8): HS256.
-- none of them: :class:`KeyConfigError` naming the three variables.
+- none of them: :class:`KeyConfigError` naming the three variables in token mode. Open
+  mode then signs with the deployment's own HS256 secret, which the store keeps for every
+  replica (:func:`open_mode_keys`, ``Store.open_mode_secret``).
 
 When an Ed25519 key is configured ``SBUS_SECRET`` is ignored, as protocol.md orders; HS256
 tokens are then refused like any other algorithm. Each key has a ``kid``, a 16-hex-digit
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from sbus.config import Settings
+from sbus.core.errors import StoreMisconfigured
 from sbus.security import KeyConfigError, SigningUnavailable
 
 Algorithm = Literal["EdDSA", "HS256"]
@@ -104,7 +108,7 @@ class KeySet:
 
     @classmethod
     def ephemeral(cls) -> KeySet:
-        """A random HS256 key set for one process (tests, single-process open mode)."""
+        """A random HS256 key set for one process (tests)."""
         return cls.from_secret(secrets.token_bytes(MIN_SECRET_BYTES))
 
     @classmethod
@@ -157,6 +161,27 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise KeyConfigError(f"SBUS_VERIFY_KEY: {str(path)!r} is not an Ed25519 key")
     return key
+
+
+def configured(settings: Settings) -> bool:
+    """Whether the settings name any key (then they alone decide, even in open mode)."""
+    return any(v.strip() for v in (settings.signing_key, settings.verify_key, settings.secret))
+
+
+async def open_mode_keys(kept: Callable[[bytes], Awaitable[bytes]]) -> KeySet:
+    """The key set of an open-mode deployment that configures no key: HS256 with the
+    secret the store keeps (``kept`` is ``Store.open_mode_secret``), which stores the
+    fresh random candidate offered here only when it holds none. Every replica over the
+    store gets the same secret, so a mandate issued by one verifies on all.
+    :class:`StoreMisconfigured` if what the store holds is not a usable secret."""
+    secret = await kept(secrets.token_bytes(MIN_SECRET_BYTES))
+    if len(secret) < MIN_SECRET_BYTES:
+        raise StoreMisconfigured(
+            f"the store's open-mode signing key is {len(secret)} bytes, under "
+            f"{MIN_SECRET_BYTES}; remove it (docs/security.md says where it is kept) and a "
+            "new one is made"
+        )
+    return KeySet.from_secret(secret)
 
 
 def token_mode_problem(settings: Settings) -> str | None:

@@ -54,6 +54,7 @@ class MemoryStore:
         self._buckets: dict[str, tuple[float, int]] = {}  # agent -> (tokens, updated ms)
         self._ori = True
         self._offset_ms = 0
+        self._secret: bytes | None = None  # open mode's signing secret, for this process
         self.limits = limits or Limits()
 
     # lifecycle -----------------------------------------------------------------
@@ -295,6 +296,11 @@ class MemoryStore:
                 for k, e in sorted(live.items())
             }
         return out, None
+
+    async def open_mode_secret(self, candidate: bytes) -> bytes:
+        if self._secret is None:
+            self._secret = candidate
+        return self._secret
 
     async def purge(self) -> int:
         """Drop expired DL entries, purged sessions and expired idempotency records."""

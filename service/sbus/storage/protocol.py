@@ -107,6 +107,12 @@ class Store(Protocol):
         (checked on every request in token mode, so the replica can also refuse a token
         that has expired by the store clock)."""
 
+    async def open_mode_secret(self, candidate: bytes) -> bytes:
+        """The deployment's open-mode signing secret: the one the store keeps, or else
+        ``candidate``, kept from now on. Insert-if-absent then read, so replicas asking at
+        once all get the one stored first. Kept by ``reset_all``. Asked only in open mode
+        when no key is configured (sbus.security.keys.open_mode_keys)."""
+
     async def purge(self) -> int:
         """Delete expired state (DL entries, sessions past their marker, idempotency
         records); returns how many rows went. Called periodically by every replica."""

@@ -770,6 +770,25 @@ class RedisStore:
         }
         return ordered, (max(ordered) if more and ordered else None)
 
+    async def open_mode_secret(self, candidate: bytes) -> bytes:
+        # SET NX GET in one command: the first replica's candidate is stored, and every
+        # later one gets it back instead of storing its own. Outside the keys
+        # /admin/reset deletes.
+        key = f"{self.tag}:signing"
+        try:
+            kept = await self._redis().set(key, candidate.hex(), nx=True, get=True)
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        if kept is None:
+            return candidate
+        try:
+            return bytes.fromhex(str(kept))
+        except ValueError:
+            raise StoreMisconfigured(
+                f"Redis key {key} does not hold an S-Bus signing key (hex digits); delete it "
+                "and a new one is made"
+            ) from None
+
     async def purge(self) -> int:
         """Drop expired DL entries, sessions past their marker and expired idempotency
         records, in batches of :data:`PURGE_BATCH`: each batch is one script."""

@@ -813,6 +813,23 @@ class PostgresStore:
             }
         return out, (agents[-1] if more else None)
 
+    async def open_mode_secret(self, candidate: bytes) -> bytes:
+        async def body(conn: asyncpg.Connection) -> bytes:
+            # Two statements under READ COMMITTED: an insert racing another replica's
+            # waits for it and does nothing, and the SELECT (a fresh snapshot) then sees
+            # the row that won.
+            await conn.execute(
+                "INSERT INTO sbus_secrets (name, value) VALUES ('open_mode', $1) "
+                "ON CONFLICT (name) DO NOTHING",
+                candidate,
+            )
+            value: bytes = await conn.fetchval(
+                "SELECT value FROM sbus_secrets WHERE name = 'open_mode'"
+            )
+            return value
+
+        return await self._run(body)
+
     async def purge(self) -> int:
         """Delete expired DL entries, sessions past their marker, idempotency records,
         consumed mandates and revocations."""

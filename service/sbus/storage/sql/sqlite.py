@@ -10,6 +10,7 @@ statement compilation.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
+from sbus.storage.sql import keyfile
 from sbus.storage.sql.migrate import upgrade_to_head
 from sbus.storage.sql.writer import Writer
 
@@ -682,6 +684,15 @@ class SQLiteStore:
             run, write=False
         )
         return result
+
+    async def open_mode_secret(self, candidate: bytes) -> bytes:
+        path = keyfile.key_path(self._path())
+        try:
+            return await asyncio.to_thread(keyfile.shared_secret, path, candidate)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot keep the open-mode signing key in {path}: {exc}"
+            ) from exc
 
     async def purge(self) -> int:
         """Delete expired state: DL entries past the TTL, sessions past their expired
