@@ -42,11 +42,9 @@ SEED = 20260501
 
 
 SECRET = "x" * 32
-# Open mode with a secret, so POST /admin/tokens and POST /mandates issue instead of
-# answering 503 SigningUnavailable to every case.
-OPEN_APP = create_app(
-    Settings(store="memory://", admin_enabled=True, test_hooks=True, secret=SECRET)
-)
+# Open mode as it starts by default (no key configured: POST /admin/tokens and
+# POST /mandates sign with the key the store keeps), plus admin and the test hooks.
+OPEN_APP = create_app(Settings(store="memory://", admin_enabled=True, test_hooks=True))
 TOKEN_SETTINGS = Settings(store="memory://", auth="token", secret=SECRET)
 TOKEN_APP = create_app(TOKEN_SETTINGS)
 
