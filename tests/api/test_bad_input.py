@@ -359,7 +359,24 @@ NOT_OBJECTS: list[bytes] = [b"[]", b"1", b'"s"', b"null", b"true", b"[{}]", b""]
 MAIN_PATHS = ("/shard", "/commit/v2", "/commit/multi")
 
 
+# Routes that read no field but take an optional JSON object. Each would change the
+# seeded state if its body were ignored: the delete removes k (at version 1), the reset
+# wipes everything.
+NO_FIELD_ROUTES = [("DELETE", "/shard/k?expected_version=1&agent_id=w"), ("POST", "/admin/reset")]
+
+
 def _body_cases() -> Iterator[Any]:
+    for method, url in NO_FIELD_ROUTES:
+        for i, raw in enumerate(MALFORMED):
+            yield pytest.param(
+                Case(method, url, raw, 400, "MalformedJSON"), id=f"{method}{url}-malformed-{i}"
+            )
+        for i, raw in enumerate(NOT_OBJECTS):
+            if raw:  # no body at all is what these routes expect
+                yield pytest.param(
+                    Case(method, url, raw, 422, "ValidationError"),
+                    id=f"{method}{url}-not-object-{i}",
+                )
     for path in POST_PATHS:
         main = path in MAIN_PATHS
         for i, raw in enumerate(MALFORMED if main else MALFORMED[:1] + MALFORMED[7:8]):

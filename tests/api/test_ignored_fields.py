@@ -95,18 +95,45 @@ async def test_not_named_without_a_parsed_body(client: httpx.AsyncClient) -> Non
     assert HEADER not in r.headers
 
 
-async def test_routes_without_a_body_model_name_every_field(client: httpx.AsyncClient) -> None:
+async def test_routes_without_fields_name_every_member(client: httpx.AsyncClient) -> None:
     await create(client, "k")
     r = await client.request(
         "DELETE", "/shard/k", params={"expected_version": "0", "agent_id": "a"}, json={"why": 1}
     )
     assert r.status_code == 204
     assert r.headers[HEADER] == "why"
-    r = await client.post("/admin/reset", json={"everything": True})
+    r = await client.post("/admin/reset", json={"everything": True, "n": {"deep": 1}})
     ok(r)
-    assert r.headers[HEADER] == "everything"
-    r = await client.post("/admin/reset", json={})
-    assert HEADER not in r.headers
+    assert r.headers[HEADER] == "everything, n"
+    for body in (b"{}", b""):
+        r = await client.post("/admin/reset", content=body)
+        assert ok(r) == {"cleared": 0}
+        assert HEADER not in r.headers
+
+
+async def test_routes_without_fields_refuse_broken_bodies(client: httpx.AsyncClient) -> None:
+    """A malformed body is 400 and a JSON value that is not an object 422, with nothing
+    done: the delete and the reset used to go through as if the body were empty."""
+    await create(client, "k")
+    for raw, status, code in (
+        (b"{bad json", 400, "MalformedJSON"),
+        (b"[]", 422, "ValidationError"),
+    ):
+        r = await client.request(
+            "DELETE", "/shard/k", params={"expected_version": "0", "agent_id": "a"}, content=raw
+        )
+        problem(r, status, code)
+        problem(await client.post("/admin/reset", content=raw), status, code)
+        assert (await read(client, "k"))["version"] == 0
+
+
+async def test_every_write_route_declares_a_body(client: httpx.AsyncClient) -> None:
+    """So FastAPI parses (and refuses) every body, and the header can name its members."""
+    document = ok(await client.get("/openapi.json"))
+    for path, methods in document["paths"].items():
+        for method in ("post", "delete"):
+            if method in methods:
+                assert "requestBody" in methods[method], (method, path)
 
 
 async def test_names_are_escaped_and_capped(client: httpx.AsyncClient) -> None:

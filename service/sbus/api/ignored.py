@@ -9,7 +9,6 @@ once the body is parsed and leaves it in the request scope; :class:`IgnoredField
 
 from __future__ import annotations
 
-import json
 import types
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
@@ -35,16 +34,12 @@ BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
 Path = list[str | int]
 
 
-def ignored_paths(model: type[BaseModel] | None, data: Any) -> list[Path]:
-    """The paths in ``data`` (a parsed JSON body) that ``model`` does not read. Without
-    a body model every top-level field is ignored. Free-form fields (a mandate
-    ``context``) are read whole, so nothing inside them is ever listed."""
+def ignored_paths(model: type[BaseModel], data: Any) -> list[Path]:
+    """The paths in ``data`` (a parsed JSON body) that ``model`` does not read.
+    Free-form fields (a mandate ``context``) are read whole, so nothing inside them is
+    ever listed."""
     found: list[Path] = []
-    if model is None:
-        if isinstance(data, dict):
-            found.extend([name] for name in data)
-    else:
-        _walk(model, data, [], found)
+    _walk(model, data, [], found)
     return found
 
 
@@ -89,9 +84,9 @@ def header_value(paths: list[Path]) -> str:
 
 class WireRoute(ExactRoute):
     """The route class of every router: an exact-path route that records the ignored
-    fields of the body it parsed. FastAPI caches the parsed body on the request, so
-    nothing is parsed twice; a route without a body model parses a non-empty body only
-    to name its fields."""
+    fields of the body it parsed. Every POST and DELETE declares a body model (those
+    that read no field, ``wire.NoFields``), so FastAPI parses every body, refuses a
+    malformed one, and caches what it parsed on the request: nothing is parsed twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -100,41 +95,28 @@ class WireRoute(ExactRoute):
         model = annotation if _is_model(annotation) else None
 
         async def handle(request: Request) -> Response:
-            if request.method in BODYLESS:
+            if request.method in BODYLESS or model is None:
                 return await handler(request)
             try:
                 response = await handler(request)
             except Exception:
-                await _record(request, model)
+                _record(request, model)
                 raise
-            await _record(request, model)
+            _record(request, model)
             return response
 
         return handle
 
 
-async def _record(request: Request, model: type[BaseModel] | None) -> None:
+def _record(request: Request, model: type[BaseModel]) -> None:
     slot: list[str] | None = request.scope.get(_SCOPE_KEY)
     if slot is None:
         return
-    paths = ignored_paths(model, await _parsed_body(request, parse=model is None))
+    # The JSON FastAPI parsed (cached by Request.json()); absent when there was no body
+    # or it was not JSON.
+    paths = ignored_paths(model, getattr(request, "_json", None))
     if paths:
         slot.append(header_value(paths))
-
-
-async def _parsed_body(request: Request, *, parse: bool) -> Any:
-    """The JSON body FastAPI parsed (it caches it on the request), or with ``parse``
-    the body parsed here; None when there is none or it is not JSON."""
-    data = getattr(request, "_json", None)
-    if data is not None or not parse:
-        return data
-    body = await request.body()
-    if not body.strip():
-        return None
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        return None
 
 
 class IgnoredFieldsHeader:

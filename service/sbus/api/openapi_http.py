@@ -1,10 +1,10 @@
 """What the OpenAPI document cannot learn from the handlers' signatures: the headers the
 handlers read from the raw request (identity, session, preconditions, idempotency,
 mandates), the response headers they set (ETag, Idempotent-Replayed, Retry-After,
-SBus-Ignored-Fields), the bearer scheme of token mode, 429 on rate-limited routes, and an
-optional body for the routes that take none but, like every POST and DELETE, need
-``Content-Type: application/json`` (without it, generated clients and Swagger's "Try it
-out" send no Content-Type and get 415).
+SBus-Ignored-Fields), the bearer scheme of token mode and 429 on rate-limited routes.
+(The routes that read no field declare an optional body, ``wire.NoFields``, in their
+signatures: without one, generated clients and Swagger's "Try it out" would send no
+``Content-Type: application/json`` and get 415.)
 
 Declared here, in one table, rather than in every router signature, so the handlers keep
 reading headers the one way ``sbus.api.deps`` does. :func:`declare` edits the generated
@@ -100,9 +100,6 @@ RATE_LIMITED = frozenset(
         ("post", "/rollback"),
     }
 )
-# Routes with no body of their own that still require Content-Type: application/json.
-BODYLESS = frozenset({("delete", "/shard/{key}"), ("post", "/admin/reset")})
-
 RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "ETag": {
         "description": 'The shard\'s version as a strong ETag, e.g. "3".',
@@ -176,15 +173,3 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
             if token_mode and route in RATE_LIMITED:
                 limited = responses.setdefault("429", {"description": RATE_LIMITED_DESCRIPTION})
                 _add_response_header(limited, "Retry-After")
-            if route in BODYLESS and "requestBody" not in operation:
-                operation["requestBody"] = {
-                    "required": False,
-                    "description": "No fields: send {} (with Content-Type: application/json, "
-                    "which every POST and DELETE needs, 415 otherwise). The body is ignored.",
-                    "content": {
-                        "application/json": {
-                            "schema": {"type": "object", "maxProperties": 0},
-                            "example": {},
-                        }
-                    },
-                }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar
 
+from fastapi import Body
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
@@ -204,6 +205,24 @@ class RegisterBody(WireModel):
         None, description="Ignored: the session comes from X-SBus-Session-Id."
     )
     source: Text | None = None
+
+
+# A route that reads no field still declares this body, so its body is parsed like any
+# other: malformed JSON is 400 and a JSON value that is not an object 422, with nothing
+# done (a broken body used to go through as if it were empty), and unknown members are
+# named like everywhere else. The docstring is the OpenAPI description.
+class NoFields(WireModel):
+    """No fields: send nothing or {} (with Content-Type: application/json, as every
+    POST and DELETE). Members of an object sent here are ignored and named in
+    SBus-Ignored-Fields; malformed JSON is 400 MalformedJSON, any JSON value other
+    than an object 422 ValidationError."""
+
+    model_config = ConfigDict(json_schema_extra={"example": {}})
+
+
+# The default when no body is sent (FastAPI validates the body only when there is one).
+NO_FIELDS = NoFields()
+OptionalNoFields = Annotated[NoFields, Body(description="Optional: nothing, or {}.")]
 
 
 class ConfigBody(WireModel):

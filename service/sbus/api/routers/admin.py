@@ -25,10 +25,12 @@ from sbus.api.schemas import (
     TokenOut,
 )
 from sbus.api.wire import (
+    NO_FIELDS,
     AdvanceClockBody,
     ConfigBody,
     CreateShardBody,
     InjectStaleBody,
+    OptionalNoFields,
     QueryInt,
     RevokeBody,
     Text,
@@ -54,7 +56,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)
     dependencies=[AdminDep],
     summary="Delete all state except ori_enabled",
 )
-async def reset(bus: BusDep) -> Response:
+async def reset(bus: BusDep, _body: OptionalNoFields = NO_FIELDS) -> Response:
     return json_response({"cleared": await bus.store.reset_all()})
 
 

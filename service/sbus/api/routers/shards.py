@@ -26,7 +26,16 @@ from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response, outcome_response
 from sbus.api.schemas import HistoryOut, ListOut, ShardOut
-from sbus.api.wire import AgentId, CreateShardBody, Key, QueryInt, SessionId, Text
+from sbus.api.wire import (
+    NO_FIELDS,
+    AgentId,
+    CreateShardBody,
+    Key,
+    OptionalNoFields,
+    QueryInt,
+    SessionId,
+    Text,
+)
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
 from sbus.core.engine import commit_txn, new_commit_id
@@ -147,6 +156,7 @@ async def delete_shard(
     expected_version: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
     agent_id: Annotated[AgentId | None, Query()] = None,
     session_id: Annotated[SessionId | None, Query()] = None,
+    _body: OptionalNoFields = NO_FIELDS,
 ) -> Response:
     expected = expected_from(expected_version, if_match(request))
     if expected is None:
