@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.helpers import create, ok, problem, read, snapshot
+from tests.api.helpers import create, dl, dl_entries, ok, problem, read, snapshot
 from tests.conftest import AppFactory
 
 HEADER = "SBus-Ignored-Fields"
@@ -204,6 +204,75 @@ async def test_declared_in_openapi(client: httpx.AsyncClient) -> None:
         ("/commit/v2", "post", "409"),
         ("/shard/{key}", "delete", "204"),
         ("/admin/reset", "post", "200"),
+        ("/shards", "get", "200"),
+        ("/shard/{key}", "get", "200"),
+        ("/shard/{key}", "get", "404"),
+        ("/history/{key}", "get", "422"),
+        ("/stats", "get", "200"),
     ]:
         assert HEADER in paths[path][method]["responses"][status]["headers"], (path, status)
-    assert "headers" not in paths["/shards"]["get"]["responses"]["200"]
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            for status, response in operation["responses"].items():
+                assert HEADER in response.get("headers", {}), (method, path, status)
+    described = paths["/shards"]["get"]["responses"]["200"]["headers"][HEADER]["description"]
+    assert "`?sesion_id" in described
+
+
+# -- query parameters -------------------------------------------------------------------
+
+
+async def test_unknown_query_parameters_on_a_read(client: httpx.AsyncClient) -> None:
+    """The reads the probe found: a misspelt session records in session "" and a
+    misspelt agent records nothing, both silently. The reads still happen (compat), but
+    the answer names the parameters."""
+    await create(client, "k")
+    r = await client.get("/shard/k?agent_id=A&sesion_id=S")
+    ok(r)
+    assert r.headers[HEADER] == "?sesion_id"
+    assert await dl_entries(client, "A", "") == {"k": 0}
+    assert await dl_entries(client, "A", "S") == {}
+    r = await client.get("/shard/k?agentid=B")
+    ok(r)
+    assert r.headers[HEADER] == "?agentid"
+    assert "B" not in (await dl(client))["sessions"]
+    r = await client.get("/shard/k?agent_id=A&session_id=S")
+    ok(r)
+    assert HEADER not in r.headers
+    assert await dl_entries(client, "A", "S") == {"k": 0}
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status", "named"),
+    [
+        ("GET", "/shard/absent?agentid=A", None, 404, "?agentid"),
+        ("GET", "/shard/k?agent_id=A&x=1&x=2&y", None, 200, "?x, ?y"),
+        ("GET", "/shards?limt=1", None, 200, "?limt"),
+        ("GET", "/history/k?limit=0&befor=1", None, 422, "?befor"),
+        ("GET", "/stats?verbose=1", None, 200, "?verbose"),
+        ("GET", "/admin/config?a%20b=1&caf%C3%A9=2", None, 200, '?["a b"], ?["caf\\u00e9"]'),
+        ("POST", "/commit/v2?sesion_id=s", _commit(readset=[]), 200, "?sesion_id, readset"),
+        ("POST", "/commit/v2?agent_id=a", _commit(), 200, "?agent_id"),
+        ("POST", "/session?x=1", {"agent_id": "a"}, 200, "?x"),
+        ("DELETE", "/shard/k?expected_version=0&agent_id=a&sesion=s", None, 204, "?sesion"),
+        ("DELETE", "/shard/k?expected_version=5&agent_id=a&sesion=s", None, 409, "?sesion"),
+        ("POST", "/admin/reset?confirm=yes", {"all": True}, 200, "?confirm, all"),
+    ],
+)
+async def test_unknown_query_parameters_are_named(
+    client: httpx.AsyncClient, method: str, url: str, body: Any, status: int, named: str
+) -> None:
+    await create(client, "k")
+    r = await client.request(method, url, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers[HEADER] == named
+
+
+async def test_query_and_body_share_the_cap(client: httpx.AsyncClient) -> None:
+    await create(client, "k")
+    query = "&".join(f"q{i:02}=1" for i in range(20))
+    body = _commit(**{f"f{i:02}": i for i in range(20)})
+    r = await client.post(f"/commit/v2?{query}", json=body)
+    ok(r)
+    names = [f"?q{i:02}" for i in range(20)] + [f"f{i:02}" for i in range(12)]
+    assert r.headers[HEADER] == ", ".join([*names, "..."])

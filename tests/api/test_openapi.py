@@ -206,7 +206,7 @@ def test_429_with_retry_after_on_rate_limited_routes_in_token_mode() -> None:
         responses = operation["responses"]
         if (method, path) in RATE_LIMITED:
             limited = responses["429"]
-            assert set(limited["headers"]) == {"Retry-After"}, (method, path)
+            assert set(limited["headers"]) == {"Retry-After", "SBus-Ignored-Fields"}, (method, path)
             assert limited["content"]["application/problem+json"]["schema"] == PROBLEM_REF
         else:
             assert "429" not in responses, (method, path)

@@ -1,19 +1,22 @@
-"""Unknown request fields are ignored (compat), but never silently: every response to a
-request whose JSON body was parsed names them in ``SBus-Ignored-Fields``, so a typo
-such as ``"readset"`` or ``"sesion_id"`` shows up in the answer.
+"""Unknown request fields and query parameters are ignored (compat), but never
+silently: every response a route gives, errors included, names them in
+``SBus-Ignored-Fields``, so a typo such as ``"readset"`` in a body or ``?sesion_id=``
+in a URL shows up in the answer. Query parameters come first, marked by a leading
+``?`` (``?sesion_id``); body fields follow as paths (``readset``, ``writes[0].foo``).
 
 Two pieces: :class:`WireRoute` (the route class of every router) works the list out
-once the body is parsed and leaves it in the request scope; :class:`IgnoredFieldsHeader`
+once the request is parsed and leaves it in the request scope; :class:`IgnoredFieldsHeader`
 (an ASGI middleware) adds it to whatever response follows, error responses included.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
 
 from fastapi import Request
+from fastapi.dependencies.models import Dependant
 from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +33,7 @@ _SCOPE_KEY = "sbus.ignored_fields"
 # A body may hold thousands of unknown fields; the header names the first few.
 MAX_LISTED = 32
 BODYLESS = frozenset({"GET", "HEAD", "OPTIONS"})
+QUERY_MARK = "?"
 
 Path = list[str | int]
 
@@ -75,48 +79,73 @@ def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def header_value(paths: list[Path]) -> str:
-    listed = [path_text(p) for p in paths[:MAX_LISTED]]
-    if len(paths) > MAX_LISTED:
+def ignored_query(known: frozenset[str], names: Iterable[str]) -> list[str]:
+    """The query parameter names a route does not read, once each, in order."""
+    return [name for name in dict.fromkeys(names) if name not in known]
+
+
+def header_value(query: list[str], paths: list[Path]) -> str:
+    names = [QUERY_MARK + path_text([name]) for name in query]
+    names.extend(path_text(p) for p in paths)
+    listed = names[:MAX_LISTED]
+    if len(names) > MAX_LISTED:
         listed.append("...")
     return ", ".join(listed)
 
 
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    """The query parameters a route reads: its own and its dependencies'."""
+    names: set[str] = set()
+    pending = [dependant]
+    while pending:
+        current = pending.pop()
+        names.update(param.alias for param in current.query_params)
+        pending.extend(current.dependencies)
+    return frozenset(names)
+
+
 class WireRoute(ExactRoute):
-    """The route class of every router: an exact-path route that records the ignored
-    fields of the body it parsed. Every POST and DELETE declares a body model (those
-    that read no field, ``wire.NoFields``), so FastAPI parses every body, refuses a
-    malformed one, and caches what it parsed on the request: nothing is parsed twice."""
+    """The route class of every router: an exact-path route that records the query
+    parameters it does not read and the ignored fields of the body it parsed. Every
+    POST and DELETE declares a body model (those that read no field, ``wire.NoFields``),
+    so FastAPI parses every body, refuses a malformed one, and caches what it parsed on
+    the request: nothing is parsed twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         field = self.body_field
         annotation = field.field_info.annotation if field is not None else None
         model = annotation if _is_model(annotation) else None
+        known = _query_names(self.dependant)
 
         async def handle(request: Request) -> Response:
-            if request.method in BODYLESS or model is None:
-                return await handler(request)
             try:
                 response = await handler(request)
             except Exception:
-                _record(request, model)
+                _record(request, known, model)
                 raise
-            _record(request, model)
+            _record(request, known, model)
             return response
 
         return handle
 
 
-def _record(request: Request, model: type[BaseModel]) -> None:
+def _record(request: Request, known: frozenset[str], model: type[BaseModel] | None) -> None:
     slot: list[str] | None = request.scope.get(_SCOPE_KEY)
     if slot is None:
         return
-    # The JSON FastAPI parsed (cached by Request.json()); absent when there was no body
-    # or it was not JSON.
-    paths = ignored_paths(model, getattr(request, "_json", None))
-    if paths:
-        slot.append(header_value(paths))
+    query = (
+        ignored_query(known, request.query_params.keys())
+        if request.scope.get("query_string")
+        else []
+    )
+    paths: list[Path] = []
+    if model is not None and request.method not in BODYLESS:
+        # The JSON FastAPI parsed (cached by Request.json()); absent when there was no
+        # body or it was not JSON.
+        paths = ignored_paths(model, getattr(request, "_json", None))
+    if query or paths:
+        slot.append(header_value(query, paths))
 
 
 class IgnoredFieldsHeader:
@@ -127,7 +156,7 @@ class IgnoredFieldsHeader:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in BODYLESS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         slot: list[str] = []

@@ -114,8 +114,9 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
     },
     "SBus-Ignored-Fields": {
-        "description": "The body fields the request sent but the bus ignored (unknown), as "
-        "comma-separated paths, e.g. `readset, writes[0].foo`; absent when none.",
+        "description": "What the request sent but the bus ignored (unknown), comma-separated: "
+        "query parameters marked with `?`, then body fields as paths, e.g. "
+        "`?sesion_id, readset, writes[0].foo`; at most 32, then `...`; absent when none.",
         "schema": {"type": "string"},
     },
 }
@@ -168,8 +169,8 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
                     _add_response_header(response, "Idempotent-Replayed")
                 if code == 503 and path != "/admin/health":  # health: a plain status body
                     _add_response_header(response, "Retry-After")
-                if method in ("post", "delete"):
-                    _add_response_header(response, "SBus-Ignored-Fields")
+                _add_response_header(response, "SBus-Ignored-Fields")
             if token_mode and route in RATE_LIMITED:
                 limited = responses.setdefault("429", {"description": RATE_LIMITED_DESCRIPTION})
                 _add_response_header(limited, "Retry-After")
+                _add_response_header(limited, "SBus-Ignored-Fields")
