@@ -4,6 +4,7 @@ problem+json with the Problem schema instead of FastAPI's HTTPValidationError (p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,7 +12,9 @@ import pytest
 
 from sbus.api.app import create_app
 from sbus.config import Settings
-from tests.api.helpers import ok
+from sbus.security.keys import write_keypair
+from tests.api.helpers import ok, problem
+from tests.conftest import AppFactory
 
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 METHODS = {"get", "post", "put", "patch", "delete"}
@@ -267,3 +270,52 @@ async def test_livez_is_described_truthfully(client: httpx.AsyncClient) -> None:
     refused = await client.get("/livez", headers={"Host": "attacker.example"})
     assert refused.status_code == 403
     assert refused.json()["error"] == "HostNotAllowed"
+
+
+SIGNING = {("post", "/mandates"), ("post", "/admin/tokens")}
+
+
+@pytest.mark.parametrize("mode", ["open", "token"])
+def test_retry_after_is_declared_where_it_is_sent(mode: str) -> None:
+    """Retry-After goes with StoreUnavailable (and 429). /livez never answers 503, and
+    a signing route's 503 may be SigningUnavailable, which carries none."""
+    document = _built() if mode == "open" else _token_document()
+    assert "503" not in _operation(document, "get", "/livez")["responses"]
+    for method, path, operation in _operations(document):
+        down = operation["responses"].get("503")
+        if down is None or path == "/admin/health":
+            continue
+        retry = down["headers"]["Retry-After"]
+        assert retry["schema"]["type"] == "integer", (method, path)
+        if (method, path) in SIGNING:
+            assert "SigningUnavailable" in down["description"], (method, path)
+            assert retry["required"] is False
+            assert "StoreUnavailable only" in retry["description"], (method, path)
+        else:
+            assert "SigningUnavailable" not in down["description"], (method, path)
+    health = _operation(document, "get", "/admin/health")["responses"]["503"]
+    assert "Retry-After" not in health.get("headers", {})
+
+
+async def test_the_declared_503s_are_what_the_server_sends(
+    make_client: AppFactory, tmp_path: Path
+) -> None:
+    """/livez answers while the store is not ready; a signing route then says
+    StoreUnavailable with Retry-After, and SigningUnavailable without it."""
+    _, public, _ = write_keypair(tmp_path / "k.pem")
+    app, c = await make_client(verify_key=str(public))
+    mandate = {"agent_id": "G", "holder": "A", "keys": ["k"], "ttl_s": 60}
+    tokens = {"agent": "A", "scopes": [{"pattern": "**", "rights": ["read"]}], "ttl_s": 60}
+    for url, body in (("/mandates", mandate), ("/admin/tokens", tokens)):
+        r = await c.post(url, json=body)
+        problem(r, 503, "SigningUnavailable")
+        assert "retry-after" not in r.headers
+    app.state.ready = False
+    try:
+        assert ok(await c.get("/livez")) == {"status": "alive"}
+        for url, body in (("/mandates", mandate), ("/admin/tokens", tokens)):
+            r = await c.post(url, json=body)
+            problem(r, 503, "StoreUnavailable")
+            assert int(r.headers["retry-after"]) >= 1
+    finally:
+        app.state.ready = True

@@ -136,3 +136,26 @@ def test_relative_links_resolve() -> None:
         if "://" not in target and not (page.parent / target).exists()
     ]
     assert broken == []
+
+
+# The gate's refusals in the order it makes them (tests/api/test_check_order.py shows it).
+GATE_ORDER = [
+    "401",
+    "403 `HostNotAllowed`",
+    "403 `CrossSiteRequest`",
+    "422 (a query string",
+    "503 `StoreUnavailable`",
+    "413 `RequestTooLarge`",
+    "400/415/422",
+    "403 `AgentMismatch`",
+]
+
+
+def test_order_of_checks_names_the_gate_refusals() -> None:
+    text = (DOCS / "errors.md").read_text(encoding="utf-8")
+    start = text.index("Order of checks")
+    paragraph = " ".join(text[start : text.index("\n\n", start)].split())
+    position = 0
+    for step in GATE_ORDER:
+        assert step in paragraph[position:], (step, paragraph[position:])
+        position = paragraph.index(step, position) + len(step)

@@ -26,12 +26,14 @@ DESCRIPTIONS = {
     415: "Content-Type must be application/json",
     422: "Validation failed",
     428: "Precondition required",
-    503: "Store unavailable (or, issuing tokens, no signing key on this replica)",
+    503: "Store unavailable (StoreUnavailable: not ready yet, busy or failed)",
 }
 # Statuses any route can answer: the gate (token, Host, readiness, body cap, media
 # type), validation and unknown methods. PUBLIC routes are never authenticated.
 COMMON_GET = (401, 403, 404, 422, 503)
 COMMON_WRITE = (400, 401, 403, 404, 405, 413, 415, 422, 503)
+# Routes that answer without the store, before it is ready too: never a 503.
+STORELESS = frozenset({"/livez"})
 
 
 # Shard keys (sbus.core.keys.key_problem) as JSON Schema: '/'-separated segments of
@@ -100,7 +102,7 @@ def install(app: FastAPI) -> None:
                 responses = operation.setdefault("responses", {})
                 common = COMMON_GET if method == "get" else COMMON_WRITE
                 for status in common:
-                    if status == 401 and path in PUBLIC:
+                    if (status == 401 and path in PUBLIC) or (status == 503 and path in STORELESS):
                         continue
                     responses.setdefault(str(status), {"description": DESCRIPTIONS[status]})
         openapi_http.declare(

@@ -100,6 +100,20 @@ RATE_LIMITED = frozenset(
         ("post", "/rollback"),
     }
 )
+# Routes whose 503 may also be SigningUnavailable (no signing key on this replica), which
+# carries no Retry-After: retrying the same replica cannot help.
+SIGNING = frozenset({("post", "/mandates"), ("post", "/admin/tokens")})
+SIGNING_503 = (
+    "Store unavailable (StoreUnavailable, with Retry-After), or no signing key on this "
+    "replica (SigningUnavailable, without Retry-After: retrying here cannot help)"
+)
+RETRY_AFTER_ON_STORE_ONLY = {
+    "description": "Seconds to wait before retrying; sent with StoreUnavailable only, "
+    "never with SigningUnavailable.",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
+}
+
 RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
     "ETag": {
         "description": 'The shard\'s version as a strong ETag, e.g. "3".',
@@ -167,7 +181,10 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
                     _add_response_header(response, "ETag")
                 if code < 300 and "Idempotency-Key" in REQUEST_HEADERS.get(route, ()):
                     _add_response_header(response, "Idempotent-Replayed")
-                if code == 503 and path != "/admin/health":  # health: a plain status body
+                if code == 503 and route in SIGNING:
+                    response["description"] = SIGNING_503
+                    response.setdefault("headers", {})["Retry-After"] = RETRY_AFTER_ON_STORE_ONLY
+                elif code == 503 and path != "/admin/health":  # health: a plain status body
                     _add_response_header(response, "Retry-After")
                 _add_response_header(response, "SBus-Ignored-Fields")
             if token_mode and route in RATE_LIMITED:
