@@ -77,7 +77,7 @@ PHASES = ("ceiling", "rawcas", "dedicated", "hotspot", "cross")
 STORE_KINDS = ("sqlite", "memory", "postgres", "redis")
 ENV_URLS = {"postgres": "SBUS_TEST_POSTGRES_URL", "redis": "SBUS_TEST_REDIS_URL"}
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-# dedicated commits/s over the ceiling's req/s, per store (the targets).
+# dedicated commits/s over the ceiling's req/s, per store (the targets in loadtest/README.md).
 TARGETS = {"sqlite": 0.3, "memory": 0.3, "postgres": 0.25, "redis": 0.3}
 
 

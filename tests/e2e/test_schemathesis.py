@@ -3,7 +3,7 @@ open mode (admin and test hooks enabled) and once in token mode with an all-righ
 token. Four checks only: no 5xx, and every status, content type and body documented.
 
 Seeded (derandomized) and bounded to about 25 examples per operation, so a run is
-reproducible and takes well under the three minutes the issue allows.
+reproducible and stays well under three minutes.
 """
 
 from __future__ import annotations
