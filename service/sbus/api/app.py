@@ -121,7 +121,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         redirect_slashes=False,
     )
     app.state.settings = settings
-    # Rate limits apply in token mode only (SPEC section 4 step 5): in open mode every
+    # Rate limits apply in token mode only (protocol.md §4 step 5): in open mode every
     # agent id is self-declared, so a per-agent bucket would limit nothing.
     rate = RateLimit.parse(settings.rate_limit) if settings.auth_mode == "token" else None
     app.state.bus = Bus(store, settings.engine_limits(), rate=rate)

@@ -1,4 +1,4 @@
-"""Pure-ASGI gate for SPEC section 4 steps 1-3 that run before any body is parsed:
+"""Pure-ASGI gate for protocol.md §4 steps 1-3 that run before any body is parsed:
 authentication (open mode's Host and Origin checks, or the bearer token in token mode,
 see ``sbus.api.auth``), the store-readiness gate, the body-size cap and the
 ``Content-Type: application/json`` requirement on every POST and DELETE.

@@ -373,7 +373,7 @@ class MemoryStore:
         self._sessions.clear()
         self._counters.clear()
         self._idem.clear()
-        self._consumed.clear()  # revocations survive a reset (SPEC section 2)
+        self._consumed.clear()  # revocations survive a reset (protocol.md §2.9)
         self._buckets.clear()
         self._offset_ms = 0
         return cleared

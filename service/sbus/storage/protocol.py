@@ -74,7 +74,7 @@ class Store(Protocol):
         """Live keys (no tombstones) in ascending order."""
 
     async def apply(self, txn: Txn) -> Outcome:
-        """The commit protocol (SPEC section 4 step 9) for commit, multi, rollback and
+        """The commit protocol (protocol.md §4 step 9) for commit, multi, rollback and
         delete, decided by :func:`sbus.core.rules.decide`. A verified mandate
         (``txn.mandate``) is consumed in the same step: of N concurrent commits carrying
         one mandate, across any number of replicas, exactly one succeeds. Persists counters even on

@@ -811,7 +811,7 @@ class SQLiteStore:
                 "sbus_dl_sessions",
                 "sbus_counters",
                 "sbus_idempotency",
-                "sbus_consumed_mandates",  # revocations survive a reset (SPEC section 2)
+                "sbus_consumed_mandates",  # revocations survive a reset (protocol.md §2.9)
                 "sbus_rate_buckets",
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
