@@ -1,0 +1,71 @@
+"""CPU per GET+commit cycle through the whole ASGI app, in process.
+
+No sockets and no load generator: the app (gate, routing, validation, engine, render)
+over the memory store, driven by one httpx client over ASGI, timed by this process's
+CPU clock. It isolates what a change to the request path costs. Compare two versions
+of the code by running it alternately under each, e.g. with ``PYTHONPATH`` pointing at
+an older checkout's ``service/`` folder, and compare the per-run ratios, never absolute
+numbers across runs:
+
+    .venv/bin/python loadtest/app_cycle.py --cycles 3000 --label new
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+from asgi_lifespan import LifespanManager
+
+from sbus.api.app import create_app
+from sbus.config import Settings
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def measure(cycles: int, warmup: int) -> float:
+    """Milliseconds of CPU per cycle (GET with an agent id, then commit at that version)."""
+    app = create_app(Settings(store="memory://"))
+    async with LifespanManager(app) as manager:
+        for _ in range(1000):  # the store connects in the background; 10 s at most
+            if app.state.ready:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise SystemExit("the store never became ready")
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            created = await client.post("/shard", json={"key": "k", "content": "0"}, headers=JSON)
+            created.raise_for_status()
+
+            async def cycle(version: int) -> None:
+                read = await client.get("/shard/k", params={"agent_id": "A"})
+                read.raise_for_status()
+                body = {"key": "k", "expected_version": version, "delta": str(version)}
+                commit = await client.post(
+                    "/commit/v2", json=body | {"agent_id": "A"}, headers=JSON
+                )
+                commit.raise_for_status()
+
+            for version in range(warmup):
+                await cycle(version)
+            start = time.process_time()
+            for version in range(warmup, warmup + cycles):
+                await cycle(version)
+            return (time.process_time() - start) / cycles * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=3000, help="measured cycles")
+    parser.add_argument("--warmup", type=int, default=200, help="unmeasured cycles first")
+    parser.add_argument("--label", default="", help="printed before the figure")
+    args = parser.parse_args()
+    ms = asyncio.run(measure(args.cycles, args.warmup))
+    print(f"{args.label} {ms:.3f} ms CPU per GET+commit cycle".strip())
+
+
+if __name__ == "__main__":
+    main()
