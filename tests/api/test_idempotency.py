@@ -335,3 +335,69 @@ async def test_retry_from_another_session_is_not_replayed(
     r = await client.request(**_op(op, AGENT_IN_BODY, fields, headers))
     problem(r, 422, "IdempotencyKeyReused")
     assert await snapshot(client, "k", "m") == before
+
+
+# -- a DELETE's fingerprint covers its mandate headers, as a commit's covers its fields ---
+
+
+async def _mandate(c: httpx.AsyncClient) -> str:
+    body = {"agent_id": "G", "holder": "a", "keys": ["pay/*"], "context": {"order": 7}}
+    token: str = ok(await c.post("/mandates", json={**body, "ttl_s": 60}), 201)["mandate"]
+    return token
+
+
+def _mandated(token: str | None, context: str | None) -> dict[str, str]:
+    headers = dict(KEY)
+    if token is not None:
+        headers["X-SBus-Mandate"] = token
+    if context is not None:
+        headers["X-SBus-Mandate-Context"] = context
+    return headers
+
+
+async def test_delete_retry_with_another_mandate_or_context_is_not_replayed(
+    client: httpx.AsyncClient,
+) -> None:
+    """A retried DELETE presenting another mandate or context used to replay the first
+    answer (204) although nothing it presented had been checked; now it is refused
+    like a commit retried with another ``mandate`` or ``context``."""
+    guarded = {"require_mandate": True}
+    await create(client, "pay/1", policy=guarded)
+    await create(client, "pay/2", policy=guarded)
+    first_token, other_token = await _mandate(client), await _mandate(client)
+    params = {"expected_version": "0", "agent_id": "a"}
+    first = await client.delete(
+        "/shard/pay/1", params=params, headers=_mandated(first_token, '{"order": 7}')
+    )
+    assert first.status_code == 204, first.text
+    # the context is fingerprinted parsed and canonical, not as the header's bytes
+    same = _mandated(first_token, '{ "order" : 7 }')
+    await _replays(client, first, "DELETE", "/shard/pay/1", ("pay/1",), params=params, headers=same)
+    before = await snapshot(client, "pay/1", "pay/2")
+    for token, context in [
+        (other_token, '{"order": 7}'),
+        (first_token, '{"order": 8}'),
+        (first_token, None),
+        (None, '{"order": 7}'),
+        (None, None),
+    ]:
+        r = await client.delete("/shard/pay/1", params=params, headers=_mandated(token, context))
+        problem(r, 422, "IdempotencyKeyReused")
+    assert await snapshot(client, "pay/1", "pay/2") == before
+    # the refused retry did not consume the other mandate (a fresh request, no key)
+    headers = _mandated(other_token, '{"order": 7}')
+    del headers["Idempotency-Key"]
+    r = await client.delete("/shard/pay/2", params=params, headers=headers)
+    assert r.status_code == 204, r.text
+
+
+async def test_delete_without_mandate_then_retry_with_one(client: httpx.AsyncClient) -> None:
+    await create(client, "pay/1")
+    token = await _mandate(client)
+    params = {"expected_version": "0", "agent_id": "a"}
+    first = await client.delete("/shard/pay/1", params=params, headers=KEY)
+    assert first.status_code == 204, first.text
+    before = await snapshot(client, "pay/1")
+    r = await client.delete("/shard/pay/1", params=params, headers=_mandated(token, '{"order": 7}'))
+    problem(r, 422, "IdempotencyKeyReused")
+    assert await snapshot(client, "pay/1") == before

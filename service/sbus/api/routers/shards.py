@@ -166,7 +166,14 @@ async def delete_shard(
     mandate = request.headers.get("x-sbus-mandate")
     context = header_context(request)  # validated (422) before anything is decided
     bus = checked_bus(request, bus, [(key, Right.DELETE)])
-    fingerprint_body = {"key": key, "expected_version": expected}
+    # Mandate and context belong to the request as they do in a commit's body: a retry
+    # presenting another mandate or context is another request, not a replay.
+    fingerprint_body = {
+        "key": key,
+        "expected_version": expected,
+        "mandate": mandate,
+        "context": context,
+    }
     txn = commit_txn(
         op="delete",
         agent_id=agent,
