@@ -85,6 +85,55 @@ async def test_validation_and_common_statuses_declared(document: dict[str, Any])
             assert {"400", "413", "415"} <= declared, (method, path, declared)
 
 
+@pytest.mark.parametrize("mode", ["open", "token"])
+def test_routes_with_a_body_declare_the_body_deadline(mode: str) -> None:
+    """A POST or DELETE whose body is slower than SBUS_BODY_TIMEOUT gets 408
+    RequestTimeout from the gate; a GET has no body to wait for."""
+    document = _built() if mode == "open" else _token_document()
+    for method, path, operation in _operations(document):
+        responses = operation["responses"]
+        if method in ("post", "delete"):
+            content = responses["408"]["content"]
+            assert content == {"application/problem+json": {"schema": PROBLEM_REF}}, path
+            assert "RequestTimeout" in responses["408"]["description"]
+        else:
+            assert "408" not in responses, (method, path)
+
+
+def _bound_keywords(value: Any) -> list[str]:
+    """Every ge/le/gt/lt keyword anywhere in a schema."""
+    if isinstance(value, list):
+        return [k for item in value for k in _bound_keywords(item)]
+    if not isinstance(value, dict):
+        return []
+    found = [k for k in ("ge", "le", "gt", "lt") if k in value]
+    return found + [k for item in value.values() for k in _bound_keywords(item)]
+
+
+MAX_INT = 2**53 - 1
+QUERY_BOUNDS = {
+    ("delete", "/shard/{key}", "expected_version"): (0, MAX_INT),
+    ("get", "/shards", "limit"): (1, MAX_INT),
+    ("get", "/history/{key}", "before"): (0, MAX_INT),
+    ("get", "/history/{key}", "limit"): (1, 1000),
+    ("get", "/admin/delivery-log", "limit"): (1, 10000),
+}
+
+
+def test_integer_query_parameters_use_minimum_and_maximum() -> None:
+    document = _built()
+    for method, path, operation in _operations(document):
+        for parameter in operation.get("parameters", []):
+            assert _bound_keywords(parameter["schema"]) == [], (method, path, parameter)
+    for (method, path, name), (low, high) in QUERY_BOUNDS.items():
+        (parameter,) = [
+            p for p in _operation(document, method, path)["parameters"] if p["name"] == name
+        ]
+        schema = parameter["schema"]
+        integer = next(b for b in schema.get("anyOf", [schema]) if b["type"] == "integer")
+        assert (integer["minimum"], integer["maximum"]) == (low, high), (method, path, name)
+
+
 async def test_commit_routes_declare_protocol_errors(document: dict[str, Any]) -> None:
     for path in ("/commit", "/commit/v2", "/commit/multi", "/rollback"):
         declared = set(document["paths"][path]["post"]["responses"])

@@ -20,6 +20,8 @@ DESCRIPTIONS = {
     403: "Forbidden (Host, cross-site page, identity, capability, admin, mandate)",
     404: "Not found",
     405: "Method not allowed",
+    408: "The request body did not arrive within SBUS_BODY_TIMEOUT (RequestTimeout; "
+    "nothing applied, the connection is closed)",
     409: "Conflict",
     410: "Session expired",
     413: "Too large",
@@ -28,10 +30,11 @@ DESCRIPTIONS = {
     428: "Precondition required",
     503: "Store unavailable (StoreUnavailable: not ready yet, busy or failed)",
 }
-# Statuses any route can answer: the gate (token, Host, readiness, body cap, media
-# type), validation and unknown methods. PUBLIC routes are never authenticated.
+# Statuses any route can answer: the gate (token, Host, readiness, body cap, body
+# deadline, media type), validation and unknown methods. PUBLIC routes are never
+# authenticated. The body deadline (408) is only run on methods with a body.
 COMMON_GET = (401, 403, 404, 422, 503)
-COMMON_WRITE = (400, 401, 403, 404, 405, 413, 415, 422, 503)
+COMMON_WRITE = (400, 401, 403, 404, 405, 408, 413, 415, 422, 503)
 # Routes that answer without the store, before it is ready too: never a 503.
 STORELESS = frozenset({"/livez"})
 
@@ -77,6 +80,27 @@ def _describe_keys(schema: dict[str, Any]) -> None:
                     parameter.setdefault("schema", {}).update(KEY_SCHEMA)
 
 
+# FastAPI copies a Query()'s ge/le/gt/lt into the parameter's schema under those names
+# when the annotated type is not a plain int (wire.QueryInt); JSON Schema spells them so.
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _standard_bounds(schema: dict[str, Any]) -> None:
+    for name, standard in _BOUNDS.items():
+        if name in schema:
+            schema[standard] = schema.pop(name)
+    for keyword in ("anyOf", "oneOf", "allOf"):
+        for branch in schema.get(keyword, ()):
+            _standard_bounds(branch)
+
+
+def _standard_parameter_bounds(schema: dict[str, Any]) -> None:
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            for parameter in operation.get("parameters", []):
+                _standard_bounds(parameter.get("schema", {}))
+
+
 def errs(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": Problem, "description": DESCRIPTIONS[s]} for s in statuses}
 
@@ -97,6 +121,7 @@ def install(app: FastAPI) -> None:
         components.pop("ValidationError", None)
         components["Problem"] = Problem.model_json_schema()
         _describe_keys(schema)
+        _standard_parameter_bounds(schema)
         for path, methods in schema.get("paths", {}).items():
             for method, operation in methods.items():
                 responses = operation.setdefault("responses", {})
