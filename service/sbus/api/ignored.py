@@ -11,6 +11,7 @@ once the request is parsed and leaves it in the request scope; :class:`IgnoredFi
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
@@ -26,6 +27,7 @@ from sbus.api.wire import WireModel
 from sbus.core.keys import path_text
 
 HEADER = "SBus-Ignored-Fields"
+_HEADER_NAME = HEADER.lower().encode()
 # The scope key of a per-request list the middleware hands down and the route fills in
 # (the scope itself may be copied on the way to the route, the list is not; the
 # scope's "state" may be shared by every request of the lifespan).
@@ -65,14 +67,42 @@ def _walk(annotation: Any, value: Any, path: Path, found: list[Path]) -> None:
 def _walk_model(
     model: type[BaseModel], value: dict[str, Any], path: Path, found: list[Path]
 ) -> None:
+    if value.keys() <= _plain_names(model):
+        return  # the common case: every field known, none can hold an unknown one
     fields = model.model_fields
-    aliases = model.wire_aliases if issubclass(model, WireModel) else {}
+    aliases = _aliases(model)
     for name, item in value.items():
         field = fields.get(aliases.get(name, name))
         if field is None:
             found.append([*path, name])
         else:
             _walk(field.annotation, item, [*path, name], found)
+
+
+def _aliases(model: type[BaseModel]) -> dict[str, str]:
+    return model.wire_aliases if issubclass(model, WireModel) else {}
+
+
+@functools.cache
+def _plain_names(model: type[BaseModel]) -> frozenset[str]:
+    """The body names ``model`` reads (field names and wire aliases) whose type holds
+    no model, so that nothing under them is ever listed. A body object whose names are
+    all plain needs no walk: this spares every request the per-field walk, which costs
+    more than the rest of the ignored-fields work together."""
+    fields = model.model_fields
+    aliases = _aliases(model)
+    plain = set()
+    for name in {*fields, *aliases}:
+        field = fields.get(aliases.get(name, name))
+        if field is not None and not _holds_model(field.annotation):
+            plain.add(name)
+    return frozenset(plain)
+
+
+def _holds_model(annotation: Any) -> bool:
+    """Whether a model appears anywhere in ``annotation`` (conservative: a model
+    in a container :func:`_walk` does not enter still counts)."""
+    return _is_model(annotation) or any(_holds_model(arg) for arg in get_args(annotation))
 
 
 def _is_model(annotation: Any) -> TypeGuard[type[BaseModel]]:
@@ -163,9 +193,10 @@ class IgnoredFieldsHeader:
         scope[_SCOPE_KEY] = slot
 
         async def send_with_header(message: Message) -> None:
-            if message["type"] == "http.response.start" and slot:
+            # Usually nothing was recorded: test the empty list first.
+            if slot and message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((HEADER.lower().encode(), slot[-1].encode("ascii")))
+                headers.append((_HEADER_NAME, slot[-1].encode("ascii")))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -90,9 +90,6 @@ class Gate:
         await self._with_capped_body(scope, receive, send)
 
     def _precheck(self, scope: Scope) -> e.SBusError | None:
-        headers: dict[bytes, bytes] = {}
-        for name, value in scope["headers"]:
-            headers.setdefault(name, value)
         if self.origins is not None:
             refused = self.origins.problem(scope["headers"])
             if refused is not None:
@@ -106,6 +103,10 @@ class Gate:
             return e.StoreUnavailable("the store is not ready yet", outcome="not_applied")
         method = scope["method"]
         if method in ("POST", "PUT", "PATCH", "DELETE"):
+            # The first of each header; only the body rules read them, so a GET skips this.
+            headers: dict[bytes, bytes] = {}
+            for name, value in scope["headers"]:
+                headers.setdefault(name, value)
             length = headers.get(b"content-length")
             if length is not None:
                 # Digits only: int() would also read " 5", "+5" and "1_0".
