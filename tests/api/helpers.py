@@ -3,13 +3,21 @@ and an independent re-implementation of the history hash chain (protocol.md §3)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from sbus.api.app import create_app
+from sbus.config import Settings
 
 PROBLEM = "application/problem+json"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -178,3 +186,19 @@ async def snapshot(c: httpx.AsyncClient, *keys: str) -> dict[str, Any]:
                 entry.pop("age_secs")
     log["agents"] = {}
     return {"stats": await stats(c), "shards": shards, "dl": log}
+
+
+@contextlib.asynccontextmanager
+async def running_app(**options: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app built from ``Settings(**options)``, its lifespan running and its store ready
+    (10 s at most), with a client over ASGI."""
+    app = create_app(Settings(**options))
+    async with LifespanManager(app) as manager:
+        for _ in range(1000):
+            if app.state.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert app.state.ready, app.state.not_ready_reason
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            yield app, client

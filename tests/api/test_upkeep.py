@@ -8,7 +8,6 @@ real servers of the test command, which run fsync=off and appendonly no."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,15 +16,11 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from asgi_lifespan import LifespanManager
-from fastapi import FastAPI
 
 from sbus.api import upkeep
-from sbus.api.app import create_app
-from sbus.config import Settings
 from sbus.storage.sql.postgres import asyncpg_dsn
 from tests import backends
-from tests.api.helpers import problem
+from tests.api.helpers import problem, running_app
 
 DEADLINE_S = 30.0
 
@@ -33,20 +28,6 @@ DEADLINE_S = 30.0
 @pytest.fixture(autouse=True)
 def fast_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(upkeep, "CHECK_INTERVAL_S", 0.02)
-
-
-@contextlib.asynccontextmanager
-async def running_app(**options: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(Settings(**options))
-    async with LifespanManager(app) as manager:
-        for _ in range(1000):
-            if app.state.ready:
-                break
-            await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            yield app, client
 
 
 async def until(probe: Callable[[], Awaitable[bool]], what: str) -> None:

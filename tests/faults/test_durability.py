@@ -7,37 +7,19 @@ false (tests/api/test_upkeep.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
 from sbus.api import upkeep
-from sbus.api.app import create_app
-from sbus.config import Settings
 from sbus.storage.sql.postgres import asyncpg_dsn
+from tests.api.helpers import running_app
 from tests.faults.conftest import Postgres, unavailable
 
 pytestmark = pytest.mark.faults
 DEADLINE_S = 30.0
-
-
-@contextlib.asynccontextmanager
-async def client_of(url: str) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(store=url))
-    async with LifespanManager(app) as manager:
-        for _ in range(1000):
-            if app.state.ready:
-                break
-            await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            yield client
 
 
 async def wal_becomes(client: httpx.AsyncClient, expected: bool) -> None:
@@ -72,7 +54,7 @@ async def test_wal_enabled_follows_postgres_durability(
     except RuntimeError as exc:
         unavailable(f"PostgreSQL did not start: {exc}")
     postgres.migrate()
-    async with client_of(postgres.url) as client:
+    async with running_app(store=postgres.url) as (_, client):
         await wal_becomes(client, True)
         await reload_with(postgres.url, "ALTER SYSTEM SET synchronous_commit = off")
         await wal_becomes(client, False)

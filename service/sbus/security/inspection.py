@@ -19,7 +19,7 @@ from sbus.config import Settings
 from sbus.core.clock import rfc3339
 from sbus.core.keys import text_problem
 from sbus.security import TokenExpired, TokenInvalid
-from sbus.security.keys import KeySet
+from sbus.security.keys import KeySet, configured
 from sbus.security.tokens import MAX_TOKEN_LENGTH, Verifier
 
 MAX_JTI_LENGTH = 256  # as POST /admin/tokens/revoke accepts
@@ -73,10 +73,6 @@ def decode_unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return header, claims
 
 
-def _has_keys(settings: Settings) -> bool:
-    return bool(settings.signing_key.strip() or settings.verify_key.strip() or settings.secret)
-
-
 def inspect_token(
     token: str, settings: Settings, *, now: Callable[[], float] = time.time
 ) -> Inspection:
@@ -89,7 +85,7 @@ def inspect_token(
     exp = claims.get("exp")
     expired = isinstance(exp, int) and now() > exp + settings.clock_leeway
     expiry = f"expired at {_when(exp)}" if expired else f"expires at {_when(exp)}"
-    if not _has_keys(settings):
+    if not configured(settings):
         verdict = (
             "UNVERIFIED: no key is configured (SBUS_SIGNING_KEY, SBUS_VERIFY_KEY or "
             f"SBUS_SECRET), so nothing above is proven; {expiry}"
