@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+LINTED := service tests loadtest migrations clients/python
 
 .PHONY: install dev serve test lint typecheck unit bench bench-micro clean formal fuzz
 
@@ -11,15 +12,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# The server (distribution sbus-server, import sbus) and the Python client (sbus-client,
+# import sbus_client) install together, both editable, in one pip run so that the client's
+# `testing` extra finds the server right here instead of on a package index.
+CLIENT := clients/python
+
+$(VENV)/.installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e . -e $(CLIENT)
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(VENV)/.dev-installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e '$(CLIENT)[testing]'
 	touch $@ $(VENV)/.installed
 
-install: $(VENV)/.installed  ## leaves the `sbus` command in .venv/bin
+install: $(VENV)/.installed  ## leaves the `sbus` command in .venv/bin and sbus_client importable
 
 dev: $(VENV)/.dev-installed
 
@@ -27,8 +33,8 @@ serve: install
 	$(BIN)/sbus serve
 
 lint: dev
-	$(BIN)/ruff check service tests loadtest migrations
-	$(BIN)/ruff format --check service tests loadtest migrations
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 typecheck: dev
 	$(BIN)/mypy
