@@ -4,6 +4,7 @@ and the open-mode Host check (protocol.md §§2, 4 step 1 and 6)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import re
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus import __version__
 from sbus.security.rights import ALL_RIGHTS, Scope
 from tests.api.auth_helpers import auth, issuer, root_token, token_app
 from tests.api.helpers import (
@@ -157,6 +159,21 @@ async def test_livez(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
 
 
+async def test_version(client: httpx.AsyncClient) -> None:
+    r = await client.get("/version")
+    assert ok(r) == {"name": "sbus", "version": __version__, "api": 1}
+    assert __version__ == importlib.metadata.version("sbus-server")  # the installed release
+
+
+async def test_version_still_checks_the_host(client: httpx.AsyncClient) -> None:
+    problem(await client.get("/version", headers={"Host": "evil.example"}), 403, "HostNotAllowed")
+
+
+async def test_version_needs_no_admin_right(make_client: AppFactory) -> None:
+    _, c = await make_client(admin_enabled=False)
+    assert ok(await c.get("/version"))["name"] == "sbus"
+
+
 async def test_health(client: httpx.AsyncClient) -> None:
     await create(client, "a")
     await create(client, "b")
@@ -165,6 +182,7 @@ async def test_health(client: httpx.AsyncClient) -> None:
     await read(client, "b", agent="r")
     assert ok(await client.get("/admin/health")) == {
         "status": "ok",
+        "version": __version__,
         "total_shards": 2,
         "total_commits": 1,
         "total_conflicts": 1,

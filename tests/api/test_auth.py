@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from sbus import __version__
 from sbus.config import Settings
 from sbus.security.keys import KeySet, load_private_key, write_keypair
 from sbus.security.rights import ALL_RIGHTS, Scope
@@ -98,6 +99,7 @@ async def test_auth_runs_before_the_body_cap(make_client: AppFactory) -> None:
 async def test_public_routes_need_no_token(make_client: AppFactory) -> None:
     app, c = await token_app(make_client)
     assert (await c.get("/livez")).status_code == 200
+    assert ok(await c.get("/version")) == {"name": "sbus", "version": __version__, "api": 1}
     assert ok(await c.get("/admin/health"))["status"] == "ok"
     assert (await c.get("/openapi.json")).status_code == 200
     problem(await c.get("/metrics"), 401, "Unauthorized")

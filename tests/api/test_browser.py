@@ -89,6 +89,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/history/k", None),
     ("GET", "/stats", None),
     ("GET", "/livez", None),
+    ("GET", "/version", None),
     ("GET", "/admin/health", None),
     ("GET", "/admin/config", None),
     ("GET", "/admin/delivery-log", None),

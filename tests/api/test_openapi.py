@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus import __version__
 from sbus.api.app import create_app
 from sbus.config import Settings
 from sbus.security.keys import write_keypair
@@ -33,6 +34,7 @@ ROUTES = {
     ("get", "/stats"),
     ("get", "/metrics"),
     ("get", "/livez"),
+    ("get", "/version"),
     ("get", "/admin/health"),
     ("post", "/admin/reset"),
     ("get", "/admin/config"),
@@ -189,7 +191,7 @@ RATE_LIMITED = {
     ("post", "/commit/multi"),
     ("post", "/rollback"),
 }
-PUBLIC_OPERATIONS = {("get", "/livez"), ("get", "/admin/health")}
+PUBLIC_OPERATIONS = {("get", "/livez"), ("get", "/version"), ("get", "/admin/health")}
 
 
 def _built(**settings: Any) -> dict[str, Any]:
@@ -330,6 +332,7 @@ def test_retry_after_is_declared_where_it_is_sent(mode: str) -> None:
     a signing route's 503 may be SigningUnavailable, which carries none."""
     document = _built() if mode == "open" else _token_document()
     assert "503" not in _operation(document, "get", "/livez")["responses"]
+    assert "503" not in _operation(document, "get", "/version")["responses"]
     for method, path, operation in _operations(document):
         down = operation["responses"].get("503")
         if down is None or path == "/admin/health":
@@ -362,6 +365,7 @@ async def test_the_declared_503s_are_what_the_server_sends(
     app.state.ready = False
     try:
         assert ok(await c.get("/livez")) == {"status": "alive"}
+        assert ok(await c.get("/version"))["version"] == __version__
         for url, body in (("/mandates", mandate), ("/admin/tokens", tokens)):
             r = await c.post(url, json=body)
             problem(r, 503, "StoreUnavailable")

@@ -16,7 +16,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
-from sbus import cli
+from sbus import __version__, cli
 from sbus.api.app import create_app
 from sbus.config import Settings
 from sbus.storage.factory import redact_url
@@ -82,7 +82,11 @@ async def test_token_mode_health_names_no_host_or_port(kind: str) -> None:
         assert str(port) in app.state.not_ready_reason  # the operator's log still has it
         resp = await client.get("/admin/health")
         assert resp.status_code == 503
-        assert resp.json() == {"status": "not_ready", "reason": "store unreachable"}
+        assert resp.json() == {
+            "status": "not_ready",
+            "version": __version__,
+            "reason": "store unreachable",
+        }
 
 
 @pytest.mark.parametrize("kind", ["postgres", "redis"])

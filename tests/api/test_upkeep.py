@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from sbus import __version__
 from sbus.api import upkeep
 from sbus.storage.sql.postgres import asyncpg_dsn
 from tests import backends
@@ -95,6 +96,7 @@ async def test_redis_eviction_policy_changed_at_run_time(
         else:
             assert body == {
                 "status": "not_ready",
+                "version": __version__,
                 "reason": "store misconfigured (the server log says how)",
             }
 

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus import __version__
 from tests import backends
 from tests.concurrency.conftest import (
     SHARED_TOPOLOGIES,
@@ -241,6 +242,7 @@ def test_counters_are_identical_on_both_replicas(pair: tuple[httpx.Client, ...])
         == health[1]
         == {
             "status": "ok",
+            "version": __version__,
             "total_shards": 3,
             "total_commits": 2,
             "total_conflicts": 1,

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 from asgi_lifespan import LifespanManager
 
+from sbus import __version__
 from sbus.api.app import create_app
 from sbus.api.readiness import WorkerReadiness
 from sbus.config import Settings
@@ -65,7 +66,11 @@ async def test_health_waits_for_every_worker(tmp_path: Path) -> None:
             resp = await c.get("/admin/health")
             assert (resp.status_code, resp.json()) == (
                 503,
-                {"status": "not_ready", "reason": "1 of 2 workers connected to the store"},
+                {
+                    "status": "not_ready",
+                    "version": __version__,
+                    "reason": "1 of 2 workers connected to the store",
+                },
             )
             assert (await c.get("/shards")).status_code == 200
             (tmp_path / "ready-1").touch()

@@ -19,8 +19,9 @@ from sbus.security import TokenExpired, TokenInvalid, TokenRevoked
 from sbus.security.rights import Identity, Principal, open_capabilities
 from sbus.security.tokens import MAX_TOKEN_LENGTH, Claims, Verifier
 
-# Never authenticated: liveness and readiness probes, and the API description.
-PUBLIC = frozenset({"/livez", "/admin/health", "/openapi.json", "/docs"})
+# Never authenticated: liveness and readiness probes, the server's version (a client asks
+# before it has a token to send), and the API description.
+PUBLIC = frozenset({"/livez", "/admin/health", "/version", "/openapi.json", "/docs"})
 PRINCIPAL = "principal"
 BEARER = b"bearer "
 

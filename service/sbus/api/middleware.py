@@ -29,7 +29,7 @@ from sbus.core import errors as e
 CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 
 # Routes that answer while the store is still connecting.
-UNGATED = frozenset({"/livez", "/admin/health", "/metrics", "/openapi.json", "/docs"})
+UNGATED = frozenset({"/livez", "/admin/health", "/version", "/metrics", "/openapi.json", "/docs"})
 
 
 def query_problem(raw: bytes) -> str | None:

@@ -36,7 +36,7 @@ DESCRIPTIONS = {
 COMMON_GET = (401, 403, 404, 422, 503)
 COMMON_WRITE = (400, 401, 403, 404, 405, 408, 413, 415, 422, 503)
 # Routes that answer without the store, before it is ready too: never a 503.
-STORELESS = frozenset({"/livez"})
+STORELESS = frozenset({"/livez", "/version"})
 
 
 # Shard keys (sbus.core.keys.key_problem) as JSON Schema: '/'-separated segments of

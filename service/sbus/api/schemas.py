@@ -106,11 +106,18 @@ class StatsOut(BaseModel):
 
 class HealthOut(BaseModel):
     status: str
+    version: str = Field(description="the server's release (as GET /version)")
     total_shards: int | None = None
     total_commits: int | None = None
     total_conflicts: int | None = None
     delivery_agents: int | None = None
     reason: str | None = None
+
+
+class VersionOut(BaseModel):
+    name: str = Field(description='always "sbus"')
+    version: str = Field(description="the server's release")
+    api: int = Field(description="the wire protocol's major version")
 
 
 class ConfigOut(BaseModel):

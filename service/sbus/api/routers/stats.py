@@ -1,14 +1,15 @@
-"""Observability: /stats (compat), /metrics, /livez and /admin/health."""
+"""Observability: /stats (compat), /metrics, /livez, /version and /admin/health."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from sbus import API_VERSION, __version__
 from sbus.api.deps import BusDep
 from sbus.api.ignored import WireRoute
 from sbus.api.render import json_response
-from sbus.api.schemas import HealthOut, StatsOut
+from sbus.api.schemas import HealthOut, StatsOut, VersionOut
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
 
 router = APIRouter(tags=["observability"], route_class=WireRoute)
@@ -25,7 +26,9 @@ def public_reason(exc: StoreUnavailable) -> str:
 def _not_ready(request: Request, detail: str, public: str) -> Response:
     token_mode = request.app.state.settings.auth_mode == "token"
     reason = public if token_mode else detail
-    return json_response({"status": "not_ready", "reason": reason}, status=503)
+    return json_response(
+        {"status": "not_ready", "version": __version__, "reason": reason}, status=503
+    )
 
 
 @router.get("/stats", response_model=StatsOut, summary="Counters (compat fields plus backend)")
@@ -77,6 +80,17 @@ async def livez() -> Response:
 
 
 @router.get(
+    "/version",
+    response_model=VersionOut,
+    summary="The server's release and wire protocol version; answers without a token and "
+    "before the store is ready",
+    description="Open mode still applies the Host and cross-site checks of every route.",
+)
+async def version() -> Response:
+    return json_response({"name": "sbus", "version": __version__, "api": API_VERSION})
+
+
+@router.get(
     "/admin/health",
     response_model=HealthOut,
     responses={503: {"model": HealthOut, "description": "Store not ready"}},
@@ -88,7 +102,9 @@ async def health(request: Request, bus: BusDep) -> Response:
         return _not_ready(request, state.not_ready_reason, state.not_ready_public)
     waiting = request.app.state.readiness.waiting_for()
     if waiting is not None:
-        return json_response({"status": "not_ready", "reason": waiting}, status=503)
+        return json_response(
+            {"status": "not_ready", "version": __version__, "reason": waiting}, status=503
+        )
     try:
         s = await bus.store.stats()
     except StoreUnavailable as exc:
@@ -96,6 +112,7 @@ async def health(request: Request, bus: BusDep) -> Response:
     return json_response(
         {
             "status": "ok",
+            "version": __version__,
             "total_shards": s.total_shards,
             "total_commits": s.counters.total_commits,
             "total_conflicts": s.counters.total_conflicts,
