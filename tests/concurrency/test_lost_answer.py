@@ -1,0 +1,194 @@
+"""A commit whose answer is lost on the way back (tests/proxy.py closes the connection after
+the bus answered): the commit landed, the client cannot know it. Resending the same request
+with the same Idempotency-Key replays the recorded answer (``Idempotent-Replayed: true``,
+protocol.md section 3.4), so the version moved exactly once; a resend with a fresh key would
+have been refused as stale.
+
+Against a real ``sbus serve`` over each shared-store topology; the replay is served by the
+other replica where there are two, since the record lives in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from sbus.storage.sql.postgres import asyncpg_dsn
+from tests import backends
+from tests.concurrency.conftest import (
+    JSON_HEADERS,
+    POSTGRES_2,
+    Bus,
+    create_shard,
+    expect,
+    get_stats,
+    new_client,
+)
+from tests.history.client import Recorder
+from tests.proxy import LossyProxy
+
+pytestmark = pytest.mark.concurrency
+
+KEY = "lost/answer"
+
+
+def test_lost_answer_is_replayed_not_reapplied(bus: Bus) -> None:
+    with new_client(bus.url(0)) as direct:
+        assert create_shard(direct, KEY, "v0") == 0
+    body = {"key": KEY, "expected_version": 0, "delta": "v1", "agent_id": "courier"}
+    headers = {"Idempotency-Key": "lost-answer-1"}
+    with LossyProxy(bus.servers[0].port) as proxy, new_client(proxy.url) as client:
+        proxy.lose_next_answer(b"POST /commit ")
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post("/commit", json=body, headers=headers)
+        assert proxy.lost == 1
+
+        with new_client(bus.url(1)) as other:
+            resp = other.get(f"/shard/{KEY}", params={"record": "false"})
+            expect(resp, [200])
+            assert (resp.json()["version"], resp.json()["content"]) == (1, "v1")
+
+            # The resend, through the same proxy (now passing answers): a replay.
+            resp = client.post("/commit", json=body, headers=headers)
+            expect(resp, [200])
+            assert resp.headers.get("idempotent-replayed") == "true"
+            assert resp.json()["new_version"] == 1
+
+            # A resend under a fresh key is a new request: stale now, refused.
+            resp = other.post("/commit", json=body, headers={"Idempotency-Key": "lost-answer-2"})
+            expect(resp, [409])
+            assert (resp.json()["error"], resp.json()["found"]) == ("VersionMismatch", 1)
+
+            resp = other.get(f"/history/{KEY}")
+            expect(resp, [200])
+            assert [e["version"] for e in resp.json()["entries"]] == [1, 0]
+            stats = get_stats(other)
+    assert stats["total_commits"] == 1
+    assert proxy.lost == 1
+
+
+# --- unknown outcome: the store connection dies while COMMIT is in flight ----------------
+
+UNKNOWN_KEY = "lost/unknown"
+WAIT_S = 20.0
+
+
+class HistoryRowBlocker:
+    """Holds an uncommitted ``sbus_history`` row for (key, version) in its own transaction.
+    The bus's commit to that version passes its lock-and-decide step and then blocks in the
+    message that writes the effects and COMMITs, on this row's unique index: a backend
+    deterministically stuck mid-transaction with its COMMIT already sent."""
+
+    def __init__(self, key: str, version: int) -> None:
+        self.key, self.version = key, version
+        self.conn: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> HistoryRowBlocker:
+        self.conn = await asyncpg.connect(asyncpg_dsn(backends.POSTGRES_URL))
+        await self.conn.execute("BEGIN")
+        await self.conn.execute(
+            "INSERT INTO sbus_history (key, version, agent_id, committed_ms, content, deleted,"
+            " rationale, commit_id, prev_hash, hash, size)"
+            " VALUES ($1, $2, 'blocker', 0, '', false, NULL, 'blocker', '', '', 0)",
+            self.key,
+            self.version,
+        )
+        return self
+
+    async def blocked_backend(self, other_than: frozenset[int] = frozenset()) -> tuple[int, str]:
+        """The pid and query of a backend waiting for this transaction (polls)."""
+        assert self.conn is not None
+        mine = self.conn.get_server_pid()
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            async with _admin() as admin:
+                rows = await admin.fetch(
+                    "SELECT pid, query FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    mine,
+                )
+            found = [(r["pid"], r["query"]) for r in rows if r["pid"] not in other_than]
+            if found:
+                assert len(found) == 1, found
+                return found[0]
+            await asyncio.sleep(0.02)
+        pytest.fail(f"no backend blocked on the {self.key} history row within {WAIT_S}s")
+
+    async def release(self) -> None:
+        if self.conn is not None:
+            await self.conn.execute("ROLLBACK")
+            await self.conn.close()
+            self.conn = None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+@contextlib.asynccontextmanager
+async def _admin() -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(asyncpg_dsn(backends.POSTGRES_URL))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def terminate(pid: int) -> None:
+    async with _admin() as admin:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+
+
+@pytest.mark.parametrize("bus", [POSTGRES_2], indirect=True, ids=str)
+async def test_backend_terminated_mid_commit_is_unknown_then_resent_once(
+    bus: Bus, recorder: Recorder
+) -> None:
+    body = {"key": UNKNOWN_KEY, "expected_version": 0, "delta": "v1", "agent_id": "courier"}
+    headers = {"Idempotency-Key": "unknown-1"}
+    async with recorder.attach_async(
+        httpx.AsyncClient(base_url=bus.url(0), headers=JSON_HEADERS, timeout=30, trust_env=False)
+    ) as client:
+        resp = await client.post("/shard", json={"key": UNKNOWN_KEY, "content": "v0"})
+        assert resp.status_code == 201, resp.text
+        async with HistoryRowBlocker(UNKNOWN_KEY, 1) as blocker:
+            sending = asyncio.create_task(client.post("/commit", json=body, headers=headers))
+            pid, query = await blocker.blocked_backend()
+            # The effects and the COMMIT travel in one message (pg_stat_activity shows
+            # its first kilobyte): the bus cannot tell whether the COMMIT ran.
+            assert query.startswith("SELECT sbus_txn_apply("), query
+            await terminate(pid)
+            resp = await asyncio.wait_for(sending, WAIT_S)
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["content-type"] == "application/problem+json"
+        assert resp.headers["retry-after"] == "1"
+        problem = resp.json()
+        assert (problem["error"], problem["outcome"]) == ("StoreUnavailable", "unknown")
+
+        # The terminated transaction rolled back, so the resend (same key) applies it now,
+        # on the other replica; a third send replays it. The version moved exactly once.
+        async with httpx.AsyncClient(
+            base_url=bus.url(1), headers=JSON_HEADERS, timeout=30, trust_env=False
+        ) as other:
+            recorder.attach_async(other)
+            resp = await other.post("/commit", json=body, headers=headers)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["new_version"] == 1
+            assert "idempotent-replayed" not in resp.headers
+            # Unrecorded: the history checker counts a replay of an answered commit as a
+            # second write of the same value.
+            async with httpx.AsyncClient(
+                base_url=bus.url(0), headers=JSON_HEADERS, timeout=30, trust_env=False
+            ) as unrecorded:
+                resp = await unrecorded.post("/commit", json=body, headers=headers)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers.get("idempotent-replayed") == "true"
+            assert resp.json()["new_version"] == 1
+            resp = await other.get(f"/history/{UNKNOWN_KEY}")
+            assert [e["version"] for e in resp.json()["entries"]] == [1, 0]
+            assert resp.json()["entries"][0]["agent_id"] == "courier"
+            resp = await other.get("/stats")
+            assert resp.json()["total_commits"] == 1
