@@ -1,0 +1,347 @@
+"""The asyncio client: :class:`AsyncBus` and :class:`AsyncSession` over
+``httpx.AsyncClient``, the twins of ``_sync`` driving the same ``_core`` operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+import httpx
+
+from sbus_client._core import (
+    Core,
+    Create,
+    Delete,
+    Expected,
+    Ident,
+    MandateArg,
+    Token,
+    Write,
+)
+from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
+from sbus_client._retry import TransportRetry
+from sbus_client._sync import DEFAULT_URL
+from sbus_client._transactional import AsyncTransactional, OnRetry, TxnPolicy
+from sbus_client._wire import Op, Reply, Sleep
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T]) -> T:
+    """Run one operation: send what it yields, sleep when it asks, return its value."""
+    reply: Reply = None
+    while True:
+        try:
+            step = op.send(reply)
+        except StopIteration as done:
+            return cast(T, done.value)
+        if isinstance(step, Sleep):
+            await asyncio.sleep(step.seconds)
+            reply = None
+            continue
+        try:
+            reply = await http.request(
+                step.method, base_url + step.target, headers=step.headers, content=step.body
+            )
+        except httpx.TransportError as exc:
+            reply = exc
+
+
+class AsyncBus:
+    """A handle on one bus for asyncio code; share one per event loop.
+
+    ``agent_id`` is the default agent of :meth:`session`; ``token`` a bearer token or a
+    callable returning one (called per request, and once more after a 401);
+    ``http_client`` replaces the client this Bus would create (its own base URL is not
+    used: requests go to ``base_url``); ``retry`` bounds the transport retries.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        agent_id: str | None = None,
+        token: Token = None,
+        timeout: float = 10.0,
+        http_client: httpx.AsyncClient | None = None,
+        retry: TransportRetry | None = None,
+    ) -> None:
+        self._core = Core(base_url, agent_id=agent_id, token=token, retry=retry or TransportRetry())
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._version_lock: asyncio.Lock | None = None
+        self._version_checked = False
+        self._server_version: ServerVersion | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    @property
+    def agent_id(self) -> str | None:
+        return self._core.agent_id
+
+    async def _run(self, op: Op[T]) -> T:
+        await self._check_version()
+        return await drive(self._http, self._core.base_url, op)
+
+    async def _check_version(self) -> None:
+        if self._version_checked:
+            return
+        if self._version_lock is None:
+            self._version_lock = asyncio.Lock()  # made in the loop that first needs it
+        async with self._version_lock:
+            if self._version_checked:
+                return
+            try:
+                self._server_version = await drive(
+                    self._http, self._core.base_url, self._core.version()
+                )
+            except httpx.TransportError:
+                return  # not reachable yet: the operation itself will say so; ask again later
+            self._version_checked = True
+
+    async def server_version(self) -> ServerVersion | None:
+        """What GET /version reported (asked once per Bus), None if the bus is older."""
+        await self._check_version()
+        return self._server_version
+
+    def session(
+        self, agent_id: str | None = None, session_id: str | None = None, *, keep: bool = False
+    ) -> AsyncSession:
+        """A session for one task; use it in ``async with``. A fresh random session id unless
+        ``session_id`` is given; on exit its DeliveryLog is emptied unless ``keep``."""
+        return AsyncSession(self, agent_id or self._core.agent_id, session_id, keep=keep)
+
+    async def issue_mandate(
+        self,
+        holder: str,
+        keys: Sequence[str],
+        context: Mapping[str, Any] | None = None,
+        ttl_s: int = 300,
+        *,
+        agent_id: str | None = None,
+    ) -> Mandate:
+        """Let ``holder`` make one commit on ``keys`` for ``context`` (issued as this
+        Bus's agent, which needs the mandate right)."""
+        ident = Ident(agent_id or self._core.agent_id)
+        return await self._run(self._core.issue_mandate(ident, holder, keys, context, ttl_s))
+
+    def transactional(
+        self,
+        *,
+        max_retries: int = 8,
+        max_elapsed: float = 60.0,
+        base: float = 0.02,
+        cap: float = 2.0,
+        on_retry: OnRetry | None = None,
+    ) -> Callable[
+        [Callable[Concatenate[AsyncSession, P], Awaitable[R]]],
+        AsyncTransactional[AsyncSession, P, R],
+    ]:
+        """Decorate ``fn(session, *args)`` so that calling it with ``*args`` runs it in a
+        fresh session and re-runs it on ConflictError (docs/sdk.md, "Retry loops")."""
+        policy = TxnPolicy(max_retries, max_elapsed, base, cap, on_retry)
+
+        def wrap(
+            f: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
+        ) -> AsyncTransactional[AsyncSession, P, R]:
+            return AsyncTransactional(self, f, policy, AsyncSession)
+
+        return wrap
+
+    async def run(
+        self,
+        fn: Callable[Concatenate[AsyncSession, P], Awaitable[R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """``fn(session, *args)`` under ``transactional``'s defaults (or ``fn``'s own
+        policy when it is already decorated)."""
+        if isinstance(fn, AsyncTransactional):
+            return cast(R, await fn(*args, **kwargs))
+        return await AsyncTransactional(self, fn, TxnPolicy(), AsyncSession)(*args, **kwargs)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncSession:
+    """One task's view of the bus (see :class:`sbus_client.Session`). Belongs to one
+    asyncio task; make one per task (``bus.session()``)."""
+
+    def __init__(
+        self, bus: AsyncBus, agent_id: str | None, session_id: str | None, *, keep: bool = False
+    ) -> None:
+        self.bus = bus
+        self.agent_id = agent_id
+        self.session_id = session_id if session_id is not None else uuid.uuid4().hex
+        self.keep = keep
+        self._ident = Ident(agent_id, self.session_id)
+        self._core = bus._core
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.keep or (self.agent_id is None and self._core.token is None):
+            return  # nothing was recorded without an agent
+        try:
+            await self.reset()
+        except Exception:
+            if exc is None:
+                raise
+            # The task's own failure matters more; an unreset session expires by TTL.
+
+    async def reset(self) -> None:
+        """Empty this session's DeliveryLog (POST /session)."""
+        await self.bus._run(self._core.reset_session(self._ident))
+
+    async def read(self, key: str, *, record: bool = True) -> Shard:
+        """The current version; recorded (it will be checked at this session's commits)
+        unless ``record=False``, for browsing that must not widen the read set."""
+        return await self.bus._run(self._core.read(self._ident, key, record))
+
+    async def read_many(
+        self, keys: Iterable[str], *, record: bool = True, missing_ok: bool = False
+    ) -> dict[str, Shard]:
+        """Several keys in one request (POST /read), recorded like single reads. A
+        missing key raises its LookupError unless ``missing_ok``; then it is absent."""
+        return await self.bus._run(
+            self._core.read_many(self._ident, list(keys), record, missing_ok)
+        )
+
+    async def commit(
+        self,
+        key: str,
+        content: str,
+        *,
+        expected: Expected,
+        mandate: MandateArg = None,
+        context: Mapping[str, Any] | None = None,
+        rationale: str | None = None,
+    ) -> Committed:
+        """Write ``content`` if ``key`` is still at ``expected`` (a Shard, Committed or
+        version) and nothing else this session read has moved on."""
+        return await self.bus._run(
+            self._core.commit(
+                self._ident,
+                key,
+                content,
+                expected,
+                mandate=mandate,
+                context=context,
+                rationale=rationale,
+            )
+        )
+
+    async def create(
+        self, key: str, content: str = "", *, goal_tag: str = "", require_mandate: bool = False
+    ) -> Shard:
+        """A new shard at version 0 (or, over a tombstone, at its version + 1)."""
+        return await self.bus._run(
+            self._core.create(self._ident, key, content, goal_tag, require_mandate)
+        )
+
+    async def delete(
+        self,
+        key: str,
+        *,
+        expected: Expected,
+        mandate: MandateArg = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Delete ``key`` at ``expected``; returns the tombstone's version."""
+        return await self.bus._run(
+            self._core.delete(self._ident, key, expected, mandate=mandate, context=context)
+        )
+
+    async def commit_many(
+        self,
+        writes: Iterable[Write] = (),
+        *,
+        creates: Iterable[Create] = (),
+        deletes: Iterable[Delete] = (),
+        mandate: MandateArg = None,
+        context: Mapping[str, Any] | None = None,
+        rationale: str | None = None,
+    ) -> dict[str, Committed]:
+        """All or nothing, in one atomic step (POST /commit/multi): ``writes`` as
+        (key, content, expected), ``creates`` as (key, content), ``deletes`` as (key,
+        expected). Returns each key's new version (a delete's is its tombstone)."""
+        return await self.bus._run(
+            self._core.commit_many(
+                self._ident,
+                writes,
+                creates,
+                deletes,
+                mandate=mandate,
+                context=context,
+                rationale=rationale,
+            )
+        )
+
+    async def rollback(
+        self,
+        key: str,
+        target_version: int,
+        *,
+        expected: Expected | None = None,
+        mandate: MandateArg = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> Shard:
+        """Commit the content of a retained version as a new version."""
+        return await self.bus._run(
+            self._core.rollback(
+                self._ident, key, target_version, expected, mandate=mandate, context=context
+            )
+        )
+
+    async def history(
+        self, key: str, *, limit: int | None = None, before: int | None = None
+    ) -> list[HistoryEntry]:
+        """Retained versions, newest first (unrecorded)."""
+        return await self.bus._run(self._core.history(self._ident, key, limit, before))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        """Every live key under ``prefix`` the caller may read (all pages)."""
+        return await self.bus._run(self._core.list_keys(self._ident, prefix))
+
+    async def scan(self, prefix: str = "") -> builtins.list[Shard]:
+        """Every live shard under ``prefix`` with its content, unrecorded (all pages)."""
+        return await self.bus._run(self._core.scan(self._ident, prefix))
+
+    async def update(
+        self,
+        key: str,
+        fn: Callable[[Shard], str | None],
+        *,
+        max_attempts: int | None = None,
+        max_elapsed: float = 30.0,
+    ) -> Committed | None:
+        """Apply the pure merge ``fn`` to the current content and commit, re-reading and
+        re-applying on VersionMismatch (only). ``None`` or unchanged content: no commit,
+        returns None. Budget spent: RetriesExhausted."""
+        return await self.bus._run(
+            self._core.update(self._ident, key, fn, max_attempts, max_elapsed)
+        )

@@ -1,0 +1,156 @@
+"""The client's exception tree (the per-code classes are generated into ``_codes``).
+
+Frameworks decide whether to retry by an exception's *base* class (LangGraph, for
+one, retries everything except ValueError, LookupError, PermissionError/OSError,
+RuntimeError and a few more), so every server code also derives from the builtin that
+says whether a blind retry can help::
+
+    SBusError
+    ├── ConflictError           VersionMismatch, CrossShardStale, SessionExpired:
+    │                           re-read and redo (bus.transactional does it for you)
+    ├── (LookupError)           ShardNotFound, ShardDeleted, VersionNotFound, ...
+    ├── (PermissionError)       Unauthorized, CapabilityDenied, Mandate*Mismatch, ...
+    ├── (ValueError)            ValidationError, IdempotencyKeyReused, size limits, ...
+    │   └── UnknownClientError  a 4xx with a code this client does not know
+    └── (RuntimeError)          ShardAlreadyExists, StoreUnavailable, RateLimited, ...
+        ├── UnknownServerError  a 5xx with a code this client does not know
+        └── RetriesExhausted    a retry loop spent its budget
+
+``str()`` of every error ends with what an agent should do next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class CompatibilityWarning(UserWarning):
+    """The server speaks another major version of the HTTP API than this client."""
+
+
+class SBusError(Exception):
+    """Base of every error the bus (or this client) reports.
+
+    ``code`` is the problem's ``error`` field, ``status`` the HTTP status, ``detail``
+    the server's explanation and ``problem`` the whole problem document. The fields a
+    code documents (docs/errors.md) are also attributes, e.g. ``VersionMismatch.found``.
+    """
+
+    CODE: ClassVar[str] = ""
+    STATUS: ClassVar[int] = 0
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, detail: str, *, status: int | None = None, problem: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.problem: dict[str, Any] = dict(problem or {})
+        self.status: int = status if status is not None else type(self).STATUS
+        code = self.problem.get("error")
+        self.code: str = code if isinstance(code, str) else type(self).CODE
+        for name in type(self).FIELDS:
+            # A field a proxy or an older server left out reads as None.
+            setattr(self, name, self.problem.get(name))
+
+    def next_step(self) -> str:
+        """What a caller (or an agent reading this) should do about the error."""
+        hint = HINTS.get(self.code)
+        if hint is None:
+            return _base_hint(self)
+        try:
+            return hint.format_map({**self.problem, **vars(self), **_derived(self.problem)})
+        except (KeyError, IndexError, ValueError):
+            return _base_hint(self)
+
+    def __str__(self) -> str:
+        where = f"{self.code}, HTTP {self.status}" if self.code else f"HTTP {self.status}"
+        return f"{self.detail} [{where}] Next: {self.next_step()}"
+
+
+class ConflictError(SBusError):
+    """The state moved under the caller: re-read, redo the change, commit again.
+
+    Only VersionMismatch, CrossShardStale and SessionExpired are conflicts; they are
+    what ``bus.transactional`` re-runs on."""
+
+
+class UnknownClientError(SBusError, ValueError):
+    """A 4xx answer whose code this client does not know (a newer server, a proxy)."""
+
+
+class UnknownServerError(SBusError, RuntimeError):
+    """A 5xx answer whose code this client does not know (a newer server, a proxy)."""
+
+
+class RetriesExhausted(SBusError, RuntimeError):
+    """A retry loop (``transactional`` or ``Session.update``) spent its budget.
+
+    ``attempts`` is how many times the work ran, ``last_error`` the conflict that
+    ended the final attempt."""
+
+    CODE = "RetriesExhausted"
+
+    def __init__(self, attempts: int, last_error: BaseException | None) -> None:
+        detail = f"gave up after {attempts} attempt(s); last error: {last_error!r}"
+        super().__init__(detail, problem={"error": self.CODE})
+        self.attempts = attempts
+        self.last_error = last_error
+
+    def next_step(self) -> str:
+        return (
+            "the keys are heavily contended: raise max_retries/max_elapsed, split the "
+            "work over fewer keys, or report the failure to whoever asked for it"
+        )
+
+
+def _base_hint(err: SBusError) -> str:
+    if isinstance(err, ConflictError):
+        return "re-read the keys involved, redo the change and commit again"
+    if isinstance(err, LookupError):
+        return "check the key (and version) you asked for"
+    if isinstance(err, PermissionError):
+        return "use a token or mandate that grants this; retrying as is cannot help"
+    if isinstance(err, ValueError):
+        return "fix the request; sending it again unchanged gets the same answer"
+    return "wait and retry later, or report the failure"
+
+
+def _derived(problem: dict[str, Any]) -> dict[str, str]:
+    stale = problem.get("stale_keys")
+    if isinstance(stale, list):
+        names = [str(s.get("key")) for s in stale if isinstance(s, dict)]
+        return {"stale_key_names": ", ".join(names)}
+    return {}
+
+
+# Per-code advice; fields of the problem document fill the braces. A hint that cannot
+# be filled (a field missing) falls back to the advice of the error's base class.
+HINTS: dict[str, str] = {
+    "VersionMismatch": (
+        "someone committed {key!r} first (now version {found}, you expected {expected}): "
+        "re-read {key!r} and apply your change to that content (Session.update does it)"
+    ),
+    "CrossShardStale": (
+        "re-read the keys in stale_keys ({stale_key_names}), reconsider, and commit "
+        "again; or start a new session (bus.session())"
+    ),
+    "SessionExpired": (
+        "the session's reads expired ({reason}): start a new session and read again"
+    ),
+    "ShardNotFound": "{key!r} never existed: create it with Session.create",
+    "ShardDeleted": "{key!r} was deleted (tombstone version {version}): create it again",
+    "VersionNotFound": "version {target_version} of {key!r} is not retained: see history()",
+    "ShardAlreadyExists": "{key!r} exists already: read it and commit instead of create",
+    "CapabilityDenied": "the token lacks the {right!r} right on {key!r}: get one that has it",
+    "MandateRequired": "{key!r} needs a mandate: obtain one (bus.issue_mandate) and pass it",
+    "MandateConsumed": "that mandate was used already: obtain a new one",
+    "MandateExpired": "that mandate expired: obtain a new one",
+    "Unauthorized": "send a valid bearer token (Bus(token=...))",
+    "TokenRevoked": "that token was revoked: obtain a new one",
+    "StoreUnavailable": (
+        "the store failed (outcome {outcome}); the client already retried: try later"
+    ),
+    "RateLimited": "slow down: retry after {retry_after} s",
+    "IdempotencyKeyReused": "use a fresh Idempotency-Key for a different request",
+}

@@ -1,0 +1,133 @@
+"""``bus.transactional``: re-run a whole read-decide-write function on a conflict.
+
+Each attempt runs in a fresh session passed as the first argument, so no read of a
+failed attempt constrains the next one. A call whose first argument already IS a
+session joins it: no new session and no retry, since only the outermost function can
+redo everything that was read (FoundationDB's rule for nested transactions). Only
+ConflictError re-runs; the waits are full jitter (``_retry.Backoff``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
+
+from sbus_client._errors import ConflictError, RetriesExhausted
+from sbus_client._retry import Backoff
+
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# on_retry(attempt that failed (1-based), its conflict, seconds until the next attempt)
+OnRetry = Callable[[int, ConflictError, float], None]
+
+
+@dataclass(frozen=True)
+class TxnPolicy:
+    """The retry budget of ``transactional``: at most ``max_retries`` re-runs (so
+    ``max_retries + 1`` attempts) within ``max_elapsed`` seconds, waits of full jitter
+    from ``base`` doubling up to ``cap``."""
+
+    max_retries: int = 8
+    max_elapsed: float = 60.0
+    base: float = 0.02
+    cap: float = 2.0
+    on_retry: OnRetry | None = None
+
+    def budget(self) -> Backoff:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        budget = Backoff(self.base, self.cap, self.max_retries + 1, self.max_elapsed)
+        budget.start()
+        return budget
+
+    def after_conflict(self, budget: Backoff, err: ConflictError) -> float:
+        """The wait before the next attempt; raises RetriesExhausted when spent."""
+        wait = budget.delay()
+        if wait is None:
+            raise RetriesExhausted(budget.attempts, err) from err
+        if self.on_retry is not None:
+            self.on_retry(budget.attempts, err, wait)
+        return wait
+
+
+class _Opens(Protocol[S_co]):
+    def session(self) -> AbstractContextManager[S_co]: ...
+
+
+class _OpensAsync(Protocol[S_co]):
+    def session(self) -> AbstractAsyncContextManager[S_co]: ...
+
+
+class Transactional(Generic[S, P, R]):
+    """``fn(session, *args)`` made callable as ``fn(*args)`` (see the module doc)."""
+
+    def __init__(
+        self,
+        bus: _Opens[S],
+        fn: Callable[Concatenate[S, P], R],
+        policy: TxnPolicy,
+        session_type: type[S],
+    ) -> None:
+        self._bus = bus
+        self._fn = fn
+        self._policy = policy
+        self._session_type = session_type
+        self.__wrapped__ = fn
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __call__(self, session: S, /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> R:  # type: ignore[misc]
+        if args and isinstance(args[0], self._session_type):
+            return self._fn(*args, **kwargs)  # join the caller's session: no retry here
+        budget = self._policy.budget()
+        while True:
+            with self._bus.session() as session:
+                try:
+                    return self._fn(session, *args, **kwargs)
+                except ConflictError as err:
+                    wait = self._policy.after_conflict(budget, err)
+            time.sleep(wait)
+
+
+class AsyncTransactional(Generic[S, P, R]):
+    """The coroutine-function twin of :class:`Transactional`."""
+
+    def __init__(
+        self,
+        bus: _OpensAsync[S],
+        fn: Callable[Concatenate[S, P], Awaitable[R]],
+        policy: TxnPolicy,
+        session_type: type[S],
+    ) -> None:
+        self._bus = bus
+        self._fn = fn
+        self._policy = policy
+        self._session_type = session_type
+        self.__wrapped__ = fn
+        self.__doc__ = fn.__doc__
+
+    @overload
+    async def __call__(self, session: S, /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    @overload
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    async def __call__(self, *args: Any, **kwargs: Any) -> R:  # type: ignore[misc]
+        if args and isinstance(args[0], self._session_type):
+            return await self._fn(*args, **kwargs)
+        budget = self._policy.budget()
+        while True:
+            async with self._bus.session() as session:
+                try:
+                    return await self._fn(session, *args, **kwargs)
+                except ConflictError as err:
+                    wait = self._policy.after_conflict(budget, err)
+            await asyncio.sleep(wait)

@@ -1,0 +1,181 @@
+"""Generate ``sbus_client/_codes.py``: one exception class per problem code of the server.
+
+The server's table ``sbus.api.problems.STATUS`` is the source of the codes and their
+statuses; this script adds what the table cannot say: the builtin base each code takes
+(fixed, because frameworks decide retries by base class) and the typed fields its
+problem document carries (docs/errors.md). The output is checked in, so the client
+never imports the server; ``tests/client/test_codes.py`` regenerates it and fails on
+any difference.
+
+    python clients/python/scripts/gen_errors.py          # rewrite _codes.py
+    python clients/python/scripts/gen_errors.py --check  # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+TARGET = Path(__file__).resolve().parents[1] / "sbus_client" / "_codes.py"
+
+CONFLICT = ("VersionMismatch", "CrossShardStale", "SessionExpired")
+LOOKUP = ("ShardNotFound", "ShardDeleted", "VersionNotFound", "MandateNotFound", "NotFound")
+PERMISSION = (
+    "Unauthorized",
+    "TokenRevoked",
+    "AgentMismatch",
+    "HostNotAllowed",
+    "CrossSiteRequest",  # refused for who is asking, like HostNotAllowed
+    "AdminDisabled",
+    "CapabilityDenied",
+    "MandateRequired",
+    "MandateHolderMismatch",
+    "MandateScopeMismatch",
+    "MandateContextMismatch",
+)
+VALUE = (
+    "ValidationError",
+    "AmbiguousField",
+    "PreconditionConflict",
+    "PreconditionRequired",
+    "InvalidPrecondition",
+    "IdempotencyKeyReused",
+    "MalformedJSON",
+    "UnsupportedMediaType",
+    "MethodNotAllowed",
+    "RequestTooLarge",
+    "DeltaTooLarge",
+    "FieldTooLarge",
+    "ReadSetTooLarge",
+    "TooManyWrites",
+)
+RUNTIME = (
+    "ShardAlreadyExists",
+    "MandateConsumed",
+    "MandateExpired",
+    "SigningUnavailable",
+    "RateLimited",
+    "StoreUnavailable",
+)
+
+# The structured fields of each code's problem document (docs/errors.md, "extra fields").
+FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ShardNotFound": (("key", "str"),),
+    "ShardDeleted": (("key", "str"), ("version", "int")),
+    "VersionNotFound": (("key", "str"), ("target_version", "int")),
+    "CapabilityDenied": (("key", "str"), ("right", "str")),
+    "MandateHolderMismatch": (("holder", "str"),),
+    "MandateScopeMismatch": (("key", "str"),),
+    "MandateContextMismatch": (("context_hash", "str"),),
+    "MandateRequired": (("key", "str"),),
+    "ShardAlreadyExists": (("key", "str"),),
+    "VersionMismatch": (("key", "str"), ("expected", "int"), ("found", "int")),
+    "MandateConsumed": (("jti", "str"),),
+    "CrossShardStale": (
+        ("key", "str"),
+        ("version_at_read", "int"),
+        ("current_version", "int"),
+        ("stale_keys", "list[dict[str, Any]]"),
+    ),
+    "SessionExpired": (("reason", "str"), ("agent_id", "str")),
+    "MandateExpired": (("jti", "str"),),
+    "RequestTooLarge": (("max", "int | None"),),
+    "DeltaTooLarge": (("key", "str"), ("size", "int"), ("max", "int")),
+    "FieldTooLarge": (("field", "str"), ("size", "int"), ("max", "int")),
+    "ReadSetTooLarge": (("size", "int"), ("max", "int")),
+    "TooManyWrites": (("size", "int"), ("max", "int")),
+    "ValidationError": (("errors", "list[dict[str, Any]]"),),
+    "AmbiguousField": (("errors", "list[dict[str, Any]]"),),
+    "PreconditionConflict": (("expected_version", "int"), ("if_match", "int")),
+    "PreconditionRequired": (("key", "str"),),
+    "RateLimited": (("retry_after", "int"),),
+    "StoreUnavailable": (("outcome", "str"),),
+}
+
+DOCS = {
+    "VersionMismatch": "The key is no longer at the expected version.",
+    "CrossShardStale": "A shard this session read has moved on since (ORI).",
+    "SessionExpired": "The session's DeliveryLog expired or overflowed.",
+    "StoreUnavailable": "The store failed; ``outcome`` says whether the change may have landed.",
+}
+
+
+def codes() -> dict[str, int]:
+    """code -> HTTP status, from the server's one table (each code has one status)."""
+    from sbus.api.problems import STATUS
+
+    found: dict[str, int] = {}
+    for cls, status in STATUS.items():
+        previous = found.setdefault(cls.code, status)
+        if previous != status:
+            raise SystemExit(f"code {cls.code} has two statuses: {previous} and {status}")
+    return found
+
+
+def base_of(code: str, status: int) -> str:
+    """The fixed bases; any other code by its status class (4xx ValueError, else RuntimeError)."""
+    if code in CONFLICT:
+        return "ConflictError"
+    for names, base in (
+        (LOOKUP, "LookupError"),
+        (PERMISSION, "PermissionError"),
+        (VALUE, "ValueError"),
+        (RUNTIME, "RuntimeError"),
+    ):
+        if code in names:
+            return f"SBusError, {base}"
+    return "SBusError, ValueError" if 400 <= status < 500 else "SBusError, RuntimeError"
+
+
+def render() -> str:
+    table = codes()
+    out = [
+        '"""One exception class per problem code of the server. GENERATED by',
+        "clients/python/scripts/gen_errors.py from sbus.api.problems.STATUS: do not edit.",
+        '"""',
+        "",
+        "from __future__ import annotations",
+        "",
+        "from typing import Any",
+        "",
+        "from sbus_client._errors import ConflictError, SBusError",
+        "",
+        "__all__ = [",
+        *(f'    "{code}",' for code in sorted(table)),
+        "]",
+    ]
+    for code in sorted(table):
+        status = table[code]
+        fields = FIELDS.get(code, ())
+        doc = DOCS.get(code, f"HTTP {status} ``{code}`` (docs/errors.md).")
+        out += ["", "", f"class {code}({base_of(code, status)}):", f'    """{doc}"""', ""]
+        out += [f'    CODE = "{code}"', f"    STATUS = {status}"]
+        if fields:
+            names = ", ".join(f'"{name}"' for name, _ in fields)
+            trailing = "," if len(fields) == 1 else ""
+            out.append(f"    FIELDS = ({names}{trailing})")
+            out += [f"    {name}: {kind}" for name, kind in fields]
+    out += [
+        "",
+        "",
+        "BY_CODE: dict[str, type[SBusError]] = {",
+        *(f'    "{code}": {code},' for code in sorted(table)),
+        "}",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if TARGET.read_text() != text:
+            print(f"{TARGET.name} is stale: run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    TARGET.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
