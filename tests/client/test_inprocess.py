@@ -1,0 +1,93 @@
+"""The SDK behaviour class against the server app in process, plus what only an
+in-process bus can show cheaply: a response lost after the commit landed."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from sbus.api.app import create_app
+from sbus.config import Settings
+from sbus_client import AsyncBus, CompatibilityWarning, TransportRetry
+from tests.client.behaviour import BusFactory, SDKBehaviour
+from tests.client.conftest import SETTINGS, URL
+
+
+class TestSDKInProcess(SDKBehaviour):
+    pass
+
+
+class LosesFirstResponses(httpx.AsyncBaseTransport):
+    """Forwards every request; for the first ``lose`` POSTs, the bus's answer is
+    thrown away and the client sees a dropped connection instead."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, lose: int) -> None:
+        self.inner = inner
+        self.lose = lose
+        self.seen: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.method == "POST" and request.url.path.startswith("/commit"):
+            self.seen.append(request)
+            if self.lose > 0:
+                self.lose -= 1
+                await response.aread()
+                raise httpx.RemoteProtocolError("connection dropped before the response")
+        return response
+
+
+@pytest.fixture
+async def asgi() -> AsyncIterator[httpx.AsyncBaseTransport]:
+    app = create_app(Settings(**SETTINGS))
+    async with LifespanManager(app) as manager:
+        for _ in range(1000):
+            if app.state.ready:
+                break
+            await asyncio.sleep(0.01)
+        assert app.state.ready
+        yield httpx.ASGITransport(app=manager.app)
+
+
+async def test_lost_response_is_replayed_exactly_once(asgi: httpx.AsyncBaseTransport) -> None:
+    lossy = LosesFirstResponses(asgi, lose=2)
+    async with httpx.AsyncClient(transport=lossy) as http:
+        bus = AsyncBus(URL, agent_id="a", http_client=http, retry=TransportRetry(base=0.001))
+        async with bus.session() as s:
+            await s.create("k", "v0")
+            done = await s.commit("k", "v1", expected=0)
+            assert (done.version, done.replayed) == (1, True)
+            assert len(lossy.seen) == 3
+            keys = {r.headers["idempotency-key"] for r in lossy.seen}
+            assert len(keys) == 1  # one request, sent three times
+            assert len({r.content for r in lossy.seen}) == 1
+            assert [h.version for h in await s.history("k")] == [1, 0]  # moved once
+
+
+async def test_transport_budget_spent_raises_the_transport_error(
+    asgi: httpx.AsyncBaseTransport,
+) -> None:
+    lossy = LosesFirstResponses(asgi, lose=10)
+    async with httpx.AsyncClient(transport=lossy) as http:
+        bus = AsyncBus(
+            URL, agent_id="a", http_client=http, retry=TransportRetry(attempts=2, base=0)
+        )
+        async with bus.session() as s:
+            await s.create("k", "v0")
+            with pytest.raises(httpx.RemoteProtocolError):
+                await s.commit("k", "v1", expected=0)
+            assert len(lossy.seen) == 2
+            assert (await s.read("k")).version == 1  # it had landed: the key would replay it
+
+
+def test_version_is_read_once_per_bus(make_bus: BusFactory) -> None:
+    bus = make_bus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatibilityWarning)
+        first = bus.server_version()
+        assert bus.server_version() is first
