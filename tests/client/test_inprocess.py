@@ -3,19 +3,17 @@ in-process bus can show cheaply: a response lost after the commit landed."""
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 
-from sbus.api.app import create_app
-from sbus.config import Settings
 from sbus_client import AsyncBus, CompatibilityWarning, TransportRetry
+from sbus_client.testing import AsyncLocalBus
 from tests.client.behaviour import BusFactory, SDKBehaviour
-from tests.client.conftest import SETTINGS, URL
+
+URL = "http://127.0.0.1:7000"
 
 
 class TestSDKInProcess(SDKBehaviour):
@@ -44,14 +42,8 @@ class LosesFirstResponses(httpx.AsyncBaseTransport):
 
 @pytest.fixture
 async def asgi() -> AsyncIterator[httpx.AsyncBaseTransport]:
-    app = create_app(Settings(**SETTINGS))
-    async with LifespanManager(app) as manager:
-        for _ in range(1000):
-            if app.state.ready:
-                break
-            await asyncio.sleep(0.01)
-        assert app.state.ready
-        yield httpx.ASGITransport(app=manager.app)
+    async with AsyncLocalBus() as local:
+        yield local.http._transport
 
 
 async def test_lost_response_is_replayed_exactly_once(asgi: httpx.AsyncBaseTransport) -> None:
@@ -90,4 +82,5 @@ def test_version_is_read_once_per_bus(make_bus: BusFactory) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompatibilityWarning)
         first = bus.server_version()
+        assert first is not None and (first.name, first.api) == ("sbus", 1)
         assert bus.server_version() is first
