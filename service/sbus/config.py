@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     max_read_set: int = Field(1024, ge=0)
     max_dl_entries: int = Field(16384, ge=1)
     max_txn_keys: int = Field(128, ge=1)
+    max_read_keys: int = Field(256, ge=1)
     list_max: int = Field(10_000, ge=1)
     history_depth: int = Field(1000, ge=1)
     history_max_bytes: int = Field(16 * 1024 * 1024, ge=1)

@@ -157,6 +157,7 @@ MULTI = {"agent_id": "nobody", "writes": [WRITE]}
 ROLLBACK = {"key": "absent", "target_version": 0, "agent_id": "nobody"}
 SESSION = {"agent_id": "nobody"}
 REGISTER = {"agent_id": "nobody", "shards_used": ["absent"]}
+READ = {"keys": ["absent"], "agent_id": "nobody"}  # a missing key records nothing
 CONFIG = {"ori_enabled": True}
 INJECT = {"agent_id": "x", "key": "absent", "stale_version": 0}
 CLOCK = {"ms": 0}
@@ -251,6 +252,27 @@ FIELDS: list[tuple[str, dict[str, Any], dict[str, list[Any]]]] = [
             "source": FEW_STRS,
         },
     ),
+    (
+        "/read",
+        READ,
+        {
+            "keys": [
+                None,
+                "absent",
+                {},
+                [],
+                [1],
+                [None],
+                *([k] for k in FEW_KEYS),
+                ["absent", "absent"],
+                ["absent", "k", "absent"],
+                [SURROGATE],
+            ],
+            "agent_id": FEW_AGENTS,
+            "session_id": FEW_AGENTS,
+            "record": ["true", 1, None, []],
+        },
+    ),
     ("/admin/config", CONFIG, {"ori_enabled": ["true", 1, None, []]}),
     (
         "/admin/inject-stale",
@@ -289,6 +311,7 @@ def _field_cases() -> Iterator[Any]:
         ("/session", {}),
         ("/delivery_log/register", {"agent_id": "nobody"}),
         ("/delivery_log/register", {"shards_used": ["absent"]}),
+        ("/read", {"agent_id": "nobody"}),
         ("/admin/config", {}),
         ("/admin/inject-stale", {"agent_id": "x", "key": "absent"}),
         ("/admin/test/advance-clock", {}),
@@ -416,6 +439,9 @@ def _limit_cases() -> Iterator[Any]:
             ),
             id=f"multi-delta-{tag}",
         )
+    # SBUS_MAX_READ_KEYS (256 by default) distinct valid keys, plus one: the only fault.
+    many = {**READ, "keys": [f"k{i}" for i in range(257)]}
+    yield pytest.param(Case("POST", "/read", many, 422, "ValidationError"), id="read-too-many")
     huge = "x" * MAX_BODY
     for path in POST_PATHS:
         yield pytest.param(
@@ -450,6 +476,7 @@ def _media_cases() -> Iterator[Any]:
         "/rollback",
         "/session",
         "/delivery_log/register",
+        "/read",
         "/admin/reset",
         "/admin/config",
         "/admin/shard",

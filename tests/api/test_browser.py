@@ -101,6 +101,7 @@ ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/commit/v2", {"key": "k", "expected_version": 0, "delta": "x", "agent_id": "A"}),
     ("POST", "/commit", {"key": "k", "expected_version": 0, "delta": "x", "agent_id": "A"}),
     ("POST", "/session", {"agent_id": "A"}),
+    ("POST", "/read", {"keys": ["k"], "agent_id": "A"}),
     ("POST", "/delivery_log/register", {"agent_id": "A", "keys": ["k"]}),
     ("POST", "/admin/reset", None),
     ("POST", "/admin/config", {"ori_enabled": False}),

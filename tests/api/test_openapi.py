@@ -24,6 +24,7 @@ ROUTES = {
     ("get", "/shard/{key}"),
     ("delete", "/shard/{key}"),
     ("get", "/shards"),
+    ("post", "/read"),
     ("get", "/history/{key}"),
     ("post", "/commit"),
     ("post", "/commit/v2"),

@@ -4,6 +4,7 @@ semantics of each atomic operation, observed through the Protocol alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -92,6 +93,62 @@ class TestStoreConformance:
         await store.read("a", "A", "", False)
         await store.apply(commit("a", 0, "a1", agent="B"))
         out = await store.apply(commit("b", 0, "b1", agent="A"))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_read_many_serves_rows_and_tombstones_in_key_order(self, store: Store) -> None:
+        for k in "abc":
+            await store.create(create(k, f"{k}0"))
+        await store.apply(delete_txn("c", 0))
+        found = await store.read_many(["c", "ghost", "b", "a"], None, "", False)
+        assert list(found) == ["c", "b", "a"]
+        assert (found["c"].deleted, found["c"].version) == (True, 1)
+        assert (found["b"].content, found["a"].content) == ("b0", "a0")
+        assert found["a"] == await store.read("a", None, "", False)
+        assert set((await store.dump_delivery_log(None, 10))[0]) == {"D"}  # the deleter only
+
+    async def test_read_many_records_as_single_reads_would(self, store: Store) -> None:
+        """Same keys into two sessions: one bulk read, then the same reads one by one.
+        LIMITS allows 3 entries, so the session overflows at the fourth key."""
+        for k in "abcde":
+            await store.create(create(k))
+        await store.apply(delete_txn("e", 0))
+        keys = ["e", "ghost", "a", "b", "c", "d"]
+        await store.read_many(keys, "A", "bulk", True)
+        for key in keys:
+            with contextlib.suppress(e.ShardNotFound, e.ShardDeleted):
+                await store.read(key, "A", "one", True)
+        dumped, _ = await store.dump_delivery_log(None, 10)
+        bulk, one = dumped["A"]["bulk"], dumped["A"]["one"]
+        assert {k: v["version"] for k, v in bulk.items()} == {"e": 1, "a": 0, "b": 0}
+        assert {k: v["version"] for k, v in one.items()} == {"e": 1, "a": 0, "b": 0}
+        for session in ("bulk", "one"):
+            with pytest.raises(e.SessionExpired) as info:
+                await store.apply(commit("a", 0, "x", session=session))
+            assert info.value.fields["reason"] == "overflow"
+
+    async def test_read_many_recorded_read_is_checked_by_commit(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.read_many(["a", "b"], "A", "s", True)
+        await store.apply(commit("b", 0, "b1", agent="B"))
+        with pytest.raises(e.CrossShardStale) as info:
+            await store.apply(commit("a", 0, "a1", session="s"))
+        assert info.value.fields["stale_keys"] == [
+            {"key": "b", "version_at_read": 0, "current_version": 1}
+        ]
+        await store.read_many(["a", "b"], "A", "t", False)
+        out = await store.apply(commit("a", 0, "a1", session="t"))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_read_many_restarts_an_expired_session(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.read("a", "A", "", True)
+        await store.advance_clock(10_000)  # exactly TTL: expired
+        await store.read_many(["b"], "A", "", True)
+        dumped, _ = await store.dump_delivery_log(None, 10)
+        assert {k: v["version"] for k, v in dumped["A"][""].items()} == {"b": 0}
+        out = await store.apply(commit("b", 0, "x"))
         assert out.body is not None and out.body["new_version"] == 1
 
     async def test_version_mismatch_counts_conflicts(self, store: Store) -> None:
@@ -222,6 +279,21 @@ class TestStoreConcurrency:
         assert len({o.body["commit_id"] for o in outcomes if o.body}) == 1
         assert (await store.stats()).counters.total_commits == 1
 
+    async def test_concurrent_bulk_reads_keep_the_entry_bound(self, store: Store) -> None:
+        """Bulk reads of one session racing each other: LIMITS allows 3 entries, every
+        call brings 2 new keys, so at most 3 are ever recorded and the session ends
+        overflowed; a store that loaded the session unlocked would record them all."""
+        keys = [f"k{i}" for i in range(12)]
+        for k in keys:
+            await store.create(create(k))
+        pairs = [keys[i : i + 2] for i in range(0, len(keys), 2)]
+        await asyncio.gather(*(store.read_many(p, "A", "s", True) for p in pairs))
+        dumped, _ = await store.dump_delivery_log(None, 10)
+        assert 2 <= len(dumped["A"]["s"]) <= 3, dumped
+        with pytest.raises(e.SessionExpired) as info:
+            await store.apply(commit("k0", 0, "x", session="s"))
+        assert info.value.fields["reason"] == "overflow"
+
     async def test_write_skew_ring_never_all_succeed(self, store: Store) -> None:
         keys = ["k0", "k1", "k2"]
         for k in keys:
@@ -244,6 +316,18 @@ class TestStoreConcurrency:
             errors = [r for r in results if isinstance(r, BaseException)]
             assert all(isinstance(err, e.CrossShardStale) for err in errors), errors
             assert len(wins) == 2, (round_, results)  # the first wins, its reader loses
+
+
+def delete_txn(key: str, expected: int, agent: str = "D") -> Txn:
+    return commit_txn(
+        op="delete",
+        agent_id=agent,
+        session_id="",
+        writes=[WriteOp(key, expected, "delete")],
+        read_set=[],
+        rationale="delete",
+        idem=None,
+    )
 
 
 def mandated(key: str, expected: int, ref: MandateRef | None, agent: str = "A") -> Txn:

@@ -3,7 +3,7 @@ Problem schema, replacing FastAPI's default 422 ``HTTPValidationError``."""
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, get_args, get_origin
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -54,15 +54,22 @@ KEY_SCHEMA: dict[str, Any] = {
 _KEY_CHECK = get_args(wire.Key)[1]
 
 
-def _key_fields() -> dict[str, list[str]]:
-    """Component name -> the properties that hold a shard key."""
-    found: dict[str, list[str]] = {}
+def _is_key(annotation: Any) -> bool:
+    return any(check is _KEY_CHECK for check in get_args(annotation)[1:])
+
+
+def _key_fields() -> dict[str, list[tuple[str, bool]]]:
+    """Component name -> the properties that hold a shard key, each with whether it
+    holds a list of keys (``list[Key]``) rather than one."""
+    found: dict[str, list[tuple[str, bool]]] = {}
     for model in vars(wire).values():
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             continue
         for name, field in model.model_fields.items():
             if any(check is _KEY_CHECK for check in field.metadata):
-                found.setdefault(model.__name__, []).append(field.alias or name)
+                found.setdefault(model.__name__, []).append((field.alias or name, False))
+            elif get_origin(field.annotation) is list and _is_key(get_args(field.annotation)[0]):
+                found.setdefault(model.__name__, []).append((field.alias or name, True))
     return found
 
 
@@ -70,9 +77,10 @@ def _describe_keys(schema: dict[str, Any]) -> None:
     components = schema.get("components", {}).get("schemas", {})
     for model, fields in _key_fields().items():
         properties = components.get(model, {}).get("properties", {})
-        for name in fields:
+        for name, many in fields:
             if name in properties:
-                properties[name].update(KEY_SCHEMA)
+                target = properties[name].setdefault("items", {}) if many else properties[name]
+                target.update(KEY_SCHEMA)
     for methods in schema.get("paths", {}).values():
         for operation in methods.values():
             for parameter in operation.get("parameters", []):
@@ -121,6 +129,10 @@ def install(app: FastAPI) -> None:
         components.pop("ValidationError", None)
         components["Problem"] = Problem.model_json_schema()
         _describe_keys(schema)
+        # The deployment's own cap (SBUS_MAX_READ_KEYS), which no static model knows.
+        read_keys = components.get("ReadBody", {}).get("properties", {}).get("keys")
+        if read_keys is not None:
+            read_keys["maxItems"] = app.state.settings.max_read_keys
         _standard_parameter_bounds(schema)
         for path, methods in schema.get("paths", {}).items():
             for method, operation in methods.items():

@@ -65,6 +65,7 @@ _COMMIT = (*_AGENT, *_SESSION, "Idempotency-Key")
 REQUEST_HEADERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("post", "/shard"): (*_AGENT, "Idempotency-Key"),
     ("get", "/shard/{key}"): (*_AGENT, *_SESSION),
+    ("post", "/read"): (*_AGENT, *_SESSION),
     ("delete", "/shard/{key}"): (*_COMMIT, "If-Match", "X-SBus-Mandate", "X-SBus-Mandate-Context"),
     ("post", "/commit"): (*_COMMIT, "If-Match"),
     ("post", "/commit/v2"): (*_COMMIT, "If-Match"),

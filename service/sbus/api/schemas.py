@@ -4,7 +4,7 @@ check that what they render matches these shapes."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -52,6 +52,17 @@ class ListOut(BaseModel):
     shards: list[str]
     count: int
     next_after: str | None
+
+
+class MissingOut(BaseModel):
+    key: str
+    error: Literal["ShardNotFound", "ShardDeleted"]
+    version: int | None = Field(None, description="ShardDeleted only: the tombstone's version")
+
+
+class ReadOut(BaseModel):
+    shards: list[ShardOut] = Field(description="the shards found, in request order")
+    missing: list[MissingOut] = Field(description="the other keys, in request order")
 
 
 class HistoryItem(BaseModel):

@@ -198,6 +198,29 @@ class SessionBody(WireModel):
     session_id: SessionId | None = None
 
 
+def _unique_keys(keys: list[str]) -> list[str]:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise PydanticCustomError("duplicate_key", f"keys lists {key!r} more than once")
+        seen.add(key)
+    return keys
+
+
+class ReadBody(WireModel):
+    """POST /read. At most SBUS_MAX_READ_KEYS keys (422 beyond); the agent and session
+    are resolved as for GET /shard/{key}."""
+
+    keys: Annotated[
+        list[Key],
+        Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+        AfterValidator(_unique_keys),
+    ]
+    agent_id: AgentId | None = None
+    session_id: SessionId | None = None
+    record: bool = Field(True, description="false: serve without recording")
+
+
 class RegisterBody(WireModel):
     agent_id: AgentId
     shards_used: list[Text]

@@ -10,8 +10,8 @@ check this code against an independent model.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, NamedTuple
 
 from sbus.core.chain import GENESIS, content_id, entry_hash
 from sbus.core.clock import rfc3339
@@ -448,6 +448,50 @@ def record_read(
         view.entries[key] = DLEntry(version, now_ms)
         view.last_served_ms = now_ms
     return plan
+
+
+class RecordedReads(NamedTuple):
+    """What a store persists after :func:`record_reads`: nothing unless ``changed``;
+    else, when ``restart``, drop the session's stored entries first, then upsert
+    ``entries`` and store the session's marker (``overflowed``, ``last_served_ms``)."""
+
+    changed: bool
+    restart: bool
+    entries: dict[str, DLEntry]
+    overflowed: bool
+    last_served_ms: int | None
+
+
+def record_reads(
+    view: SessionView,
+    served: Iterable[tuple[str, int]],
+    *,
+    now_ms: int,
+    ttl_ms: int,
+    max_entries: int,
+) -> RecordedReads:
+    """Apply the recorded reads of a bulk read, (key, served version) in request order,
+    to ``view`` in place, exactly as that many single reads would one after the other
+    (:func:`record_read`: a session past its bound overflows at the first key that does
+    not fit and records nothing after it), and say in one piece what to persist, so a
+    store writes the DeliveryLog once for N keys."""
+    restart = False
+    changed = False
+    entries: dict[str, DLEntry] = {}
+    for key, version in served:
+        plan = record_read(
+            view, key, version, now_ms=now_ms, ttl_ms=ttl_ms, max_entries=max_entries
+        )
+        if plan == "skip":
+            continue
+        changed = True
+        if plan == "restart":
+            # Only the first recorded read can restart: the session is live after it.
+            restart = True
+            entries.clear()
+        if plan != "overflow":
+            entries[key] = view.entries[key]
+    return RecordedReads(changed, restart, entries, view.overflowed, view.last_served_ms)
 
 
 def begin_register(view: SessionView, now_ms: int, ttl_ms: int) -> tuple[dict[str, DLEntry], bool]:

@@ -167,6 +167,20 @@ class MemoryStore:
             raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
         return shard
 
+    async def read_many(
+        self, keys: list[str], agent_id: str | None, session_id: str, record: bool
+    ) -> dict[str, Shard]:
+        found = {k: shard for k in keys if (shard := self._shards.get(k)) is not None}
+        if found and agent_id is not None and record:
+            rules.record_reads(
+                self._session(agent_id, session_id),
+                ((k, s.version) for k, s in found.items()),
+                now_ms=self._now(),
+                ttl_ms=self.limits.session_ttl_ms,
+                max_entries=self.limits.max_dl_entries,
+            )
+        return found
+
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         keys = sorted(
             k

@@ -70,6 +70,15 @@ class Store(Protocol):
         not recorded, and the session becomes overflowed. Raises ShardNotFound, or
         ShardDeleted (after recording the tombstone version)."""
 
+    async def read_many(
+        self, keys: list[str], agent_id: str | None, session_id: str, record: bool
+    ) -> dict[str, Shard]:
+        """Serve the rows of ``keys`` (distinct), tombstones included; a key that never
+        existed is absent. When ``agent_id`` is given and ``record``, record every
+        served version (tombstones too) in the same step, exactly as :meth:`read` of
+        each key in ``keys`` order would (:func:`sbus.core.rules.record_reads`), with
+        the DeliveryLog written once. Raises nothing for a missing key."""
+
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         """Live keys (no tombstones) in ascending order."""
 

@@ -1,8 +1,8 @@
-"""Shards: create, read (recording the DeliveryLog), list, delete, history."""
+"""Shards: create, read one or many (recording the DeliveryLog), list, delete, history."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
@@ -25,7 +25,7 @@ from sbus.api.deps import (
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response, outcome_response
-from sbus.api.schemas import HistoryOut, ListOut, ShardOut
+from sbus.api.schemas import HistoryOut, ListOut, ReadOut, ShardOut
 from sbus.api.wire import (
     NO_FIELDS,
     AgentId,
@@ -33,6 +33,7 @@ from sbus.api.wire import (
     Key,
     OptionalNoFields,
     QueryInt,
+    ReadBody,
     SessionId,
     Text,
 )
@@ -95,6 +96,43 @@ async def read_shard(
     require_rights(request, [(key, Right.READ)])
     shard = await bus.store.read(key, agent, session, record)
     return json_response(shard_body(shard), etag=shard.version)
+
+
+@router.post(
+    "/read",
+    response_model=ReadOut,
+    responses=errs(400, 403, 422),
+    summary="Read many shards in one request; records each served version as GET /shard does",
+)
+async def read_many(
+    body: ReadBody, request: Request, bus: BusDep, settings: SettingsDep
+) -> Response:
+    # The checks and their order are GET /shard/{key}'s (protocol.md section 2.4), so
+    # every refusal comes before the store and records nothing.
+    if len(body.keys) > settings.max_read_keys:
+        raise e.ValidationFailed(
+            f"keys lists {len(body.keys)} keys, more than SBUS_MAX_READ_KEYS "
+            f"({settings.max_read_keys})",
+            loc=["body", "keys"],
+            max=settings.max_read_keys,
+        )
+    agent = agent_of(request, body.agent_id)
+    session = session_of(request, body.session_id)
+    if agent is None and settings.require_agent_id:
+        raise e.AgentRequired("agent_id is required (SBUS_REQUIRE_AGENT_ID=1)")
+    require_rights(request, [(key, Right.READ) for key in body.keys])
+    found = await bus.store.read_many(list(body.keys), agent, session, body.record)
+    shards: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
+    for key in body.keys:
+        shard = found.get(key)
+        if shard is None:
+            missing.append({"key": key, "error": e.ShardNotFound.code})
+        elif shard.deleted:
+            missing.append({"key": key, "error": e.ShardDeleted.code, "version": shard.version})
+        else:
+            shards.append(shard_body(shard))
+    return json_response({"shards": shards, "missing": missing})
 
 
 @router.get(

@@ -227,6 +227,30 @@ return {'OK', row_reply(ARGV[3], r), redis.call('HGET', SHARD, 'content')}
 """
 
 # ---------------------------------------------------------------------------------
+# read_many (recorded POST /read): the rows, each recorded in ARGV order exactly as the
+# read script would one key at a time (rules.record_reads).
+# KEYS: meta, dlt, dlv, sessions index, then one shard key per ARGV key
+# ARGV: ttl, max_entries, session member, then the keys
+# Reply: {'OK', rows}; rows[i] is {row_reply, content}, or false for a missing key.
+READ_MANY = r"""
+local META, DLT, DLV, SESSIONS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ttl, max, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now = clock(META)
+local rows = {}
+for i = 4, #ARGV do
+  local key = ARGV[i]
+  local r = load(KEYS[i + 1])
+  if r then
+    record_read(DLT, DLV, SESSIONS, member, key, r.version, now, ttl, max)
+    rows[#rows + 1] = {row_reply(key, r), redis.call('HGET', KEYS[i + 1], 'content')}
+  else
+    rows[#rows + 1] = false
+  end
+end
+return {'OK', rows}
+"""
+
+# ---------------------------------------------------------------------------------
 # register
 # KEYS: meta, dlt, dlv, sessions index, then one shard key per ARGV key
 # ARGV: ttl, max_entries, session member, then the keys
@@ -708,6 +732,7 @@ SCRIPTS: dict[str, Script] = {
     for s in (
         _script("create", CREATE),
         _script("read", READ),
+        _script("read_many", READ_MANY),
         _script("register", REGISTER),
         _script("inject", INJECT),
         _script("reset_session", RESET_SESSION),

@@ -547,6 +547,39 @@ class RedisStore:
             raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
         return shard
 
+    async def read_many(
+        self, keys: list[str], agent_id: str | None, session_id: str, record: bool
+    ) -> dict[str, Shard]:
+        found: dict[str, Shard] = {}
+        if agent_id is not None and record:
+            dlt, dlv = self.k_dl(agent_id, session_id)
+            reply = await self._eval(
+                "read_many",
+                [self.k_meta, dlt, dlv, self.k_sessions, *(self.k_shard(k) for k in keys)],
+                [
+                    self.limits.session_ttl_ms,
+                    self.limits.max_dl_entries,
+                    self.member(agent_id, session_id),
+                    *keys,
+                ],
+            )
+            for key, row in zip(keys, reply[1], strict=True):
+                if row is not None:
+                    found[key] = _row_shard(row[0], row[1])
+            return found
+        # Unrecorded: one MULTI of HMGETs, so the rows are one snapshot, as in a script.
+        try:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.hmget(self.k_shard(key), list(SHARD_FIELDS))
+                rows = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        for key, row in zip(keys, rows, strict=True):
+            if row[0] is not None:
+                found[key] = _hash_shard(key, row)
+        return found
+
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         low = "[" + prefix if prefix else "-"
         if after is not None and after >= prefix:

@@ -521,6 +521,63 @@ class PostgresStore:
             raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
         return shard
 
+    async def read_many(
+        self, keys: list[str], agent_id: str | None, session_id: str, record: bool
+    ) -> dict[str, Shard]:
+        async def rows(conn: asyncpg.Connection) -> dict[str, Shard]:
+            loaded = {
+                shard.key: shard
+                for shard in (
+                    shard_from(_json(r["j"]))
+                    for r in await conn.fetch(
+                        "SELECT to_jsonb(s) AS j FROM sbus_shards s WHERE key = ANY($1::text[])",
+                        keys,
+                    )
+                )
+            }
+            return {k: loaded[k] for k in keys if k in loaded}  # request order
+
+        if agent_id is None or not record:
+            async with self._conn() as conn:
+                return await rows(conn)
+        agent = agent_id
+
+        async def body(conn: asyncpg.Connection) -> dict[str, Shard] | _Final[dict[str, Shard]]:
+            # One transaction for the N keys, in the order a GET takes: the rows first,
+            # then the session row locked (created if new: it serializes this session's
+            # reads and commits, so the DL bound holds), then the DL written once.
+            found = await rows(conn)
+            if not found:
+                return found
+            await conn.execute(
+                "INSERT INTO sbus_dl_sessions (agent_id, session_id, overflowed, last_served_ms) "
+                "VALUES ($1, $2, false, NULL) ON CONFLICT DO NOTHING",
+                agent,
+                session_id,
+            )
+            view = await self._session(conn, agent, session_id, lock=True)
+            now: int = await conn.fetchval("SELECT sbus_now_ms()")
+            done = rules.record_reads(
+                view,
+                ((k, s.version) for k, s in found.items()),
+                now_ms=now,
+                ttl_ms=self.limits.session_ttl_ms,
+                max_entries=self.limits.max_dl_entries,
+            )
+            if not done.changed:
+                return found
+            payload = {
+                "agent": agent,
+                "session": session_id,
+                "clear_dl": done.restart,
+                "dl": [[k, e.version, e.served_ms] for k, e in done.entries.items()],
+                "overflowed": done.overflowed,
+                "last_served": done.last_served_ms,
+            }
+            return _Final(found, self._apply_statement(payload))
+
+        return await self._run(body)
+
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         async with self._conn() as conn:
             rows = await conn.fetch(

@@ -498,6 +498,36 @@ class SQLiteStore:
         result: Shard = await self._call(run, write=recording)
         return result
 
+    async def read_many(
+        self, keys: list[str], agent_id: str | None, session_id: str, record: bool
+    ) -> dict[str, Shard]:
+        recording = agent_id is not None and record
+
+        def run(conn: Db) -> dict[str, Shard]:
+            found = {k: s for k, s in self._load_many(conn, keys).items() if s is not None}
+            if found and recording:
+                assert agent_id is not None
+                now = self._now(conn)
+                view = self._session(conn, agent_id, session_id)
+                done = rules.record_reads(
+                    view,
+                    ((k, s.version) for k, s in found.items()),
+                    now_ms=now,
+                    ttl_ms=self.limits.session_ttl_ms,
+                    max_entries=self.limits.max_dl_entries,
+                )
+                if done.changed:
+                    if done.restart:
+                        self._clear_entries(conn, agent_id, session_id)
+                    self._put_entries(conn, agent_id, session_id, done.entries)
+                    self._put_session(
+                        conn, agent_id, session_id, done.overflowed, done.last_served_ms
+                    )
+            return found
+
+        result: dict[str, Shard] = await self._call(run, write=recording)
+        return result
+
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
         def run(conn: Db) -> list[str]:
             # Range scan on the primary key instead of LIKE, whose wildcards would
