@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-LINTED := service tests loadtest migrations clients/python
+LINTED := service tests loadtest migrations clients/python examples
 
-.PHONY: install dev serve test lint typecheck unit bench bench-micro clean formal fuzz
+.PHONY: install dev serve demo test lint typecheck unit bench bench-micro clean formal fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev-installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]' -e '$(CLIENT)[testing]'
+	touch $@ $(VENV)/.installed $(VENV)/.demo-installed
+
+# The demo needs the client's `testing` extra (an in-process bus), not the dev tools.
+$(VENV)/.demo-installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e . -e '$(CLIENT)[testing]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed  ## leaves the `sbus` command in .venv/bin and sbus_client importable
@@ -31,6 +36,11 @@ dev: $(VENV)/.dev-installed
 
 serve: install
 	$(BIN)/sbus serve
+
+# Start here: agents sharing state through a JSON file, per-key CAS and the bus, under a
+# forced worst interleaving (examples/contention). In-process; needs nothing running.
+demo: $(VENV)/.demo-installed
+	$(BIN)/python -m examples.contention
 
 lint: dev
 	$(BIN)/ruff check $(LINTED)
