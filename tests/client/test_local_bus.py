@@ -1,5 +1,6 @@
 """sbus_client.testing: the in-process bus starts its store, serves (from many threads
-at once, in the sync helper), and its clock handle really moves the store's time."""
+at once, in the sync helper) raw HTTP and the SDK, and its clock handle really moves
+the store's time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus_client import AsyncBus, Bus, SessionExpired
 from sbus_client.testing import AsyncLocalBus, LocalBus, local_settings
 from tests.api.helpers import ok, problem
 
@@ -140,3 +142,46 @@ async def test_async_serves_and_advances_the_clock() -> None:
         assert ok(r)["new_version"] == 1
     with pytest.raises(RuntimeError, match="not running"):
         await local.advance_clock(1)
+
+
+def test_sync_bus_is_an_sdk_bus_over_the_local_app() -> None:
+    """``.bus``: 8 threads x 10 ``update`` increments end at exactly 80, and a session
+    whose reads outlive SBUS_SESSION_TTL by the store clock is SessionExpired."""
+    with LocalBus() as local:
+        assert isinstance(local.bus, Bus)
+        assert local.bus.base_url == local.url
+        with local.bus.session(agent_id="setup") as s:
+            assert s.create("n", "0").version == 0
+            s.create("w", "")
+
+        def bump(i: int) -> None:
+            with local.bus.session(agent_id=f"a{i}") as s:
+                for _ in range(10):
+                    s.update("n", lambda sh: str(int(sh.content) + 1))
+
+        with ThreadPoolExecutor(8) as pool:
+            for future in [pool.submit(bump, i) for i in range(8)]:
+                future.result()
+        with local.bus.session(agent_id="x") as s:
+            final = s.read("n")
+            assert (final.content, final.version) == ("80", 80)
+            local.advance_clock(TTL_S + 1)
+            with pytest.raises(SessionExpired) as info:
+                s.commit("w", "w1", expected=0)
+            assert info.value.problem["reason"] == "ttl"
+    with pytest.raises(RuntimeError, match="not running"):
+        local.bus  # noqa: B018
+
+
+async def test_async_bus_is_an_sdk_bus_over_the_local_app() -> None:
+    async with AsyncLocalBus() as local:
+        assert isinstance(local.bus, AsyncBus)
+        async with local.bus.session(agent_id="x") as s:
+            await s.create("w", "")
+            await s.create("r", "r0")
+            assert (await s.read("r")).content == "r0"
+            await local.advance_clock(TTL_S + 1)
+            with pytest.raises(SessionExpired):
+                await s.commit("w", "w1", expected=0)
+    with pytest.raises(RuntimeError, match="not running"):
+        local.bus  # noqa: B018

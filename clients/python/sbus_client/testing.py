@@ -5,8 +5,12 @@ its in-memory store, run its lifespan, and hand out clients wired straight into 
 port, no subprocess, nothing left behind. ::
 
     with LocalBus() as local:
-        r = local.http.post("/shard", json={"key": "plan", "content": "v1"})
+        with local.bus.session(agent_id="planner") as s:
+            s.create("plan", "v1")
         local.advance_clock(3601)      # past SBUS_SESSION_TTL: recorded reads expire
+
+``.bus`` names no agent; a Bus for one agent (or with other options) is
+``Bus(local.url, agent_id="planner", http_client=local.http)``.
 
 Keyword arguments override fields of the server's ``Settings`` (``session_ttl=60``,
 ``max_txn_keys=4``, ``store="sqlite:///..."``). Unlike ``sbus serve``, the environment
@@ -46,6 +50,7 @@ from sbus.core.clock import offset_cap_ms
 from sbus.core.errors import SBusError
 from sbus.storage.factory import open_store
 from sbus.storage.protocol import Store
+from sbus_client import AsyncBus, Bus
 
 __all__ = ["URL", "AsyncLocalBus", "LocalBus", "local_settings"]
 
@@ -131,8 +136,9 @@ class _Server:
 
 class AsyncLocalBus:
     """An in-process bus for async code (an async context manager). Inside ``async
-    with``: ``.http`` is an ``httpx.AsyncClient`` over the app, ``.url`` its base URL,
-    ``.app`` and ``.settings`` the server's; ``await .advance_clock(seconds)``."""
+    with``: ``.bus`` is an ``AsyncBus`` on it, ``.http`` the ``httpx.AsyncClient`` under
+    that, ``.url`` its base URL, ``.app`` and ``.settings`` the server's; ``await
+    .advance_clock(seconds)``."""
 
     def __init__(self, **settings: Any) -> None:
         self._server = _Server(settings)
@@ -140,6 +146,7 @@ class AsyncLocalBus:
         self.settings: Settings = self._server.settings
         self.app: FastAPI = self._server.app
         self._http: httpx.AsyncClient | None = None
+        self._bus: AsyncBus | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     @property
@@ -147,6 +154,12 @@ class AsyncLocalBus:
         if self._http is None:
             raise RuntimeError("not running: use `async with AsyncLocalBus() as local:`")
         return self._http
+
+    @property
+    def bus(self) -> AsyncBus:
+        if self._bus is None:
+            raise RuntimeError("not running: use `async with AsyncLocalBus() as local:`")
+        return self._bus
 
     async def advance_clock(self, seconds: float) -> int:
         """Move the store clock ``seconds`` forward; returns the total offset in ms."""
@@ -162,6 +175,7 @@ class AsyncLocalBus:
             self._http = await stack.enter_async_context(
                 httpx.AsyncClient(transport=transport, base_url=self.url)
             )
+            self._bus = await stack.enter_async_context(AsyncBus(self.url, http_client=self._http))
             self._stack = stack.pop_all()
         return self
 
@@ -171,7 +185,7 @@ class AsyncLocalBus:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._stack, self._http = self._stack, None, None
+        stack, self._stack, self._http, self._bus = self._stack, None, None, None
         if stack is not None:
             await stack.aclose()
 
@@ -204,9 +218,10 @@ class _LoopTransport(httpx.BaseTransport):
 
 
 class LocalBus:
-    """An in-process bus for sync code (a context manager). Inside ``with``: ``.http``
-    is an ``httpx.Client`` over the app, ``.url`` its base URL, ``.app`` and ``.settings``
-    the server's; ``.advance_clock(seconds)``. Usable from many threads at once."""
+    """An in-process bus for sync code (a context manager). Inside ``with``: ``.bus`` is
+    a ``Bus`` on it, ``.http`` the ``httpx.Client`` under that, ``.url`` its base URL,
+    ``.app`` and ``.settings`` the server's; ``.advance_clock(seconds)``. Usable from many
+    threads at once."""
 
     def __init__(self, **settings: Any) -> None:
         self._server = _Server(settings)
@@ -214,6 +229,7 @@ class LocalBus:
         self.settings: Settings = self._server.settings
         self.app: FastAPI = self._server.app
         self._http: httpx.Client | None = None
+        self._bus: Bus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._serving: concurrent.futures.Future[None] | None = None
@@ -224,6 +240,12 @@ class LocalBus:
         if self._http is None:
             raise RuntimeError("not running: use `with LocalBus() as local:`")
         return self._http
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError("not running: use `with LocalBus() as local:`")
+        return self._bus
 
     def advance_clock(self, seconds: float) -> int:
         """Move the store clock ``seconds`` forward; returns the total offset in ms."""
@@ -260,6 +282,7 @@ class LocalBus:
             self._shutdown(quiet=True)  # the start's own error is the one to see
             raise
         self._http = httpx.Client(transport=_LoopTransport(transport, loop), base_url=self.url)
+        self._bus = Bus(self.url, http_client=self._http)
         return self
 
     def __exit__(
@@ -271,7 +294,9 @@ class LocalBus:
         self._shutdown(quiet=False)
 
     def _shutdown(self, *, quiet: bool) -> None:
-        http, self._http = self._http, None
+        bus, http, self._bus, self._http = self._bus, self._http, None, None
+        if bus is not None:
+            bus.close()
         if http is not None:
             http.close()
         loop, thread, serving, stop = self._loop, self._thread, self._serving, self._stop
