@@ -4,8 +4,12 @@ the store's time."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -185,3 +189,15 @@ async def test_async_bus_is_an_sdk_bus_over_the_local_app() -> None:
                 await s.commit("w", "w1", expected=0)
     with pytest.raises(RuntimeError, match="not running"):
         local.bus  # noqa: B018
+
+
+def test_the_readme_example_runs_as_printed() -> None:
+    readme = Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md"
+    found = re.search(
+        r"## Tests without a server\n.*?```python\n(.*?)```", readme.read_text(), re.S
+    )
+    assert found is not None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(found.group(1), "README.md", "exec"), {"__name__": "readme"})
+    assert out.getvalue() == "ttl\nv1\n"
