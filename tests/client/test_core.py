@@ -187,7 +187,7 @@ def test_read_many_raises_the_missing_keys_class_unless_missing_ok() -> None:
         200,
         {
             "shards": [shard_body("b", 2, "B"), shard_body("a", 1, "A")],
-            "missing": [{"key": "c", "error": "ShardDeleted"}],
+            "missing": [{"key": "c", "error": "ShardDeleted", "version": 4}],
         },
     )
     found, steps = drive(core().read_many(A, ["a", "b", "c"], True, True), [answer])
@@ -196,7 +196,8 @@ def test_read_many_raises_the_missing_keys_class_unless_missing_ok() -> None:
     assert body(calls(steps)[0]) == {"keys": ["a", "b", "c"], "record": True}
     with pytest.raises(ShardDeleted) as err:
         drive(core().read_many(A, ["a", "b", "c"], True, False), [answer])
-    assert (err.value.key, err.value.status, isinstance(err.value, LookupError)) == ("c", 404, True)
+    assert (err.value.key, err.value.version, err.value.status) == ("c", 4, 404)
+    assert isinstance(err.value, LookupError)
     assert drive(core().read_many(A, [], True, False), [])[0] == {}
 
 
@@ -220,6 +221,9 @@ def test_list_and_scan_follow_every_page() -> None:
     shards, steps = drive(core().scan(A, ""), scanned)
     assert [(s.key, s.version, s.content) for s in shards] == [("x", 3, "X")]
     assert calls(steps)[0].target == "/shards?include=content"
+    older = json_response(200, {"shards": ["x"], "count": 1, "next_after": None})
+    with pytest.raises(UnknownServerError, match="include=content"):
+        drive(core().scan(A, ""), [older])
 
 
 # -- transport retries -------------------------------------------------------------

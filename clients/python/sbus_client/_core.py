@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from sbus_client._codes import VersionMismatch
-from sbus_client._errors import CompatibilityWarning, RetriesExhausted
+from sbus_client._errors import CompatibilityWarning, RetriesExhausted, UnknownServerError
 from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
 from sbus_client._retry import Backoff, TransportRetry, resendable, retry_after
 from sbus_client._wire import (
@@ -199,7 +199,7 @@ class Core:
         found = {s.key: s for s in (shard_of(item) for item in answer.get("shards", ()))}
         if not missing_ok:
             for item in answer.get("missing", ()):
-                raise missing_error(str(item.get("key")), str(item.get("error")))
+                raise missing_error(item)
         return {key: found[key] for key in keys if key in found}
 
     def keys_page(self, ident: Ident, prefix: str, after: str | None, content: bool) -> Op[Any]:
@@ -225,6 +225,12 @@ class Core:
         after: str | None = None
         while True:
             page = yield from self.keys_page(ident, prefix, after, content=True)
+            if "items" not in page:
+                raise UnknownServerError(
+                    "this bus does not serve GET /shards?include=content: upgrade it, or "
+                    "list() the keys and read them with record=False",
+                    status=200,
+                )
             shards.extend(shard_of(item) for item in page["items"])
             after = page.get("next_after")
             if after is None:

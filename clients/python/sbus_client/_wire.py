@@ -206,8 +206,11 @@ def error_of(response: httpx.Response) -> SBusError:
     return cls(detail, status=status, problem=problem)
 
 
-def missing_error(key: str, code: str) -> SBusError:
-    """A bulk read's missing key as the error its single read would have raised."""
+def missing_error(item: Mapping[str, Any]) -> SBusError:
+    """A bulk read's missing key (``{key, error, version?}``) as the error its single
+    read would have raised."""
+    key, code = str(item.get("key")), str(item.get("error"))
     cls = BY_CODE.get(code, UnknownClientError)
-    problem = {"error": code, "status": 404, "key": key, "detail": f"{code}: {key}"}
-    return cls(f"{code}: {key}", status=404, problem=problem)
+    detail = f"{code}: {key}"
+    problem = {"error": code, "status": 404, "detail": detail, **item}
+    return cls(detail, status=404, problem=problem)
