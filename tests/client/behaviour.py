@@ -197,6 +197,41 @@ class SDKBehaviour:
         with make_bus(agent_id="b").session() as named:
             assert named.read("k").version == 0  # nothing was changed
 
+    # -- bulk reads and atomic multi-key changes ---------------------------------------
+
+    def test_read_many_records_like_single_reads(self, make_bus: BusFactory) -> None:
+        bus = make_bus()
+        with bus.session() as s, bus.session() as other:
+            for key in ("a", "b", "c", "d"):
+                s.create(key, key.upper())
+            many = s.read_many(["b", "a"])
+            assert list(many) == ["b", "a"]
+            assert [(sh.key, sh.version, sh.content, sh.etag) for sh in many.values()] == [
+                ("b", 0, "B", '"0"'),
+                ("a", 0, "A", '"0"'),
+            ]
+            assert list(s.read_many(["d"], record=False)) == ["d"]
+            other.commit("a", "A1", expected=0)
+            other.commit("d", "D1", expected=0)  # read unrecorded: no constraint
+            with pytest.raises(CrossShardStale) as err:
+                s.commit("c", "x", expected=0)
+            assert [k["key"] for k in err.value.stale_keys] == ["a"]
+
+    def test_read_many_missing_keys(self, make_bus: BusFactory) -> None:
+        with make_bus().session() as s:
+            s.create("a", "A")
+            s.create("gone", "x")
+            s.delete("gone", expected=0)
+            with pytest.raises(ShardNotFound) as missing:
+                s.read_many(["a", "never"])
+            assert missing.value.key == "never"
+            with pytest.raises(ShardDeleted) as deleted:
+                s.read_many(["gone", "a"])
+            assert (deleted.value.key, deleted.value.version) == ("gone", 1)
+            found = s.read_many(["never", "a", "gone"], missing_ok=True)
+            assert list(found) == ["a"]
+            assert s.read_many([]) == {}
+
     # -- the work loops ------------------------------------------------------------
 
     def test_update_from_threads_loses_nothing(self, make_bus: BusFactory) -> None:
