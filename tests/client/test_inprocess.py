@@ -9,8 +9,16 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from sbus_client import AsyncBus, CompatibilityWarning, TransportRetry
-from sbus_client.testing import AsyncLocalBus
+from sbus_client import (
+    AsyncBus,
+    Bus,
+    CapabilityDenied,
+    CompatibilityWarning,
+    TransportRetry,
+    Unauthorized,
+)
+from sbus_client.testing import AsyncLocalBus, LocalBus
+from tests.api.auth_helpers import SECRET, token
 from tests.client.behaviour import BusFactory, SDKBehaviour
 
 URL = "http://127.0.0.1:7000"
@@ -84,3 +92,35 @@ def test_version_is_read_once_per_bus(make_bus: BusFactory) -> None:
         first = bus.server_version()
         assert first is not None and (first.name, first.api) == ("sbus", 1)
         assert bus.server_version() is first
+
+
+def test_token_mode_callable_token_refreshes_after_401() -> None:
+    with LocalBus(auth="token", secret=SECRET) as local:
+        valid = token(local.app, "agent-7", ("**", "read,write,create,delete"))
+        handed: list[str] = []
+
+        def current() -> str:
+            handed.append("stale" if not handed else valid)  # the first one was rotated out
+            return handed[-1]
+
+        bus = Bus(local.url, token=current, http_client=local.http)
+        with bus.session() as s:  # no agent_id: the token's subject is the agent
+            assert s.create("k", "v0").version == 0
+            assert s.commit("k", "v1", expected=0).version == 1
+            assert s.history("k")[0].agent_id == "agent-7"
+        assert handed[:2] == ["stale", valid]
+        # create: stale -> 401, then valid; commit, history, the session reset: one each
+        assert len(handed) == 5
+
+
+def test_token_mode_refusals_are_permission_errors() -> None:
+    with LocalBus(auth="token", secret=SECRET) as local:
+        narrow = token(local.app, "b", ("plan/*", "read"))
+        with Bus(local.url, token=narrow, http_client=local.http).session() as s:
+            with pytest.raises(CapabilityDenied) as denied:
+                s.create("plan/x", "")
+            assert (denied.value.key, denied.value.right) == ("plan/x", "create")
+            assert isinstance(denied.value, PermissionError)
+        with pytest.raises(Unauthorized) as err:
+            Bus(local.url, token="garbage", http_client=local.http).session().read("k")
+        assert err.value.status == 401
