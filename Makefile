@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml $(CLIENT)/pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e '$(CLIENT)[testing]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e '$(CLIENT)[testing,mcp,langgraph,openai-agents]'
 	touch $@ $(VENV)/.installed $(VENV)/.demo-installed
 
 # The demo needs the client's `testing` extra (an in-process bus), not the dev tools.
