@@ -117,15 +117,8 @@ class Core:
         answer raised as its SBusError (the transport error itself after the budget).
         Resends are byte-identical apart from the bearer token, which a callable
         token provides afresh for every send, and once more after a 401."""
-        budget = Backoff(
-            self.retry.base,
-            self.retry.cap,
-            self.retry.attempts,
-            self.retry.max_elapsed,
-            clock=self.clock,
-            rand=self.rand,
-        )
-        budget.start()
+        started = self.clock()
+        budget: Backoff | None = None  # made on the first failure: most calls never need it
         refreshed = False
         while True:
             bearer = self._bearer()
@@ -139,6 +132,16 @@ class Core:
                     continue
             if not resendable(reply):
                 raise error_of(reply) if isinstance(reply, httpx.Response) else reply
+            if budget is None:
+                budget = Backoff(
+                    self.retry.base,
+                    self.retry.cap,
+                    self.retry.attempts,
+                    self.retry.max_elapsed,
+                    clock=self.clock,
+                    rand=self.rand,
+                    started=started,
+                )
             hint = retry_after(reply) if isinstance(reply, httpx.Response) else None
             wait = budget.delay(hint or 0.0)
             if wait is None:
@@ -174,7 +177,7 @@ class Core:
                 f"{found.version}); this sbus-client speaks API {API_MAJOR}: upgrade the "
                 "one that is older",
                 CompatibilityWarning,
-                stacklevel=4,
+                stacklevel=6,  # the caller of the Session method that asked
             )
         return found
 

@@ -57,9 +57,13 @@ Reply: TypeAlias = httpx.Response | httpx.TransportError | None
 Op: TypeAlias = Generator[Step, Reply, T]
 
 
+# One encoder for the process: json.dumps with non-default options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON: what is sent is what the bus fingerprints."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def new_idempotency_key() -> str:
