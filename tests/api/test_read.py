@@ -1,5 +1,6 @@
-"""POST /read, the bulk read (protocol.md section 3.8): one request for many shards whose
-recorded reads enter the DeliveryLog exactly as the same GETs would, on every store."""
+"""POST /read, the bulk read (protocol.md section 3.10): one request for many shards whose
+recorded reads enter the DeliveryLog exactly as the same GETs would, on every store; and
+GET /shards?include=content (section 2.4), listing with the shards, never recorded."""
 
 from __future__ import annotations
 
@@ -252,3 +253,69 @@ async def test_token_mode_bulk_reads_are_not_rate_limited(make_client: AppFactor
     problem(
         await c.post("/commit", json={**body, "expected_version": 1}, headers=a), 429, "RateLimited"
     )
+
+
+# -- GET /shards?include=content ------------------------------------------------------------
+
+
+async def test_listing_with_content(client: httpx.AsyncClient) -> None:
+    await seed(client)
+    await create(client, "e/x", "ex")
+    headers = {"X-Agent-Id": "A"}
+    r = await client.get("/shards", params={"include": "content"}, headers=headers)
+    body = ok(r)
+    assert body["shards"] == ["a", "b", "c", "e/x"]  # the tombstone d is not listed
+    assert body["items"] == [await read(client, k) for k in body["shards"]]
+    assert (body["count"], body["next_after"]) == (4, None)
+    assert "A" not in (await dl(client))["sessions"]  # never recorded, whoever asks
+    page = ok(await client.get("/shards", params={"include": "content", "limit": 2}))
+    assert (page["shards"], page["count"], page["next_after"]) == (["a", "b"], 2, "b")
+    assert [i["content"] for i in page["items"]] == ["a0", "b0"]
+    rest = ok(await client.get("/shards", params={"include": "content", "after": "b"}))
+    assert [i["key"] for i in rest["items"]] == rest["shards"] == ["c", "e/x"]
+    prefixed = ok(await client.get("/shards", params={"include": "content", "prefix": "e/"}))
+    assert [(i["key"], i["content"]) for i in prefixed["items"]] == [("e/x", "ex")]
+    # Without include the answer is unchanged (compat): no items.
+    assert ok(await client.get("/shards")) == {
+        "shards": ["a", "b", "c", "e/x"],
+        "count": 4,
+        "next_after": None,
+    }
+    empty = ok(await client.get("/shards", params={"include": "content", "prefix": "zz"}))
+    assert empty == {"shards": [], "count": 0, "next_after": None, "items": []}
+
+
+@pytest.mark.parametrize("value", ["", "contents", "CONTENT", "keys"])
+async def test_other_include_values_are_refused(client: httpx.AsyncClient, value: str) -> None:
+    await create(client, "a")
+    body = problem(await client.get("/shards", params={"include": value}), 422, "ValidationError")
+    assert body["errors"][0]["loc"] == ["query", "include"]
+
+
+async def test_a_content_page_is_capped_like_a_bulk_read(make_client: AppFactory) -> None:
+    _, c = await make_client(max_read_keys=2)
+    for key in ("a", "b", "c"):
+        await create(c, key)
+    page = ok(await c.get("/shards", params={"include": "content", "limit": 10}))
+    assert (page["shards"], page["next_after"]) == (["a", "b"], "b")
+    assert len(page["items"]) == 2
+    assert ok(await c.get("/shards", params={"limit": 10}))["shards"] == ["a", "b", "c"]
+
+
+async def test_token_mode_lists_content_only_of_readable_keys(make_client: AppFactory) -> None:
+    app, c = await token_app(make_client)
+    root = auth(root_token(app))
+    for key in ("code/x", "plan/a", "plan/b", "secret/s"):
+        ok(await c.post("/shard", json={"key": key, "content": key}, headers=root), 201)
+    a = auth(token(app, "A", ("plan/*", "read"), ("code/*", "write")))
+    params = {"include": "content"}
+    body = ok(await c.get("/shards", params=params, headers=a))
+    assert body["shards"] == ["plan/a", "plan/b"]
+    assert [(i["key"], i["content"]) for i in body["items"]] == [
+        ("plan/a", "plan/a"),
+        ("plan/b", "plan/b"),
+    ]
+    assert ok(await c.get("/shards", headers=a))["shards"] == body["shards"]
+    everything = ok(await c.get("/shards", params=params, headers=root))
+    assert [i["key"] for i in everything["items"]] == ["code/x", "plan/a", "plan/b", "secret/s"]
+    assert ok(await c.get("/admin/delivery-log", headers=root))["sessions"] == {}

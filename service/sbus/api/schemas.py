@@ -52,6 +52,9 @@ class ListOut(BaseModel):
     shards: list[str]
     count: int
     next_after: str | None
+    items: list[ShardOut] | None = Field(
+        None, description="include=content only: the shards, parallel to shards (unrecorded)"
+    )
 
 
 class MissingOut(BaseModel):

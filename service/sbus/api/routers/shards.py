@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from starlette.responses import Response
@@ -39,10 +39,10 @@ from sbus.api.wire import (
 )
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
-from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.engine import Bus, commit_txn, new_commit_id
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp, WriteOp
-from sbus.security.rights import ADMIN_PATTERN, Right
+from sbus.security.rights import ADMIN_PATTERN, Capabilities, Right
 
 router = APIRouter(tags=["shards"], route_class=WireRoute)
 
@@ -148,16 +148,44 @@ async def list_shards(
     prefix: Annotated[Text, Query(max_length=256)] = "",
     after: Annotated[Text | None, Query(max_length=256)] = None,
     limit: Annotated[QueryInt | None, Query(ge=1, le=2**53 - 1)] = None,
+    include: Annotated[
+        Literal["content"] | None,
+        Query(
+            description="content: also answer items, the shards themselves (unrecorded), "
+            "parallel to shards; a page then holds at most SBUS_MAX_READ_KEYS keys"
+        ),
+    ] = None,
 ) -> Response:
     cap = min(limit or settings.list_max, settings.list_max)
-    caps = capabilities_of(request)
+    if include is not None:
+        # Every shard of the page travels in one answer: bound it as a bulk read is.
+        cap = min(cap, settings.max_read_keys)
+    keys, next_after = await _page(bus, capabilities_of(request), prefix, after, cap)
+    if include is None:
+        return json_response({"shards": keys, "count": len(keys), "next_after": next_after})
+    found = await bus.store.read_many(keys, None, "", False) if keys else {}
+    # A key deleted between the listing and the fetch leaves both lists, which stay
+    # parallel; next_after still resumes after everything this page scanned.
+    live = [found[k] for k in keys if k in found and not found[k].deleted]
+    return json_response(
+        {
+            "shards": [shard.key for shard in live],
+            "count": len(live),
+            "next_after": next_after,
+            "items": [shard_body(shard) for shard in live],
+        }
+    )
+
+
+async def _page(
+    bus: Bus, caps: Capabilities, prefix: str, after: str | None, cap: int
+) -> tuple[list[str], str | None]:
+    """One page of the keys ``caps`` may read: (keys, next_after)."""
     if ADMIN_PATTERN in caps.patterns_with(Right.READ):
         keys = await bus.store.list_keys(prefix, after, cap + 1)
         more = len(keys) > cap
         keys = keys[:cap]
-        return json_response(
-            {"shards": keys, "count": len(keys), "next_after": keys[-1] if more else None}
-        )
+        return keys, keys[-1] if more else None
     # Filter page by page. The scan is bounded (a caller that may read few keys must
     # not make one request walk the whole keyspace): when the budget runs out the page
     # ends early with next_after at the last key scanned, so paging resumes there and
@@ -172,13 +200,13 @@ async def list_shards(
                 readable.append(key)
                 if len(readable) > cap:
                     keys = readable[:cap]
-                    return json_response({"shards": keys, "count": cap, "next_after": keys[-1]})
+                    return keys, keys[-1]
         budget -= 1
         if len(batch) <= cap:
-            return json_response({"shards": readable, "count": len(readable), "next_after": None})
+            return readable, None
         cursor = batch[-1]
         if budget == 0:
-            return json_response({"shards": readable, "count": len(readable), "next_after": cursor})
+            return readable, cursor
 
 
 @router.delete(
