@@ -232,6 +232,24 @@ class SDKBehaviour:
             assert list(found) == ["a"]
             assert s.read_many([]) == {}
 
+    def test_scan_reads_content_without_recording(self, make_bus: BusFactory) -> None:
+        bus = make_bus()
+        with bus.session() as s, bus.session() as other:
+            for i in range(3):
+                s.create(f"n/{i}", f"c{i}")
+            s.create("m/x", "")
+            s.create("n/gone", "")
+            s.delete("n/gone", expected=0)
+            scanned = s.scan("n/")
+            assert [(sh.key, sh.version, sh.content) for sh in scanned] == [
+                ("n/0", 0, "c0"),
+                ("n/1", 0, "c1"),
+                ("n/2", 0, "c2"),
+            ]
+            s.create("c", "")
+            other.commit("n/0", "changed", expected=0)
+            assert s.commit("c", "x", expected=0).version == 1  # the scan recorded nothing
+
     # -- the work loops ------------------------------------------------------------
 
     def test_update_from_threads_loses_nothing(self, make_bus: BusFactory) -> None:
