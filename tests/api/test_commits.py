@@ -415,7 +415,10 @@ async def test_multi_success(client: httpx.AsyncClient) -> None:
     r = await client.post("/commit/multi", json=_multi(("b", 0, "B"), ("a", 1, "A"), rationale="r"))
     body = ok(r)
     assert set(body) == {"results", "commit_id"}
-    assert body["results"] == [{"key": "b", "new_version": 1}, {"key": "a", "new_version": 2}]
+    assert body["results"] == [
+        {"key": "b", "new_version": 1, "op": "commit"},
+        {"key": "a", "new_version": 2, "op": "commit"},
+    ]
     assert "etag" not in r.headers
     for key, content in (("a", "A"), ("b", "B")):
         assert (await read(client, key))["content"] == content
@@ -433,7 +436,7 @@ async def test_multi_aliases(client: httpx.AsyncClient) -> None:
         "/commit/multi",
         json={"agent_id": "a", "writes": [{"key": "a", "expected_ver": 0, "content": "c"}]},
     )
-    assert ok(r)["results"] == [{"key": "a", "new_version": 1}]
+    assert ok(r)["results"] == [{"key": "a", "new_version": 1, "op": "commit"}]
     r = await client.post(
         "/commit/multi",
         json={

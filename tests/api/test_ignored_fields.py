@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.helpers import create, dl, dl_entries, ok, problem, read, snapshot
+from tests.api.helpers import create, dl, dl_entries, ok, problem, read
 from tests.conftest import AppFactory
 
 HEADER = "SBus-Ignored-Fields"
@@ -166,35 +166,6 @@ async def test_exposed_to_browsers(make_client: AppFactory) -> None:
     assert r.headers[HEADER] == "readset"
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert HEADER.lower() in exposed
-
-
-@pytest.mark.parametrize(
-    "extra",
-    [{"delete": True}, {"create": True}, {"delete": False}, {"create": None}],
-    ids=["delete", "create", "delete-false", "create-null"],
-)
-async def test_multi_refuses_create_and_delete(
-    client: httpx.AsyncClient, extra: dict[str, Any]
-) -> None:
-    """Ignoring ``delete: true`` turned a delete into an overwrite; until a multi can
-    create and delete, either field is refused and nothing is written."""
-    await create(client, "a", "A0")
-    await create(client, "b", "B0")
-    before = await snapshot(client, "a", "b")
-    body = {
-        "agent_id": "x",
-        "writes": [
-            {"key": "a", "expected_version": 0, "delta": "A1"},
-            {"key": "b", "expected_version": 0, "delta": "", **extra},
-        ],
-    }
-    r = await client.post("/commit/multi", json=body)
-    err = problem(r, 422, "ValidationError")
-    (name,) = extra
-    assert [e["loc"] for e in err["errors"]] == [["body", "writes", 1, name]]
-    assert err["errors"][0]["type"] == "unsupported"
-    assert await snapshot(client, "a", "b") == before
-    assert (await read(client, "b"))["content"] == "B0"
 
 
 async def test_declared_in_openapi(client: httpx.AsyncClient) -> None:

@@ -108,8 +108,9 @@ class Recorder:
         op.guards = [(k, _expected(request, body, k)) for k in keys]
         if kind != "create" and agent is not None:
             # Only the written keys an expected version guards leave the read set (an
-            # unconditional rollback rests on its caller's read of its own key).
-            written = {k for k, guard in op.guards if guard is not None}
+            # unconditional rollback rests on its caller's read of its own key), and
+            # those a multi-commit creates: "not live" is a create's guard.
+            written = {k for k, guard in op.guards if guard is not None} | _created(body)
             with self._lock:
                 mirror = dict(self._mirrors.get((agent, session), {}))
             pairs = {(k, v) for k, v in mirror.items() if k not in written}
@@ -233,6 +234,12 @@ def _classify(request: httpx.Request, body: dict[str, Any]) -> tuple[OpKind | No
     if path == "/commit/multi":
         return "multi", [w.get("key", "") for w in body.get("writes") or [] if isinstance(w, dict)]
     return None, []
+
+
+def _created(body: dict[str, Any]) -> set[str]:
+    """The keys a multi-commit body creates (protocol.md §3.1)."""
+    writes = body.get("writes") or []
+    return {w.get("key", "") for w in writes if isinstance(w, dict) and w.get("create") is True}
 
 
 def _claims(token: str | None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ ended. The format is documented in docs/isolation.md and described by
 - ``reads``: the (key, version) pairs the operation's admission rests on. For a GET,
   the version it returned. For a commit, its effective read set: the DeliveryLog
   entries of its session plus its explicit ``read_set``, without the written keys that
-  a guard protects (an unconditional rollback keeps its read of its own key).
+  a guard protects or that a multi-commit creates (a create's guard is that the key is
+  not live; an unconditional rollback keeps its read of its own key).
 - ``guards``: for each written key, the version the commit expected to replace (its
   ``expected_version`` or ``If-Match``); None for an unconditional rollback and for a
   create.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 SessionState = Literal["empty", "live", "expired", "overflowed"]
-WriteKind = Literal["commit", "delete", "rollback"]
+WriteKind = Literal["commit", "create", "delete", "rollback"]
 
 
 class Reply(NamedTuple):
@@ -32,10 +32,11 @@ class Reply(NamedTuple):
 
 class Write(NamedTuple):
     key: str
-    expected: int | None  # None: unconditional (rollback without expected_version)
+    expected: int | None  # None: unconditional (rollback without expected_version), or a create
     kind: WriteKind
     content: str = ""
     target_version: int = 0
+    goal_tag: str = ""  # a create's
 
 
 class HistEntry(NamedTuple):
@@ -165,12 +166,19 @@ class Model:
         old = self.shards.get(key)
         if old is not None and not old.deleted:
             return problem(409, "ShardAlreadyExists", key=key)
+        return Reply(201, self._created(key, content, "").body())
+
+    def _created(self, key: str, content: str, goal_tag: str) -> ShardState:
+        """Version 0, or tombstone + 1 continuing its history (protocol.md §1.4)."""
+        old = self.shards.get(key)
         version = 0 if old is None else old.version + 1
         history = [] if old is None else old.history
-        shard = ShardState(key, sha256_hex(content), content, version, history=history)
+        shard = ShardState(
+            key, sha256_hex(content), content, version, goal_tag=goal_tag, history=history
+        )
         shard.history.append(HistEntry(version, content, False))
         self.shards[key] = shard
-        return Reply(201, shard.body())
+        return shard
 
     def read(self, agent: str | None, session: str, key: str, record: bool) -> Reply:
         shard = self.shards.get(key)
@@ -223,9 +231,10 @@ class Model:
         self, agent: str, session: str, writes: list[Write], read_set: list[tuple[str, int]]
     ) -> list[tuple[str, int]]:
         """Explicit entries plus live DL entries, sorted, without the written keys that
-        an expected version guards: an unconditional rollback rests on its caller's read
-        of the key it rolls back like on any other read."""
-        written = {w.key for w in writes if w.expected is not None}
+        an expected version guards, or a create's condition that the key is not live
+        (protocol.md §3.1): an unconditional rollback rests on its caller's read of the
+        key it rolls back like on any other read."""
+        written = {w.key for w in writes if w.expected is not None or w.kind == "create"}
         pairs = set(read_set)
         if self.session_state(agent, session) == "live":
             pairs |= set(self.live_entries(agent, session).items())
@@ -260,6 +269,12 @@ class Model:
         checked: list[ShardState] = []
         for w in sorted(writes, key=lambda w: w.key):
             shard = self.shards.get(w.key)
+            if w.kind == "create":
+                # protocol.md §3.1: as POST /shard, a live key refuses, and a create
+                # has no version to check, so it counts no attempt.
+                if shard is not None and not shard.deleted:
+                    return problem(409, "ShardAlreadyExists", key=w.key)
+                continue
             if shard is None:
                 return problem(404, "ShardNotFound", key=w.key)
             if shard.deleted:
@@ -279,6 +294,9 @@ class Model:
                 return problem(404, "VersionNotFound", key=w.key, target_version=w.target_version)
         post: dict[str, ShardState] = {}
         for w in writes:
+            if w.kind == "create":
+                post[w.key] = self._created(w.key, w.content, w.goal_tag)
+                continue
             shard = self.shards[w.key]
             shard.version += 1
             if w.kind == "delete":
@@ -326,19 +344,14 @@ class Model:
         return Reply(200, {"new_version": shard.version, "shard_id": shard.id})
 
     def multi(
-        self,
-        agent: str,
-        session: str,
-        writes: list[tuple[str, int, str]],
-        read_set: list[tuple[str, int]],
+        self, agent: str, session: str, writes: list[Write], read_set: list[tuple[str, int]]
     ) -> Reply:
-        ops = [Write(k, e, "commit", c) for k, e, c in writes]
-        out = self._transact(agent, session, ops, read_set)
+        """Commits, creates and deletes (protocol.md §3.1); each result names its op."""
+        out = self._transact(agent, session, writes, read_set)
         if isinstance(out, Reply):
             return out
-        return Reply(
-            200, {"results": [{"key": k, "new_version": out[k].version} for k, _, _ in writes]}
-        )
+        results = [{"key": w.key, "new_version": out[w.key].version, "op": w.kind} for w in writes]
+        return Reply(200, {"results": results})
 
     def rollback(
         self,

@@ -76,11 +76,12 @@ from tests import backends
 from tests.history.check import assert_clean
 from tests.history.record import History, Op, OpKind, Result, installed
 from tests.history.verify import verify
-from tests.model.model import Model, Reply, Write
+from tests.model.model import Model, Reply, Write, WriteKind
 
 # "B" < "a" < "b/x" < "c" in code-point order: checks run in ascending key order.
 KEYS = ["a", "b/x", "B", "c"]
 GHOST = "ghost"  # never created: a read-set key that never existed
+FRESH = "new/1"  # never created but by a multi-commit's create
 AGENTS = ["ag1", "ag2"]
 SESSIONS = ["", "s1"]
 CONTENTS = ["", "x", "hello", "ü€"]
@@ -141,6 +142,15 @@ def untimed(value: Any, ages: dict[AgePath, float], at: AgePath = ()) -> Any:
     if isinstance(value, list | tuple):
         return [untimed(v, ages, (*at, i)) for i, v in enumerate(value)]
     return value
+
+
+def wire_write(w: Write) -> dict[str, Any]:
+    """One write of a /commit/multi body, of its kind's shape (protocol.md §3.1)."""
+    if w.kind == "create":
+        return {"key": w.key, "create": True, "delta": w.content, "goal_tag": w.goal_tag}
+    if w.kind == "delete":
+        return {"key": w.key, "delete": True, "expected_version": w.expected}
+    return {"key": w.key, "expected_version": w.expected, "delta": w.content}
 
 
 class LockstepMachine(RuleBasedStateMachine):
@@ -496,7 +506,15 @@ class LockstepMachine(RuleBasedStateMachine):
         agent=agents,
         session=sessions,
         writes=st.lists(
-            st.tuples(keys, offsets, contents), min_size=1, max_size=3, unique_by=lambda t: t[0]
+            st.tuples(
+                st.sampled_from([*KEYS, *KEYS, FRESH]),
+                st.sampled_from(["commit", "commit", "create", "delete"]),
+                offsets,
+                contents,
+            ),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda t: t[0],
         ),
         read_set=read_sets,
     )
@@ -504,23 +522,29 @@ class LockstepMachine(RuleBasedStateMachine):
         self,
         agent: str,
         session: str,
-        writes: list[tuple[str, int, str]],
+        writes: list[tuple[str, WriteKind, int, str]],
         read_set: list[tuple[str, int]] | None,
     ) -> None:
-        resolved = [(k, max(self.current(k) + off, 0), c) for k, off, c in writes]
+        """Commits, creates and deletes in one request (protocol.md §3.1)."""
+        resolved = [
+            Write(k, None, kind, c, goal_tag=c[:1])
+            if kind == "create"
+            else Write(k, max(self.current(k) + off, 0), kind, "" if kind == "delete" else c)
+            for k, kind, off, c in writes
+        ]
         rs = self.resolve(read_set)
         body: dict[str, Any] = {
             "agent_id": agent,
             "session_id": session,
-            "writes": [{"key": k, "expected_version": e, "delta": c} for k, e, c in resolved],
+            "writes": [wire_write(w) for w in resolved],
         }
         if rs is not None:
             body["read_set"] = [{"key": k, "version_at_read": v} for k, v in rs]
-        written = [k for k, _, _ in resolved]
+        written = [w.key for w in resolved]
         before = self.snapshot(agent, session, written, rs or [])
         invoked, ori = self.clock(), self.model.ori
         got = self.call("POST", "/commit/multi", body=body)
-        guards: list[tuple[str, int | None]] = [(k, e) for k, e, _ in resolved]
+        guards: list[tuple[str, int | None]] = [(w.key, w.expected) for w in resolved]
         self.record("multi", agent, session, invoked, reads=before[1], guards=guards, ori=ori)
         self.expect(got, self.model.multi(agent, session, resolved, rs or []), "multi")
         self.check_admission(got, agent, session, written, before)

@@ -12,6 +12,7 @@ import pytest
 
 from sbus.core import errors as e
 from sbus.core import rules
+from sbus.core.chain import GENESIS, content_id
 from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.types import (
     Counters,
@@ -21,6 +22,8 @@ from sbus.core.types import (
     MandateRef,
     RateLimit,
     ReadItem,
+    Shard,
+    StoreStats,
     Txn,
     WriteOp,
 )
@@ -465,3 +468,254 @@ class TestOpenModeSecret:
             await replica.close()
         # memory:// is one process's store: another one keeps its own.
         assert kept == (b"d" * 32 if store_kind == "memory" else first)
+
+
+def multi(
+    *writes: WriteOp,
+    agent: str = "A",
+    session: str = "",
+    read_set: list[ReadItem] | None = None,
+    idem: IdemRef | None = None,
+    mandate: MandateRef | None = None,
+) -> Txn:
+    return commit_txn(
+        op="multi",
+        agent_id=agent,
+        session_id=session,
+        writes=list(writes),
+        read_set=read_set or [],
+        rationale="why",
+        idem=idem,
+        has_mandate=mandate is not None,
+        mandate=mandate,
+    )
+
+
+def new(key: str, content: str, goal: str = "", mandate: bool = False) -> WriteOp:
+    return WriteOp(key, None, "create", content, goal_tag=goal, require_mandate=mandate)
+
+
+def gone(key: str, expected: int) -> WriteOp:
+    return WriteOp(key, expected, "delete")
+
+
+def put(key: str, expected: int, content: str) -> WriteOp:
+    return WriteOp(key, expected, "commit", content)
+
+
+class TestMultiCreatesAndDeletes:
+    """protocol.md §3.1: creates and deletes inside one multi-commit, in the same atomic
+    step as its commits, decided by the same rules on every store."""
+
+    async def _snapshot(self, store: Store, *keys: str) -> dict[str, object]:
+        """Everything a refused multi must leave as it was."""
+        seen: dict[str, object] = {}
+        for key in keys:
+            try:
+                seen[key] = await store.read(key, None, "", False)
+            except (e.ShardNotFound, e.ShardDeleted) as err:
+                seen[key] = (err.code, err.fields)
+            try:
+                seen[f"history:{key}"] = await store.history(key, None, 100)
+            except e.ShardNotFound:
+                seen[f"history:{key}"] = None
+        seen["stats"] = await store.stats()
+        dl, _ = await store.dump_delivery_log(None, 100)
+        seen["dl"] = {
+            (agent, session, key): entry["version"]
+            for agent, sessions in dl.items()
+            for session, entries in sessions.items()
+            for key, entry in entries.items()
+        }
+        seen["live"] = await store.list_keys("", None, 100)
+        return seen
+
+    async def test_create_delete_and_commit_in_one_step(self, store: Store) -> None:
+        await store.create(create("a", "a0"))
+        await store.create(create("d", "d0"))
+        out = await store.apply(multi(new("n", "n0", goal="g"), gone("d", 0), put("a", 0, "a1")))
+        assert out.status == 200 and out.body is not None
+        assert out.body["results"] == [
+            {"key": "n", "new_version": 0, "op": "create"},
+            {"key": "d", "new_version": 1, "op": "delete"},
+            {"key": "a", "new_version": 1, "op": "commit"},
+        ]
+        commit_id = out.body["commit_id"]
+        n = await store.read("n", None, "", False)
+        assert (n.version, n.content, n.goal_tag, n.id) == (0, "n0", "g", content_id("n0"))
+        assert (n.attempt_count, n.conflict_count, n.history_depth, n.require_mandate) == (
+            0,
+            0,
+            0,
+            False,
+        )
+        with pytest.raises(e.ShardDeleted) as info:
+            await store.read("d", None, "", False)
+        assert info.value.fields == {"key": "d", "version": 1}
+        a = await store.read("a", None, "", False)
+        assert (a.version, a.content, a.attempt_count) == (1, "a1", 1)
+        assert await store.list_keys("", None, 10) == ["a", "n"]
+        # one history entry per key, one commit id; the bus's words for create and delete
+        (hn,) = await store.history("n", None, 10)
+        assert (hn.version, hn.rationale, hn.deleted, hn.prev_hash) == (0, "create", False, GENESIS)
+        hd = (await store.history("d", None, 10))[0]
+        assert (hd.version, hd.rationale, hd.deleted, hd.content) == (1, "delete", True, "")
+        ha = (await store.history("a", None, 10))[0]
+        assert (ha.version, ha.rationale, ha.content) == (1, "why", "a1")
+        assert {hn.commit_id, hd.commit_id, ha.commit_id} == {commit_id}
+        assert hn.hash == n.head_hash
+        stats = await store.stats()
+        assert (stats.counters.total_commits, stats.total_shards) == (1, 2)
+        # read-your-writes: the committer's DL holds every written key at its new version
+        dl, _ = await store.dump_delivery_log(None, 10)
+        assert {k: v["version"] for k, v in dl["A"][""].items()} == {"a": 1, "d": 1, "n": 0}
+
+    async def test_recreate_over_a_tombstone_continues_the_chain_and_keeps_the_policy(
+        self, store: Store
+    ) -> None:
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        ref = MandateRef("m-del", now + 60_000, now + 90_000)
+        await store.apply(multi(gone("pay", 0), mandate=ref))
+        tomb = (await store.history("pay", None, 10))[0]
+        # a create needs no mandate (as POST /shard), and asks for none here...
+        out = await store.apply(multi(new("pay", "again")))
+        assert out.body is not None
+        assert out.body["results"] == [{"key": "pay", "new_version": 2, "op": "create"}]
+        shard = await store.read("pay", None, "", False)
+        assert (shard.version, shard.content, shard.require_mandate) == (2, "again", True)
+        assert (shard.history_depth, shard.attempt_count) == (2, 0)
+        entry = (await store.history("pay", None, 10))[0]
+        assert (entry.version, entry.prev_hash, entry.rationale) == (2, tomb.hash, "create")
+        # ...but the re-created shard keeps the tombstone's requirement
+        with pytest.raises(e.MandateRequired):
+            await store.apply(multi(put("pay", 2, "x")))
+        with pytest.raises(e.MandateRequired):
+            await store.apply(multi(gone("pay", 2)))
+
+    async def test_a_create_may_ask_for_a_mandate_policy(self, store: Store) -> None:
+        await store.apply(multi(new("pay", "v0", mandate=True)))
+        assert (await store.read("pay", None, "", False)).require_mandate is True
+        with pytest.raises(e.MandateRequired):
+            await store.apply(commit("pay", 0, "x"))
+
+    async def test_create_of_a_live_key_changes_nothing(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        await store.create(create("d"))
+        before = await self._snapshot(store, "a", "b", "c", "d")
+        # ascending order: a (commit, checked), b (create of a live key: refused); c and
+        # d would have been created and deleted
+        txn = multi(gone("d", 0), new("c", "c0"), new("b", "b0"), put("a", 0, "a1"))
+        with pytest.raises(e.ShardAlreadyExists) as info:
+            await store.apply(txn)
+        assert info.value.fields == {"key": "b"}
+        after = await self._snapshot(store, "a", "b", "c", "d")
+        # only a's attempt was counted (protocol.md §6.2); nothing else moved
+        a_before, a_after = before.pop("a"), after.pop("a")
+        assert isinstance(a_before, Shard) and isinstance(a_after, Shard)
+        assert a_after == a_before._replace(attempt_count=1)
+        assert after == before
+        assert (await store.stats()).counters == Counters()
+
+    async def test_delete_with_a_stale_version_changes_nothing(self, store: Store) -> None:
+        await store.create(create("a"))
+        await store.apply(commit("a", 0, "a1", agent="B"))
+        before = await self._snapshot(store, "a", "n")
+        with pytest.raises(e.VersionMismatch) as info:
+            await store.apply(multi(new("n", "n0"), gone("a", 0)))
+        assert info.value.fields == {"key": "a", "expected": 0, "found": 1}
+        after = await self._snapshot(store, "a", "n")
+        a_before, a_after = before.pop("a"), after.pop("a")
+        assert isinstance(a_before, Shard) and isinstance(a_after, Shard)
+        assert a_after == a_before._replace(attempt_count=2, conflict_count=1)
+        stats_before, stats_after = before.pop("stats"), after.pop("stats")
+        assert isinstance(stats_before, StoreStats) and isinstance(stats_after, StoreStats)
+        assert stats_after.counters.total_conflicts == stats_before.counters.total_conflicts + 1
+        assert after == before
+
+    async def test_delete_of_a_missing_or_deleted_key(self, store: Store) -> None:
+        await store.create(create("t"))
+        await store.apply(multi(gone("t", 0)))
+        with pytest.raises(e.ShardDeleted) as deleted:
+            await store.apply(multi(new("n", "n0"), gone("t", 1)))
+        assert deleted.value.fields == {"key": "t", "version": 1}
+        with pytest.raises(e.ShardNotFound) as missing:
+            await store.apply(multi(new("n", "n0"), gone("zz", 0)))
+        assert missing.value.fields == {"key": "zz"}
+        with pytest.raises(e.ShardNotFound):
+            await store.read("n", None, "", False)
+
+    async def test_conflicts_are_reported_in_protocol_order(self, store: Store) -> None:
+        """9e (a stale read) before 9f; within 9f the first failing key in ascending
+        order, whatever its kind."""
+        for key in ("a", "b", "o"):
+            await store.create(create(key))
+        await store.apply(commit("a", 0, "a1", agent="B"))
+        await store.apply(commit("b", 0, "b1", agent="B"))
+        # create of live a (first in order) and a delete of b at a stale version
+        with pytest.raises(e.ShardAlreadyExists) as first:
+            await store.apply(multi(new("a", "x"), gone("b", 0)))
+        assert first.value.fields == {"key": "a"}
+        # a stale delete of a comes before the create of live b
+        with pytest.raises(e.VersionMismatch) as second:
+            await store.apply(multi(gone("a", 0), new("b", "x")))
+        assert second.value.fields == {"key": "a", "expected": 0, "found": 1}
+        # a stale read comes before both
+        await store.read("o", "A", "s", True)
+        await store.apply(commit("o", 0, "o1", agent="B"))
+        with pytest.raises(e.CrossShardStale) as third:
+            await store.apply(multi(gone("a", 0), new("b", "x"), session="s"))
+        assert third.value.fields["stale_keys"] == [
+            {"key": "o", "version_at_read": 0, "current_version": 1}
+        ]
+
+    async def test_a_created_key_is_guarded_by_its_absence_not_by_an_old_read(
+        self, store: Store
+    ) -> None:
+        """A create's precondition (the key is not live) takes the place of the caller's
+        read of that key, as an expected version does (protocol.md §1.7)."""
+        await store.create(create("t"))
+        await store.read("t", "A", "s", True)  # A read t at 0
+        await store.apply(commit("t", 0, "t1", agent="B"))
+        await store.apply(multi(gone("t", 1), agent="B"))  # t is a tombstone at 2
+        out = await store.apply(multi(new("t", "back"), session="s"))
+        assert out.body is not None and out.body["results"][0]["new_version"] == 3
+        # the same read stays in the set for the other keys' sake: now current (RYW)
+        dl, _ = await store.dump_delivery_log(None, 10)
+        assert dl["A"]["s"]["t"]["version"] == 3
+
+    async def test_idempotent_multi_with_create_and_delete_replays(self, store: Store) -> None:
+        await store.create(create("d"))
+        ref = IdemRef("A", "idem-multi", "fp")
+        first = await store.apply(multi(new("n", "n0"), gone("d", 0), idem=ref))
+        again = await store.apply(multi(new("n", "n0"), gone("d", 0), idem=ref))
+        assert (again.replayed, again.status, again.body) == (True, 200, first.body)
+        assert len(await store.history("n", None, 10)) == 1
+        assert (await store.stats()).counters.total_commits == 1
+        with pytest.raises(e.IdempotencyKeyReused):
+            await store.apply(multi(new("n", "n0"), idem=IdemRef("A", "idem-multi", "other")))
+
+    async def test_concurrent_creates_of_one_key_one_winner(self, store: Store) -> None:
+        """Each multi creates the shared key plus a key of its own: exactly one lands,
+        whole; the others change nothing (no own key, no second history entry). Several
+        rounds, so a store without the serialization fails for sure."""
+        for round_ in range(5):
+            key = f"k{round_}"
+            results = await asyncio.gather(
+                *(
+                    store.apply(
+                        multi(new(key, f"by {i}"), new(f"own/{key}/{i}", "x"), agent=f"A{i}")
+                    )
+                    for i in range(12)
+                ),
+                return_exceptions=True,
+            )
+            wins = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+            assert len(wins) == 1, results
+            assert all(
+                isinstance(r, e.ShardAlreadyExists) for i, r in enumerate(results) if i != wins[0]
+            ), results
+            (entry,) = await store.history(key, None, 10)
+            assert entry.content == f"by {wins[0]}"
+            assert await store.list_keys(f"own/{key}/", None, 100) == [f"own/{key}/{wins[0]}"]

@@ -40,7 +40,11 @@ class CommitOut(BaseModel):
 
 class MultiResult(BaseModel):
     key: str
-    new_version: int
+    new_version: int = Field(
+        description="The version the write installed: a create's 0 (or tombstone + 1), a "
+        "delete's tombstone version"
+    )
+    op: Literal["commit", "create", "delete"] = Field(description="The write's kind")
 
 
 class MultiOut(BaseModel):

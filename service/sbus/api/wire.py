@@ -10,7 +10,6 @@ from typing import Annotated, Any, ClassVar
 
 from fastapi import Body
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from sbus.core.keys import MAX_INT, json_problem, key_problem, text_problem
@@ -44,14 +43,6 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def _unsupported(value: object) -> object:
-    raise PydanticCustomError(
-        "unsupported",
-        "creates and deletes inside /commit/multi are not supported yet; "
-        "use POST /shard and DELETE /shard/{key}",
-    )
-
-
 Text = Annotated[str, AfterValidator(_text)]
 Key = Annotated[str, AfterValidator(_key)]
 AgentId = Annotated[str, AfterValidator(_agent)]
@@ -59,9 +50,6 @@ SessionId = Annotated[str, AfterValidator(_agent)]
 Version = Annotated[int, Field(ge=0, le=MAX_INT)]
 # Free-form JSON (a mandate context): any object that follows the input rules.
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
-# A field we recognise only to refuse it, rather than ignore it as unknown; hidden from
-# the OpenAPI schema and from dumps (it is always None once validated).
-Refused = SkipJsonSchema[Annotated[Any, AfterValidator(_unsupported)]]
 
 # Plain ASCII decimal digits, at most 16 (2^53-1 has 16). Not str.isdigit(), which also
 # takes superscripts (U+00B2, which int() then refuses with an exception) and other
@@ -154,13 +142,27 @@ class CommitBody(MandateFields):
 
 
 class MultiWrite(WireModel):
+    """One write of a multi-commit, of one of three kinds (protocol.md §3.1): a commit
+    `{key, expected_version, delta}`, a create `{key, create: true, delta, goal_tag?,
+    policy?}` (version 0, or tombstone + 1; 409 ShardAlreadyExists if the key is live)
+    or a delete `{key, delete: true, expected_version}` (a tombstone at
+    expected_version + 1). A field the write's kind does not take is 422."""
+
     key: Key
-    expected_version: Version
-    delta: Text
-    # Ignoring these would turn a delete into an overwrite: refused until a multi can
-    # create and delete.
-    create: Refused = Field(None, exclude=True)
-    delete: Refused = Field(None, exclude=True)
+    expected_version: Version | None = Field(
+        None,
+        description="A commit's and a delete's precondition (required); a create takes "
+        "none. Alias: expected_ver.",
+    )
+    delta: Text | None = Field(
+        None,
+        description="The new content of a commit or a create (required); a delete takes "
+        "none. Alias: content.",
+    )
+    create: bool = Field(False, description="true: create the key (as POST /shard).")
+    delete: bool = Field(False, description="true: delete the key (as DELETE /shard/{key}).")
+    goal_tag: Text | None = Field(None, description="A create's goal_tag (default: empty).")
+    policy: Policy | None = Field(None, description="A create's policy (as POST /shard).")
 
     wire_aliases = {"expected_ver": "expected_version", "content": "delta"}
 

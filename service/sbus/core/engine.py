@@ -171,6 +171,11 @@ class Bus:
         for write in txn.writes:
             if write.kind == "commit":
                 self._check_content(write.key, write.content)
+            elif write.kind == "create":
+                # a create inside a multi obeys POST /shard's limits
+                self._check_content(write.key, write.content)
+                cap = self.limits.max_goal_tag
+                self._check_text("goal_tag", write.goal_tag, cap, "SBUS_MAX_GOAL_TAG")
         if txn.op in ("commit", "multi"):
             # Only a caller's own rationale: a delete's ("delete") and a rollback's
             # ("rollback to N") are the bus's words, whatever the cap.

@@ -23,6 +23,7 @@ from sbus.core.errors import (
     MandateRequired,
     SBusError,
     SessionExpired,
+    ShardAlreadyExists,
     ShardDeleted,
     ShardNotFound,
     VersionMismatch,
@@ -38,6 +39,7 @@ from sbus.core.types import (
     SessionView,
     Shard,
     Txn,
+    WriteOp,
 )
 
 
@@ -117,16 +119,17 @@ def decide(
     written for speed: no sorting or copying of one-element collections."""
     fx = Effects()
     writes = txn.writes
-    # ``guarded``: the written keys an expected version guards (see 9c).
+    # ``guarded``: the written keys their own precondition guards (see 9c): an expected
+    # version, or a create's "not live" (protocol.md §3.1).
     guarded: Collection[str]
     if len(writes) == 1:
         by_key = {writes[0].key: writes[0]}
         written: list[str] = [writes[0].key]
-        guarded = by_key if writes[0].expected_version is not None else ()
+        guarded = by_key if _guards(writes[0]) else ()
     else:
         by_key = {w.key: w for w in writes}
         written = sorted(by_key)
-        guarded = {w.key for w in writes if w.expected_version is not None}
+        guarded = {w.key for w in writes if _guards(w)}
 
     # 9a. mandates. The engine verified signature, holder, scope and context before
     # the store; expiry is re-checked here on the store clock, and consumption is
@@ -135,7 +138,9 @@ def decide(
     if not txn.has_mandate:
         for key in written:
             shard = shards.get(key)
-            if shard is not None and shard.require_mandate:
+            # A create needs no mandate, as POST /shard needs none (protocol.md §1.4):
+            # the re-created shard keeps the tombstone's requirement for what follows.
+            if shard is not None and shard.require_mandate and by_key[key].kind != "create":
                 fx.error = MandateRequired(f"shard {key!r} requires a mandate", key=key)
                 return fx
     elif mandate is None:
@@ -204,10 +209,18 @@ def decide(
         return fx
 
     # 9f. written keys in ascending order
-    current: list[Shard] = []
+    current: list[Shard | None] = []  # the row before, per written key (None: created)
     for key in written:
         op = by_key[key]
         shard = shards.get(key)
+        if op.kind == "create":
+            # POST /shard's rule: a live key refuses; absent or a tombstone proceeds.
+            # No attempt is counted: the row a create replaces has no version to check.
+            if shard is not None and not shard.deleted:
+                fx.error = ShardAlreadyExists(f"shard already exists: key={key}", key=key)
+                return fx
+            current.append(shard)
+            continue
         if shard is None:
             fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
             return fx
@@ -241,17 +254,25 @@ def decide(
     fx.counters["total_commits"] = 1
     fx.consume = mandate
     committed_at = rfc3339(now_ms)
-    for old in current:
-        key = old.key
+    for key, old in zip(written, current, strict=True):
         op = by_key[key]
+        if old is None or op.kind == "create":
+            new, made = create_shard(_create_op(op, txn), old, now_ms)
+            fx.history.append(made)
+            fx.shards.append(new)
+            fx.dl_writes[key] = DLEntry(new.version, now_ms)
+            continue
         version = old.version + 1
         deleted = op.kind == "delete"
         rationale = txn.rationale
         if op.kind == "rollback":
             content = (rollback_sources or {})[key].content  # type: ignore[union-attr]
             rationale = f"rollback to {op.target_version}"
+        elif deleted:
+            # the bus's own word, as for DELETE /shard (protocol.md §3.3)
+            content, rationale = "", "delete"
         else:
-            content = "" if deleted else op.content
+            content = op.content
         digest = entry_hash(
             old.head_hash,
             version,
@@ -295,6 +316,24 @@ def decide(
         )
         fx.dl_writes[key] = DLEntry(version, now_ms)
     return fx
+
+
+def _guards(write: WriteOp) -> bool:
+    """Whether a written key's own precondition guards it, excluding it from the
+    effective read set (9c): an expected version, or a create's "not live"."""
+    return write.expected_version is not None or write.kind == "create"
+
+
+def _create_op(write: WriteOp, txn: Txn) -> CreateOp:
+    """A create inside a multi-commit as the CreateOp POST /shard would build."""
+    return CreateOp(
+        key=write.key,
+        content=write.content,
+        goal_tag=write.goal_tag,
+        require_mandate=write.require_mandate,
+        agent_id=txn.agent_id,
+        commit_id=txn.commit_id,
+    )
 
 
 # What an entry's fixed-size fields count: version and commit time (8 bytes each) and
@@ -408,7 +447,9 @@ def shard_body(shard: Shard) -> dict[str, Any]:
 def render(txn: Txn, post: Mapping[str, Shard]) -> Outcome:
     """The success answer of an applied Txn; ``post`` holds the stored rows after it."""
     if txn.op == "multi":
-        results = [{"key": w.key, "new_version": post[w.key].version} for w in txn.writes]
+        results = [
+            {"key": w.key, "new_version": post[w.key].version, "op": w.kind} for w in txn.writes
+        ]
         return Outcome(200, {"results": results, "commit_id": txn.commit_id})
     shard = post[txn.writes[0].key]
     if txn.op == "delete":

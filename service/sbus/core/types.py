@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-WriteKind = Literal["commit", "delete", "rollback"]
+WriteKind = Literal["commit", "create", "delete", "rollback"]
 
 
 class Shard(NamedTuple):
@@ -66,13 +66,16 @@ class ReadItem(NamedTuple):
 
 
 class WriteOp(NamedTuple):
-    """One written key. ``expected_version`` None means unconditional (rollback only)."""
+    """One written key. ``expected_version`` None means unconditional (rollback) or
+    none at all (create: the key must not be live, protocol.md §3.1)."""
 
     key: str
     expected_version: int | None
     kind: WriteKind
-    content: str = ""
+    content: str = ""  # commit and create
     target_version: int = 0  # rollback only
+    goal_tag: str = ""  # create only
+    require_mandate: bool = False  # create only: the policy asked for
 
 
 class MandateRef(NamedTuple):

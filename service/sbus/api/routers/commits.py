@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -20,10 +22,11 @@ from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import outcome_response
 from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
-from sbus.api.wire import CommitBody, MultiCommitBody, ReadSetItem, RollbackBody
+from sbus.api.wire import CommitBody, MultiCommitBody, MultiWrite, ReadSetItem, RollbackBody
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn
 from sbus.core.types import ReadItem, WriteOp
+from sbus.security.rights import Right
 
 router = APIRouter(tags=["commits"], route_class=WireRoute)
 
@@ -32,6 +35,87 @@ COMMIT_ERRORS = errs(400, 403, 404, 409, 410, 413, 422)
 
 def _read_items(items: list[ReadSetItem] | None) -> list[ReadItem]:
     return [ReadItem(i.key, i.version_at_read) for i in items or ()]
+
+
+# The right each kind of multi write needs: the one its single-key route needs.
+MULTI_RIGHTS = {"commit": Right.WRITE, "create": Right.CREATE, "delete": Right.DELETE}
+
+
+def _problem(i: int, field: str, msg: str, kind: str = "value_error") -> dict[str, Any]:
+    return {"loc": ["body", "writes", i, field], "msg": msg, "type": kind}
+
+
+def _write_problems(i: int, w: MultiWrite) -> list[dict[str, Any]]:
+    """What makes a write not one of the three kinds (protocol.md §3.1). A field the
+    kind does not take is refused, not ignored: a delete's stray delta or a create's
+    stray expected_version means the caller meant something else."""
+    if w.create and w.delete:
+        return [_problem(i, "delete", "a write is a create or a delete, not both")]
+    found: list[dict[str, Any]] = []
+    if w.create:
+        if w.expected_version is not None:
+            found.append(
+                _problem(
+                    i,
+                    "expected_version",
+                    "a create takes no expected_version: it is refused (409 "
+                    "ShardAlreadyExists) while the key is live",
+                )
+            )
+        if w.delta is None:
+            found.append(_problem(i, "delta", "Field required", "missing"))
+        return found
+    if w.expected_version is None:
+        found.append(_problem(i, "expected_version", "Field required", "missing"))
+    if w.delete:
+        if w.delta is not None:
+            found.append(_problem(i, "delta", "a delete takes no delta"))
+    elif w.delta is None:
+        found.append(_problem(i, "delta", "Field required", "missing"))
+    for name in ("goal_tag", "policy"):
+        if getattr(w, name) is not None:
+            found.append(_problem(i, name, f"{name} is only for a create"))
+    return found
+
+
+def _multi_writes(writes: list[MultiWrite]) -> tuple[list[WriteOp], list[dict[str, Any]]]:
+    """The writes of a multi-commit as WriteOps, and as their fingerprint form: each
+    kind with exactly its own fields, defaults filled in, so a plain commit write
+    fingerprints as it always did and a create sent with or without its default
+    goal_tag is one request. Raises ValidationFailed listing every misformed write."""
+    problems = [p for i, w in enumerate(writes) for p in _write_problems(i, w)]
+    if problems:
+        raise e.ValidationFailed(
+            f"writes[{problems[0]['loc'][2]}].{problems[0]['loc'][3]}: {problems[0]['msg']}",
+            errors=problems,
+        )
+    ops: list[WriteOp] = []
+    prints: list[dict[str, Any]] = []
+    for w in writes:
+        if w.create:
+            assert w.delta is not None
+            goal = w.goal_tag or ""
+            mandate = w.policy is not None and w.policy.require_mandate
+            ops.append(
+                WriteOp(w.key, None, "create", w.delta, goal_tag=goal, require_mandate=mandate)
+            )
+            prints.append(
+                {
+                    "key": w.key,
+                    "create": True,
+                    "delta": w.delta,
+                    "goal_tag": goal,
+                    "policy": {"require_mandate": mandate},
+                }
+            )
+        elif w.delete:
+            ops.append(WriteOp(w.key, w.expected_version, "delete"))
+            prints.append({"key": w.key, "delete": True, "expected_version": w.expected_version})
+        else:
+            assert w.delta is not None
+            ops.append(WriteOp(w.key, w.expected_version, "commit", w.delta))
+            prints.append({"key": w.key, "expected_version": w.expected_version, "delta": w.delta})
+    return ops, prints
 
 
 async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
@@ -88,21 +172,22 @@ async def commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
     "/commit/multi",
     response_model=MultiOut,
     responses=COMMIT_ERRORS,
-    summary="Commit several shards atomically (all or nothing)",
+    summary="Commit, create and delete several shards atomically (all or nothing)",
 )
 async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> Response:
     if request.headers.get("if-match") is not None:
         raise e.InvalidPrecondition("If-Match is not accepted on /commit/multi")
+    writes, prints = _multi_writes(body.writes)
     agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)
     txn = commit_txn(
         op="multi",
         agent_id=agent,
         session_id=session,
-        writes=[WriteOp(w.key, w.expected_version, "commit", w.delta) for w in body.writes],
+        writes=writes,
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
-        idem=idempotency(request, agent, session, body.model_dump()),
+        idem=idempotency(request, agent, session, body.model_dump() | {"writes": prints}),
         has_mandate=body.mandate is not None,
     )
     check = mandate_check(
@@ -113,7 +198,8 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         written=[w.key for w in body.writes],
         context=body.context,
     )
-    needs = commit_needs([w.key for w in body.writes], [i.key for i in body.read_set or ()])
+    needs = [(w.key, MULTI_RIGHTS[w.kind]) for w in writes]
+    needs += commit_needs((), [i.key for i in body.read_set or ()])
     bus = checked_bus(request, bus, needs)
     return outcome_response(await bus.submit(txn, check))
 

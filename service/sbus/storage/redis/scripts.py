@@ -312,14 +312,15 @@ return {'OK'}
 # ---------------------------------------------------------------------------------
 # The commit protocol (protocol.md section 4 step 9), exactly rules.decide.
 # KEYS: meta, counters, dlt, dlv, sessions index, live index, idem, idem index,
-#       then per write (sorted by key) its shard and history key,
+#       all-shards index, then per write (sorted by key) its shard and history key,
 #       then per explicit read-set entry its shard key
 # ARGV[1]: JSON {now, skew, ttl, op, mandate, member, prefix, max_depth, max_bytes,
-#   writes: [{k, exp?, kind, t, hv, hh, m, h, z}], reads: [[k, v]], idem?}
-# ARGV[1 + i]: the content of write i (commit writes; '' otherwise)
+#   writes: [{k, exp?, kind, t, hv, hh, m, h, z, id?, goal?, mand?}], reads: [[k, v]],
+#   idem?}  (id, goal, mand: a create's row fields; mand is the policy it asks for)
+# ARGV[1 + i]: the content of write i (commit and create writes; '' otherwise)
 COMMIT = r"""
-local META, COUNTERS, DLT, DLV, SESSIONS, LIVE, IKEY, IIDX =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local META, COUNTERS, DLT, DLV, SESSIONS, LIVE, IKEY, IIDX, ALL =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local P = cjson.decode(ARGV[1])
 local W, nw = P.writes, #P.writes
 local now, real = clock(META)
@@ -342,11 +343,12 @@ local function shard(key, skey)
   end
   return r
 end
--- guarded: the written keys an expected version guards (rules.decide, 9c)
+-- guarded: the written keys their own precondition guards (rules.decide, 9c): an
+-- expected version, or a create's "not live"
 local guarded = {}
 for i = 1, nw do
-  if W[i].exp ~= nil then guarded[W[i].k] = true end
-  shard(W[i].k, KEYS[7 + 2 * i])
+  if W[i].exp ~= nil or W[i].kind == 'create' then guarded[W[i].k] = true end
+  shard(W[i].k, KEYS[8 + 2 * i])
 end
 
 -- Effects kept in Lua until the decision: counters always, bumps on rejection.
@@ -356,8 +358,8 @@ local function reject(...)
   for i = 1, nw do
     local b = bumps[W[i].k]
     if b then
-      redis.call('HINCRBY', KEYS[7 + 2 * i], 'ac', b[1])
-      if b[2] > 0 then redis.call('HINCRBY', KEYS[7 + 2 * i], 'cc', b[2]) end
+      redis.call('HINCRBY', KEYS[8 + 2 * i], 'ac', b[1])
+      if b[2] > 0 then redis.call('HINCRBY', KEYS[8 + 2 * i], 'cc', b[2]) end
     end
   end
   return {'ERR', ...}
@@ -369,7 +371,10 @@ end
 if not P.mandate then
   for i = 1, nw do
     local r = shard(W[i].k)
-    if r and r.mand then return reject('MandateRequired', 'key', W[i].k) end
+    -- a create needs no mandate (as POST /shard); the row keeps the requirement
+    if r and r.mand and W[i].kind ~= 'create' then
+      return reject('MandateRequired', 'key', W[i].k)
+    end
   end
 elseif not P.mref then
   return reject('MandateNotFound')
@@ -394,7 +399,7 @@ local nr = #P.reads
 for j = 1, nr do
   local e = P.reads[j]
   if not guarded[e[1]] then
-    checks[#checks + 1] = {e[1], e[2], KEYS[8 + 2 * nw + j]}
+    checks[#checks + 1] = {e[1], e[2], KEYS[9 + 2 * nw + j]}
   end
 end
 if state == 'live' then
@@ -440,23 +445,33 @@ local sources = {}
 for i = 1, nw do
   local w = W[i]
   local r = shard(w.k)
-  if not r then return reject('ShardNotFound', 'key', w.k) end
-  if r.del then return reject('ShardDeleted', 'key', w.k, 'version', r.version) end
-  if w.exp ~= nil and w.exp ~= r.version then
-    bumps[w.k] = {1, 1}
-    counters.total_conflicts = 1
-    return reject('VersionMismatch', 'key', w.k, 'expected', w.exp, 'found', r.version)
-  end
-  bumps[w.k] = {1, 0}
-  if w.kind == 'rollback' then
-    local hkey = KEYS[8 + 2 * i]
-    local m = redis.call('HGET', hkey, 'm' .. s(w.t))
-    if not m or cjson.decode(m).deleted then
-      return reject('VersionNotFound', 'key', w.k, 'target_version', w.t)
+  if w.kind == 'create' then
+    -- POST /shard's rule: a live key refuses; absent or a tombstone proceeds, with no
+    -- attempt counted. The entry was hashed against the absence (hv = -1) or the
+    -- tombstone it read.
+    if r and not r.del then return reject('ShardAlreadyExists', 'key', w.k) end
+    if (r and (r.version ~= w.hv or r.head ~= w.hh)) or (not r and w.hv ~= -1) then
+      moved = true
     end
-    sources[i] = redis.call('HGET', hkey, 'c' .. s(w.t))
+  else
+    if not r then return reject('ShardNotFound', 'key', w.k) end
+    if r.del then return reject('ShardDeleted', 'key', w.k, 'version', r.version) end
+    if w.exp ~= nil and w.exp ~= r.version then
+      bumps[w.k] = {1, 1}
+      counters.total_conflicts = 1
+      return reject('VersionMismatch', 'key', w.k, 'expected', w.exp, 'found', r.version)
+    end
+    bumps[w.k] = {1, 0}
+    if w.kind == 'rollback' then
+      local hkey = KEYS[9 + 2 * i]
+      local m = redis.call('HGET', hkey, 'm' .. s(w.t))
+      if not m or cjson.decode(m).deleted then
+        return reject('VersionNotFound', 'key', w.k, 'target_version', w.t)
+      end
+      sources[i] = redis.call('HGET', hkey, 'c' .. s(w.t))
+    end
+    if r.version ~= w.hv or r.head ~= w.hh then moved = true end
   end
-  if r.version ~= w.hv or r.head ~= w.hh then moved = true end
 end
 -- The commit is admitted, but a written head is not the one its new history
 -- entry was hashed against: write nothing, the caller rehashes and retries.
@@ -470,17 +485,36 @@ local rows, last = {}, nil
 for i = 1, nw do
   local w = W[i]
   local r = shards[w.k]
-  local skey, hkey = KEYS[7 + 2 * i], KEYS[8 + 2 * i]
-  local version = r.version + 1
+  local skey, hkey = KEYS[8 + 2 * i], KEYS[9 + 2 * i]
   local content = ARGV[1 + i]
-  if w.kind == 'rollback' then content = sources[i] elseif w.kind == 'delete' then content = '' end
-  local hmin, hbytes = append_history(hkey, version, w.m, content, w.z, r.hmin, r.hbytes,
-                                      P.max_depth, P.max_bytes)
-  local del = w.kind == 'delete'
-  redis.call('HSET', skey, 'content', content, 'version', s(version), 'updated', s(now),
-             'ac', s(r.ac + 1), 'del', del and '1' or '0', 'head', w.h,
-             'hmin', s(hmin), 'hbytes', s(hbytes))
-  if del then redis.call('ZREM', LIVE, w.k) end
+  local version
+  if w.kind == 'create' then
+    -- the CREATE script's row: version 0 or tombstone + 1, the tombstone's mandate
+    -- requirement kept (rules.created_require_mandate)
+    version = r and r.version + 1 or 0
+    local mand = w.mand or (r and r.mand)
+    local hmin, hbytes = append_history(hkey, version, w.m, content, w.z,
+      r and r.hmin or version, r and r.hbytes or 0, P.max_depth, P.max_bytes)
+    redis.call('HSET', skey, 'id', w.id, 'content', content, 'version', s(version),
+      'goal', w.goal, 'mand', mand and '1' or '0', 'created', s(now), 'updated', s(now),
+      'ac', '0', 'cc', '0', 'del', '0', 'head', w.h, 'hmin', s(hmin), 'hbytes', s(hbytes))
+    redis.call('ZADD', LIVE, 0, w.k)
+    redis.call('ZADD', ALL, 0, w.k)
+  else
+    version = r.version + 1
+    if w.kind == 'rollback' then
+      content = sources[i]
+    elseif w.kind == 'delete' then
+      content = ''
+    end
+    local hmin, hbytes = append_history(hkey, version, w.m, content, w.z, r.hmin, r.hbytes,
+                                        P.max_depth, P.max_bytes)
+    local del = w.kind == 'delete'
+    redis.call('HSET', skey, 'content', content, 'version', s(version), 'updated', s(now),
+               'ac', s(r.ac + 1), 'del', del and '1' or '0', 'head', w.h,
+               'hmin', s(hmin), 'hbytes', s(hbytes))
+    if del then redis.call('ZREM', LIVE, w.k) end
+  end
   -- read-your-writes: the committer's DL entry for every written key
   redis.call('ZADD', DLT, s(now), w.k)
   redis.call('HSET', DLV, w.k, s(version))

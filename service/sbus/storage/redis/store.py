@@ -607,11 +607,12 @@ class RedisStore:
             self.k_live,
             idem_key,
             self.k_idem_index,
+            self.k_all,
         ]
         for w in writes:
             keys += (self.k_shard(w.key), self.k_hist(w.key))
         keys += [self.k_shard(r.key) for r in reads]
-        contents = [w.content if w.kind == "commit" else "" for w in writes]
+        contents = [w.content if w.kind in ("commit", "create") else "" for w in writes]
         for attempt in range(MAX_RACES):
             if attempt:
                 await asyncio.sleep(random.random() * RACE_BACKOFF_S * attempt)
@@ -663,8 +664,16 @@ class RedisStore:
             if w.kind == "rollback":
                 content = sources.get(w.key, "")
                 rationale = f"rollback to {w.target_version}"
+            elif w.kind == "create":
+                # rules.create_shard's row over the tombstone (or absence) read here
+                content, rationale = w.content, "create"
+                id_, goal, created = content_id(content), w.goal_tag, now
+                required = rules.created_require_mandate(w.require_mandate, mand == "1")
+                mand = "1" if required else "0"
+            elif deleted:
+                content, rationale = "", "delete"
             else:
-                content = "" if deleted else w.content
+                content = w.content
             digest = entry_hash(
                 prev,
                 version,
@@ -702,6 +711,8 @@ class RedisStore:
             }
             if w.expected_version is not None:
                 entry["exp"] = w.expected_version
+            if w.kind == "create":
+                entry.update(id=id_, goal=w.goal_tag, mand=w.require_mandate)
             out.append(entry)
             predicted[w.key] = Shard(
                 w.key,
@@ -712,8 +723,8 @@ class RedisStore:
                 mand == "1",
                 int(created or 0),
                 now,
-                int(ac or 0) + 1,
-                int(cc or 0),
+                0 if w.kind == "create" else int(ac or 0) + 1,
+                0 if w.kind == "create" else int(cc or 0),
                 deleted,
                 digest,
                 0,

@@ -595,8 +595,20 @@ class PostgresStore:
         writes = [w.key for w in txn.writes]
         reads = [r.key for r in txn.read_set]
         rb = [w for w in txn.writes if w.kind == "rollback"]
+        creates = sorted(w.key for w in txn.writes if w.kind == "create")
 
         async def body(conn: asyncpg.Connection) -> Outcome | _Final[Outcome]:
+            if creates:
+                # A key being created may have no row for FOR UPDATE to lock: take the
+                # advisory lock POST /shard takes, in ascending order, so two creates
+                # of one missing key queue (the second then finds the row and answers
+                # ShardAlreadyExists) instead of both deciding against its absence and
+                # the second upsert overwriting the first.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended(k, 1)) "
+                    "FROM unnest($1::text[]) AS k",
+                    creates,
+                )
             raw = await conn.fetchval(
                 "SELECT sbus_txn_load($1, $2, $3, $4, $5, $6, $7)",
                 txn.agent_id,
