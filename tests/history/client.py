@@ -144,7 +144,7 @@ class Recorder:
                 self._busy.discard(op.process)
         op.replay = response.headers.get("idempotent-replayed") == "true"
         if op.op == "get":
-            self._read(op, request, status, answer)
+            self._read(op, request, body, status, answer)
         elif result == "ok":
             op.writes = installed(op, answer, response.headers.get("etag"))
             if op.op == "create" and status != 201:
@@ -165,15 +165,32 @@ class Recorder:
                 # replay set none.
                 self._mirrors.setdefault(key, {}).update(op.writes)
 
-    def _read(self, op: Op, request: httpx.Request, status: int, answer: dict[str, Any]) -> None:
-        """A GET that answered a version read it (a tombstone's 404 names its version)."""
-        if status == 200 or answer.get("error") == "ShardDeleted":
-            key = _shard_key(request)
-            op.reads = [(key, answer["version"])]
+    def _read(
+        self,
+        op: Op,
+        request: httpx.Request,
+        body: dict[str, Any],
+        status: int,
+        answer: dict[str, Any],
+    ) -> None:
+        """A GET that answered a version read it (a tombstone's 404 names its version);
+        a bulk read (POST /read) read every version it answered, tombstones included."""
+        if request.method == "POST":
+            if status != 200:
+                return
+            op.reads = [(s["key"], s["version"]) for s in answer.get("shards", [])]
+            op.reads += [
+                (m["key"], m["version"]) for m in answer.get("missing", []) if "version" in m
+            ]
+            recorded = body.get("record", True) is not False
+        elif status == 200 or answer.get("error") == "ShardDeleted":
+            op.reads = [(_shard_key(request), answer["version"])]
             recorded = request.url.params.get("record", "true") != "false"
-            if op.agent is not None and recorded:
-                with self._lock:
-                    self._mirrors.setdefault((op.agent, op.session), {})[key] = answer["version"]
+        else:
+            return
+        if op.agent is not None and recorded:
+            with self._lock:
+                self._mirrors.setdefault((op.agent, op.session), {}).update(op.reads)
 
     def _side_effects(
         self, request: httpx.Request, body: dict[str, Any], status: int, answer: dict[str, Any]
@@ -225,6 +242,9 @@ def _classify(request: httpx.Request, body: dict[str, Any]) -> tuple[OpKind | No
         return "delete", [_shard_key(request)]
     if method != "POST":
         return None, []
+    if path == "/read":
+        keys = body.get("keys")
+        return "get", [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
     if path in ("/shard", "/admin/shard"):
         return "create", [body.get("key", "")]
     if path in ("/commit", "/commit/v2"):

@@ -146,3 +146,30 @@ async def test_session_reset_and_ori_come_from_the_answers(
     recorder.ori = True  # pretend the recorder missed the switch
     assert (await c.get("/stats")).json()["ori_enabled"] is False
     assert recorder.ori is False
+
+
+async def test_a_bulk_read_is_one_read_of_every_version_it_answered(
+    bus: tuple[httpx.AsyncClient, Recorder],
+) -> None:
+    """POST /read becomes one get reading each shard and tombstone it answered; a
+    recorded one enters the mirror (so the next commit's reads), an unrecorded one not."""
+    c, recorder = bus
+    for key in ("x", "y", "z"):
+        assert (await c.post("/shard", json={"key": key, "content": ""})).status_code == 201
+    gone = await c.request("DELETE", "/shard/z", params={"expected_version": "0", "agent_id": "d"})
+    assert gone.status_code == 204
+    quiet = {"keys": ["y"], "record": False, **AS_A}
+    assert (await c.post("/read", json=quiet)).status_code == 200
+    body = {"keys": ["x", "ghost", "z"], **AS_A}
+    assert (await c.post("/read", json=body)).status_code == 200
+    bad = await c.post("/read", json={"keys": ["x", "x"], **AS_A})
+    assert bad.status_code == 422
+    commit = {"key": "y", "expected_version": 0, "delta": "1", **AS_A}
+    assert (await c.post("/commit/v2", json=commit)).status_code == 200
+    assert [shape(op) for op in recorder.history.ops[4:]] == [
+        ("get", "ok", 200, None, [("y", 0)], [], []),
+        ("get", "ok", 200, None, [("x", 0), ("z", 1)], [], []),
+        ("get", "fail", 422, "ValidationError", [], [], []),
+        ("commit", "ok", 200, None, [("x", 0), ("z", 1)], [("y", 0)], [("y", 1)]),
+    ]
+    verify(recorder.history.ops, label="bulk-read")

@@ -190,6 +190,19 @@ class Model:
             return problem(404, "ShardDeleted", key=key, version=shard.version)
         return Reply(200, shard.body())
 
+    def read_many(self, agent: str | None, session: str, keys: list[str], record: bool) -> Reply:
+        """POST /read: the same GETs one after the other, answered together."""
+        shards: list[dict[str, Any]] = []
+        missing: list[dict[str, Any]] = []
+        for key in keys:
+            one = self.read(agent, session, key, record)
+            assert one.body is not None
+            if one.status == 200:
+                shards.append(one.body)
+            else:
+                missing.append(one.body | {"key": key})
+        return Reply(200, {"shards": shards, "missing": missing})
+
     def register(self, agent: str, session: str, keys: list[str]) -> Reply:
         s = self._fresh_if_needed(agent, session)
         live = self.live_entries(agent, session)

@@ -416,9 +416,13 @@ class LockstepMachine(RuleBasedStateMachine):
             )
             result: Result = "ok" if status < 300 else "fail"
             if op == "get":
-                # A tombstone's 404 still read a version.
+                # A tombstone's 404 still read a version; a bulk read read each version
+                # it answered, tombstones included.
                 if isinstance(body, dict) and "version" in body:
                     entry.reads, result = [(body["key"], body["version"])], "ok"
+                elif isinstance(body, dict) and "shards" in body:
+                    found = [*body["shards"], *(m for m in body["missing"] if "version" in m)]
+                    entry.reads = [(item["key"], item["version"]) for item in found]
             elif result == "ok":
                 entry.writes = installed(entry, body, etag)
             entry.result = result
@@ -607,6 +611,23 @@ class LockstepMachine(RuleBasedStateMachine):
     def reset_session(self, agent: str, session: str) -> None:
         got = self.call("POST", "/session", body={"agent_id": agent, "session_id": session})
         self.expect(got, self.model.reset_session(agent, session), "session reset")
+
+    @rule(
+        agent=agents | st.none(),
+        session=sessions,
+        picked=st.lists(st.sampled_from([*KEYS, GHOST]), min_size=1, max_size=4, unique=True),
+        record=st.sampled_from([True, True, False]),
+    )
+    def read_many(self, agent: str | None, session: str, picked: list[str], record: bool) -> None:
+        body: dict[str, Any] = {"keys": picked, "session_id": session, "record": record}
+        if agent is not None:
+            body["agent_id"] = agent
+        invoked = self.clock()
+        # Timestamps inside the shards go: the model predicts none (as for single reads).
+        got = self.call("POST", "/read", body=body, drop=frozenset(TIMESTAMPS))
+        self.record("get", agent, session, invoked)
+        want = self.model.read_many(agent, session, picked, record)
+        self.expect(got, want, f"read_many {picked}")
 
     @rule(
         agent=agents,
