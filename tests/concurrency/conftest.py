@@ -16,6 +16,8 @@ Topologies: the ``bus`` fixture runs a test once per :data:`TOPOLOGIES` entry:
 
 Tests spread their clients over :attr:`Bus.urls` so that what one replica recorded is
 checked by the other: nothing that matters may live in a bus process (protocol.md §7).
+``fresh_bus`` is the same per topology, but started once per module (``module_bus``) and
+emptied by ``POST /admin/reset`` before each test: for modules of many short tests.
 
 Histories: every client :func:`new_client` makes is recorded (``tests.history``) into
 the running test's history, and the autouse ``recorder`` fixture runs the isolation
@@ -347,6 +349,36 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bus]:
         raise
     yield Bus(topology, servers)
     group.fail_on(group.stop_all())
+
+
+@pytest.fixture(scope="module", params=TOPOLOGIES, ids=str)
+def module_bus(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Bus]:
+    """Like ``bus``, but started once per topology for a whole module (a bus process
+    costs seconds to start); tests take it through ``fresh_bus``."""
+    topology: Topology = request.param
+    tmp_path = tmp_path_factory.mktemp(f"bus-{topology.name}")
+    group = ServerGroup(tmp_path / "logs")
+    try:
+        store = prepare_store(topology, tmp_path)
+        servers = group.start_replicas(store, topology.replicas)
+    except BaseException:
+        group.stop_all()
+        raise
+    yield Bus(topology, servers)
+    group.fail_on(group.stop_all())
+
+
+@pytest.fixture
+def fresh_bus(request: pytest.FixtureRequest, module_bus: Bus) -> Bus:
+    """The module's bus for one test, emptied first by ``POST /admin/reset`` (shards,
+    history, sessions, counters, idempotency records and the test clock, protocol.md
+    section 2.9), so the test sees a fresh bus; its logs go with the test's report."""
+    attach_logs(request.node, module_bus.servers)
+    with new_client(module_bus.url(0)) as client:
+        expect(client.post("/admin/reset"), [200])
+    return module_bus
 
 
 def assert_replicas_agree(bus: Bus) -> dict[str, Any]:

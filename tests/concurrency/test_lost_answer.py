@@ -1,11 +1,17 @@
-"""A commit whose answer is lost on the way back (tests/proxy.py closes the connection after
-the bus answered): the commit landed, the client cannot know it. Resending the same request
-with the same Idempotency-Key replays the recorded answer (``Idempotent-Replayed: true``,
-protocol.md section 3.4), so the version moved exactly once; a resend with a fresh key would
-have been refused as stale.
+"""Answers the client never gets, against real ``sbus serve`` processes.
 
-Against a real ``sbus serve`` over each shared-store topology; the replay is served by the
-other replica where there are two, since the record lives in the store.
+Lost answer: a commit whose answer is lost on the way back (tests/proxy.py closes the
+connection after the bus answered): the commit landed, the client cannot know it. Resending
+the same request with the same Idempotency-Key replays the recorded answer
+(``Idempotent-Replayed: true``, protocol.md section 3.4), so the version moved exactly once;
+a resend with a fresh key is refused as stale. Over every topology, raw and through the SDK
+(whose transport loop resends by itself); the replay is checked on the other replica where
+there are two, since the record lives in the store.
+
+Unknown outcome: the PostgreSQL backend serving a commit is terminated while the message
+carrying the commit's effects and its COMMIT waits on a row the test holds; the bus answers
+503 ``outcome: unknown`` (protocol.md section 6.1) and the resend with the same key moves the
+version exactly once. Raw, then through the SDK.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import httpx
 import pytest
 
 from sbus.storage.sql.postgres import asyncpg_dsn
+from sbus_client import AsyncBus
+from sbus_client import Bus as SDKBus
 from tests import backends
 from tests.concurrency.conftest import (
     JSON_HEADERS,
@@ -38,7 +46,8 @@ pytestmark = pytest.mark.concurrency
 KEY = "lost/answer"
 
 
-def test_lost_answer_is_replayed_not_reapplied(bus: Bus) -> None:
+def test_lost_answer_is_replayed_not_reapplied(fresh_bus: Bus) -> None:
+    bus = fresh_bus
     with new_client(bus.url(0)) as direct:
         assert create_shard(direct, KEY, "v0") == 0
     body = {"key": KEY, "expected_version": 0, "delta": "v1", "agent_id": "courier"}
@@ -71,6 +80,37 @@ def test_lost_answer_is_replayed_not_reapplied(bus: Bus) -> None:
             stats = get_stats(other)
     assert stats["total_commits"] == 1
     assert proxy.lost == 1
+
+
+def test_sdk_resends_a_lost_answer_and_gets_the_replay(fresh_bus: Bus, recorder: Recorder) -> None:
+    """The same through the SDK: ``Session.commit`` sees the dropped connection, resends
+    the identical bytes (one Idempotency-Key) and returns the replayed answer."""
+    key = "lost/sdk"
+    with new_client(fresh_bus.url(0)) as direct:
+        assert create_shard(direct, key, "v0") == 0
+    sent: list[httpx.Request] = []
+    with (
+        LossyProxy(fresh_bus.servers[0].port) as proxy,
+        recorder.attach(httpx.Client(timeout=30.0, trust_env=False)) as http,
+    ):
+        http.event_hooks["request"].append(sent.append)
+        with SDKBus(proxy.url, agent_id="courier", http_client=http).session() as s:
+            shard = s.read(key)
+            proxy.lose_next_answer(b"POST /commit")
+            done = s.commit(key, "v1", expected=shard)
+    assert proxy.lost == 1
+    assert (done.key, done.version, done.replayed) == (key, 1, True)
+    commits = [r for r in sent if r.url.path.startswith("/commit")]
+    assert len(commits) == 2
+    assert len({(r.headers["idempotency-key"], r.content) for r in commits}) == 1
+    with new_client(fresh_bus.url(1)) as other:
+        resp = other.get(f"/history/{key}")
+        expect(resp, [200])
+        assert [(e["version"], e["content"]) for e in resp.json()["entries"]] == [
+            (1, "v1"),
+            (0, "v0"),
+        ]
+        assert get_stats(other)["total_commits"] == 1
 
 
 # --- unknown outcome: the store connection dies while COMMIT is in flight ----------------
@@ -143,10 +183,11 @@ async def terminate(pid: int) -> None:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
 
 
-@pytest.mark.parametrize("bus", [POSTGRES_2], indirect=True, ids=str)
+@pytest.mark.parametrize("module_bus", [POSTGRES_2], indirect=True, ids=str)
 async def test_backend_terminated_mid_commit_is_unknown_then_resent_once(
-    bus: Bus, recorder: Recorder
+    fresh_bus: Bus, recorder: Recorder
 ) -> None:
+    bus = fresh_bus
     body = {"key": UNKNOWN_KEY, "expected_version": 0, "delta": "v1", "agent_id": "courier"}
     headers = {"Idempotency-Key": "unknown-1"}
     async with recorder.attach_async(
@@ -192,3 +233,53 @@ async def test_backend_terminated_mid_commit_is_unknown_then_resent_once(
             assert resp.json()["entries"][0]["agent_id"] == "courier"
             resp = await other.get("/stats")
             assert resp.json()["total_commits"] == 1
+
+
+@pytest.mark.parametrize("module_bus", [POSTGRES_2], indirect=True, ids=str)
+async def test_sdk_resends_after_unknown_outcome_and_moves_the_version_once(
+    fresh_bus: Bus, recorder: Recorder
+) -> None:
+    """Through the SDK: the 503 ``unknown`` is resent by the transport loop with the same
+    bytes; the resend blocks on the test's row too (a new backend), and once the test lets
+    go it lands. The caller sees one Committed; the version moved once."""
+    key = "lost/sdk-unknown"
+    answers: list[tuple[int, str | None, str, bytes]] = []
+
+    async def seen(response: httpx.Response) -> None:
+        await response.aread()
+        if response.request.url.path.startswith("/commit"):
+            outcome = response.json().get("outcome") if response.status_code == 503 else None
+            answers.append(
+                (
+                    response.status_code,
+                    outcome,
+                    response.request.headers["idempotency-key"],
+                    response.request.content,
+                )
+            )
+
+    http = recorder.attach_async(httpx.AsyncClient(timeout=30.0, trust_env=False))
+    http.event_hooks["response"].append(seen)
+    sdk = AsyncBus(fresh_bus.url(0), agent_id="courier", http_client=http)
+    async with http, sdk, sdk.session() as s:
+        await s.create(key, "v0")
+        async with HistoryRowBlocker(key, 1) as blocker:
+            sending = asyncio.create_task(s.commit(key, "v1", expected=0))
+            first, query = await blocker.blocked_backend()
+            assert query.startswith("SELECT sbus_txn_apply("), query
+            await terminate(first)
+            # The SDK's resend reaches the store on a new connection and waits too.
+            _, query = await blocker.blocked_backend(other_than=frozenset({first}))
+            assert query.startswith("SELECT sbus_txn_apply("), query
+        done = await asyncio.wait_for(sending, WAIT_S)
+    assert (done.version, done.replayed) == (1, False)
+    assert [(status, outcome) for status, outcome, _, _ in answers] == [
+        (503, "unknown"),
+        (200, None),
+    ]
+    assert len({(idem, body) for _, _, idem, body in answers}) == 1  # one request, resent
+    with new_client(fresh_bus.url(1)) as other:
+        resp = other.get(f"/history/{key}")
+        expect(resp, [200])
+        assert [e["version"] for e in resp.json()["entries"]] == [1, 0]
+        assert get_stats(other)["total_commits"] == 1
