@@ -250,6 +250,24 @@ class SDKBehaviour:
             other.commit("n/0", "changed", expected=0)
             assert s.commit("c", "x", expected=0).version == 1  # the scan recorded nothing
 
+    def test_commit_many_creates_writes_and_deletes_at_once(self, make_bus: BusFactory) -> None:
+        with make_bus().session() as s:
+            a = s.create("a", "0")
+            s.create("d", "old")
+            done = s.commit_many([("a", "1", a)], creates=[("c", "new")], deletes=[("d", 0)])
+            assert {k: c.version for k, c in done.items()} == {"a": 1, "c": 0, "d": 1}
+            assert len({c.commit_id for c in done.values()}) == 1
+            assert s.read("c").content == "new"
+            with pytest.raises(ShardDeleted):
+                s.read("d")
+            with pytest.raises(ShardAlreadyExists):
+                s.commit_many([("a", "2", 1)], creates=[("c", "again")])
+            with pytest.raises(VersionMismatch):
+                s.commit_many([("a", "2", 0)], creates=[("e", "x")])
+            assert s.read("a").version == 1  # all or nothing
+            with pytest.raises(ShardNotFound):
+                s.read("e")
+
     # -- the work loops ------------------------------------------------------------
 
     def test_update_from_threads_loses_nothing(self, make_bus: BusFactory) -> None:
@@ -406,6 +424,19 @@ class SDKBehaviour:
             assert (err.value.expected, err.value.found) == (0, 1)
             assert await s.delete("plan", expected=1) == 2
             assert await s.list() == []
+
+    async def test_async_bulk_reads_and_multi(self, make_async_bus: AsyncBusFactory) -> None:
+        async with make_async_bus().session() as s:
+            await s.create("k/a", "A")
+            await s.create("k/b", "B")
+            many = await s.read_many(["k/a", "k/b"])
+            assert {k: sh.content for k, sh in many.items()} == {"k/a": "A", "k/b": "B"}
+            assert [sh.key for sh in await s.scan("k/")] == ["k/a", "k/b"]
+            done = await s.commit_many(
+                [("k/a", "A1", many["k/a"])], creates=[("k/c", "C")], deletes=[("k/b", 0)]
+            )
+            assert {k: c.version for k, c in done.items()} == {"k/a": 1, "k/c": 0, "k/b": 1}
+            assert await s.list("k/") == ["k/a", "k/c"]
 
     async def test_async_update_from_tasks_loses_nothing(
         self, make_async_bus: AsyncBusFactory
