@@ -162,6 +162,15 @@ class TestVersionsAndCommits:
             "value": {"theme": "light"},
         }
 
+    def test_created_at_is_kept_across_updates(self, local: LocalBus, store: SBusStore) -> None:
+        view = store.bind("writer", "s")
+        view.put(("t",), "k", {"v": 0})
+        local.advance_clock(60)
+        view.put(("t",), "k", {"v": 1})
+        item = view.get(("t",), "k")
+        assert item is not None
+        assert (item.updated_at - item.created_at).total_seconds() >= 60
+
     def test_one_batch_is_one_atomic_multi_commit(self, local: LocalBus, store: SBusStore) -> None:
         view = store.bind("writer", "s")
         view.batch([PutOp(("t",), "a", {"v": 0}), PutOp(("t",), "b", {"v": 0})])
