@@ -213,6 +213,10 @@ def test_constructor_checks_its_arguments(local: AsyncLocalBus) -> None:
             SBusSession("c", bus, prefix=prefix)
     with pytest.raises(ValueError, match="max_txn_keys"):
         SBusSession("c", bus, max_txn_keys=1)
+    with pytest.raises(ValueError, match="too long"):
+        SBusSession("x" * 300, bus, prefix="p" * 162)
+    session = SBusSession("x" * 300, bus, prefix="p" * 161)
+    assert len(session.item_key(2**53)) == 256
     session = SBusSession("c", bus, prefix="team/memory")
     assert session.head_key == "team/memory/c/head"
 

@@ -52,6 +52,7 @@ BODY_MARGIN = 1024
 # A conversation id longer than this (once escaped) is replaced by its SHA-256 in the
 # keys, so that the longest item key stays within the 256 characters of a shard key.
 MAX_ENCODED_ID = 128
+MAX_KEY_LENGTH = 256  # of a shard key (docs/protocol.md section 1.2)
 _PLAIN = re.compile(r"[A-Za-z0-9._-]")
 _PREFIX = re.compile(r"[A-Za-z0-9._:@-]+(/[A-Za-z0-9._:@-]+)*")
 # The errors that mean "another writer changed the conversation since the head was
@@ -143,6 +144,11 @@ class SBusSession:
         self.conflicts = 0
         self._root = f"{prefix}/{conversation_segment(session_id)}"
         self._head_key = f"{self._root}/head"
+        if len(self.item_key(2**53)) > MAX_KEY_LENGTH:
+            raise ValueError(
+                f"prefix {prefix!r} is too long: this conversation's item keys would pass "
+                f"{MAX_KEY_LENGTH} characters"
+            )
         self._bus_session: AsyncSession = bus.session(agent_id)
 
     def item_key(self, index: int) -> str:
