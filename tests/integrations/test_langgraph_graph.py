@@ -147,6 +147,22 @@ def test_each_node_run_is_its_own_session(local: LocalBus) -> None:
     assert last_writer(local.bus, "lg/shared/b") == "worker"
 
 
+def test_a_node_name_that_cannot_be_a_header_is_hashed(local: LocalBus) -> None:
+    store = SBusStore(local.bus)
+
+    def node(state: State) -> State:
+        store.put(NS, "x", {"v": 1})
+        return {"done": ["node"]}
+
+    builder: StateGraph[State, None, State, State] = StateGraph(State)
+    builder.add_node("écrivain", node)
+    builder.add_edge(START, "écrivain")
+    builder.add_edge("écrivain", END)
+    builder.compile(store=store).invoke({})
+    agent = last_writer(local.bus, "lg/shared/x")
+    assert agent.startswith("h-") and len(agent) == 42
+
+
 def test_outside_a_node_the_graph_store_names_bind(local: LocalBus) -> None:
     store = SBusStore(local.bus)
 

@@ -224,6 +224,22 @@ class TestVersionsAndCommits:
             me.put(("t",), "k", {"v": 4})
         assert me.session_id == "task.2"
 
+    def test_the_abandoned_session_is_emptied_on_the_bus(self, store: SBusStore) -> None:
+        setup = store.bind("setup")
+        setup.put(("t",), "k", {"v": 0})
+        setup.put(("t",), "other", {"v": 0})
+        me = store.bind("me", "task")
+        assert me.get(("t",), "k") is not None
+        setup.put(("t",), "k", {"v": 1})
+        with pytest.raises(VersionMismatch):
+            me.put(("t",), "k", {"v": 2})
+        # Back in the old session: its stale read of k is gone, so a commit there of
+        # another item is not refused (it would be CrossShardStale had it been kept).
+        again = store.bind("me", "task")
+        again.put(("t",), "other", {"v": 1})
+        got = setup.get(("t",), "other")
+        assert got is not None and got.value == {"v": 1}
+
     def test_a_lost_create_race_is_a_conflict(self, store: SBusStore) -> None:
         a, b = store.bind("a", "s"), store.bind("b", "s")
         assert a.get(("t",), "k") is None
@@ -335,10 +351,13 @@ class TestAsync:
         store = SBusStore(abus=alocal.bus)
         me, other = store.bind("me", "s"), store.bind("other", "s")
         await me.aput(("t",), "k", {"v": 0})
+        await other.aput(("t",), "j", {"v": 0})
         await other.aput(("t",), "k", {"v": 1})
         with pytest.raises(VersionMismatch):
             await me.aput(("t",), "k", {"v": 2})
         assert me.session_id == "s.1"
+        # The abandoned session was emptied: its stale entry for k refuses nothing.
+        await store.bind("me", "s").aput(("t",), "j", {"v": 1})
         await me.aput(("t",), "k", {"v": 2})
         got = await other.aget(("t",), "k")
         assert got is not None and got.value == {"v": 2}
