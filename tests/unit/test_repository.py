@@ -38,3 +38,18 @@ def test_every_phony_make_target_has_a_rule() -> None:
     rules = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, re.MULTILINE))
     missing = [name for name in phony.group(1).split() if name not in rules]
     assert missing == [], f".PHONY targets without a rule: {missing}"
+
+
+def test_every_client_package_ships_in_the_distribution() -> None:
+    """setuptools installs only the packages listed, so a subpackage (an integration such
+    as sbus_client.langgraph) missing from the list works editable and is absent from a
+    real ``pip install ./clients/python``."""
+    client = ROOT / "clients" / "python"
+    listed = tomllib.loads((client / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]
+    found = sorted(
+        ".".join(init.parent.relative_to(client).parts)
+        for init in (client / "sbus_client").rglob("__init__.py")
+    )
+    assert sorted(listed) == found
