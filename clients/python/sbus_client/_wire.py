@@ -25,9 +25,13 @@ from sbus_client._version import __version__
 
 USER_AGENT = f"sbus-client/{__version__}"
 JSON = "application/json"
-# Key characters (docs/protocol.md section 1.2) that need no escaping in a path; other
-# characters are escaped so a bad key reaches the bus as itself and gets its 422/404.
-KEY_SAFE = "/:@._-"
+# Key characters (docs/protocol.md section 1.2) that need no escaping in a path segment;
+# other characters are escaped so a bad key reaches the bus as itself and gets its 422/404.
+KEY_SAFE = ":@._-"
+# A "." or ".." segment is removed by URL normalisation (RFC 3986 section 5.2.4) before
+# the request leaves, so "../admin/health" would reach another route; escaped, it
+# reaches the bus as written and is refused there.
+DOT_SEGMENTS = {".": "%2E", "..": "%2E%2E"}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,10 @@ def new_idempotency_key() -> str:
 
 
 def key_path(prefix: str, key: str) -> str:
-    return prefix + quote(key, safe=KEY_SAFE)
+    if not isinstance(key, str):
+        raise TypeError(f"a key is a str, not {type(key).__name__}: {key!r}")
+    segments = (DOT_SEGMENTS.get(s) or quote(s, safe=KEY_SAFE) for s in key.split("/"))
+    return prefix + "/".join(segments)
 
 
 def with_query(path: str, params: Mapping[str, str | int | None]) -> str:
