@@ -4,9 +4,20 @@ boundaries. Each runs against the in-process bus (the real server app)."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 
-from sbus_client import ShardNotFound, ValidationError
+from sbus_client import (
+    RetriesExhausted,
+    SBusError,
+    ShardNotFound,
+    UnknownClientError,
+    UnknownServerError,
+    ValidationError,
+)
+from sbus_client import _codes as codes
 from tests.client.behaviour import BusFactory
 
 
@@ -38,3 +49,47 @@ def test_a_key_that_is_not_a_str_is_a_type_error(make_bus: BusFactory) -> None:
             s.read(5)  # type: ignore[arg-type]
         with pytest.raises(ShardNotFound):
             s.read("a.b/c..d")  # dots inside a segment are plain key characters
+
+
+def _errors() -> list[SBusError]:
+    """One instance of every error class, with every field its code documents."""
+    fields = {
+        "key": "k",
+        "expected": 1,
+        "found": 2,
+        "stale_keys": [{"key": "a", "version_at_read": 0, "current_version": 1}],
+        "outcome": "unknown",
+        "reason": "ttl",
+        "right": "write",
+        "version": 3,
+        "target_version": 1,
+        "retry_after": 2,
+    }
+    made: list[SBusError] = []
+    for name in codes.__all__:
+        cls = getattr(codes, name)
+        problem = {"error": name, "status": cls.STATUS, "detail": "d", **fields}
+        made.append(cls("d", status=cls.STATUS, problem=problem))
+    made.append(UnknownClientError("d", status=418, problem={"error": "Teapot"}))
+    made.append(UnknownServerError("d", status=599))
+    made.append(RetriesExhausted(9, made[0]))
+    return made
+
+
+@pytest.mark.parametrize("err", _errors(), ids=lambda e: type(e).__name__)
+def test_every_error_survives_pickle_and_copy(err: SBusError) -> None:
+    """Frameworks move exceptions between processes: each class comes back as itself,
+    with its fields and its message."""
+    for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
+        assert type(again) is type(err)
+        assert str(again) == str(err)
+        assert (again.status, again.code, again.detail) == (err.status, err.code, err.detail)
+        assert again.problem == err.problem
+        for name in type(err).FIELDS:
+            assert getattr(again, name) == getattr(err, name)
+    back = pickle.loads(pickle.dumps(err))
+    if isinstance(err, RetriesExhausted):
+        assert isinstance(back, RetriesExhausted)
+        assert back.attempts == 9
+        assert type(back.last_error) is type(err.last_error)
+        assert str(back.last_error) == str(err.last_error)

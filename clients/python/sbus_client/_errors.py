@@ -97,6 +97,12 @@ class RetriesExhausted(SBusError, RuntimeError):
         self.attempts = attempts
         self.last_error = last_error
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as cls(*self.args), and args is the one detail string here:
+        # rebuild from the constructor's own arguments, so the error survives a process
+        # boundary (multiprocessing, task queues) and copy.copy.
+        return (type(self), (self.attempts, self.last_error), self.__dict__)
+
     def next_step(self) -> str:
         return (
             "the keys are heavily contended: raise max_retries/max_elapsed, split the "
