@@ -1,0 +1,1 @@
+"""Two scripted agents sharing state through the S-Bus MCP server (no LLM key)."""
