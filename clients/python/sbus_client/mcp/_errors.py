@@ -107,9 +107,10 @@ def tool_text(err: SBusError) -> str:
             f"RetriesExhausted: the key is heavily contended ({err.attempts} attempts "
             "lost to other agents' commits); nothing was written. Next: try again later."
         )
+    detail = err.detail.rstrip(". ")
     if isinstance(err, ConflictError):
-        return f"{err.code}: {err.detail}. Nothing was written. Next: {RETRY}."
-    return f"{err.code}: {err.detail}. Next: {_next_step(err)}."
+        return f"{err.code}: {detail}. Nothing was written. Next: {RETRY}."
+    return f"{err.code}: {detail}. Next: {_next_step(err)}."
 
 
 def _stale_keys(err: CrossShardStale) -> str:
