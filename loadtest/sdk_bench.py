@@ -13,7 +13,8 @@ machine load:
    The server's CPU is not in these figures (another process). Rounds alternate the two
    and the median of the per-round ratios SDK ÷ raw is reported; the target is <= 1.15.
 2. ``server``: commits/s and the bus process's CPU per commit (from /proc, the process
-   and its workers) for single-key commits with and without an ``Idempotency-Key``:
+   and its workers; the PostgreSQL or Redis server's beside it) for single-key commits with
+   and without an ``Idempotency-Key``:
    ``--agents`` concurrent clients commit their own keys in a closed loop; rounds
    alternate the two modes and report medians and the ratio with ÷ without.
 
@@ -62,6 +63,7 @@ class ServerRound:
     commits: int
     seconds: float
     server_cpu_s: float | None
+    db_cpu_s: float | None  # the PostgreSQL or Redis server's, when found in /proc
 
     @property
     def per_second(self) -> float:
@@ -69,9 +71,16 @@ class ServerRound:
 
     @property
     def cpu_ms_per_commit(self) -> float | None:
-        if self.server_cpu_s is None or not self.commits:
+        return self._per_commit(self.server_cpu_s)
+
+    @property
+    def db_ms_per_commit(self) -> float | None:
+        return self._per_commit(self.db_cpu_s)
+
+    def _per_commit(self, seconds: float | None) -> float | None:
+        if seconds is None or not self.commits:
             return None
-        return self.server_cpu_s / self.commits * 1000
+        return seconds / self.commits * 1000
 
 
 async def commit_loop(
@@ -111,9 +120,9 @@ async def server_round(
         counted_from = start + warmup
         until = counted_from + seconds
 
-        async def sample_at(moment: float) -> float | None:
+        async def sample_at(moment: float) -> tuple[float | None, float | None]:
             await asyncio.sleep(max(0.0, moment - time.monotonic()))
-            return cpu_seconds(dep.pids)
+            return cpu_seconds(dep.pids), cpu_seconds(dep.db_pids)
 
         cpu_task = asyncio.gather(sample_at(counted_from), sample_at(until))
         counts = await asyncio.gather(
@@ -122,12 +131,17 @@ async def server_round(
                 for c, k in zip(clients, keys, strict=True)
             )
         )
-        cpu_start, cpu_end = await cpu_task
+        (bus_start, db_start), (bus_end, db_end) = await cpu_task
     finally:
         for client in clients:
             await client.aclose()
-    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
-    return ServerRound(mode, sum(counts), seconds, cpu)
+    return ServerRound(
+        mode, sum(counts), seconds, difference(bus_start, bus_end), difference(db_start, db_end)
+    )
+
+
+def difference(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None
 
 
 # --------------------------------------------------------------------------- client half
@@ -315,6 +329,9 @@ async def amain(args: argparse.Namespace) -> int:
             report["server"]["cpu_ratio"] = ratio(
                 idem["cpu_ms_per_commit"], plain["cpu_ms_per_commit"]
             )
+            report["server"]["db_ratio"] = ratio(
+                idem["db_ms_per_commit"], plain["db_ms_per_commit"]
+            )
         report["loadavg_after"] = loadavg()
     finally:
         stop_deployment(dep)
@@ -328,9 +345,11 @@ async def amain(args: argparse.Namespace) -> int:
 def summarize(rounds: list[ServerRound], mode: str) -> dict[str, Any]:
     mine = [r for r in rounds if r.mode == mode]
     cpu = [c for r in mine if (c := r.cpu_ms_per_commit) is not None]
+    db = [c for r in mine if (c := r.db_ms_per_commit) is not None]
     return {
         "commits_per_s": statistics.median(r.per_second for r in mine),
         "cpu_ms_per_commit": statistics.median(cpu) if cpu else None,
+        "db_ms_per_commit": statistics.median(db) if db else None,
         "rounds": [(round(r.per_second, 1), r.cpu_ms_per_commit) for r in mine],
     }
 
@@ -351,11 +370,13 @@ def print_table(report: dict[str, Any]) -> None:
             row = server[mode]
             print(
                 f"server, {mode:>10} commits: {row['commits_per_s']:.0f} commits/s, "
-                f"{fmt(row['cpu_ms_per_commit'], '.3f')} ms server CPU per commit"
+                f"{fmt(row['cpu_ms_per_commit'], '.3f')} ms bus CPU per commit, "
+                f"{fmt(row['db_ms_per_commit'], '.3f')} ms database CPU per commit"
             )
         print(
             f"with ÷ without Idempotency-Key: commits/s {fmt(server['commits_ratio'], '.3f')}, "
-            f"server CPU per commit {fmt(server['cpu_ratio'], '.3f')}"
+            f"bus CPU per commit {fmt(server['cpu_ratio'], '.3f')}, "
+            f"database CPU per commit {fmt(server['db_ratio'], '.3f')}"
         )
     print(f"load average after: {report['loadavg_after']} (2 cores is 2.0)")
 
