@@ -5,20 +5,24 @@ boundaries. Each runs against the in-process bus (the real server app)."""
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
+from collections.abc import Awaitable, Iterator
 
 import pytest
 
 from sbus_client import (
+    AsyncSession,
     RetriesExhausted,
     SBusError,
+    Session,
     ShardNotFound,
     UnknownClientError,
     UnknownServerError,
     ValidationError,
 )
 from sbus_client import _codes as codes
-from tests.client.behaviour import BusFactory
+from tests.client.behaviour import AsyncBusFactory, BusFactory
 
 
 @pytest.mark.parametrize("key", ["../admin/health", "a/../k", "./k", "a/.", "k/.."])
@@ -93,3 +97,55 @@ def test_every_error_survives_pickle_and_copy(err: SBusError) -> None:
         assert back.attempts == 9
         assert type(back.last_error) is type(err.last_error)
         assert str(back.last_error) == str(err.last_error)
+
+
+def test_sync_transactional_refuses_async_and_generator_functions(make_bus: BusFactory) -> None:
+    """A Bus would only create the coroutine or generator: no session, no retry."""
+    bus = make_bus()
+
+    async def coroutine(s: Session) -> int:
+        return 1
+
+    def generator(s: Session) -> Iterator[int]:
+        yield 1
+
+    for fn in (coroutine, generator):
+        with pytest.raises(TypeError, match=fn.__qualname__):
+            bus.transactional()(fn)
+        with pytest.raises(TypeError, match=fn.__qualname__):
+            bus.run(fn)
+
+
+async def test_async_transactional_refuses_a_plain_function_before_running_it(
+    make_async_bus: AsyncBusFactory,
+) -> None:
+    bus = make_async_bus()
+    ran: list[str] = []
+
+    def plain(s: AsyncSession) -> int:
+        ran.append(s.session_id)
+        return 1
+
+    @functools.wraps(plain)
+    def wrapped(s: AsyncSession) -> int:
+        return plain(s)
+
+    for fn in (plain, wrapped):
+        with pytest.raises(TypeError, match="not a coroutine function"):
+            bus.transactional()(fn)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="not a coroutine function"):
+            await bus.run(fn)  # type: ignore[arg-type]
+    assert ran == []
+
+    async def real(s: AsyncSession, n: int) -> int:
+        return n
+
+    # What still works: a coroutine function, a partial of one, a wrapper of one.
+    assert await bus.transactional()(real)(3) == 3
+    assert await bus.run(functools.partial(real), 4) == 4
+
+    @functools.wraps(real)
+    def delegating(s: AsyncSession, n: int) -> Awaitable[int]:
+        return real(s, n)
+
+    assert await bus.run(delegating, 5) == 5

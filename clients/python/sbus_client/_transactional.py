@@ -10,6 +10,7 @@ ConflictError re-runs; the waits are full jitter (``_retry.Backoff``).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
@@ -75,6 +76,16 @@ class Transactional(Generic[S, P, R]):
         policy: TxnPolicy,
         session_type: type[S],
     ) -> None:
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"{_name(fn)} is async: decorate it with an AsyncBus's transactional "
+                "(a Bus would only create the coroutine, outside any session and retry)"
+            )
+        if inspect.isgeneratorfunction(fn):
+            raise TypeError(
+                f"{_name(fn)} is a generator function: its body would run only when "
+                "iterated, after the session has closed; return a value instead"
+            )
         self._bus = bus
         self._fn = fn
         self._policy = policy
@@ -109,6 +120,15 @@ class AsyncTransactional(Generic[S, P, R]):
         policy: TxnPolicy,
         session_type: type[S],
     ) -> None:
+        # A plain def (seen through functools.wraps) would run, side effects and all,
+        # before awaiting its result failed: refuse it before it ever runs.
+        inner = inspect.unwrap(fn)
+        plain = inspect.isfunction(inner) or inspect.ismethod(inner)
+        if inspect.isasyncgenfunction(fn) or (plain and not inspect.iscoroutinefunction(inner)):
+            raise TypeError(
+                f"{_name(fn)} is not a coroutine function: decorate it with a Bus's "
+                "transactional, or make it async def"
+            )
         self._bus = bus
         self._fn = fn
         self._policy = policy
@@ -131,3 +151,7 @@ class AsyncTransactional(Generic[S, P, R]):
                 except ConflictError as err:
                     wait = self._policy.after_conflict(budget, err)
             await asyncio.sleep(wait)
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
