@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
+import subprocess
+import sys
 from collections.abc import Awaitable, Iterator
 
 import pytest
@@ -149,3 +151,22 @@ async def test_async_transactional_refuses_a_plain_function_before_running_it(
         return real(s, n)
 
     assert await bus.run(delegating, 5) == 5
+
+
+@pytest.mark.parametrize("module", ["asgi_lifespan", "sbus"])
+def test_testing_without_its_extra_names_the_extra(module: str) -> None:
+    """`pip install sbus-client` alone: importing the testing helper says which extra to
+    install instead of naming a module the user never heard of."""
+    script = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "import sbus_client\n"
+        "try:\n"
+        "    import sbus_client.testing\n"
+        "except ModuleNotFoundError as err:\n"
+        "    print(type(err).__name__, err.name, '|', err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.startswith(f"ModuleNotFoundError {module}"), done.stdout
+    assert "pip install 'sbus-client[testing]'" in done.stdout

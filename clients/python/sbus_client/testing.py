@@ -40,16 +40,25 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from asgi_lifespan import LifespanManager
-from fastapi import FastAPI
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from sbus.api.app import create_app
-from sbus.config import Settings
-from sbus.core.clock import offset_cap_ms
-from sbus.core.errors import SBusError
-from sbus.storage.factory import open_store
-from sbus.storage.protocol import Store
+try:
+    from asgi_lifespan import LifespanManager
+    from fastapi import FastAPI
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
+    from sbus.api.app import create_app
+    from sbus.config import Settings
+    from sbus.core.clock import offset_cap_ms
+    from sbus.core.errors import SBusError
+    from sbus.storage.factory import open_store
+    from sbus.storage.protocol import Store
+except ModuleNotFoundError as missing:  # the extra is not installed
+    raise ModuleNotFoundError(
+        f"sbus_client.testing runs the server in process and needs the 'testing' extra "
+        f"({missing.name} is not installed): pip install 'sbus-client[testing]'",
+        name=missing.name,
+    ) from missing
+
 from sbus_client import AsyncBus, Bus
 
 __all__ = ["URL", "AsyncLocalBus", "LocalBus", "local_settings"]
