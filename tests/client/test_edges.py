@@ -11,13 +11,17 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Iterator
 
+import httpx
 import pytest
 
 from sbus_client import (
+    AsyncBus,
     AsyncSession,
+    Bus,
     RetriesExhausted,
     SBusError,
     Session,
+    Shard,
     ShardNotFound,
     UnknownClientError,
     UnknownServerError,
@@ -170,3 +174,43 @@ def test_testing_without_its_extra_names_the_extra(module: str) -> None:
     )
     assert done.stdout.startswith(f"ModuleNotFoundError {module}"), done.stdout
     assert "pip install 'sbus-client[testing]'" in done.stdout
+
+
+def _refusing_transport(seen: list[str]) -> httpx.MockTransport:
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        return httpx.Response(500)
+
+    return httpx.MockTransport(answer)
+
+
+def test_checks_without_the_server_fail_before_any_request() -> None:
+    """A missing agent and an expected= of another key are ValueErrors raised before
+    anything is sent: not even the version check (a hung server would delay them)."""
+    seen: list[str] = []
+    bus = Bus("http://bus.test", http_client=httpx.Client(transport=_refusing_transport(seen)))
+    other = Shard("other", 1, "x", "", '"1"')
+    s = bus.session()
+    with pytest.raises(ValueError, match="needs an agent"):
+        s.commit("k", "x", expected=0)
+    with pytest.raises(ValueError, match="needs an agent"):
+        s.update("k", lambda shard: "y")
+    with pytest.raises(ValueError, match="needs an agent"):
+        s.commit_many([("k", "x", 0)])
+    with pytest.raises(ValueError, match="not of 'k'"):
+        bus.session(agent_id="a").commit("k", "x", expected=other)
+    assert bus.session(agent_id="a").read_many([]) == {}
+    assert seen == []
+
+
+async def test_async_checks_without_the_server_fail_before_any_request() -> None:
+    seen: list[str] = []
+    client = httpx.AsyncClient(transport=httpx.MockTransport(_refusing_transport(seen).handler))
+    bus = AsyncBus("http://bus.test", http_client=client)
+    s = bus.session()
+    with pytest.raises(ValueError, match="needs an agent"):
+        await s.commit("k", "x", expected=0)
+    with pytest.raises(ValueError, match="needs an agent"):
+        await s.delete("k", expected=0)
+    assert await bus.session(agent_id="a").read_many([]) == {}
+    assert seen == []

@@ -27,24 +27,27 @@ from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion,
 from sbus_client._retry import TransportRetry
 from sbus_client._sync import DEFAULT_URL
 from sbus_client._transactional import AsyncTransactional, OnRetry, TxnPolicy
-from sbus_client._wire import Op, Reply, Sleep
+from sbus_client._wire import Op, Reply, Sleep, Step
 
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T]) -> T:
-    """Run one operation: send what it yields, sleep when it asks, return its value."""
+async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T], first: Step | None = None) -> T:
+    """Run one operation: send what it yields, sleep when it asks, return its value.
+    ``first`` is the op's first step when the caller has already taken it."""
     reply: Reply = None
+    step = first
     while True:
-        try:
-            step = op.send(reply)
-        except StopIteration as done:
-            return cast(T, done.value)
+        if step is None:
+            try:
+                step = op.send(reply)
+            except StopIteration as done:
+                return cast(T, done.value)
         if isinstance(step, Sleep):
             await asyncio.sleep(step.seconds)
-            reply = None
+            reply, step = None, None
             continue
         try:
             reply = await http.request(
@@ -52,6 +55,7 @@ async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T]) -> T:
             )
         except httpx.TransportError as exc:
             reply = exc
+        step = None
 
 
 class AsyncBus:
@@ -89,8 +93,15 @@ class AsyncBus:
         return self._core.agent_id
 
     async def _run(self, op: Op[T]) -> T:
+        # The op runs up to its first request before the version is asked, so what it
+        # checks without the server (a missing agent, expected= of another key) fails
+        # before any request is sent.
+        try:
+            first = op.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
         await self._check_version()
-        return await drive(self._http, self._core.base_url, op)
+        return await drive(self._http, self._core.base_url, op, first)
 
     async def _check_version(self) -> None:
         if self._version_checked:

@@ -28,7 +28,7 @@ from sbus_client._core import (
 from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
 from sbus_client._retry import TransportRetry
 from sbus_client._transactional import OnRetry, Transactional, TxnPolicy
-from sbus_client._wire import Op, Reply, Sleep
+from sbus_client._wire import Op, Reply, Sleep, Step
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -37,17 +37,20 @@ R = TypeVar("R")
 DEFAULT_URL = "http://127.0.0.1:7000"
 
 
-def drive(http: httpx.Client, base_url: str, op: Op[T]) -> T:
-    """Run one operation: send what it yields, sleep when it asks, return its value."""
+def drive(http: httpx.Client, base_url: str, op: Op[T], first: Step | None = None) -> T:
+    """Run one operation: send what it yields, sleep when it asks, return its value.
+    ``first`` is the op's first step when the caller has already taken it."""
     reply: Reply = None
+    step = first
     while True:
-        try:
-            step = op.send(reply)
-        except StopIteration as done:
-            return cast(T, done.value)
+        if step is None:
+            try:
+                step = op.send(reply)
+            except StopIteration as done:
+                return cast(T, done.value)
         if isinstance(step, Sleep):
             time.sleep(step.seconds)
-            reply = None
+            reply, step = None, None
             continue
         try:
             reply = http.request(
@@ -55,6 +58,7 @@ def drive(http: httpx.Client, base_url: str, op: Op[T]) -> T:
             )
         except httpx.TransportError as exc:
             reply = exc
+        step = None
 
 
 class Bus:
@@ -92,8 +96,15 @@ class Bus:
         return self._core.agent_id
 
     def _run(self, op: Op[T]) -> T:
+        # The op runs up to its first request before the version is asked, so what it
+        # checks without the server (a missing agent, expected= of another key) fails
+        # before any request is sent.
+        try:
+            first = op.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
         self._check_version()
-        return drive(self._http, self._core.base_url, op)
+        return drive(self._http, self._core.base_url, op, first)
 
     def _check_version(self) -> None:
         if self._version_checked:
