@@ -4,12 +4,17 @@ boundaries. Each runs against the in-process bus (the real server app)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
+import http.server
+import json
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -214,3 +219,50 @@ async def test_async_checks_without_the_server_fail_before_any_request() -> None
         await s.delete("k", expected=0)
     assert await bus.session(agent_id="a").read_many([]) == {}
     assert seen == []
+
+
+class _ShardHandler(http.server.BaseHTTPRequestHandler):
+    """A keep-alive HTTP/1.1 server answering GET /version and GET /shard/k: enough for
+    pooled connections, which is where an event loop's ownership shows."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/version"):
+            payload: dict[str, Any] = {"name": "sbus", "version": "0", "api": 1}
+        else:
+            payload = {"key": "k", "version": 3, "content": "x", "updated_at": ""}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_an_async_bus_serves_one_event_loop_after_another() -> None:
+    """A module-level AsyncBus used by two asyncio.run() calls: the second must not meet
+    the first loop's dead connections ("Event loop is closed")."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShardHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bus = AsyncBus(f"http://127.0.0.1:{server.server_address[1]}", agent_id="a")
+
+        async def read() -> int:
+            async with bus.session(keep=True) as s:
+                return (await s.read("k")).version
+
+        assert [asyncio.run(read()) for _ in range(3)] == [3, 3, 3]
+
+        async def read_and_close() -> int:
+            version = await read()
+            await bus.aclose()
+            return version
+
+        assert asyncio.run(read_and_close()) == 3
+    finally:
+        server.shutdown()
+        server.server_close()

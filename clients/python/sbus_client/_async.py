@@ -8,6 +8,7 @@ import asyncio
 import builtins
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -58,8 +59,17 @@ async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T], first: Step |
         step = None
 
 
+@dataclass(frozen=True)
+class _PerLoop:
+    http: httpx.AsyncClient
+    version_lock: asyncio.Lock
+
+
 class AsyncBus:
-    """A handle on one bus for asyncio code; share one per event loop.
+    """A handle on one bus for asyncio code; share one per process. It keeps an HTTP
+    client per event loop (connections cannot cross loops), so successive
+    ``asyncio.run()`` calls may use the same AsyncBus; an ``http_client`` you pass is
+    used from every loop as it is.
 
     ``agent_id`` is the default agent of :meth:`session`; ``token`` a bearer token or a
     callable returning one (called per request, and once more after a 401);
@@ -78,9 +88,12 @@ class AsyncBus:
         retry: TransportRetry | None = None,
     ) -> None:
         self._core = Core(base_url, agent_id=agent_id, token=token, retry=retry or TransportRetry())
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
-        self._version_lock: asyncio.Lock | None = None
+        self._given_http = http_client
+        self._timeout = timeout
+        # An AsyncClient's connections (and an asyncio.Lock) belong to the event loop
+        # that made them: a second asyncio.run() with this Bus would find them dead
+        # ("Event loop is closed"). So each loop gets its own, made when first needed.
+        self._loops: dict[asyncio.AbstractEventLoop, _PerLoop] = {}
         self._version_checked = False
         self._server_version: ServerVersion | None = None
 
@@ -91,6 +104,22 @@ class AsyncBus:
     @property
     def agent_id(self) -> str | None:
         return self._core.agent_id
+
+    def _per_loop(self) -> _PerLoop:
+        loop = asyncio.get_running_loop()
+        found = self._loops.get(loop)
+        if found is None:
+            http = self._given_http or httpx.AsyncClient(timeout=self._timeout)
+            found = _PerLoop(http, asyncio.Lock())
+            # Forget closed loops: their connections can never be used (nor closed) again.
+            live = {lp: st for lp, st in list(self._loops.items()) if not lp.is_closed()}
+            self._loops = {**live, loop: found}
+        return found
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client of the running event loop."""
+        return self._per_loop().http
 
     async def _run(self, op: Op[T]) -> T:
         # The op runs up to its first request before the version is asked, so what it
@@ -106,9 +135,7 @@ class AsyncBus:
     async def _check_version(self) -> None:
         if self._version_checked:
             return
-        if self._version_lock is None:
-            self._version_lock = asyncio.Lock()  # made in the loop that first needs it
-        async with self._version_lock:
+        async with self._per_loop().version_lock:
             if self._version_checked:
                 return
             try:
@@ -182,8 +209,11 @@ class AsyncBus:
         return await AsyncTransactional(self, fn, TxnPolicy(), AsyncSession)(*args, **kwargs)
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
+        """Close the client this Bus made for the running loop (one it was given is the
+        caller's to close)."""
+        mine = self._loops.pop(asyncio.get_running_loop(), None)
+        if mine is not None and self._given_http is None:
+            await mine.http.aclose()
 
     async def __aenter__(self) -> AsyncBus:
         return self
