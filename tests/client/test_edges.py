@@ -266,3 +266,16 @@ def test_an_async_bus_serves_one_event_loop_after_another() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_one_key_where_a_list_is_expected_is_a_type_error(make_bus: BusFactory) -> None:
+    """A str is an iterable of str: read_many("plan") would read "p", "l", "a", "n" and
+    issue_mandate(holder, "plan") grant them."""
+    bus = make_bus()
+    with bus.session() as s:
+        s.create("plan", "x")
+        with pytest.raises(TypeError, match=r"read_many takes a list of keys.*\['plan'\]"):
+            s.read_many("plan")
+        with pytest.raises(TypeError, match=r"issue_mandate takes a list of keys"):
+            bus.issue_mandate("b", "plan")
+        assert list(s.read_many(k for k in ["plan"])) == ["plan"]

@@ -268,9 +268,7 @@ class AsyncSession:
     ) -> dict[str, Shard]:
         """Several keys in one request (POST /read), recorded like single reads. A
         missing key raises its LookupError unless ``missing_ok``; then it is absent."""
-        return await self.bus._run(
-            self._core.read_many(self._ident, list(keys), record, missing_ok)
-        )
+        return await self.bus._run(self._core.read_many(self._ident, keys, record, missing_ok))
 
     async def commit(
         self,

@@ -73,6 +73,14 @@ def expected_version(key: str, expected: Expected) -> int:
     return expected
 
 
+def key_list(keys: Iterable[str], what: str) -> list[str]:
+    """A list of keys from any iterable but a str, which iterates its characters
+    ("plan" would read, or grant, the keys "p", "l", "a" and "n")."""
+    if isinstance(keys, str | bytes):
+        raise TypeError(f"{what} takes a list of keys, not one key: [{keys!r}]")
+    return list(keys)
+
+
 def mandate_fields(
     mandate: MandateArg, context: Mapping[str, Any] | None
 ) -> tuple[str | None, dict[str, Any] | None]:
@@ -191,9 +199,9 @@ class Core:
         return shard_of(body_of(response), response.headers.get("etag"))
 
     def read_many(
-        self, ident: Ident, keys: Sequence[str], record: bool, missing_ok: bool
+        self, ident: Ident, keys: Iterable[str], record: bool, missing_ok: bool
     ) -> Op[dict[str, Shard]]:
-        keys = list(keys)
+        keys = key_list(keys, "read_many")
         if not keys:
             return {}
         body = dumps({"keys": keys, "record": record})
@@ -374,7 +382,12 @@ class Core:
     ) -> Op[Mandate]:
         self.need_agent(ident, "issuing a mandate")
         ctx = dict(context or {})
-        payload = {"holder": holder, "keys": list(keys), "context": ctx, "ttl_s": ttl_s}
+        payload = {
+            "holder": holder,
+            "keys": key_list(keys, "issue_mandate"),
+            "context": ctx,
+            "ttl_s": ttl_s,
+        }
         headers = headers_for(ident.agent, None, body=True)
         body = body_of(
             (yield from self.exchange(Call("POST", "/mandates", headers, dumps(payload))))

@@ -228,7 +228,7 @@ class Session:
     ) -> dict[str, Shard]:
         """Several keys in one request (POST /read), recorded like single reads. A
         missing key raises its LookupError unless ``missing_ok``; then it is absent."""
-        return self.bus._run(self._core.read_many(self._ident, list(keys), record, missing_ok))
+        return self.bus._run(self._core.read_many(self._ident, keys, record, missing_ok))
 
     def commit(
         self,
