@@ -47,10 +47,18 @@ mkdir -p "$SVC/redis"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --daemonize yes \
   --pidfile "$SVC/redis/redis.pid" --dir "$SVC/redis" --logfile "$SVC/redis/redis.log" \
   --save '' --appendonly no --maxmemory-policy noeviction
+# Wait for PONG; a server that never answers stops the run here (the tests would
+# otherwise fail one by one, far from the cause).
+redis_up=
 for _ in $(seq 50); do
-  redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+  if [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then redis_up=1; break; fi
   sleep 0.1
 done
+if [ -z "$redis_up" ]; then
+  echo "with-services: redis-server on $REDIS_PORT never answered PING" >&2
+  tail -n 20 "$SVC/redis/redis.log" >&2 2>/dev/null || true
+  exit 1
+fi
 
 export SBUS_TEST_POSTGRES_URL="postgresql+asyncpg://postgres@127.0.0.1:$PG_PORT/postgres"
 export SBUS_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"

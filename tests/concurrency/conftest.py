@@ -306,7 +306,7 @@ SHARED_TOPOLOGIES = (POSTGRES_2, REDIS_2)
 
 def prepare_store(topology: Topology, tmp_path: Path) -> str:
     """The store URL for ``topology``, ready and empty: a fresh SQLite file, or the shared
-    server (skipped locally, failed under CI=true, when unreachable), migrated once per run
+    server (the test fails when it is unreachable, see tests/backends.py), migrated once per run
     (PostgreSQL) and wiped."""
     if topology.store == "sqlite":
         return sqlite_url(tmp_path)

@@ -31,7 +31,7 @@ within ``MARGIN_MS`` below an edge (so a future change to the amounts fails loud
 flakily) and that the example has not run for ``MARGIN_MS`` of real time.
 
 PostgreSQL and Redis are shared servers (``scripts/with-services.sh`` starts them):
-``tests.backends.require`` skips locally (fails under CI) when one is unreachable, and
+``tests.backends.require`` fails when one is unreachable (see below), and
 ``tests.backends.wipe`` empties both at the start of every example.
 Histories. Every operation is also recorded, per store and from that store's own answer,
 into an ndjson history (``tests.history``): the reads a commit rests on are the model's

@@ -1,8 +1,7 @@
 """Redis-specific behaviour of the Redis store: what the shared conformance suite
 cannot see. Runs against the server named by ``SBUS_TEST_REDIS_URL`` (default
-``redis://127.0.0.1:56379/0``); unreachable, it skips on a developer machine and
-FAILS under ``CI=true``. Each test works in a namespace of its own and removes its
-keys afterwards."""
+``redis://127.0.0.1:56379/0``); unreachable, it FAILS (``tests/backends.py``). Each
+test works in a namespace of its own and removes its keys afterwards."""
 
 from __future__ import annotations
 
