@@ -23,6 +23,7 @@ from sbus_client import (
     AsyncBus,
     AsyncSession,
     Bus,
+    HistoryEntry,
     RetriesExhausted,
     SBusError,
     Session,
@@ -279,3 +280,20 @@ def test_one_key_where_a_list_is_expected_is_a_type_error(make_bus: BusFactory) 
         with pytest.raises(TypeError, match=r"issue_mandate takes a list of keys"):
             bus.issue_mandate("b", "plan")
         assert list(s.read_many(k for k in ["plan"])) == ["plan"]
+
+
+def test_reprs_cut_long_content() -> None:
+    """A 256 KiB shard must not print 256 KiB into a log line or a traceback."""
+    big = "x" * 262144
+    shard = Shard("k", 1, big, "t", '"1"')
+    entry = HistoryEntry(1, "a", "t", big, False, big, "c", "p", "h")
+    for value in (shard, entry):
+        text = repr(value)
+        assert len(text) < 600, len(text)
+        assert "...(262144 chars)" in text
+        assert text.startswith(f"{type(value).__name__}(")
+    assert repr(Shard("k", 1, "short", "t", '"1"')) == (
+        "Shard(key='k', version=1, content='short', updated_at='t', etag='\"1\"', "
+        "created_at='', goal_tag='', require_mandate=False)"
+    )
+    assert shard == Shard("k", 1, big, "t", '"1"')  # only the repr is shortened

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+# Characters of a long string field a repr shows: a shard's content may be 256 KiB, and
+# reprs end up in every log line and traceback that mentions the value.
+REPR_PREVIEW = 80
+
+
+def short_repr(value: object) -> str:
+    """``Class(field=value, ...)`` as dataclasses write it, with long strings cut to
+    REPR_PREVIEW characters plus their length (equality and the fields are unchanged)."""
+    parts = []
+    for f in fields(value):  # type: ignore[arg-type]
+        v = getattr(value, f.name)
+        if isinstance(v, str) and len(v) > REPR_PREVIEW:
+            parts.append(f"{f.name}={v[:REPR_PREVIEW]!r}...({len(v)} chars)")
+        else:
+            parts.append(f"{f.name}={v!r}")
+    return f"{type(value).__name__}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,8 @@ class Shard:
     created_at: str = ""
     goal_tag: str = ""
     require_mandate: bool = False
+
+    __repr__ = short_repr
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,8 @@ class HistoryEntry:
     prev_hash: str
     hash: str
 
+    __repr__ = short_repr
+
 
 @dataclass(frozen=True)
 class Mandate:
@@ -68,6 +89,8 @@ class Mandate:
     expires_at: str
     context_hash: str
     context: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    __repr__ = short_repr
 
 
 @dataclass(frozen=True)
