@@ -297,3 +297,21 @@ def test_reprs_cut_long_content() -> None:
         "created_at='', goal_tag='', require_mandate=False)"
     )
     assert shard == Shard("k", 1, big, "t", '"1"')  # only the repr is shortened
+
+
+def test_retry_budgets_are_checked_where_they_are_given() -> None:
+    seen: list[str] = []
+    bus = Bus(
+        "http://bus.test",
+        agent_id="a",
+        http_client=httpx.Client(transport=_refusing_transport(seen)),
+    )
+    for bad in ({"max_retries": -1}, {"max_elapsed": -1.0}, {"base": -0.1}, {"cap": -1.0}):
+        with pytest.raises(ValueError, match="must"):
+            bus.transactional(**bad)
+    s = bus.session()
+    with pytest.raises(ValueError, match="max_attempts must be None"):
+        s.update("k", lambda shard: "y", max_attempts=0)
+    with pytest.raises(ValueError, match="max_elapsed must not be negative"):
+        s.update("k", lambda shard: "y", max_elapsed=-1.0)
+    assert seen == []

@@ -413,6 +413,10 @@ class Core:
         """Read, apply ``fn``, commit on that version; on VersionMismatch only, wait a
         full-jitter backoff (10 ms doubling to 1 s) and do it again."""
         self.need_agent(ident, "update")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"max_attempts must be None (no cap) or >= 1, not {max_attempts}")
+        if max_elapsed < 0:
+            raise ValueError(f"max_elapsed must not be negative, not {max_elapsed}")
         budget = Backoff(0.01, 1.0, max_attempts, max_elapsed, clock=self.clock, rand=self.rand)
         budget.start()
         while True:

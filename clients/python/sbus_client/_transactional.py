@@ -41,9 +41,14 @@ class TxnPolicy:
     cap: float = 2.0
     on_retry: OnRetry | None = None
 
-    def budget(self) -> Backoff:
+    def __post_init__(self) -> None:
+        # Refused when decorating, not at the first call far away from the mistake.
         if self.max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
+            raise ValueError(f"max_retries must be >= 0, not {self.max_retries}")
+        if self.max_elapsed < 0 or self.base < 0 or self.cap < 0:
+            raise ValueError("max_elapsed, base and cap must not be negative")
+
+    def budget(self) -> Backoff:
         budget = Backoff(self.base, self.cap, self.max_retries + 1, self.max_elapsed)
         budget.start()
         return budget
