@@ -9,7 +9,8 @@
 (*    overwritten on every read, set to the new version on commit          *)
 (*    (read-your-writes); entries expire by TTL nondeterministically       *)
 (*  - commits of 1..MaxWrites keys (multi), deletes (tombstones), creates  *)
-(*    of tombstoned keys (continuing at tombstone + 1)                     *)
+(*    of tombstoned keys (continuing at tombstone + 1), and multi commits   *)
+(*    mixing commits, creates and deletes in one atomic step               *)
 (*  - ORI on/off; mandates (issue, consume once, expire)                   *)
 (*  - Variant "atomic": validation and write in one step (this service)    *)
 (*    Variant "split":  validate, then write in a later step (reference)   *)
@@ -40,6 +41,7 @@ CONSTANTS
     Target,         \* the key Hero wants to write
     MaxExpiries,    \* liveness only: how many TTL / mandate expiries occur
     MaxCommits,     \* model bound: ordinary commits + creates in the history
+    MixedCommits,   \* TRUE: multi commits may also create and delete (MC_Mixed.cfg)
     Mutation        \* "none", or one seeded bug (MC_Mut_*.cfg): see Mutations
 
 \* Mutations: each is a plausible implementation bug, switched on only by its own
@@ -52,13 +54,17 @@ CONSTANTS
 \*  no_consumed_check   9a does not reject a consumed jti        -> MandateConsumeOnce
 \*  no_mandate_consume  9g does not record the jti consumed      -> MandateConsumeOnce
 \*  create_from_zero    POST /shard on a tombstone restarts at 0 -> ReadSetSoundness
+\*  create_exempts_multi a multi commit that creates a key asks no mandate for any
+\*                      of its keys (the create's exemption applied to the whole
+\*                      request instead of the created key)  -> MandateConsumeOnce
 \*  dl_keeps_first_read a GET does not overwrite an existing DL entry (setdefault
 \*                      instead of assignment): a re-read after 409 cannot refresh
 \*                      the stale entry; safe, but Hero may retry forever
 \*                                                    -> HeroEventuallyCommits
 Mutations == {"none", "no_version_guard", "no_consumed_check", "no_mandate_consume",
-              "create_from_zero", "dl_keeps_first_read"}
+              "create_from_zero", "dl_keeps_first_read", "create_exempts_multi"}
 ASSUME Mutation \in Mutations
+ASSUME MixedCommits \in BOOLEAN
 
 NoV == -1   \* "no DL entry" / "no expected_version"
 
@@ -85,10 +91,12 @@ Cap(a) == IF a = Hero THEN MaxVersion + 1 ELSE MaxVersion
 WriteSets == {W \in SUBSET Keys : Cardinality(W) >= 1 /\ Cardinality(W) <= MaxWrites}
 NoDL == [k \in Keys |-> NoV]
 
-TxnRec == [agent : Agents, kind : {"write", "delete", "create"},
+TxnRec == [agent : Agents, kind : {"write", "delete", "create", "mixed"},
            w : SUBSET (Keys \X Vers),   \* (key, new version) written
            rs : SUBSET (Keys \X Vers),  \* effective read set (9c)
-           ex : SUBSET (Keys \X Vers),  \* expected_version of written keys
+           ex : SUBSET (Keys \X Vers),  \* expected_version of written keys; for a
+                                        \* created key the tombstone it replaced
+           c : SUBSET Keys,             \* the keys it created
            m : Mandates \cup {NoMandate}]
 
 TypeOK ==
@@ -129,9 +137,14 @@ RS(a, W) == {<<k, dl[a][k]>> : k \in {j \in Keys \ W : dl[a][j] # NoV}}
 \* the client sends the version it read as expected_version (none if not read)
 Ex(a, W) == {<<k, dl[a][k]>> : k \in {j \in W : dl[a][j] # NoV}}
 
-Outcome(a, W, m) ==
+\* C: the written keys a multi commit creates (docs/protocol.md section 3.1); the
+\* others are committed or deleted.  A create needs no mandate (as POST /shard), is
+\* guarded by the key not being live, and sends no expected_version.
+OutcomeM(a, W, C, m) ==
     \* 9a mandates
-    IF m = NoMandate /\ W \cap MandateKeys # {} THEN "403 MandateRequired"
+    IF /\ m = NoMandate /\ (W \ C) \cap MandateKeys # {}
+       /\ (Mutation = "create_exempts_multi" => C = {})
+    THEN "403 MandateRequired"
     ELSE IF m # NoMandate /\ mstate[m] = "unissued" THEN "404 MandateNotFound"
     ELSE IF m # NoMandate /\ mstate[m] = "expired" THEN "410 MandateExpired"
     ELSE IF m # NoMandate /\ mholder[m] # a THEN "403 MandateHolderMismatch"
@@ -141,11 +154,14 @@ Outcome(a, W, m) ==
     ELSE IF expired[a] THEN "410 SessionExpired"
     \* 9c-9e effective read set (a deleted key diverges: its tombstone version)
     ELSE IF ORI /\ \E p \in RS(a, W) : ver[p[1]] # p[2] THEN "409 CrossShardStale"
-    \* 9f written keys
-    ELSE IF \E k \in W : del[k] THEN "404 ShardDeleted"
-    ELSE IF \E p \in Ex(a, W) : ver[p[1]] # p[2] /\ Mutation # "no_version_guard"
+    \* 9f written keys (which one fails first is the trace module's business)
+    ELSE IF \E k \in C : ~del[k] THEN "409 ShardAlreadyExists"
+    ELSE IF \E k \in W \ C : del[k] THEN "404 ShardDeleted"
+    ELSE IF \E p \in Ex(a, W \ C) : ver[p[1]] # p[2] /\ Mutation # "no_version_guard"
          THEN "409 VersionMismatch"
     ELSE "ok"
+
+Outcome(a, W, m) == OutcomeM(a, W, {}, m)
 
 \* the new version of written key k (ex: expected versions sent by the client)
 NewVer(k, ex) ==
@@ -153,17 +169,28 @@ NewVer(k, ex) ==
     THEN (CHOOSE p \in ex : p[1] = k)[2] + 1
     ELSE ver[k] + 1
 
-\* 9g apply: version + 1, tombstone on delete, consume the mandate, history,
-\* read-your-writes in the committer's DL
-Apply(a, W, kind, m, rs, ex) ==
-    /\ ver' = [k \in Keys |-> IF k \in W THEN NewVer(k, ex) ELSE ver[k]]
-    /\ del' = [k \in Keys |-> IF k \in W THEN kind = "delete" ELSE del[k]]
-    /\ dl' = [dl EXCEPT ![a] = [k \in Keys |-> IF k \in W THEN NewVer(k, ex) ELSE dl[a][k]]]
+\* POST /shard on a tombstone: continues at tombstone + 1 (no ABA)
+CreateVer(k) == IF Mutation = "create_from_zero" THEN 0 ELSE ver[k] + 1
+
+\* the new version of written key k of a multi commit creating C
+MixedVer(k, C, ex) == IF k \in C THEN CreateVer(k) ELSE NewVer(k, ex)
+
+\* 9g apply: version + 1 (a created key: CreateVer), tombstone on delete (the keys in
+\* D), consume the mandate, history, read-your-writes in the committer's DL
+ApplyM(a, W, C, D, kind, m, rs, ex) ==
+    /\ ver' = [k \in Keys |-> IF k \in W THEN MixedVer(k, C, ex) ELSE ver[k]]
+    /\ del' = [k \in Keys |-> IF k \in W THEN k \in D ELSE del[k]]
+    /\ dl' = [dl EXCEPT ![a] = [k \in Keys |-> IF k \in W THEN MixedVer(k, C, ex)
+                                                  ELSE dl[a][k]]]
     /\ mstate' = IF m = NoMandate \/ Mutation = "no_mandate_consume" THEN mstate
                  ELSE [mstate EXCEPT ![m] = "consumed"]
     /\ hist' = Append(hist, [agent |-> a, kind |-> kind,
-                             w |-> {<<k, NewVer(k, ex)>> : k \in W},
-                             rs |-> rs, ex |-> ex, m |-> m])
+                             w |-> {<<k, MixedVer(k, C, ex)>> : k \in W},
+                             rs |-> rs, ex |-> ex \cup {<<k, ver[k]>> : k \in C},
+                             c |-> C, m |-> m])
+
+Apply(a, W, kind, m, rs, ex) ==
+    ApplyM(a, W, {}, IF kind = "delete" THEN W ELSE {}, kind, m, rs, ex)
 
 KindOK(W, kind) == kind = "delete" => (Cardinality(W) = 1 /\ W \subseteq DeletableKeys)
 InBound(a, W) ==
@@ -199,15 +226,24 @@ SplitWrite(a) ==
            ELSE UNCHANGED <<ver, del, dl, mstate, hist>>
         /\ UNCHANGED <<expired, mholder, heroRecover, toRead, expiries>>
 
-\* POST /shard on a tombstone: continues at tombstone + 1 (no ABA)
-CreateVer(k) == IF Mutation = "create_from_zero" THEN 0 ELSE ver[k] + 1
+\* A multi commit of the keys W that creates C and deletes D (docs/protocol.md
+\* section 3.1), the rest committed: all or nothing in one atomic step, its
+\* created keys out of the read set and guarded by being tombstones.
+MixedCommit(a, W, C, D, m) ==
+    /\ Variant = "atomic"
+    /\ C \cap D = {} /\ C \cup D # {} /\ C \cup D \subseteq W /\ D \subseteq DeletableKeys
+    /\ InBound(a, W)
+    /\ OutcomeM(a, W, C, m) = "ok"
+    /\ ApplyM(a, W, C, D, "mixed", m, RS(a, W), Ex(a, W \ C))
+    /\ UNCHANGED <<expired, mholder, pending, heroRecover, toRead, expiries>>
 
 Create(a, k) ==
     /\ del[k] /\ InBound(a, {k})
     /\ ver' = [ver EXCEPT ![k] = CreateVer(k)]
     /\ del' = [del EXCEPT ![k] = FALSE]
     /\ hist' = Append(hist, [agent |-> a, kind |-> "create", w |-> {<<k, CreateVer(k)>>},
-                             rs |-> {}, ex |-> {}, m |-> NoMandate])
+                             rs |-> {}, ex |-> {<<k, ver[k]>>}, c |-> {k},
+                             m |-> NoMandate])
     /\ UNCHANGED <<dl, expired, mstate, mholder, pending, heroRecover, toRead, expiries>>
 
 -----------------------------------------------------------------------------
@@ -314,6 +350,9 @@ Next ==
           AtomicCommit(a, W, kind, m) \/ SplitValidate(a, W, kind, m)
     \/ \E a \in Others : SplitWrite(a)
     \/ \E a \in Others, k \in Keys : Create(a, k)
+    \/ /\ MixedCommits
+       /\ \E a \in Others, W \in WriteSets, m \in Mandates \cup {NoMandate} :
+            \E C, D \in SUBSET W : MixedCommit(a, W, C, D, m)
     \/ HeroCommit
     \/ HeroRead
 
@@ -360,15 +399,14 @@ NoWriteSkew ==
 
 \* a mandate is carried by at most one committed transaction, only by its
 \* holder, and exactly when it is recorded consumed; every committed write
-\* of a require_mandate shard carried one
+\* of a require_mandate shard carried one, except a create (as POST /shard)
 MandateConsumeOnce ==
     /\ \A m \in Mandates :
          /\ Cardinality({i \in Idx : hist[i].m = m}) <= 1
          /\ (mstate[m] = "consumed") <=> (\E i \in Idx : hist[i].m = m)
     /\ \A i \in Idx : hist[i].m # NoMandate => hist[i].agent = mholder[hist[i].m]
     /\ \A i \in Idx :
-         (hist[i].kind # "create" /\ \E p \in hist[i].w : p[1] \in MandateKeys)
-            => hist[i].m # NoMandate
+         (\E p \in hist[i].w : p[1] \in MandateKeys \ hist[i].c) => hist[i].m # NoMandate
 
 \* Liveness: if its mandate (where one is required) is eventually held for
 \* good, Hero eventually commits.  Competing commits and deletes are finite

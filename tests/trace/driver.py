@@ -34,7 +34,7 @@ Pair = tuple[int, int]
 class Event:
     """One request and what the service answered (see SBusTrace.tla for the fields)."""
 
-    op: str  # read | commit | delete | create | reset | advance
+    op: str  # read | commit | delete | create | multi | reset | advance
     agent: str
     keys: tuple[int, ...]
     ex: tuple[Pair, ...]  # (key, expected_version) sent
@@ -43,6 +43,8 @@ class Event:
     shards: tuple[tuple[int, int, bool], ...]  # (key, version, deleted) afterwards
     dl: tuple[tuple[str, int, int], ...]  # (agent, key, version) afterwards
     snap: bool = True  # False: the model does not check shards and dl
+    creates: tuple[int, ...] = ()  # multi: the keys it creates
+    deletes: tuple[int, ...] = ()  # multi: the keys it deletes
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _details(res: str, body: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
         return ((model_key(body["key"]), int(body["expected"]), int(body["found"])),)
     if res == "404 ShardDeleted":
         return ((model_key(body["key"]), int(body["version"])),)
+    if res == "409 ShardAlreadyExists":
+        return ((model_key(body["key"]),),)
     return ()
 
 
@@ -152,10 +156,14 @@ class Recorder:
         ex: tuple[Pair, ...],
         res: str,
         out: tuple[tuple[int, ...], ...],
+        creates: tuple[int, ...] = (),
+        deletes: tuple[int, ...] = (),
     ) -> None:
         shards, dl = await self.snapshot()
         self.state = shards
-        self.events.append(Event(op, agent, keys, ex, res, out, shards, dl))
+        self.events.append(
+            Event(op, agent, keys, ex, res, out, shards, dl, creates=creates, deletes=deletes)
+        )
 
     # the operations ------------------------------------------------------------------
     async def read(self, a: str, k: int) -> None:
@@ -211,6 +219,41 @@ class Recorder:
         res, body = _answer(r, 201)
         out = ((k, int(body["version"])),) if res == "201" else ()
         await self.record("create", a, (k,), (), res, out)
+
+    async def multi(
+        self,
+        a: str,
+        known: dict[int, int],
+        *,
+        commits: tuple[int, ...] = (),
+        creates: tuple[int, ...] = (),
+        deletes: tuple[int, ...] = (),
+    ) -> None:
+        """A multi-commit mixing commits, creates and deletes (protocol.md §3.1): the
+        commits and deletes expect the client's DL versions, the creates nothing."""
+        writes: list[dict[str, Any]] = [
+            {"key": wire_key(k), "expected_version": known[k], "delta": "m"} for k in commits
+        ]
+        writes += [
+            {"key": wire_key(k), "delete": True, "expected_version": known[k]} for k in deletes
+        ]
+        writes += [{"key": wire_key(k), "create": True, "delta": "n"} for k in creates]
+        r = await self.client.post("/commit/multi", json={"agent_id": a, "writes": writes})
+        res, body = _answer(r, 200)
+        ex = tuple(sorted((k, known[k]) for k in commits + deletes))
+        new: tuple[Pair, ...] = ()
+        if res == "200":
+            new = tuple(
+                sorted((model_key(x["key"]), int(x["new_version"])) for x in body["results"])
+            )
+            for k, v in new:
+                self.mirror[a][k] = v  # read-your-writes, created and deleted keys too
+            self.session[a] = "live"
+        keys = tuple(sorted(commits + creates + deletes))
+        out = new if res == "200" else _details(res, body)
+        await self.record(
+            "multi", a, keys, ex, res, out, tuple(sorted(creates)), tuple(sorted(deletes))
+        )
 
     async def reset(self, a: str) -> None:
         r = await self.client.post("/session", json={"agent_id": a})
@@ -293,6 +336,57 @@ SCENARIO_ANSWERS = (
     "200",
     "200",
 )
+
+
+# the answers MIXED_SCENARIO must get (protocol.md §3.1), one per request
+MIXED_ANSWERS = (
+    "200",
+    "200",
+    "200",
+    "200",
+    "200",
+    "409 CrossShardStale",
+    "200",
+    "409 ShardAlreadyExists",
+    "200",
+    "200",
+    "200",
+    "200",
+    "409 VersionMismatch",
+)
+
+
+async def record_mixed_scenario(
+    client: httpx.AsyncClient, label: str = "mixed", ttl_s: int = 3600
+) -> Trace:
+    """A fixed trace (3 agents, 2 keys, ORI on) of multi-commits that also create and
+    delete (protocol.md §3.1), checked against SBus.tla's MixedCommit:
+
+    - step 2: a1 deletes k1 and commits k0 in one step (k0@1, k1@1 a tombstone);
+    - step 4: a2, which never read k1, re-creates it beside a commit of k0 (k0@2, k1@2);
+    - step 5: a1's create of the live k1 is refused for its stale read of k0 first (9e);
+    - step 7: once k0 is re-read, the same request is 409 ShardAlreadyExists on k1 (9f);
+    - step 11: a3, whose read of k1@2 went stale when a2 deleted k1 (step 9), re-creates
+      it: a created key leaves the read set, its guard is the key not being live;
+    - step 12: a stale delete of k0 beside a create of the live k1: 409 VersionMismatch on
+      k0, the first failing key in ascending order.
+    """
+    rec = Recorder(client, 3, 2, 0, ttl_s)
+    await rec.start(True)
+    await rec.read("a1", 0)
+    await rec.read("a1", 1)
+    await rec.multi("a1", rec.mirror["a1"], commits=(0,), deletes=(1,))
+    await rec.read("a2", 0)
+    await rec.multi("a2", rec.mirror["a2"], commits=(0,), creates=(1,))
+    await rec.multi("a1", rec.mirror["a1"], creates=(1,))
+    await rec.read("a1", 0)
+    await rec.multi("a1", rec.mirror["a1"], commits=(0,), creates=(1,))
+    await rec.read("a3", 1)
+    await rec.multi("a2", rec.mirror["a2"], deletes=(1,))
+    await rec.read("a3", 0)
+    await rec.multi("a3", rec.mirror["a3"], commits=(0,), creates=(1,))
+    await rec.multi("a1", {0: 2}, deletes=(0,), creates=(1,))
+    return Trace(label, rec.agents, 2, True, tuple(rec.events))
 
 
 async def record_scenario(

@@ -92,6 +92,23 @@ def _expired_admitted(e: Event) -> Event | None:
     return replace(e, res="200", out=tuple((k, v + 1) for k, v in e.ex))
 
 
+def _live_create_admitted(e: Event) -> Event | None:
+    """A multi-commit refused for creating a live key (409 ShardAlreadyExists) is
+    reported admitted, every written key one version on."""
+    if e.op != "multi" or e.res != "409 ShardAlreadyExists":
+        return None
+    known = dict(e.ex)
+    return replace(e, res="200", out=tuple((k, known.get(k, -1) + 1) for k in e.keys))
+
+
+def _create_conflict_code(e: Event) -> Event | None:
+    """A multi-commit's stale write (409 VersionMismatch) is reported as the create's
+    409 ShardAlreadyExists: right status, a later key's code."""
+    if e.op != "multi" or e.res != "409 VersionMismatch" or not e.creates:
+        return None
+    return replace(e, res="409 ShardAlreadyExists", out=((e.creates[0],),))
+
+
 # mutations of the observed state (snapshots stay on)
 def _no_read_your_writes(e: Event) -> Event | None:
     """After an admitted commit the committer's DL keeps the version it had read."""
@@ -108,6 +125,19 @@ def _read_not_recorded(e: Event) -> Event | None:
         return None
     ((k, v),) = e.out
     return replace(e, dl=tuple(x for x in e.dl if x != (e.agent, k, v)))
+
+
+def _multi_create_from_zero(e: Event) -> Event | None:
+    """A multi-commit re-creates a key over its tombstone at version 0 (the ABA bug on
+    the multi path)."""
+    if e.op != "multi" or e.res != "200" or not e.creates:
+        return None
+    k = e.creates[0]
+    return replace(
+        e,
+        out=tuple((j, 0 if j == k else v) for j, v in e.out),
+        shards=tuple((j, 0 if j == k else v, d) for j, v, d in e.shards),
+    )
 
 
 def _version_reused(e: Event) -> Event | None:
@@ -132,11 +162,14 @@ ANSWERS: dict[str, Rule] = {
     "tombstone_read_live": _tombstone_read_live,
     "delete_refused_code": _delete_refused_code,
     "expired_admitted": _expired_admitted,
+    "live_create_admitted": _live_create_admitted,
+    "create_conflict_code": _create_conflict_code,
 }
 STATES: dict[str, Rule] = {
     "no_read_your_writes": _no_read_your_writes,
     "read_not_recorded": _read_not_recorded,
     "version_reused": _version_reused,
+    "multi_create_from_zero": _multi_create_from_zero,
 }
 
 

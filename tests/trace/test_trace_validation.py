@@ -4,7 +4,9 @@ For every store (memory, SQLite, PostgreSQL, Redis) seeded workloads (tests/trac
 record four traces of 40 requests each against the in-process bus: three with ORI on (3
 agents x 3 keys, 2 x 2, 3 x 2) and one with ORI off, plus a fixed 13-request scenario
 (``driver.record_scenario``: the two places where the service, following protocol.md, is finer
-than SBus.tla; its answers are asserted). TLC checks them against SBus.tla
+than SBus.tla; its answers are asserted), and a fixed 13-request scenario of multi commits
+that also create and delete (``driver.record_mixed_scenario``, checked against SBus.tla's
+MixedCommit; its answers are asserted too). TLC checks them against SBus.tla
 through formal/trace/SBusTrace.tla (the mapping is described there and in
 formal/README.md, "Trace validation"), all ORI-on traces in one run, the ORI-off trace in
 another. Each run also carries the traces of the other ORI setting, which the model must
@@ -30,7 +32,14 @@ import pytest
 
 from tests.backends import missing
 from tests.trace import tla
-from tests.trace.driver import SCENARIO_ANSWERS, Trace, record_scenario, record_trace
+from tests.trace.driver import (
+    MIXED_ANSWERS,
+    SCENARIO_ANSWERS,
+    Trace,
+    record_mixed_scenario,
+    record_scenario,
+    record_trace,
+)
 from tests.trace.mutate import mutants
 
 STEPS = 40
@@ -56,6 +65,10 @@ COVERAGE = {
     ("create", "409 ShardAlreadyExists"),
     ("reset", "200"),
     ("advance", "200"),
+    ("multi", "200"),
+    ("multi", "409 CrossShardStale"),
+    ("multi", "409 ShardAlreadyExists"),
+    ("multi", "409 VersionMismatch"),
 }
 
 
@@ -73,6 +86,8 @@ def keep_dir(name: str) -> Path | None:
 async def record_all(client: httpx.AsyncClient, label: str) -> list[Trace]:
     scenario = await record_scenario(client, f"{label}/scenario")
     assert tuple(e.res for e in scenario.events) == SCENARIO_ANSWERS, scenario
+    mixed = await record_mixed_scenario(client, f"{label}/mixed")
+    assert tuple(e.res for e in mixed.events) == MIXED_ANSWERS, mixed
     return [
         await record_trace(
             client,
@@ -84,7 +99,7 @@ async def record_all(client: httpx.AsyncClient, label: str) -> list[Trace]:
             ori=ori,
         )
         for name, seed, agents, keys, ori in PLAN
-    ] + [scenario]
+    ] + [scenario, mixed]
 
 
 def first_stale_refusal(trace: Trace) -> int | None:

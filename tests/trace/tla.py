@@ -85,6 +85,8 @@ def _event(e: Event) -> str:
         "shards": _set(e.shards),
         "dl": _set(e.dl),
         "snap": _tla(e.snap),
+        "c": _set(e.creates),
+        "d": _set(e.deletes),
     }
     return "[" + ", ".join(f"{k} |-> {v}" for k, v in fields.items()) + "]"
 
