@@ -27,11 +27,13 @@ from sbus_client import (
     RetriesExhausted,
     SBusError,
     Session,
+    SessionExpired,
     Shard,
     ShardNotFound,
     UnknownClientError,
     UnknownServerError,
     ValidationError,
+    VersionMismatch,
 )
 from sbus_client import _codes as codes
 from tests.client.behaviour import AsyncBusFactory, BusFactory
@@ -315,3 +317,21 @@ def test_retry_budgets_are_checked_where_they_are_given() -> None:
     with pytest.raises(ValueError, match="max_elapsed must not be negative"):
         s.update("k", lambda shard: "y", max_elapsed=-1.0)
     assert seen == []
+
+
+def test_retries_exhausted_says_what_happened_and_what_to_do() -> None:
+    mismatch = VersionMismatch(
+        "version mismatch on key=k", problem={"error": "VersionMismatch", "key": "k"}
+    )
+    contended = str(RetriesExhausted(9, mismatch))
+    assert contended.startswith(
+        "gave up after 9 attempt(s); last error: VersionMismatch: version mismatch on key=k "
+        "[RetriesExhausted] Next: the keys are heavily contended"
+    ), contended
+    expired = SessionExpired(
+        "session expired", problem={"error": "SessionExpired", "reason": "ttl"}
+    )
+    slow = str(RetriesExhausted(3, expired))
+    assert "each attempt's session expired (ttl)" in slow
+    assert "SBUS_SESSION_TTL" in slow
+    assert "contended" not in slow

@@ -64,7 +64,9 @@ class SBusError(Exception):
             return _base_hint(self)
 
     def __str__(self) -> str:
-        where = f"{self.code}, HTTP {self.status}" if self.code else f"HTTP {self.status}"
+        # Status 0: raised by the client itself (RetriesExhausted), no HTTP answer.
+        http = f"HTTP {self.status}" if self.status else ""
+        where = ", ".join(part for part in (self.code, http) if part)
         return f"{self.detail} [{where}] Next: {self.next_step()}"
 
 
@@ -92,7 +94,11 @@ class RetriesExhausted(SBusError, RuntimeError):
     CODE = "RetriesExhausted"
 
     def __init__(self, attempts: int, last_error: BaseException | None) -> None:
-        detail = f"gave up after {attempts} attempt(s); last error: {last_error!r}"
+        if isinstance(last_error, SBusError):
+            last = f"{last_error.code}: {last_error.detail}"
+        else:
+            last = repr(last_error)
+        detail = f"gave up after {attempts} attempt(s); last error: {last}"
         super().__init__(detail, problem={"error": self.CODE})
         self.attempts = attempts
         self.last_error = last_error
@@ -104,6 +110,14 @@ class RetriesExhausted(SBusError, RuntimeError):
         return (type(self), (self.attempts, self.last_error), self.__dict__)
 
     def next_step(self) -> str:
+        last = self.last_error
+        if isinstance(last, SBusError) and last.code == "SessionExpired":
+            # Every attempt outlived its session: contention is not the cause.
+            return (
+                f"each attempt's session expired ({last.problem.get('reason')}): keep slow "
+                "work such as LLM calls outside the function, read fewer keys, or raise "
+                "SBUS_SESSION_TTL"
+            )
         return (
             "the keys are heavily contended: raise max_retries/max_elapsed, split the "
             "work over fewer keys, or report the failure to whoever asked for it"
