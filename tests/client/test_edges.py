@@ -37,6 +37,7 @@ from sbus_client import (
 )
 from sbus_client import _codes as codes
 from tests.client.behaviour import AsyncBusFactory, BusFactory
+from tests.client.fake import shard_response
 
 
 @pytest.mark.parametrize("key", ["../admin/health", "a/../k", "./k", "a/.", "k/.."])
@@ -335,3 +336,47 @@ def test_retries_exhausted_says_what_happened_and_what_to_do() -> None:
     assert "each attempt's session expired (ttl)" in slow
     assert "SBUS_SESSION_TTL" in slow
     assert "contended" not in slow
+
+
+def test_a_url_without_scheme_is_refused_when_the_bus_is_made() -> None:
+    for url in ("127.0.0.1:7000", "localhost", "ftp://bus.test", ""):
+        with pytest.raises(ValueError, match="must start with http:// or https://"):
+            Bus(url)
+        with pytest.raises(ValueError, match="must start with http:// or https://"):
+            AsyncBus(url)
+    assert Bus("HTTPS://bus.test/").base_url == "HTTPS://bus.test"
+
+
+def _silent_version(seen: list[str]) -> httpx.MockTransport:
+    """GET /version times out (a server that accepts and never answers it); the rest
+    answers."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == "/version":
+            raise httpx.ReadTimeout("timed out", request=request)
+        return shard_response("k", 3, "x")
+
+    return httpx.MockTransport(answer)
+
+
+def test_a_version_check_that_timed_out_is_not_repeated_before_every_call() -> None:
+    seen: list[str] = []
+    bus = Bus(
+        "http://bus.test", agent_id="a", http_client=httpx.Client(transport=_silent_version(seen))
+    )
+    with bus.session(keep=True) as s:
+        assert [s.read("k").version for _ in range(3)] == [3, 3, 3]
+    assert seen == ["/version", "/shard/k", "/shard/k", "/shard/k"]
+    assert bus.server_version() is None
+
+
+async def test_async_version_check_that_timed_out_is_not_repeated() -> None:
+    seen: list[str] = []
+    transport = httpx.MockTransport(_silent_version(seen).handler)
+    bus = AsyncBus(
+        "http://bus.test", agent_id="a", http_client=httpx.AsyncClient(transport=transport)
+    )
+    async with bus.session(keep=True) as s:
+        assert [(await s.read("k")).version for _ in range(3)] == [3, 3, 3]
+    assert seen == ["/version", "/shard/k", "/shard/k", "/shard/k"]

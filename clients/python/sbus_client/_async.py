@@ -142,6 +142,11 @@ class AsyncBus:
                 self._server_version = await drive(
                     self._http, self._core.base_url, self._core.version()
                 )
+            except httpx.TimeoutException:
+                # A server that accepts but does not answer: asking again before every
+                # call would add a whole timeout to each. The check only warns; skip it.
+                self._version_checked = True
+                return
             except httpx.TransportError:
                 return  # not reachable yet: the operation itself will say so; ask again later
             self._version_checked = True

@@ -107,6 +107,9 @@ class Core:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        if not base_url.lower().startswith(("http://", "https://")):
+            # Caught here, not after a round of transport retries of every request.
+            raise ValueError(f"the bus URL must start with http:// or https://: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.agent_id = agent_id
         self.token = token

@@ -114,6 +114,11 @@ class Bus:
                 return
             try:
                 self._server_version = drive(self._http, self._core.base_url, self._core.version())
+            except httpx.TimeoutException:
+                # A server that accepts but does not answer: asking again before every
+                # call would add a whole timeout to each. The check only warns; skip it.
+                self._version_checked = True
+                return
             except httpx.TransportError:
                 return  # not reachable yet: the operation itself will say so; ask again later
             self._version_checked = True
