@@ -90,6 +90,7 @@ def app_routes(app: FastAPI) -> tuple[set[tuple[str, str]], set[tuple[str, str]]
     other: set[tuple[str, str]] = set()
     for context in iter_route_contexts(app.routes):
         into = api if isinstance(context.original_route, APIRoute) else other
+        assert context.path_format is not None, context
         for method in context.methods or ():
             if method != "HEAD":
                 into.add((method.lower(), _normalise(context.path_format)))
