@@ -319,3 +319,19 @@ async def test_token_mode_lists_content_only_of_readable_keys(make_client: AppFa
     everything = ok(await c.get("/shards", params=params, headers=root))
     assert [i["key"] for i in everything["items"]] == ["code/x", "plan/a", "plan/b", "secret/s"]
     assert ok(await c.get("/admin/delivery-log", headers=root))["sessions"] == {}
+
+
+@pytest.mark.parametrize("field", ["agent_id", "session_id"])
+async def test_a_too_long_identifier_is_named_by_its_field(
+    client: httpx.AsyncClient, field: str
+) -> None:
+    await create(client, "a")
+    before = await snapshot(client, "a")
+    body = problem(
+        await client.post("/read", json={"keys": ["a"], "agent_id": "A", field: "s" * 257}),
+        422,
+        "ValidationError",
+    )
+    assert body["detail"] == f"body.{field}: {field} must be at most 256 characters", body
+    assert body["errors"][0]["type"] == f"invalid_{field.removesuffix('_id')}"
+    assert await snapshot(client, "a") == before

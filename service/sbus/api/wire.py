@@ -6,6 +6,7 @@ with its alias refused as AmbiguousField."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar
 
 from fastapi import Body
@@ -29,11 +30,18 @@ def _key(value: str) -> str:
     return value
 
 
-def _agent(value: str) -> str:
-    _text(value)
-    if len(value) > 256:
-        raise PydanticCustomError("invalid_agent", "agent_id must be at most 256 characters")
-    return value
+def _identifier(field: str) -> Callable[[str], str]:
+    """The rule of agent and session ids (protocol.md section 1), naming its field."""
+
+    def check(value: str) -> str:
+        _text(value)
+        if len(value) > 256:
+            raise PydanticCustomError(
+                f"invalid_{field}", f"{field}_id must be at most 256 characters"
+            )
+        return value
+
+    return check
 
 
 def _json_object(value: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +53,8 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
 
 Text = Annotated[str, AfterValidator(_text)]
 Key = Annotated[str, AfterValidator(_key)]
-AgentId = Annotated[str, AfterValidator(_agent)]
-SessionId = Annotated[str, AfterValidator(_agent)]
+AgentId = Annotated[str, AfterValidator(_identifier("agent"))]
+SessionId = Annotated[str, AfterValidator(_identifier("session"))]
 Version = Annotated[int, Field(ge=0, le=MAX_INT)]
 # Free-form JSON (a mandate context): any object that follows the input rules.
 JsonObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
