@@ -380,3 +380,31 @@ async def test_async_version_check_that_timed_out_is_not_repeated() -> None:
     async with bus.session(keep=True) as s:
         assert [(await s.read("k")).version for _ in range(3)] == [3, 3, 3]
     assert seen == ["/version", "/shard/k", "/shard/k", "/shard/k"]
+
+
+def test_run_uses_its_own_bus_with_the_functions_policy(make_bus: BusFactory) -> None:
+    """bus_b.run(f) of a function decorated on bus_a runs in bus_b's sessions (as bus_b's
+    agent), keeping f's retry settings."""
+    bus_a, bus_b = make_bus("a"), make_bus("b")
+    retries: list[int] = []
+
+    @bus_a.transactional(max_retries=1, base=0.0, on_retry=lambda n, e, w: retries.append(n))
+    def who(s: Session) -> str:
+        if not retries:
+            raise VersionMismatch("forced", problem={"error": "VersionMismatch"})
+        return f"{s.agent_id}"
+
+    assert bus_b.run(who) == "b"
+    assert retries == [1]
+    assert who() == "a"
+
+
+async def test_async_run_uses_its_own_bus(make_async_bus: AsyncBusFactory) -> None:
+    bus_a, bus_b = make_async_bus("a"), make_async_bus("b")
+
+    @bus_a.transactional()
+    async def who(s: AsyncSession) -> str | None:
+        return s.agent_id
+
+    assert await bus_b.run(who) == "b"
+    assert await who() == "a"

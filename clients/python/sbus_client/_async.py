@@ -210,7 +210,7 @@ class AsyncBus:
         """``fn(session, *args)`` under ``transactional``'s defaults (or ``fn``'s own
         policy when it is already decorated)."""
         if isinstance(fn, AsyncTransactional):
-            return cast(R, await fn(*args, **kwargs))
+            return cast(R, await fn.on(self)(*args, **kwargs))  # its policy, this bus
         return await AsyncTransactional(self, fn, TxnPolicy(), AsyncSession)(*args, **kwargs)
 
     async def aclose(self) -> None:

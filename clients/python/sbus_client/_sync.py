@@ -173,7 +173,7 @@ class Bus:
         """``fn(session, *args)`` under ``transactional``'s defaults (or ``fn``'s own
         policy when it is already decorated)."""
         if isinstance(fn, Transactional):
-            return cast(R, fn(*args, **kwargs))
+            return cast(R, fn.on(self)(*args, **kwargs))  # its policy, this bus
         return Transactional(self, fn, TxnPolicy(), Session)(*args, **kwargs)
 
     def close(self) -> None:

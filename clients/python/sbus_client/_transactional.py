@@ -98,6 +98,10 @@ class Transactional(Generic[S, P, R]):
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
 
+    def on(self, bus: _Opens[S]) -> Transactional[S, P, R]:
+        """The same function and policy, run in sessions of ``bus`` (``bus.run``)."""
+        return Transactional(bus, self._fn, self._policy, self._session_type)
+
     @overload
     def __call__(self, session: S, /, *args: P.args, **kwargs: P.kwargs) -> R: ...
     @overload
@@ -140,6 +144,10 @@ class AsyncTransactional(Generic[S, P, R]):
         self._session_type = session_type
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
+
+    def on(self, bus: _OpensAsync[S]) -> AsyncTransactional[S, P, R]:
+        """The same function and policy, run in sessions of ``bus`` (``bus.run``)."""
+        return AsyncTransactional(bus, self._fn, self._policy, self._session_type)
 
     @overload
     async def __call__(self, session: S, /, *args: P.args, **kwargs: P.kwargs) -> R: ...
