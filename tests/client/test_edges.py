@@ -408,3 +408,27 @@ async def test_async_run_uses_its_own_bus(make_async_bus: AsyncBusFactory) -> No
 
     assert await bus_b.run(who) == "b"
     assert await who() == "a"
+
+
+def test_a_redirect_is_an_error_that_names_where_it_points() -> None:
+    """An http URL for an https bus (or a missing path prefix): the redirect is not
+    followed (a POST resent elsewhere is a new request) and not parsed as an answer."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(301, headers={"Location": "https://bus.test" + request.url.path})
+
+    bus = Bus(
+        "http://bus.test",
+        agent_id="a",
+        http_client=httpx.Client(transport=httpx.MockTransport(answer)),
+    )
+    s = bus.session(keep=True)
+    for call in (lambda: s.read("k"), lambda: s.commit("k", "x", expected=0)):
+        with pytest.raises(UnknownClientError) as caught:
+            call()
+        assert caught.value.status == 301
+        assert "301 Moved Permanently to https://bus.test/" in str(caught.value)
+        assert "does not follow redirects" in str(caught.value)
+    assert seen == ["/version", "/shard/k", "/commit/v2"]  # each sent once, not resent

@@ -136,7 +136,7 @@ class Core:
             reply = yield call if bearer is None else call.with_header("Authorization", bearer)
             assert reply is not None, "a driver answers every Call"
             if isinstance(reply, httpx.Response):
-                if reply.status_code < 400:
+                if reply.status_code < 300:
                     return reply
                 if reply.status_code == 401 and callable(self.token) and not refreshed:
                     refreshed = True  # the token may have rotated since it was fetched

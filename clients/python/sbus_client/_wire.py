@@ -211,6 +211,15 @@ def error_of(response: httpx.Response) -> SBusError:
     if not isinstance(detail, str):
         text = response.text.strip().replace("\n", " ")
         detail = f"HTTP {status} {response.reason_phrase}: {text[:200]}".rstrip(": ")
+    if 300 <= status < 400:
+        # Not followed: a POST resent elsewhere is a new request. The base URL is what
+        # is wrong (http for https, a missing path prefix), so say where it points.
+        where = response.headers.get("location", "elsewhere")
+        detail = (
+            f"the bus answered HTTP {status} {response.reason_phrase} to {where}: the "
+            "client does not follow redirects; give Bus the URL the bus is served at"
+        )
+        return UnknownClientError(detail, status=status, problem=problem)
     cls = BY_CODE.get(code) if isinstance(code, str) else None
     if cls is None:
         cls = UnknownClientError if 400 <= status < 500 else UnknownServerError
