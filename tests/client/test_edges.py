@@ -36,6 +36,7 @@ from sbus_client import (
     VersionMismatch,
 )
 from sbus_client import _codes as codes
+from sbus_client.testing import LocalBus, local_settings
 from tests.client.behaviour import AsyncBusFactory, BusFactory
 from tests.client.fake import shard_response
 
@@ -432,3 +433,15 @@ def test_a_redirect_is_an_error_that_names_where_it_points() -> None:
         assert "301 Moved Permanently to https://bus.test/" in str(caught.value)
         assert "does not follow redirects" in str(caught.value)
     assert seen == ["/version", "/shard/k", "/commit/v2"]  # each sent once, not resent
+
+
+def test_a_misspelt_local_setting_is_refused_not_ignored() -> None:
+    """LocalBus(sesion_ttl=60) silently ran with the default TTL."""
+    with pytest.raises(
+        TypeError, match=r"no such setting 'sesion_ttl' \(did you mean 'session_ttl'\?\)"
+    ):
+        with LocalBus(sesion_ttl=60):
+            pass
+    with pytest.raises(TypeError, match=r"no such setting 'nonsense';"):
+        local_settings(nonsense=1)
+    assert local_settings(session_ttl=60).session_ttl == 60

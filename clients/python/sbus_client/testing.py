@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import difflib
 import threading
 from types import TracebackType
 from typing import Any
@@ -91,6 +92,19 @@ def local_settings(**overrides: Any) -> Settings:
     every other field the server's default unless overridden. Raises ValueError for a
     configuration ``sbus serve`` would refuse to start with (and pydantic's
     ValidationError, a ValueError too, for an invalid value)."""
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        # The server's settings ignore unknown names (environment variables), but here a
+        # misspelt keyword would silently test the default instead.
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+            for name in unknown
+            for close in [difflib.get_close_matches(name, Settings.model_fields, n=1)]
+        ]
+        raise TypeError(
+            f"sbus_client.testing: no such setting {', '.join(hints)}; the settings are "
+            "docs/configuration.md's variables in lower case without SBUS_"
+        )
     settings = _LocalSettings(**{"store": "memory", **overrides})
     problem = settings.startup_problem()
     if problem is not None:
