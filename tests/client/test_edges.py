@@ -30,6 +30,7 @@ from sbus_client import (
     SessionExpired,
     Shard,
     ShardNotFound,
+    TransportRetry,
     UnknownClientError,
     UnknownServerError,
     ValidationError,
@@ -39,6 +40,7 @@ from sbus_client import _codes as codes
 from sbus_client.testing import LocalBus, local_settings
 from tests.client.behaviour import AsyncBusFactory, BusFactory
 from tests.client.fake import shard_response
+from tests.client.test_drivers import FakeBus, async_bus, sync_bus
 
 
 @pytest.mark.parametrize("key", ["../admin/health", "a/../k", "./k", "a/.", "k/.."])
@@ -437,11 +439,53 @@ def test_a_redirect_is_an_error_that_names_where_it_points() -> None:
 
 def test_a_misspelt_local_setting_is_refused_not_ignored() -> None:
     """LocalBus(sesion_ttl=60) silently ran with the default TTL."""
-    with pytest.raises(
-        TypeError, match=r"no such setting 'sesion_ttl' \(did you mean 'session_ttl'\?\)"
+    with (
+        pytest.raises(
+            TypeError, match=r"no such setting 'sesion_ttl' \(did you mean 'session_ttl'\?\)"
+        ),
+        LocalBus(sesion_ttl=60),
     ):
-        with LocalBus(sesion_ttl=60):
-            pass
+        pass
     with pytest.raises(TypeError, match=r"no such setting 'nonsense';"):
         local_settings(nonsense=1)
     assert local_settings(session_ttl=60).session_ttl == 60
+
+
+def test_a_failed_reset_does_not_turn_a_landed_transaction_into_an_error() -> None:
+    """The function returned, so its commit landed: an error emptying the session after
+    it must not reach the caller, who would redo the work (a transfer made twice). A
+    conflict followed by a failed reset still retries; the function's own error is
+    still raised as itself."""
+    fake = FakeBus(session_status=503)
+    bus = sync_bus(fake, retry=TransportRetry(attempts=1))
+    attempts: list[int] = []
+
+    @bus.transactional(base=0.0)
+    def bump(s: Session, key: str) -> int:
+        attempts.append(1)
+        shard = s.read(key)
+        if len(attempts) == 1:
+            raise VersionMismatch("forced", problem={"error": "VersionMismatch"})
+        return s.commit(key, "y", expected=shard).version
+
+    assert bump("k") == 4
+    assert len(attempts) == 2
+    assert fake.count("/commit/v2") == 1
+    assert fake.count("/session") == 2  # both attempts' resets were tried
+    with pytest.raises(ShardNotFound):
+        bump("missing")
+
+
+async def test_async_failed_reset_does_not_turn_a_landed_transaction_into_an_error() -> None:
+    fake = FakeBus(session_status=503)
+    bus = async_bus(fake, retry=TransportRetry(attempts=1))
+
+    @bus.transactional()
+    async def bump(s: AsyncSession, key: str) -> int:
+        shard = await s.read(key)
+        return (await s.commit(key, "y", expected=shard)).version
+
+    assert await bump("k") == 4
+    assert (fake.count("/commit/v2"), fake.count("/session")) == (1, 1)
+    with pytest.raises(ShardNotFound):
+        await bump("missing")
