@@ -169,15 +169,25 @@ async def test_async_transactional_refuses_a_plain_function_before_running_it(
     assert await bus.run(delegating, 5) == 5
 
 
-@pytest.mark.parametrize("module", ["asgi_lifespan", "sbus"])
-def test_testing_without_its_extra_names_the_extra(module: str) -> None:
-    """`pip install sbus-client` alone: importing the testing helper says which extra to
+@pytest.mark.parametrize(
+    ("part", "extra", "module"),
+    [
+        ("sbus_client.testing", "testing", "asgi_lifespan"),
+        ("sbus_client.testing", "testing", "sbus"),
+        ("sbus_client.mcp", "mcp", "mcp"),
+        ("sbus_client.langgraph", "langgraph", "langgraph"),
+        ("sbus_client.langgraph", "langgraph", "langchain_core"),
+        ("sbus_client.openai_agents", "openai-agents", "agents"),
+    ],
+)
+def test_a_part_without_its_extra_names_the_extra(part: str, extra: str, module: str) -> None:
+    """`pip install sbus-client` alone: importing an optional part says which extra to
     install instead of naming a module the user never heard of."""
     script = (
         f"import sys; sys.modules[{module!r}] = None\n"
         "import sbus_client\n"
         "try:\n"
-        "    import sbus_client.testing\n"
+        f"    import {part}\n"
         "except ModuleNotFoundError as err:\n"
         "    print(type(err).__name__, err.name, '|', err)\n"
     )
@@ -185,7 +195,8 @@ def test_testing_without_its_extra_names_the_extra(module: str) -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.startswith(f"ModuleNotFoundError {module}"), done.stdout
-    assert "pip install 'sbus-client[testing]'" in done.stdout
+    assert f"{part} needs the '{extra}' extra" in done.stdout
+    assert f"pip install 'sbus-client[{extra}]'" in done.stdout
 
 
 def _refusing_transport(seen: list[str]) -> httpx.MockTransport:

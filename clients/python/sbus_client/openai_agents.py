@@ -29,9 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agents.items import TResponseInputItem
-from agents.memory import SessionSettings
-from agents.memory.session_settings import resolve_session_limit
+from sbus_client._extras import needs_extra
+
+with needs_extra("openai-agents", "sbus_client.openai_agents"):
+    from agents.items import TResponseInputItem
+    from agents.memory import SessionSettings
+    from agents.memory.session_settings import resolve_session_limit
 
 from sbus_client._async import AsyncBus, AsyncSession
 from sbus_client._codes import ShardAlreadyExists, ShardDeleted, ShardNotFound

@@ -42,7 +42,10 @@ from typing import Any
 
 import httpx
 
-try:
+from sbus_client._extras import needs_extra
+
+# The server package comes with the extra; say so instead of naming a missing module.
+with needs_extra("testing", "sbus_client.testing"):
     from asgi_lifespan import LifespanManager
     from fastapi import FastAPI
     from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
@@ -53,12 +56,6 @@ try:
     from sbus.core.errors import SBusError
     from sbus.storage.factory import open_store
     from sbus.storage.protocol import Store
-except ModuleNotFoundError as missing:  # the extra is not installed
-    raise ModuleNotFoundError(
-        f"sbus_client.testing runs the server in process and needs the 'testing' extra "
-        f"({missing.name} is not installed): pip install 'sbus-client[testing]'",
-        name=missing.name,
-    ) from missing
 
 from sbus_client import AsyncBus, Bus
 

@@ -8,6 +8,9 @@ node) instead of overwriting. docs/integrations/langgraph.md shows the pattern.
 
 from __future__ import annotations
 
-from sbus_client.langgraph._store import SBusStore
+from sbus_client._extras import needs_extra
+
+with needs_extra("langgraph", "sbus_client.langgraph"):
+    from sbus_client.langgraph._store import SBusStore
 
 __all__ = ["SBusStore"]

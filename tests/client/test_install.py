@@ -1,0 +1,67 @@
+"""`pip install ./clients/python` into a fresh virtual environment works on its own: the
+client imports without the server package, an optional part without its extra says which
+extra to install, and with every integration extra the parts import and `sbus-mcp` runs.
+
+This is the install a user does (from the package index pip is configured with), not the
+editable development install the rest of the suite runs on."""
+
+from __future__ import annotations
+
+import subprocess
+import venv
+from pathlib import Path
+
+import pytest
+
+CLIENT = Path(__file__).resolve().parents[2] / "clients" / "python"
+
+CHECK_ALONE = """
+import importlib.util, sys
+import sbus_client
+from sbus_client import Bus, AsyncBus, Session, ConflictError, VersionMismatch
+assert importlib.util.find_spec("sbus") is None, "the server package came along"
+assert issubclass(VersionMismatch, ConflictError)
+try:
+    import sbus_client.testing
+except ModuleNotFoundError as err:
+    print(err)
+else:
+    raise SystemExit("sbus_client.testing imported without its extra")
+print("version", sbus_client.__version__)
+"""
+
+CHECK_EXTRAS = """
+import importlib.util
+from sbus_client.mcp import build_server
+from sbus_client.langgraph import SBusStore
+from sbus_client.openai_agents import SBusSession
+assert importlib.util.find_spec("sbus") is None, "an extra pulled in the server package"
+print("ok")
+"""
+
+
+def run(args: list[str]) -> str:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    where = tmp_path_factory.mktemp("venv")
+    venv.EnvBuilder(with_pip=True).create(where)
+    return where / "bin"
+
+
+def test_the_client_installs_and_imports_alone(fresh_venv: Path) -> None:
+    run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", str(CLIENT)])
+    out = run([str(fresh_venv / "python"), "-c", CHECK_ALONE])
+    assert "pip install 'sbus-client[testing]'" in out
+    assert out.endswith("version 0.1.0\n")
+
+
+def test_the_integration_extras_install_and_import(fresh_venv: Path) -> None:
+    wanted = f"{CLIENT}[mcp,langgraph,openai-agents]"
+    run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", wanted])
+    assert run([str(fresh_venv / "python"), "-c", CHECK_EXTRAS]) == "ok\n"
+    assert "--transport" in run([str(fresh_venv / "sbus-mcp"), "--help"])
