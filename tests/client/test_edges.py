@@ -500,3 +500,31 @@ async def test_async_failed_reset_does_not_turn_a_landed_transaction_into_an_err
     assert (fake.count("/commit/v2"), fake.count("/session")) == (1, 1)
     with pytest.raises(ShardNotFound):
         await bump("missing")
+
+
+def test_a_transactional_function_keeps_its_name(make_bus: BusFactory) -> None:
+    """Frameworks name a node or a tool after the function they are given."""
+    bus = make_bus()
+
+    @bus.transactional()
+    def move_funds(s: Session, src: str) -> str:
+        """Move the funds."""
+        return src
+
+    assert move_funds.__name__ == "move_funds"
+    assert move_funds.__qualname__.endswith("move_funds")
+    assert move_funds.__doc__ == "Move the funds."
+    assert move_funds.__module__ == __name__
+    assert move_funds.__wrapped__ is not None
+
+
+async def test_an_async_transactional_function_keeps_its_name(
+    make_async_bus: AsyncBusFactory,
+) -> None:
+    bus = make_async_bus()
+
+    @bus.transactional()
+    async def move_funds(s: AsyncSession) -> None:
+        """Move the funds."""
+
+    assert (move_funds.__name__, move_funds.__doc__) == ("move_funds", "Move the funds.")

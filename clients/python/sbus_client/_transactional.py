@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,10 @@ class _OpensAsync(Protocol[S_co]):
 class Transactional(Generic[S, P, R]):
     """``fn(session, *args)`` made callable as ``fn(*args)`` (see the module doc)."""
 
+    __name__: str  # copied from the function, with its other attributes
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
     def __init__(
         self,
         bus: _Opens[S],
@@ -97,8 +102,9 @@ class Transactional(Generic[S, P, R]):
         self._fn = fn
         self._policy = policy
         self._session_type = session_type
-        self.__wrapped__ = fn
-        self.__doc__ = fn.__doc__
+        # __name__, __qualname__, __doc__, __module__, __wrapped__: frameworks name
+        # nodes and tools after the function (a LangGraph node, an MCP tool).
+        functools.update_wrapper(self, fn)
 
     def on(self, bus: _Opens[S]) -> Transactional[S, P, R]:
         """The same function and policy, run in sessions of ``bus`` (``bus.run``)."""
@@ -127,6 +133,10 @@ class Transactional(Generic[S, P, R]):
 class AsyncTransactional(Generic[S, P, R]):
     """The coroutine-function twin of :class:`Transactional`."""
 
+    __name__: str  # copied from the function, with its other attributes
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
     def __init__(
         self,
         bus: _OpensAsync[S],
@@ -147,8 +157,9 @@ class AsyncTransactional(Generic[S, P, R]):
         self._fn = fn
         self._policy = policy
         self._session_type = session_type
-        self.__wrapped__ = fn
-        self.__doc__ = fn.__doc__
+        # __name__, __qualname__, __doc__, __module__, __wrapped__: frameworks name
+        # nodes and tools after the function (a LangGraph node, an MCP tool).
+        functools.update_wrapper(self, fn)
 
     def on(self, bus: _OpensAsync[S]) -> AsyncTransactional[S, P, R]:
         """The same function and policy, run in sessions of ``bus`` (``bus.run``)."""
