@@ -31,6 +31,21 @@ def test_private_key_files_are_ignored_by_git() -> None:
     assert done.returncode == 1
 
 
+def test_the_virtualenv_is_never_tracked_whatever_its_kind() -> None:
+    """A worktree whose .venv is a symlink once committed it ('.venv/' matches only a
+    directory), and checking that commit out replaced other worktrees' virtualenvs."""
+    # examples/.venv does not exist, so git cannot see it is a directory: as a symlink.
+    for name in (".venv", ".venv/bin/python", "examples/.venv"):
+        done = subprocess.run(
+            ["git", "check-ignore", "--no-index", "-q", name], cwd=ROOT, check=False
+        )
+        assert done.returncode == 0, f"{name} is not ignored"
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", ".venv"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    assert tracked == b""
+
+
 def test_every_phony_make_target_has_a_rule() -> None:
     makefile = (ROOT / "Makefile").read_text()
     phony = re.search(r"^\.PHONY:(.*)$", makefile, re.MULTILINE)
