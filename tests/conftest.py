@@ -16,11 +16,16 @@ from fastapi import FastAPI
 from sbus.api.app import create_app
 from sbus.config import Settings
 from tests import backends
+from tests.model.seeding import SEED, SEED_ENV
 
 STORES = ["memory", "sqlite", "postgres", "redis"]
 JSON = {"Content-Type": "application/json"}
 
 AppFactory = Callable[..., Awaitable[tuple[FastAPI, httpx.AsyncClient]]]
+
+
+def pytest_report_header() -> str:
+    return f"lockstep model seed: {SEED} (repeat with {SEED_ENV}={SEED})"
 
 
 def store_url(kind: str, tmp_path: Path) -> str:
