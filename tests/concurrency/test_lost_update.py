@@ -5,6 +5,11 @@ next one: the successes' expected_versions are start..final-1, each exactly once
 commit overwrote another (a lost update shows up as a duplicated expected_version, a gap,
 or a final version short of the number of successes).
 
+The first attempt is an arranged collision: every agent reads, then waits at a barrier
+until all have read, then all commit on the same version. Exactly one wins, so the bus
+counts at least agents - 1 VersionMismatch refusals whatever the machine's speed, and
+the retries that follow really race.
+
 Sizes per topology: sqlite-1 runs 16 agents x 25 steps (400 commits) against one process;
 postgres-2 and redis-2 run 8 agents x 20 steps (160 commits) with agent i on replica i % 2,
 so the two processes race for the same row or key of the shared store. Every replica must
@@ -63,6 +68,7 @@ def test_hotspot_has_no_lost_update(bus: Bus, recorder: Recorder) -> None:
     with new_client(bus.url(0)) as admin:
         start = create_shard(admin, KEY, "genesis")
     start_line = threading.Barrier(agents, timeout=30)
+    all_read = threading.Barrier(agents, timeout=30)  # the arranged first collision
     stop = threading.Event()
     tallies = {f"agent{i:02d}": AgentTally(successes=[]) for i in range(agents)}
     began = time.monotonic()
@@ -85,6 +91,8 @@ def test_hotspot_has_no_lost_update(bus: Bus, recorder: Recorder) -> None:
                     # older than one it has already seen.
                     assert version >= last_seen, (name, version, last_seen)
                     last_seen = version
+                    if tally.reads == 1:
+                        all_read.wait()
                     resp = client.post(
                         "/commit/v2",
                         json={
@@ -117,6 +125,7 @@ def test_hotspot_has_no_lost_update(bus: Bus, recorder: Recorder) -> None:
     def abort() -> None:
         stop.set()
         start_line.abort()
+        all_read.abort()
 
     run_threads(
         [partial(agent, i, name) for i, name in enumerate(tallies)],
@@ -154,6 +163,8 @@ def test_hotspot_has_no_lost_update(bus: Bus, recorder: Recorder) -> None:
     assert final["content"] == last.delta
     assert stats["total_commits"] == len(successes)
     assert stats["total_conflicts"] == mismatches
+    # They collided: the first round alone refuses all agents but one.
+    assert mismatches >= agents - 1, mismatches
     assert stats["cross_shard_stale"] == 0
     # The recorded history (checked in full at teardown) saw every one of those commits.
     summary = assert_clean(recorder.history.ops)

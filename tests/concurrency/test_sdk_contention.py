@@ -8,9 +8,12 @@ PostgreSQL (two replicas) and Redis (two replicas), with the SDK's default retry
   total is conserved, and each balance is exactly what the transfers that returned made
   it (a transfer that gave up with RetriesExhausted moved nothing).
 
-Each test also proves the requests collided: the bus counted VersionMismatch refusals
-(``/stats``), or the ``on_retry`` hook ran. Clients alternate between the replicas, so
-two processes race for the same row or key of the shared store.
+Each test also proves the requests collided, by arrangement rather than by luck: the
+first commit of every worker is held in its HTTP transport (``HeldFirstCommits``) until
+every worker has one ready, so all of them rest on the same read and all but one are
+refused. The bus counts at least WORKERS - 1 VersionMismatch refusals (``/stats``), or
+the ``on_retry`` hook runs at least that often. Clients alternate between the replicas,
+so two processes race for the same row or key of the shared store.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import random
 import threading
 from collections import Counter
+from collections.abc import Hashable
 from functools import partial
 
 import httpx
@@ -36,17 +40,70 @@ STEPS = 25
 TIMEOUT_S = 120.0
 
 
-def recorded(recorder: Recorder, url: str) -> httpx.Client:
+def is_commit(request: httpx.Request) -> bool:
+    return request.method == "POST" and request.url.path.startswith("/commit")
+
+
+class HeldFirstCommits:
+    """The arranged collision: each worker's (thread's or task's) first commit waits here
+    until every worker's first commit is ready, then all go. Each was built on a read
+    taken before any of them was sent, so they all expect the same version and exactly
+    one wins: at least WORKERS - 1 refusals, on any machine, at any speed."""
+
+    def __init__(self, workers: int) -> None:
+        self.threads = threading.Barrier(workers, timeout=30)
+        self.tasks = asyncio.Barrier(workers)
+        self.seen: set[Hashable] = set()
+        self.lock = threading.Lock()
+
+    def first(self, worker: Hashable) -> bool:
+        with self.lock:
+            if worker in self.seen:
+                return False
+            self.seen.add(worker)
+            return True
+
+    def transport(self) -> httpx.BaseTransport:
+        held = self
+
+        class Hold(httpx.HTTPTransport):
+            def handle_request(self, request: httpx.Request) -> httpx.Response:
+                if is_commit(request) and held.first(threading.get_ident()):
+                    held.threads.wait()
+                return super().handle_request(request)
+
+        return Hold()
+
+    def async_transport(self) -> httpx.AsyncBaseTransport:
+        held = self
+
+        class Hold(httpx.AsyncHTTPTransport):
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                if is_commit(request) and held.first(asyncio.current_task()):
+                    await asyncio.wait_for(held.tasks.wait(), 30)
+                return await super().handle_async_request(request)
+
+        return Hold()
+
+
+def abort(*barriers: threading.Barrier) -> None:
+    for barrier in barriers:
+        barrier.abort()
+
+
+def recorded(recorder: Recorder, url: str, held: HeldFirstCommits | None = None) -> httpx.Client:
     """An HTTP client for the SDK whose requests enter the test's history, which the
     isolation checker verifies when the test ends (tests/concurrency/conftest.py)."""
-    return recorder.attach(httpx.Client(base_url=url, timeout=30.0, trust_env=False))
+    transport = held.transport() if held is not None else None
+    client = httpx.Client(base_url=url, timeout=30.0, trust_env=False, transport=transport)
+    return recorder.attach(client)
 
 
-def unrecorded(url: str) -> httpx.Client:
+def unrecorded(url: str, held: HeldFirstCommits) -> httpx.Client:
     """For the counters: their ~2,500 operations would cost the history checker several
     seconds per test, and check_counter's oracle is exact for one key (every version
     1..400 written once, each counting the one before)."""
-    return httpx.Client(base_url=url, timeout=30.0, trust_env=False)
+    return httpx.Client(base_url=url, timeout=30.0, trust_env=False, transport=held.transport())
 
 
 def increment(shard: Shard) -> str:
@@ -69,8 +126,8 @@ def check_counter(topology: Topology, key: str, versions: list[int]) -> None:
     assert all(e["content"] == str(e["version"]) for e in entries)
     stats = assert_replicas_agree(topology)
     assert stats["total_commits"] == total
-    # They collided: at least one update was refused and re-applied.
-    assert stats["total_conflicts"] > 0, stats
+    # They collided: the held first commits alone make WORKERS - 1 refusals.
+    assert stats["total_conflicts"] >= WORKERS - 1, stats
     print(f"\n[{topology.topology}] {total} updates, {stats['total_conflicts']} VersionMismatch")
 
 
@@ -79,7 +136,8 @@ def test_threads_update_one_counter_to_exactly_400(fresh_bus: Topology, recorder
     with new_client(fresh_bus.url(0)) as client:
         assert create_shard(client, key, "0") == 0
     recorder.checked_by_test = True  # by check_counter: see unrecorded()
-    https = [unrecorded(url) for url in fresh_bus.urls]
+    held = HeldFirstCommits(WORKERS)
+    https = [unrecorded(url, held) for url in fresh_bus.urls]
     clients = [Bus(str(h.base_url), agent_id="counter", http_client=h) for h in https]
     start = threading.Barrier(WORKERS, timeout=30)
     versions: list[int] = []
@@ -97,7 +155,9 @@ def test_threads_update_one_counter_to_exactly_400(fresh_bus: Topology, recorder
 
     try:
         run_threads(
-            [partial(worker, i) for i in range(WORKERS)], timeout=TIMEOUT_S, on_error=start.abort
+            [partial(worker, i) for i in range(WORKERS)],
+            timeout=TIMEOUT_S,
+            on_error=partial(abort, start, held.threads),
         )
     finally:
         for h in https:
@@ -112,8 +172,12 @@ async def test_tasks_update_one_counter_to_exactly_400(
     with new_client(fresh_bus.url(0)) as client:
         assert create_shard(client, key, "0") == 0
     recorder.checked_by_test = True  # by check_counter: see unrecorded()
+    held = HeldFirstCommits(WORKERS)
     https = [
-        httpx.AsyncClient(base_url=url, timeout=30.0, trust_env=False) for url in fresh_bus.urls
+        httpx.AsyncClient(
+            base_url=url, timeout=30.0, trust_env=False, transport=held.async_transport()
+        )
+        for url in fresh_bus.urls
     ]
     clients = [AsyncBus(str(h.base_url), agent_id="counter", http_client=h) for h in https]
     start = asyncio.Barrier(WORKERS)
@@ -146,7 +210,8 @@ def test_transactional_transfers_conserve_the_total(
     with new_client(fresh_bus.url(0)) as client:
         for key in accounts:
             assert create_shard(client, key, str(OPENING)) == 0
-    https = [recorded(recorder, url) for url in fresh_bus.urls]
+    held = HeldFirstCommits(WORKERS)
+    https = [recorded(recorder, url, held) for url in fresh_bus.urls]
     clients = [Bus(str(h.base_url), agent_id="bank", http_client=h) for h in https]
     retries: Counter[str] = Counter()
     lock = threading.Lock()
@@ -185,7 +250,9 @@ def test_transactional_transfers_conserve_the_total(
 
     try:
         run_threads(
-            [partial(worker, i) for i in range(WORKERS)], timeout=TIMEOUT_S, on_error=start.abort
+            [partial(worker, i) for i in range(WORKERS)],
+            timeout=TIMEOUT_S,
+            on_error=partial(abort, start, held.threads),
         )
     finally:
         for h in https:
@@ -209,7 +276,8 @@ def test_transactional_transfers_conserve_the_total(
     assert balances == {"acct/a": OPENING - out_of_a, "acct/b": OPENING + out_of_a}
     assert all(isinstance(g.last_error, ConflictError) for g in gave_up)
     assert len(moved) > WORKERS  # most transfers went through
-    assert sum(retries.values()) > 0  # and they collided
+    # and they collided: every held first transfer but one was refused and retried
+    assert sum(retries.values()) >= WORKERS - 1, retries
     stats = assert_replicas_agree(fresh_bus)
     assert stats["total_commits"] == len(moved)
 
