@@ -14,6 +14,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -135,4 +136,41 @@ rate_buckets = Table(
     Column("agent_id", Text, primary_key=True),
     Column("tokens", Float, nullable=False),
     Column("updated_ms", BigInteger, nullable=False),
+)
+
+# PostgreSQL's schema: the tables above, the open-mode signing secret that every replica
+# reads (SQLite keeps it in a key file beside the database instead), and the PL/pgSQL
+# functions the store calls (and sbus_lock_run, which they call), as (name, identity
+# arguments, result type). tests/storage/test_migrations.py holds a migrated database to
+# all three.
+postgres_metadata = MetaData()
+for _table in metadata.tables.values():
+    _table.to_metadata(postgres_metadata)
+
+secrets = Table(
+    "sbus_secrets",
+    postgres_metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+POSTGRES_FUNCTIONS = frozenset(
+    {
+        ("sbus_now_ms", "", "bigint"),
+        ("sbus_lock_run", "p_keys text[], p_write boolean", "void"),
+        (
+            "sbus_txn_load",
+            "p_agent text, p_session text, p_writes text[], p_reads text[], "
+            "p_rb_keys text[], p_rb_versions bigint[], p_idem_key text",
+            "jsonb",
+        ),
+        ("sbus_txn_apply", "p jsonb", "jsonb"),
+        (
+            "sbus_read",
+            "p_key text, p_agent text, p_session text, p_record boolean, p_ttl bigint, "
+            "p_max bigint",
+            "jsonb",
+        ),
+        ("sbus_mandate_consumed", "p_jti text, p_now bigint", "boolean"),
+    }
 )
