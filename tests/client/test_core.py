@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from sbus_client import (
+    BusUnreachable,
     CompatibilityWarning,
     ConflictError,
     CrossShardStale,
@@ -288,8 +289,15 @@ def test_decided_answers_are_not_resent(answer: httpx.Response) -> None:
 
 def test_transport_retries_are_bounded_by_attempts() -> None:
     c = core(retry=TransportRetry(attempts=3))
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(BusUnreachable) as gone:
         drive(c.commit(A, "k", "x", 0), [connect_error()] * 3)
+    assert (gone.value.attempts, gone.value.url) == (3, c.base_url)
+    assert isinstance(gone.value, RuntimeError) and isinstance(gone.value, SBusError)
+    assert isinstance(gone.value.__cause__, httpx.ConnectError)
+    assert str(gone.value).startswith(
+        f"no answer from the bus at {c.base_url} after 3 attempt(s) "
+        "(ConnectError: connection refused) [BusUnreachable] Next: check that the bus is running"
+    )
     busy = problem(503, "StoreUnavailable", outcome="unknown")
     with pytest.raises(StoreUnavailable) as err:
         drive(c.commit(A, "k", "x", 0), [busy] * 3)
@@ -314,7 +322,7 @@ def test_elapsed_budget_stops_resending() -> None:
 
     _, steps = drive(c.commit(A, "k", "x", 0), [connect_error(), committed_response(1)])
     assert len(calls(steps)) == 2
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(BusUnreachable):
         drive(c.commit(A, "k", "x", 0), [connect_error(), late])
 
 

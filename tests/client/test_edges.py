@@ -10,6 +10,7 @@ import functools
 import http.server
 import json
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from sbus_client import (
     AsyncBus,
     AsyncSession,
     Bus,
+    BusUnreachable,
     HistoryEntry,
     RetriesExhausted,
     SBusError,
@@ -95,6 +97,7 @@ def _errors() -> list[SBusError]:
     made.append(UnknownClientError("d", status=418, problem={"error": "Teapot"}))
     made.append(UnknownServerError("d", status=599))
     made.append(RetriesExhausted(9, made[0]))
+    made.append(BusUnreachable.after("http://127.0.0.1:9", 5, httpx.ConnectError("refused")))
     return made
 
 
@@ -528,3 +531,17 @@ async def test_an_async_transactional_function_keeps_its_name(
         """Move the funds."""
 
     assert (move_funds.__name__, move_funds.__doc__) == ("move_funds", "Move the funds.")
+
+
+def test_a_bus_that_is_not_there_is_one_clear_error() -> None:
+    """Nothing listens: after the transport resends, one BusUnreachable (an SBusError, so
+    one `except SBusError` covers every failure) naming the URL and what to do."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # bound, never listening
+        bus = Bus(url, agent_id="a", retry=TransportRetry(attempts=2, base=0.0))
+        with bus, pytest.raises(BusUnreachable) as gone, bus.session(keep=True) as s:
+            s.commit("k", "x", expected=0)
+    assert (gone.value.url, gone.value.attempts) == (url, 2)
+    assert isinstance(gone.value.__cause__, httpx.ConnectError)
+    assert f"check that the bus is running and reachable at {url}" in str(gone.value)

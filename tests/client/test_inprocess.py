@@ -12,6 +12,7 @@ import pytest
 from sbus_client import (
     AsyncBus,
     Bus,
+    BusUnreachable,
     CapabilityDenied,
     CompatibilityWarning,
     TransportRetry,
@@ -69,7 +70,7 @@ async def test_lost_response_is_replayed_exactly_once(asgi: httpx.AsyncBaseTrans
             assert [h.version for h in await s.history("k")] == [1, 0]  # moved once
 
 
-async def test_transport_budget_spent_raises_the_transport_error(
+async def test_transport_budget_spent_raises_bus_unreachable(
     asgi: httpx.AsyncBaseTransport,
 ) -> None:
     lossy = LosesFirstResponses(asgi, lose=10)
@@ -79,9 +80,10 @@ async def test_transport_budget_spent_raises_the_transport_error(
         )
         async with bus.session() as s:
             await s.create("k", "v0")
-            with pytest.raises(httpx.RemoteProtocolError):
+            with pytest.raises(BusUnreachable) as gone:
                 await s.commit("k", "v1", expected=0)
-            assert len(lossy.seen) == 2
+            assert isinstance(gone.value.__cause__, httpx.RemoteProtocolError)
+            assert len(lossy.seen) == gone.value.attempts == 2
             assert (await s.read("k")).version == 1  # it had landed: the key would replay it
 
 

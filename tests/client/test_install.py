@@ -7,6 +7,8 @@ editable development install the rest of the suite runs on."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -41,7 +43,10 @@ print("ok")
 
 
 def run(args: list[str]) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    # Nothing of the suite's own environment may leak in (PYTHONPATH would put the
+    # checkout's packages on the fresh venv's path).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, f"{args}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -53,15 +58,24 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where / "bin"
 
 
-def test_the_client_installs_and_imports_alone(fresh_venv: Path) -> None:
-    run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", str(CLIENT)])
+@pytest.fixture(scope="module")
+def client_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # pip builds a local directory in place (build/, *.egg-info): build a copy, so the
+    # checkout stays as it was.
+    copy = tmp_path_factory.mktemp("src") / "python"
+    shutil.copytree(CLIENT, copy, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    return copy
+
+
+def test_the_client_installs_and_imports_alone(fresh_venv: Path, client_copy: Path) -> None:
+    run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", str(client_copy)])
     out = run([str(fresh_venv / "python"), "-c", CHECK_ALONE])
     assert "pip install 'sbus-client[testing]'" in out
     assert out.endswith("version 0.1.0\n")
 
 
-def test_the_integration_extras_install_and_import(fresh_venv: Path) -> None:
-    wanted = f"{CLIENT}[mcp,langgraph,openai-agents]"
+def test_the_integration_extras_install_and_import(fresh_venv: Path, client_copy: Path) -> None:
+    wanted = f"{client_copy}[mcp,langgraph,openai-agents]"
     run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", wanted])
     assert run([str(fresh_venv / "python"), "-c", CHECK_EXTRAS]) == "ok\n"
     assert "--transport" in run([str(fresh_venv / "sbus-mcp"), "--help"])

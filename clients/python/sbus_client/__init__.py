@@ -13,6 +13,7 @@ from sbus_client import _codes
 from sbus_client._async import AsyncBus, AsyncSession
 from sbus_client._codes import *  # noqa: F403 (one class per server code, generated)
 from sbus_client._errors import (
+    BusUnreachable,
     CompatibilityWarning,
     ConflictError,
     RetriesExhausted,
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncSession",
     "AsyncTransactional",
     "Bus",
+    "BusUnreachable",
     "Committed",
     "CompatibilityWarning",
     "ConflictError",

@@ -20,7 +20,12 @@ from typing import Any
 import httpx
 
 from sbus_client._codes import VersionMismatch
-from sbus_client._errors import CompatibilityWarning, RetriesExhausted, UnknownServerError
+from sbus_client._errors import (
+    BusUnreachable,
+    CompatibilityWarning,
+    RetriesExhausted,
+    UnknownServerError,
+)
 from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
 from sbus_client._retry import Backoff, TransportRetry, resendable, retry_after
 from sbus_client._wire import (
@@ -125,16 +130,19 @@ class Core:
 
     def exchange(self, call: Call) -> Op[httpx.Response]:
         """Send ``call`` until it gets a decided answer: a 2xx is returned, an error
-        answer raised as its SBusError (the transport error itself after the budget).
+        answer raised as its SBusError (BusUnreachable when nothing answered within the
+        budget).
         Resends are byte-identical apart from the bearer token, which a callable
         token provides afresh for every send, and once more after a 401."""
         started = self.clock()
         budget: Backoff | None = None  # made on the first failure: most calls never need it
         refreshed = False
+        sends = 0
         while True:
             bearer = self._bearer()
             reply = yield call if bearer is None else call.with_header("Authorization", bearer)
             assert reply is not None, "a driver answers every Call"
+            sends += 1
             if isinstance(reply, httpx.Response):
                 if reply.status_code < 300:
                     return reply
@@ -142,7 +150,7 @@ class Core:
                     refreshed = True  # the token may have rotated since it was fetched
                     continue
             if not resendable(reply):
-                raise error_of(reply) if isinstance(reply, httpx.Response) else reply
+                raise self.failure(reply, sends)
             if budget is None:
                 budget = Backoff(
                     self.retry.base,
@@ -156,9 +164,18 @@ class Core:
             hint = retry_after(reply) if isinstance(reply, httpx.Response) else None
             wait = budget.delay(hint or 0.0)
             if wait is None:
-                raise error_of(reply) if isinstance(reply, httpx.Response) else reply
+                raise self.failure(reply, sends)
             if wait > 0:
                 yield Sleep(wait)
+
+    def failure(self, reply: httpx.Response | httpx.TransportError, sends: int) -> Exception:
+        """The exception for an answer the transport loop will not (or may no longer)
+        resend: the answer's SBusError, or BusUnreachable when nothing answered."""
+        if isinstance(reply, httpx.Response):
+            return error_of(reply)
+        unreachable = BusUnreachable.after(self.base_url, sends, reply)
+        unreachable.__cause__ = reply
+        return unreachable
 
     def need_agent(self, ident: Ident, what: str) -> None:
         """Fail before any request: the bus would refuse (422) a state change that

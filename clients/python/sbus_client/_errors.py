@@ -14,6 +14,7 @@ says whether a blind retry can help::
     │   └── UnknownClientError  a 4xx with a code this client does not know
     └── (RuntimeError)          ShardAlreadyExists, StoreUnavailable, RateLimited, ...
         ├── UnknownServerError  a 5xx with a code this client does not know
+        ├── BusUnreachable      no answer at all once the transport retries are spent
         └── RetriesExhausted    a retry loop spent its budget
 
 ``str()`` of every error ends with what an agent should do next.
@@ -85,6 +86,27 @@ class UnknownServerError(SBusError, RuntimeError):
     """A 5xx answer whose code this client does not know (a newer server, a proxy)."""
 
 
+class BusUnreachable(SBusError, RuntimeError):
+    """No answer from the bus at all (refused, reset, timed out) after every transport
+    resend. ``url`` is the bus, ``attempts`` the sends made; the httpx exception of the
+    last one is ``__cause__``. A RuntimeError like StoreUnavailable: the transport loop
+    has already waited, so a framework should not retry blindly on top of it."""
+
+    CODE = "BusUnreachable"
+    FIELDS = ("url", "attempts", "reason")
+    url: str
+    attempts: int
+    reason: str
+
+    @classmethod
+    def after(cls, url: str, attempts: int, last: Exception) -> BusUnreachable:
+        reason = f"{type(last).__name__}: {last}" if str(last) else type(last).__name__
+        detail = f"no answer from the bus at {url} after {attempts} attempt(s) ({reason})"
+        return cls(
+            detail, problem={"error": cls.CODE, "url": url, "attempts": attempts, "reason": reason}
+        )
+
+
 class RetriesExhausted(SBusError, RuntimeError):
     """A retry loop (``transactional`` or ``Session.update``) spent its budget.
 
@@ -147,6 +169,10 @@ def _derived(problem: dict[str, Any]) -> dict[str, str]:
 # Per-code advice; fields of the problem document fill the braces. A hint that cannot
 # be filled (a field missing) falls back to the advice of the error's base class.
 HINTS: dict[str, str] = {
+    "BusUnreachable": (
+        "check that the bus is running and reachable at {url}; a state change may or may "
+        "not have been applied, so re-read before redoing it"
+    ),
     "VersionMismatch": (
         "someone committed {key!r} first (now version {found}, you expected {expected}): "
         "re-read {key!r} and apply your change to that content (Session.update does it)"

@@ -6,6 +6,7 @@ Everything but sending and sleeping is in ``_core``; this module drives its oper
 from __future__ import annotations
 
 import builtins
+import logging
 import threading
 import time
 import uuid
@@ -30,6 +31,7 @@ from sbus_client._retry import TransportRetry
 from sbus_client._transactional import OnRetry, Transactional, TxnPolicy
 from sbus_client._wire import Op, Reply, Sleep, Step
 
+log = logging.getLogger("sbus_client")
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -212,12 +214,15 @@ class Session:
     ) -> None:
         if self.keep or (self.agent_id is None and self._core.token is None):
             return  # nothing was recorded without an agent
+        if exc is not None and not isinstance(exc, Exception):
+            return  # interrupted (Ctrl-C, cancelled): do not wait on the bus now
         try:
             self.reset()
-        except Exception:
-            if exc is None:
-                raise
-            # The task's own failure matters more; an unreset session expires by TTL.
+        except Exception as failed:  # noqa: BLE001 (best effort, logged)
+            # Emptying the session is hygiene: its TTL does it otherwise, and every
+            # `with` has its own session id. Raising would hide the block's own error, or,
+            # after a block whose commits have landed, make the caller redo them.
+            log.warning("could not empty session %s: %s", self.session_id, failed)
 
     def reset(self) -> None:
         """Empty this session's DeliveryLog (POST /session)."""

@@ -10,14 +10,12 @@ ConflictError re-runs; the waits are full jitter (``_retry.Backoff``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from sbus_client._errors import ConflictError, RetriesExhausted
@@ -120,7 +118,7 @@ class Transactional(Generic[S, P, R]):
         budget = self._policy.budget()
         while True:
             done, wait = False, 0.0
-            with _Settled(self._bus.session()) as session:
+            with self._bus.session() as session:
                 try:
                     result, done = self._fn(session, *args, **kwargs), True
                 except ConflictError as err:
@@ -175,7 +173,7 @@ class AsyncTransactional(Generic[S, P, R]):
         budget = self._policy.budget()
         while True:
             done, wait = False, 0.0
-            async with _SettledAsync(self._bus.session()) as session:
+            async with self._bus.session() as session:
                 try:
                     result, done = await self._fn(session, *args, **kwargs), True
                 except ConflictError as err:
@@ -187,47 +185,3 @@ class AsyncTransactional(Generic[S, P, R]):
 
 def _name(fn: object) -> str:
     return str(getattr(fn, "__qualname__", None) or repr(fn))
-
-
-class _Settled(Generic[S]):
-    """A session for one attempt whose outcome is already decided when it closes.
-
-    Emptying the session on exit is hygiene (its TTL does it otherwise); once the
-    function has returned, its commits have landed, so a failed reset must not turn
-    that value into an exception the caller would answer by doing the work again. An
-    exception from the function still closes the session the usual way, which never
-    hides it."""
-
-    def __init__(self, session: AbstractContextManager[S]) -> None:
-        self._session = session
-
-    def __enter__(self) -> S:
-        return self._session.__enter__()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is not None:
-            self._session.__exit__(kind, exc, tb)
-            return
-        with contextlib.suppress(Exception):
-            self._session.__exit__(None, None, None)
-
-
-class _SettledAsync(Generic[S]):
-    """The asyncio twin of :class:`_Settled`."""
-
-    def __init__(self, session: AbstractAsyncContextManager[S]) -> None:
-        self._session = session
-
-    async def __aenter__(self) -> S:
-        return await self._session.__aenter__()
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is not None:
-            await self._session.__aexit__(kind, exc, tb)
-            return
-        with contextlib.suppress(Exception):
-            await self._session.__aexit__(None, None, None)

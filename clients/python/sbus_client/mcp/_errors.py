@@ -30,7 +30,13 @@ from sbus_client._codes import (
     Unauthorized,
     VersionMismatch,
 )
-from sbus_client._errors import ConflictError, RetriesExhausted, SBusError, UnknownServerError
+from sbus_client._errors import (
+    BusUnreachable,
+    ConflictError,
+    RetriesExhausted,
+    SBusError,
+    UnknownServerError,
+)
 
 RETRY = "re-read, merge, retry"
 
@@ -58,10 +64,11 @@ HOST_PROBLEMS = (Unauthorized, TokenRevoked, AgentMismatch, HostNotAllowed)
 def translate(err: SBusError | httpx.TransportError, bus_url: str) -> Exception:
     """The exception a tool raises for ``err``: a ToolError the model reads, or an
     MCPError for the host."""
-    if isinstance(err, httpx.TransportError):
+    if isinstance(err, BusUnreachable | httpx.TransportError):
+        cause = err.reason if isinstance(err, BusUnreachable) else f"{type(err).__name__}: {err}"
         return MCPError(
             INTERNAL_ERROR,
-            f"the S-Bus at {bus_url} is unreachable ({type(err).__name__}: {err}); "
+            f"the S-Bus at {bus_url} is unreachable ({cause}); "
             "check that it is running and that SBUS_URL points at it",
         )
     if isinstance(err, HOST_PROBLEMS):
