@@ -27,6 +27,7 @@ from sbus_client import (
     Committed,
     ConflictError,
     CrossShardStale,
+    KeysPage,
     MandateConsumed,
     MandateRequired,
     RetriesExhausted,
@@ -186,6 +187,11 @@ class SDKBehaviour:
             s.create("m/c", "")
             assert s.list("n/") == ["n/b", "n/plan"]
             assert s.list() == ["m/c", "n/b", "n/plan"]
+            first = s.list_page(limit=2)
+            assert (first.keys, first.next_after) == (["m/c", "n/b"], "n/b")
+            rest = s.list_page(after=first.next_after, limit=2)
+            assert (rest.keys, rest.next_after) == (["n/plan"], None)
+            assert s.list_page("n/", limit=5) == KeysPage(["n/b", "n/plan"], None)
 
     def test_state_change_without_agent_is_refused_locally(self, make_bus: BusFactory) -> None:
         bus = make_bus(agent_id=None)
@@ -437,6 +443,8 @@ class SDKBehaviour:
             )
             assert {k: c.version for k, c in done.items()} == {"k/a": 1, "k/c": 0, "k/b": 1}
             assert await s.list("k/") == ["k/a", "k/c"]
+            page = await s.list_page("k/", limit=1)
+            assert (page.keys, page.next_after) == (["k/a"], "k/a")
 
     async def test_async_update_from_tasks_loses_nothing(
         self, make_async_bus: AsyncBusFactory

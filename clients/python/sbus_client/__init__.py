@@ -21,7 +21,7 @@ from sbus_client._errors import (
     UnknownClientError,
     UnknownServerError,
 )
-from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
+from sbus_client._models import Committed, HistoryEntry, KeysPage, Mandate, ServerVersion, Shard
 from sbus_client._retry import TransportRetry
 from sbus_client._sync import Bus, Session
 from sbus_client._transactional import AsyncTransactional, Transactional
@@ -37,6 +37,7 @@ __all__ = [
     "CompatibilityWarning",
     "ConflictError",
     "HistoryEntry",
+    "KeysPage",
     "Mandate",
     "RetriesExhausted",
     "SBusError",

@@ -25,7 +25,14 @@ from sbus_client._core import (
     Token,
     Write,
 )
-from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
+from sbus_client._models import (
+    Committed,
+    HistoryEntry,
+    KeysPage,
+    Mandate,
+    ServerVersion,
+    Shard,
+)
 from sbus_client._retry import TransportRetry
 from sbus_client._sync import DEFAULT_URL
 from sbus_client._transactional import AsyncTransactional, OnRetry, TxnPolicy
@@ -106,6 +113,11 @@ class AsyncBus:
     @property
     def agent_id(self) -> str | None:
         return self._core.agent_id
+
+    @property
+    def has_token(self) -> bool:
+        """Whether requests carry a bearer token (in token mode its subject is the agent)."""
+        return self._core.token is not None
 
     def _per_loop(self) -> _PerLoop:
         loop = asyncio.get_running_loop()
@@ -375,6 +387,13 @@ class AsyncSession:
     async def list(self, prefix: str = "") -> list[str]:
         """Every live key under ``prefix`` the caller may read (all pages)."""
         return await self.bus._run(self._core.list_keys(self._ident, prefix))
+
+    async def list_page(
+        self, prefix: str = "", *, after: str | None = None, limit: int | None = None
+    ) -> KeysPage:
+        """One page of live keys under ``prefix`` the caller may read, after ``after``:
+        at most ``limit`` (the bus's page size when None). Unrecorded."""
+        return await self.bus._run(self._core.list_page(self._ident, prefix, after, limit))
 
     async def scan(self, prefix: str = "") -> builtins.list[Shard]:
         """Every live shard under ``prefix`` with its content, unrecorded (all pages)."""

@@ -26,7 +26,14 @@ from sbus_client._errors import (
     RetriesExhausted,
     UnknownServerError,
 )
-from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
+from sbus_client._models import (
+    Committed,
+    HistoryEntry,
+    KeysPage,
+    Mandate,
+    ServerVersion,
+    Shard,
+)
 from sbus_client._retry import Backoff, TransportRetry, resendable, retry_after
 from sbus_client._wire import (
     Call,
@@ -240,6 +247,14 @@ class Core:
         )
         call = Call("GET", target, headers_for(ident.agent, ident.session, body=False))
         return body_of((yield from self.exchange(call)))
+
+    def list_page(
+        self, ident: Ident, prefix: str, after: str | None, limit: int | None
+    ) -> Op[KeysPage]:
+        target = with_query("/shards", {"prefix": prefix or None, "after": after, "limit": limit})
+        call = Call("GET", target, headers_for(ident.agent, ident.session, body=False))
+        page = body_of((yield from self.exchange(call)))
+        return KeysPage([str(k) for k in page["shards"]], page.get("next_after"))
 
     def list_keys(self, ident: Ident, prefix: str) -> Op[list[str]]:
         keys: list[str] = []

@@ -94,6 +94,15 @@ class Mandate:
 
 
 @dataclass(frozen=True)
+class KeysPage:
+    """One page of ``GET /shards``: ``keys`` in ascending order, and ``next_after`` to
+    pass as ``after`` for the next page (None on the last one)."""
+
+    keys: list[str]
+    next_after: str | None
+
+
+@dataclass(frozen=True)
 class ServerVersion:
     """What ``GET /version`` reported: the server's release and its HTTP API major."""
 

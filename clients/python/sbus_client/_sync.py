@@ -26,7 +26,14 @@ from sbus_client._core import (
     Token,
     Write,
 )
-from sbus_client._models import Committed, HistoryEntry, Mandate, ServerVersion, Shard
+from sbus_client._models import (
+    Committed,
+    HistoryEntry,
+    KeysPage,
+    Mandate,
+    ServerVersion,
+    Shard,
+)
 from sbus_client._retry import TransportRetry
 from sbus_client._transactional import OnRetry, Transactional, TxnPolicy
 from sbus_client._wire import Op, Reply, Sleep, Step
@@ -96,6 +103,11 @@ class Bus:
     @property
     def agent_id(self) -> str | None:
         return self._core.agent_id
+
+    @property
+    def has_token(self) -> bool:
+        """Whether requests carry a bearer token (in token mode its subject is the agent)."""
+        return self._core.token is not None
 
     def _run(self, op: Op[T]) -> T:
         # The op runs up to its first request before the version is asked, so what it
@@ -335,6 +347,13 @@ class Session:
     def list(self, prefix: str = "") -> list[str]:
         """Every live key under ``prefix`` the caller may read (all pages)."""
         return self.bus._run(self._core.list_keys(self._ident, prefix))
+
+    def list_page(
+        self, prefix: str = "", *, after: str | None = None, limit: int | None = None
+    ) -> KeysPage:
+        """One page of live keys under ``prefix`` the caller may read, after ``after``:
+        at most ``limit`` (the bus's page size when None). Unrecorded."""
+        return self.bus._run(self._core.list_page(self._ident, prefix, after, limit))
 
     def scan(self, prefix: str = "") -> builtins.list[Shard]:
         """Every live shard under ``prefix`` with its content, unrecorded (all pages)."""

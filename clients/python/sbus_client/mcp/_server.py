@@ -27,7 +27,6 @@ from sbus_client._codes import (
     ShardDeleted,
     ShardNotFound,
 )
-from sbus_client._core import Ident
 from sbus_client._errors import SBusError
 from sbus_client._models import HistoryEntry, Shard
 from sbus_client._version import __version__
@@ -137,7 +136,7 @@ def build_server(
     when None; in token mode the token's subject when neither names one), starting in
     session ``session_id`` (a fresh random one when None)."""
     agent = agent_id if agent_id is not None else bus.agent_id
-    if agent is None and bus._core.token is None:
+    if agent is None and not bus.has_token:
         raise ValueError(
             "build_server needs an agent: pass agent_id, give the AsyncBus an agent_id, "
             "or a token (its subject is the agent)"
@@ -208,21 +207,16 @@ class _Tools:
     ) -> KeysOut:
         """List existing shard keys in ascending order (no contents; records nothing).
         next_after is null on the last page; pass it as after to get the next one."""
-        s = self._session
-        ident = Ident(s.agent_id, s.session_id)
         keys: list[str] = []
         cursor = after
         while len(keys) < limit:
             page = await self._call(
-                self._bus._run(self._bus._core.keys_page(ident, prefix, cursor, content=False))
+                self._session.list_page(prefix, after=cursor, limit=limit - len(keys))
             )
-            keys.extend(str(k) for k in page["shards"])
-            cursor = page.get("next_after")
+            keys.extend(page.keys)
+            cursor = page.next_after
             if cursor is None:
                 break
-        if len(keys) > limit:
-            keys = keys[:limit]
-            cursor = keys[-1]
         return {"keys": keys, "next_after": cursor}
 
     async def shard_history(
