@@ -23,6 +23,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+AuthMode = Literal["open", "token"]
+
 # One `sbus serve` opens at most this many PostgreSQL connections by default (all its
 # workers together), leaving 20 of PostgreSQL's default max_connections=100 for
 # superuser-reserved slots, `sbus migrate` and an operator's psql.
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
     # Set by `sbus serve --workers N` for its workers (sbus.api.readiness); not for operators.
     ready_dir: str | None = None
     namespace: str = "sbus"
-    auth: Literal["open", "token"] | None = None
+    auth: AuthMode | None = None
     allow_insecure: bool = False
     admin_enabled: bool = False
     cors_origins: str = ""
@@ -82,7 +84,7 @@ class Settings(BaseSettings):
     max_connections: int = Field(512, ge=1)
 
     @property
-    def auth_mode(self) -> str:
+    def auth_mode(self) -> AuthMode:
         if self.auth is not None:
             return self.auth
         return "open" if is_loopback(self.host) else "token"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -184,7 +183,3 @@ class Gate:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-def gate_factory(**options: Any) -> Callable[[ASGIApp], Gate]:
-    return lambda app: Gate(app, **options)

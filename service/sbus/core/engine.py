@@ -30,6 +30,7 @@ from sbus.core.types import (
     ReadItem,
     Shard,
     Txn,
+    TxnOp,
     WriteOp,
 )
 from sbus.storage.protocol import Store
@@ -48,10 +49,22 @@ _ID_PREFIX = os.urandom(8).hex()
 _id_counter = itertools.count()
 
 
+def _reseed_commit_ids() -> None:
+    # A forked child inherits the prefix and the counter, so parent and child would
+    # hand out the same ids. `sbus serve --workers N` spawns its workers, but a pre-fork
+    # server (gunicorn) or an embedding application may fork after importing this.
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_reseed_commit_ids)
+
+
 def new_commit_id() -> str:
-    """32 hex digits: 64 random bits drawn once per process, then a 64-bit counter.
-    Unique across replicas without coordination (a prefix collision needs ~2^32
-    processes), and cheaper than a uuid4 or os.urandom call per commit."""
+    """32 hex digits: 64 random bits drawn once per process (again in a forked child),
+    then a 64-bit counter. Unique across replicas without coordination (a prefix
+    collision needs ~2^32 processes), and cheaper than a uuid4 or os.urandom call per
+    commit."""
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
@@ -191,7 +204,7 @@ class Bus:
 
 def commit_txn(
     *,
-    op: str,
+    op: TxnOp,
     agent_id: str,
     session_id: str,
     writes: list[WriteOp],

@@ -22,7 +22,10 @@ statuses; everything below the API raises these classes and nothing else.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+# Whether a change the store failed on may have landed (the wire ``outcome`` field).
+StoreOutcome = Literal["not_applied", "unknown"]
 
 
 class SBusError(Exception):
@@ -257,7 +260,9 @@ class StoreUnavailable(SBusError):
     code = "StoreUnavailable"
     title = "Store unavailable"
 
-    def __init__(self, detail: str, *, outcome: str = "not_applied", retry_after: int = 1) -> None:
+    def __init__(
+        self, detail: str, *, outcome: StoreOutcome = "not_applied", retry_after: int = 1
+    ) -> None:
         super().__init__(detail, outcome=outcome)
         self.retry_after = retry_after
 

@@ -11,7 +11,7 @@ check this code against an independent model.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from sbus.core.chain import GENESIS, content_id, entry_hash
 from sbus.core.clock import rfc3339
@@ -36,11 +36,15 @@ from sbus.core.types import (
     MandateRef,
     Outcome,
     RateLimit,
+    SessionState,
     SessionView,
     Shard,
     Txn,
     WriteOp,
 )
+
+# What a recorded read does to its session (:func:`plan_read`).
+ReadPlan = Literal["record", "restart", "overflow", "skip"]
 
 
 class Effects:
@@ -73,11 +77,11 @@ class Effects:
         self.shards: list[Shard] = []
         self.history: list[HistoryEntry] = []
         self.dl_writes: dict[str, DLEntry] = {}
-        self.session = "empty"
+        self.session: SessionState = "empty"
         self.consume: MandateRef | None = None  # a mandate to record as consumed
 
 
-def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> str:
+def session_state(session: SessionView, now_ms: int, ttl_ms: int) -> SessionState:
     """``empty`` | ``live`` | ``expired`` | ``overflowed`` (protocol.md §1)."""
     if session.overflowed:
         return "overflowed"
@@ -475,7 +479,7 @@ def record_read(
     now_ms: int,
     ttl_ms: int,
     max_entries: int,
-) -> str:
+) -> ReadPlan:
     """Apply a recorded read (GET or register) to ``view`` in place and return what a
     store must persist: ``skip`` (nothing), ``overflow`` (mark the session overflowed),
     ``record`` (upsert the entry and the session's last read) or ``restart`` (delete the
@@ -565,7 +569,9 @@ def bucket_take(
     return level, max(1, int((1.0 - level) / rate.per_ms + 0.999))
 
 
-def plan_read(session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int) -> str:
+def plan_read(
+    session: SessionView, key: str, *, now_ms: int, ttl_ms: int, max_entries: int
+) -> ReadPlan:
     """How a recorded read (GET or register) treats the session: ``record``, ``restart``
     (expired or empty: drop old entries first, then record), ``overflow`` (serve, do not
     record, mark the session) or ``skip`` (already overflowed: serve only)."""

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 WriteKind = Literal["commit", "create", "delete", "rollback"]
+# Which request a Txn came from; it selects how the success body is rendered.
+TxnOp = Literal["commit", "multi", "rollback", "delete"]
+# protocol.md §1: the state of an (agent, session) DeliveryLog at a given instant.
+SessionState = Literal["empty", "live", "expired", "overflowed"]
 
 
 class Shard(NamedTuple):
@@ -96,11 +100,12 @@ class IdemRef(NamedTuple):
 class Txn(NamedTuple):
     """A state change submitted to the store's single atomic commit operation.
 
-    ``op`` selects how the success body is rendered: "commit", "multi", "rollback"
-    or "delete". Writes are sorted by key by the engine before submission.
+    ``op`` selects how the success body is rendered. ``writes`` are in request order
+    (no duplicate keys); a store that needs an order of its own, such as a lock order,
+    sorts them itself.
     """
 
-    op: str
+    op: TxnOp
     agent_id: str
     session_id: str
     writes: tuple[WriteOp, ...]

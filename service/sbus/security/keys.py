@@ -107,11 +107,6 @@ class KeySet:
         return cls("EdDSA", signing, kid_of(signing) if signing else None, ring)
 
     @classmethod
-    def ephemeral(cls) -> KeySet:
-        """A random HS256 key set for one process (tests)."""
-        return cls.from_secret(secrets.token_bytes(MIN_SECRET_BYTES))
-
-    @classmethod
     def from_settings(cls, settings: Settings) -> KeySet:
         """The key set the configuration describes, or :class:`KeyConfigError`."""
         verify_paths = [p.strip() for p in settings.verify_key.split(",") if p.strip()]

@@ -70,6 +70,7 @@ from sbus.core.errors import (
     ShardDeleted,
     ShardNotFound,
     StoreMisconfigured,
+    StoreOutcome,
     StoreUnavailable,
     ValidationFailed,
     VersionMismatch,
@@ -314,13 +315,13 @@ class RedisStore:
         except ResponseError as exc:
             message = str(exc)
             ran = not message.startswith(_NOT_RUN)
-            outcome = "unknown" if ran and script.writes else "not_applied"
+            outcome: StoreOutcome = "unknown" if ran and script.writes else "not_applied"
             log.error("Redis script %s failed: %s", name, message)
             raise StoreUnavailable(f"Redis refused {name}: {message}", outcome=outcome) from exc
         except (RedisError, OSError) as exc:
             await conn.disconnect()
-            outcome = "unknown" if script.writes else "not_applied"
-            raise StoreUnavailable(f"Redis connection lost: {exc}", outcome=outcome) from exc
+            lost: StoreOutcome = "unknown" if script.writes else "not_applied"
+            raise StoreUnavailable(f"Redis connection lost: {exc}", outcome=lost) from exc
         except BaseException:
             # Cancelled with a reply pending: the connection cannot be reused.
             await conn.disconnect()

@@ -21,8 +21,6 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_REVISION = "0006"
-
 metadata = MetaData()
 
 shards = Table(
