@@ -180,7 +180,7 @@ def test_integer_query_parameters_use_minimum_and_maximum() -> None:
     document = _built()
     for method, path, operation in _operations(document):
         for parameter in operation.get("parameters", []):
-            assert _bound_keywords(parameter["schema"]) == [], (method, path, parameter)
+            assert _bound_keywords(parameter.get("schema", {})) == [], (method, path, parameter)
     for (method, path, name), (low, high) in QUERY_BOUNDS.items():
         (parameter,) = [
             p for p in _operation(document, method, path)["parameters"] if p["name"] == name
@@ -319,7 +319,11 @@ def test_request_headers_are_declared(mode: str) -> None:
         for parameter in operation["parameters"]:
             if parameter["in"] == "header":
                 assert parameter["required"] is False
-                assert parameter["schema"]["type"] == "string"
+                if parameter["name"] == "X-SBus-Mandate-Context":  # JSON in a header
+                    schema = parameter["content"]["application/json"]["schema"]
+                    assert schema["type"] == "object"
+                else:
+                    assert parameter["schema"]["type"] == "string"
     # Not accepted there (400 InvalidPrecondition), so not offered.
     assert "If-Match" not in _header_names(_operation(document, "post", "/commit/multi"))
 
@@ -467,3 +471,66 @@ async def test_the_declared_503s_are_what_the_server_sends(
             assert int(r.headers["retry-after"]) >= 1
     finally:
         app.state.ready = True
+
+
+# -- the real constraints, stated (tests/e2e/test_schema_acceptance.py drives them) ----
+
+
+def _walk(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, list):
+        return [d for item in node for d in _walk(item)]
+    if not isinstance(node, dict):
+        return []
+    return [node] + [d for value in node.values() for d in _walk(value)]
+
+
+@pytest.mark.parametrize("mode", ["open", "token"])
+def test_integer_bounds_are_integers(mode: str) -> None:
+    """FastAPI wrote body bounds as 9007199254740991.0; a generator types that a float."""
+    document = _built() if mode == "open" else _token_document()
+    integers = [d for d in _walk(document) if d.get("type") == "integer"]
+    assert len(integers) > 10
+    for schema in integers:
+        for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            assert type(schema.get(name, 0)) is int, schema
+    version = document["components"]["schemas"]["CommitBody"]["properties"]["expected_version"]
+    assert version["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": MAX_INT}]
+
+
+def test_version_precondition_is_required_with_if_match_named() -> None:
+    document = _built()
+    body = document["components"]["schemas"]["CommitBody"]
+    assert {"key", "delta", "expected_version"} <= set(body["required"])
+    assert "If-Match" in body["properties"]["expected_version"]["description"]
+    (param,) = [
+        p
+        for p in _operation(document, "delete", "/shard/{key}")["parameters"]
+        if p["name"] == "expected_version"
+    ]
+    assert param["required"] is True and "If-Match" in param["description"]
+    assert param["schema"] == {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+
+
+def test_identifiers_text_and_json_state_their_rules() -> None:
+    document = _built()
+    schemas = document["components"]["schemas"]
+    no_nul = "^[^\\u0000]*$"
+    for model in ("CommitBody", "SessionBody", "RollbackBody"):
+        for name in ("agent_id", "session_id"):
+            (string,) = [
+                b for b in schemas[model]["properties"][name]["anyOf"] if b["type"] == "string"
+            ]
+            assert (string["maxLength"], string["pattern"]) == (256, no_nul), (model, name)
+    assert schemas["CommitBody"]["properties"]["delta"]["pattern"] == no_nul
+    delete = _operation(document, "delete", "/shard/{key}")
+    for param in delete["parameters"]:
+        if param["name"] in ("agent_id", "session_id", "X-Agent-Id", "X-SBus-Session-Id"):
+            schema = param["schema"]
+            string = next(b for b in schema.get("anyOf", [schema]) if b["type"] == "string")
+            assert (string["maxLength"], string["pattern"]) == (256, no_nul), param
+    (context,) = [
+        b for b in schemas["CommitBody"]["properties"]["context"]["anyOf"] if b["type"] == "object"
+    ]
+    assert context["additionalProperties"] == {"$ref": "#/components/schemas/JsonValue"}
+    value = schemas["JsonValue"]["anyOf"]
+    assert {"type": "number", "minimum": 0, "maximum": MAX_INT} in value

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from sbus.api import openapi_http, wire
 from sbus.api.auth import PUBLIC
 from sbus.api.schemas import Problem
-from sbus.core.keys import MAX_KEY_LENGTH
+from sbus.core.keys import MAX_INT, MAX_JSON_DEPTH, MAX_KEY_LENGTH
 
 DESCRIPTIONS = {
     400: "Malformed request (JSON, If-Match, identity)",
@@ -51,41 +51,145 @@ KEY_SCHEMA: dict[str, Any] = {
     "maxLength": MAX_KEY_LENGTH,
     "pattern": rf"^{_SEGMENT}(?:/{_SEGMENT})*$",
 }
-_KEY_CHECK = get_args(wire.Key)[1]
+# Free-form JSON under the input rules (sbus.core.keys.json_problem): strings and object
+# keys without U+0000, numbers within 0..2^53-1. The nesting limit (MAX_JSON_DEPTH) is
+# stated in the description; a recursive schema cannot count.
+JSON_VALUE = "JsonValue"
+_JSON_REF = {"$ref": f"#/components/schemas/{JSON_VALUE}"}
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": f"Any JSON value: strings without U+0000, numbers within 0..{MAX_INT}, "
+    f"arrays and objects nested at most {MAX_JSON_DEPTH} deep.",
+    "anyOf": [
+        {"type": "string", "pattern": openapi_http.NO_NUL},
+        {"type": "number", "minimum": 0, "maximum": MAX_INT},
+        {"type": "boolean"},
+        {"type": "null"},
+        {"type": "array", "items": _JSON_REF},
+        {
+            "type": "object",
+            "propertyNames": {"pattern": openapi_http.NO_NUL},
+            "additionalProperties": _JSON_REF,
+        },
+    ],
+}
+JSON_OBJECT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": openapi_http.NO_NUL},
+    "additionalProperties": _JSON_REF,
+}
 
 
-def _is_key(annotation: Any) -> bool:
-    return any(check is _KEY_CHECK for check in get_args(annotation)[1:])
+# The rules the wire models check in AfterValidators, which FastAPI cannot describe:
+# validator -> the JSON Schema keywords that state it.
+IDENTIFIER_SCHEMA: dict[str, Any] = {"maxLength": 256, "pattern": openapi_http.NO_NUL}
+_RULES: list[tuple[Any, dict[str, Any]]] = [
+    (get_args(wire.Key)[1], KEY_SCHEMA),
+    (get_args(wire.AgentId)[1], IDENTIFIER_SCHEMA),
+    (get_args(wire.SessionId)[1], IDENTIFIER_SCHEMA),
+    (get_args(wire.Text)[1], {"pattern": openapi_http.NO_NUL}),
+    (get_args(wire.JsonObject)[1], JSON_OBJECT_SCHEMA),
+]
 
 
-def _key_fields() -> dict[str, list[tuple[str, bool]]]:
-    """Component name -> the properties that hold a shard key, each with whether it
-    holds a list of keys (``list[Key]``) rather than one."""
-    found: dict[str, list[tuple[str, bool]]] = {}
+def _rule_of(metadata: Any) -> dict[str, Any] | None:
+    for check, rule in _RULES:
+        if any(item is check for item in metadata):
+            return rule
+    return None
+
+
+def _field_rules() -> dict[str, list[tuple[str, bool, dict[str, Any]]]]:
+    """Component name -> the properties under a rule of ``_RULES``: (name, whether it
+    holds a list of such values rather than one, the rule)."""
+    found: dict[str, list[tuple[str, bool, dict[str, Any]]]] = {}
     for model in vars(wire).values():
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             continue
         for name, field in model.model_fields.items():
-            if any(check is _KEY_CHECK for check in field.metadata):
-                found.setdefault(model.__name__, []).append((field.alias or name, False))
-            elif get_origin(field.annotation) is list and _is_key(get_args(field.annotation)[0]):
-                found.setdefault(model.__name__, []).append((field.alias or name, True))
+            rule = _rule_of(field.metadata)
+            many = False
+            annotation = field.annotation
+            if rule is None and get_origin(annotation) is list:
+                rule, many = _rule_of(get_args(get_args(annotation)[0])[1:]), True
+            if rule is None:  # Optional: X | None
+                for branch in get_args(annotation):
+                    rule = rule or _rule_of(get_args(branch)[1:])
+            if rule is not None:
+                found.setdefault(model.__name__, []).append((field.alias or name, many, rule))
     return found
 
 
-def _describe_keys(schema: dict[str, Any]) -> None:
-    components = schema.get("components", {}).get("schemas", {})
-    for model, fields in _key_fields().items():
+def _string_branch(prop: dict[str, Any]) -> dict[str, Any]:
+    """The string (or object) schema inside ``prop`` (itself, or that branch of X | None)."""
+    for branch in prop.get("anyOf", ()):
+        if branch.get("type") in ("string", "object"):
+            found: dict[str, Any] = branch
+            return found
+    return prop
+
+
+def _describe_rules(schema: dict[str, Any]) -> None:
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components[JSON_VALUE] = JSON_VALUE_SCHEMA
+    for model, fields in _field_rules().items():
         properties = components.get(model, {}).get("properties", {})
-        for name, many in fields:
+        for name, many, rule in fields:
             if name in properties:
-                target = properties[name].setdefault("items", {}) if many else properties[name]
-                target.update(KEY_SCHEMA)
+                prop = properties[name]
+                target = _string_branch(prop.setdefault("items", {}) if many else prop)
+                if rule is JSON_OBJECT_SCHEMA:
+                    target.pop("additionalProperties", None)
+                target.update(rule)
     for methods in schema.get("paths", {}).values():
         for operation in methods.values():
             for parameter in operation.get("parameters", []):
-                if parameter.get("in") == "path" and parameter.get("name") == "key":
+                where, name = parameter.get("in"), parameter.get("name")
+                if where == "path" and name == "key":
                     parameter.setdefault("schema", {}).update(KEY_SCHEMA)
+                elif where == "query" and name in ("agent_id", "session_id"):
+                    _string_branch(parameter.setdefault("schema", {})).update(IDENTIFIER_SCHEMA)
+
+
+def _integer_bounds(node: Any) -> None:
+    """FastAPI writes an int model's bounds as floats (9007199254740991.0); a client
+    generator reads those as numbers. An integer's bounds are integers."""
+    if isinstance(node, list):
+        for item in node:
+            _integer_bounds(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "integer":
+            for name in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                value = node.get(name)
+                if isinstance(value, float) and value.is_integer():
+                    node[name] = int(value)
+        for value in node.values():
+            _integer_bounds(value)
+
+
+# The version precondition: the body's (or DELETE's query) expected_version, or If-Match.
+# A schema cannot make a body field optional on a header, so the document requires the
+# field and names If-Match as the alternative: a client that follows it always passes.
+PRECONDITION = (
+    "The version the write expects (required: send it, or leave it out and send If-Match "
+    "instead; both sent must agree, else 422 PreconditionConflict). Alias: expected_ver."
+)
+
+
+def _require_precondition(schema: dict[str, Any]) -> None:
+    body = schema.get("components", {}).get("schemas", {}).get("CommitBody")
+    if body is not None:
+        body["required"] = sorted({*body.get("required", ()), "expected_version"})
+        version = body["properties"]["expected_version"]
+        version["description"] = PRECONDITION
+        version["anyOf"] = [b for b in version.get("anyOf", ()) if b.get("type") != "null"]
+    delete = schema.get("paths", {}).get("/shard/{key}", {}).get("delete")
+    for parameter in (delete or {}).get("parameters", []):
+        if parameter.get("in") == "query" and parameter.get("name") == "expected_version":
+            parameter["required"] = True
+            parameter["description"] = PRECONDITION.replace(" Alias: expected_ver.", "")
+            branches = parameter["schema"].get("anyOf")
+            if branches:
+                (parameter["schema"],) = [b for b in branches if b.get("type") != "null"]
 
 
 # FastAPI copies a Query()'s ge/le/gt/lt into the parameter's schema under those names
@@ -128,7 +232,9 @@ def install(app: FastAPI) -> None:
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
         components["Problem"] = Problem.model_json_schema()
-        _describe_keys(schema)
+        _describe_rules(schema)
+        _integer_bounds(schema)
+        _require_precondition(schema)
         # The deployment's own cap (SBUS_MAX_READ_KEYS), which no static model knows.
         read_keys = components.get("ReadBody", {}).get("properties", {}).get("keys")
         if read_keys is not None:

@@ -19,7 +19,10 @@ from sbus.core.keys import MAX_INT
 
 BEARER = "bearer"
 
-_IDENTIFIER = {"type": "string", "minLength": 1, "maxLength": 256}
+# Identifiers (agent and session ids) and free text: no U+0000 (sbus.core.keys.text_problem;
+# a lone surrogate, also refused, cannot be stated in a pattern); identifiers at most 256.
+NO_NUL = r"^[^\u0000]*$"
+_IDENTIFIER = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": NO_NUL}
 
 HEADERS: dict[str, dict[str, Any]] = {
     "X-Agent-Id": {
@@ -34,7 +37,7 @@ HEADERS: dict[str, dict[str, Any]] = {
     "X-SBus-Session-Id": {
         "description": 'The agent\'s session (default ""); must equal a session_id field '
         "if both are sent.",
-        "schema": {"type": "string", "maxLength": 256},
+        "schema": {"type": "string", "maxLength": 256, "pattern": NO_NUL},
     },
     "Idempotency-Key": {
         "description": "Replays the recorded answer of a successful request with the same "
@@ -46,6 +49,7 @@ HEADERS: dict[str, dict[str, Any]] = {
         "description": 'The expected version as one strong ETag, e.g. "3"; stands in for '
         "expected_version (both and different: 422 PreconditionConflict).",
         "schema": {"type": "string", "pattern": '^"[0-9]{1,16}"$'},
+        "example": '"0"',
     },
     "X-SBus-Mandate": {
         "description": "A mandate (POST /mandates) authorizing this delete.",
@@ -53,7 +57,16 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
     "X-SBus-Mandate-Context": {
         "description": "The mandate's context, as a JSON object.",
-        "schema": {"type": "string", "minLength": 2},
+        # A header carrying JSON: OpenAPI states it with content, not a string schema.
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "propertyNames": {"pattern": NO_NUL},
+                    "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+                }
+            }
+        },
     },
 }
 
