@@ -305,6 +305,25 @@ async def test_agent_comes_from_configuration(local: AsyncLocalBus) -> None:
         build_server(AsyncBus(local.url, http_client=local.http))
 
 
+@pytest.mark.parametrize(
+    ("where", "agent", "session"),
+    [("agent_id", "agent-\u00fc", None), ("agent_id", "a" * 257, None),
+     ("agent_id", " padded", None), ("agent_id", "", None),
+     ("session_id", "agent", "s\u00e9ance"), ("session_id", "agent", "s" * 257)],
+)  # fmt: skip
+async def test_an_identity_the_bus_cannot_carry_is_refused_when_built(
+    local: AsyncLocalBus, where: str, agent: str, session: str | None
+) -> None:
+    # Every tool call would fail on it, and the model can do nothing about an identity.
+    with pytest.raises(ValueError, match=f"^{where} .* (printable ASCII|at most 256)"):
+        bus = AsyncBus(local.url, http_client=local.http)
+        build_server(bus, agent_id=agent, session_id=session)
+    bus = AsyncBus(local.url, agent_id=agent, http_client=local.http)
+    if where == "agent_id" and agent:
+        with pytest.raises(ValueError, match=r"^agent_id "):
+            build_server(bus)
+
+
 async def test_token_mode_acts_as_the_token_subject() -> None:
     async with AsyncLocalBus(auth="token", secret=SECRET) as local:
         tok = token(local.app, "agent-7", ("**", "read,write,create,delete"))

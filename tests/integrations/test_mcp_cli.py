@@ -56,3 +56,24 @@ def test_host_checking_stays_on_for_a_remote_bind() -> None:
     ]
     assert "http://10.0.0.7:*" in remote.allowed_origins
     assert "http://mcp.example.org" in remote.allowed_origins
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [(["--agent-id", "agent-\u00fc"], {}), ([], {"SBUS_AGENT_ID": "x" * 257}),
+     ([], {"SBUS_AGENT_ID": "two\nlines"})],
+)  # fmt: skip
+def test_an_agent_id_the_bus_cannot_carry_stops_the_server(
+    argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.delenv("SBUS_TOKEN", raising=False)
+    monkeypatch.delenv("SBUS_AGENT_ID", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(argv)  # stdio: it would serve, were the agent usable
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "the agent id (--agent-id / SBUS_AGENT_ID)" in err
+    assert "printable ASCII" in err or "at most 256 characters" in err

@@ -9,6 +9,7 @@ check.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, replace
@@ -32,6 +33,11 @@ KEY_SAFE = ":@._-"
 # the request leaves, so "../admin/health" would reach another route; escaped, it
 # reaches the bus as written and is refused there.
 DOT_SEGMENTS = {".": "%2E", "..": "%2E%2E"}
+# Agent and session ids travel in headers (headers_for): HTTP carries visible ASCII and
+# inner spaces there (outer ones are stripped on the way), and the bus takes at most 256
+# characters (docs/protocol.md section 1).
+MAX_IDENTIFIER = 256
+_HEADER_TEXT = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,21 @@ def key_path(prefix: str, key: str) -> str:
 def with_query(path: str, params: Mapping[str, str | int | None]) -> str:
     present = {k: str(v) for k, v in params.items() if v is not None}
     return f"{path}?{urlencode(present)}" if present else path
+
+
+def identifier_problem(value: str, *, room: int = 0) -> str | None:
+    """Why ``value`` cannot be an agent or session id on the wire (None if it can):
+    printable ASCII without outer spaces, at most 256 characters less ``room`` (what a
+    caller may append later)."""
+    limit = MAX_IDENTIFIER - room
+    if not _HEADER_TEXT.fullmatch(value):
+        return (
+            "must be 1 or more printable ASCII characters without leading or trailing "
+            "spaces (it travels in an HTTP header)"
+        )
+    if len(value) > limit:
+        return f"must be at most {limit} characters"
+    return None
 
 
 def headers_for(

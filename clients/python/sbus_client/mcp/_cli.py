@@ -22,6 +22,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 
 from sbus_client._async import AsyncBus
 from sbus_client._sync import DEFAULT_URL
+from sbus_client._wire import identifier_problem
 from sbus_client.mcp._server import build_server
 
 LOOPBACK_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     env = os.environ
     url = args.url or env.get("SBUS_URL") or DEFAULT_URL
     agent = agent_of(args.agent_id, env)
+    problem = None if agent is None else identifier_problem(agent)
+    if problem:
+        parser().error(f"the agent id (--agent-id / SBUS_AGENT_ID) {agent!r} {problem}")
     token = env.get("SBUS_TOKEN") or None
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops it
         anyio.run(_serve, args, url, agent, token)

@@ -30,6 +30,7 @@ from sbus_client._codes import (
 from sbus_client._errors import SBusError
 from sbus_client._models import HistoryEntry, Shard
 from sbus_client._version import __version__
+from sbus_client._wire import identifier_problem
 from sbus_client.mcp._errors import translate
 
 T = TypeVar("T")
@@ -141,6 +142,12 @@ def build_server(
             "build_server needs an agent: pass agent_id, give the AsyncBus an agent_id, "
             "or a token (its subject is the agent)"
         )
+    # Identity is configuration: a bad one is the host's error now, not a tool error
+    # on every call later (which the model could do nothing about).
+    for name, value in (("agent_id", agent), ("session_id", session_id)):
+        problem = None if value is None else identifier_problem(value)
+        if problem:
+            raise ValueError(f"{name} {value!r} {problem}")
     tools = _Tools(bus, agent, session_id or _session_id("mcp"))
     # WARNING: mcp configures logging; at its default INFO every bus request and every
     # refused tool call would be logged on stderr, which hosts show as server noise.
