@@ -65,12 +65,12 @@ from bench import (
 )
 from sbus.config import Settings
 from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.store import Store
 from sbus.core.types import CreateOp, Limits, MandateRef, WriteOp
 from sbus.security.mandates import Mandates
 from sbus.security.rights import ALL_RIGHTS, Capabilities, Identity, Right, Scope
 from sbus.security.tokens import Issuer
 from sbus.storage.factory import open_store
-from sbus.storage.protocol import Store
 
 CONNECTIONS = 64
 SECRET = "auth-bench-secret-" + "s" * 32

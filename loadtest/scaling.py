@@ -61,9 +61,9 @@ from bench import (
 from cas import asyncpg_dsn
 from sbus.core.chain import GENESIS, content_id
 from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.store import Store
 from sbus.core.types import CreateOp, Limits, ReadItem, WriteOp
 from sbus.storage.factory import open_store
-from sbus.storage.protocol import Store
 
 CONTENT = "x" * 64
 READ_KEYS = 64

@@ -26,7 +26,7 @@ from sbus.security.patterns import MAX_PATTERN_LENGTH
 from sbus.security.rights import ADMIN_PATTERN, Right
 
 if TYPE_CHECKING:
-    from sbus.storage.protocol import Store
+    from sbus.core.store import Store
 
 EXIT_CONFIG = 2  # a bad setting, store URL or argument
 EXIT_FAILED = 1  # the store failed, or a token did not pass

@@ -14,6 +14,7 @@ from sbus.core import errors as e
 from sbus.core import rules
 from sbus.core.chain import GENESIS, content_id
 from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.store import Store
 from sbus.core.types import (
     Counters,
     CreateOp,
@@ -28,7 +29,6 @@ from sbus.core.types import (
     WriteOp,
 )
 from sbus.storage.factory import open_store
-from sbus.storage.protocol import Store
 from tests.conftest import store_url
 
 LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=3, history_max_bytes=1024)

@@ -54,8 +54,8 @@ with needs_extra("testing", "sbus_client.testing"):
     from sbus.config import Settings
     from sbus.core.clock import offset_cap_ms
     from sbus.core.errors import SBusError
+    from sbus.core.store import Store
     from sbus.storage.factory import open_store
-    from sbus.storage.protocol import Store
 
 from sbus_client import AsyncBus, Bus
 

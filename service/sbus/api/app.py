@@ -25,6 +25,7 @@ from sbus.api.routers.stats import public_reason
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreUnavailable
+from sbus.core.store import Store
 from sbus.core.types import RateLimit
 from sbus.security import KeyConfigError
 from sbus.security.keys import KeySet, open_mode_keys
@@ -32,7 +33,6 @@ from sbus.security.keys import configured as keys_configured
 from sbus.security.mandates import Mandates
 from sbus.security.tokens import Issuer, Verifier
 from sbus.storage.factory import open_store
-from sbus.storage.protocol import Store
 from sbus.telemetry.metrics import Metrics, Timing
 
 log = logging.getLogger("sbus")

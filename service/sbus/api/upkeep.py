@@ -24,7 +24,7 @@ from fastapi import FastAPI
 
 from sbus.api.routers.stats import public_reason
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
-from sbus.storage.protocol import Store
+from sbus.core.store import Store
 
 log = logging.getLogger("sbus")
 

@@ -21,6 +21,7 @@ from sbus.core.errors import (
     SBusError,
     TooManyWrites,
 )
+from sbus.core.store import Store
 from sbus.core.types import (
     CreateOp,
     IdemRef,
@@ -33,7 +34,6 @@ from sbus.core.types import (
     TxnOp,
     WriteOp,
 )
-from sbus.storage.protocol import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ the two can never disagree about when a revoked token could work again.
 from __future__ import annotations
 
 from sbus.core.errors import ValidationFailed
-from sbus.storage.protocol import Store
+from sbus.core.store import Store
 
 MAX_UNTIL_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last RFC 3339 instant
 

@@ -1,1 +1,1 @@
-"""Store backends behind :class:`sbus.storage.protocol.Store`."""
+"""Store backends behind :class:`sbus.core.store.Store`."""

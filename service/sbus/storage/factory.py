@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
+from sbus.core.store import Store
 from sbus.core.types import Limits
-from sbus.storage.protocol import Store
 
 # Query parameters the drivers accept a password in (asyncpg and redis-py read
 # ``password``; libpq-style URLs may say ``passwd``).

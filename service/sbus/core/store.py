@@ -1,5 +1,8 @@
 """The Store Protocol: everything the engine asks of a backend.
 
+The port belongs to its consumer: it lives in core beside the engine, and the adapters
+in ``sbus.storage`` implement it, so core never imports a backend.
+
 Each method is ONE atomic operation against the store: a single critical section
 (memory), one ``BEGIN IMMEDIATE`` transaction (SQLite), one transaction holding row
 locks taken in ascending key order (PostgreSQL), or one Lua script (Redis). Nothing
