@@ -197,6 +197,7 @@ def serve(
     """
     import uvicorn
 
+    from sbus.bootstrap import startup_problem
     from sbus.storage.factory import redact_url
 
     overrides: dict[str, object] = {
@@ -211,7 +212,7 @@ def serve(
         if value is not None:
             os.environ[f"SBUS_{name.upper()}"] = str(value)
     settings = load_settings()
-    problem = settings.startup_problem()
+    problem = startup_problem(settings)
     if problem:
         fail(problem)
     _preflight(settings)

@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from sbus import __version__
+from sbus.bootstrap import startup_problem
 from sbus.config import Settings
 from sbus.security.keys import KeySet, load_private_key, write_keypair
 from sbus.security.rights import ALL_RIGHTS, Scope
@@ -440,11 +441,11 @@ async def test_open_mode_ignores_tokens(make_client: AppFactory) -> None:
 
 
 def test_token_mode_starts_with_a_key() -> None:
-    assert Settings(host="0.0.0.0", secret=SECRET).startup_problem() is None
-    problem_text = Settings(host="0.0.0.0", secret="short").startup_problem()
+    assert startup_problem(Settings(host="0.0.0.0", secret=SECRET)) is None
+    problem_text = startup_problem(Settings(host="0.0.0.0", secret="short"))
     assert problem_text is not None and "SBUS_SECRET" in problem_text
-    assert Settings(host="0.0.0.0").startup_problem() is not None
-    problem_text = Settings(host="0.0.0.0", auth="open").startup_problem()
+    assert startup_problem(Settings(host="0.0.0.0")) is not None
+    problem_text = startup_problem(Settings(host="0.0.0.0", auth="open"))
     assert problem_text is not None and "SBUS_ALLOW_INSECURE" in problem_text
 
 

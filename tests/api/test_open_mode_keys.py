@@ -16,6 +16,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from sbus.api.app import create_app
+from sbus.bootstrap import startup_problem
 from sbus.config import Settings
 from sbus.security import KeyConfigError
 from sbus.storage.memory import MemoryStore
@@ -122,7 +123,7 @@ async def test_token_mode_keeps_its_configured_key(make_client: AppFactory, tmp_
 
 def test_token_mode_without_a_key_still_refuses_to_start() -> None:
     settings = Settings(auth="token", store="memory://")
-    problem_text = settings.startup_problem()
+    problem_text = startup_problem(settings)
     assert problem_text is not None
     for name in ("SBUS_SIGNING_KEY", "SBUS_VERIFY_KEY", "SBUS_SECRET"):
         assert name in problem_text

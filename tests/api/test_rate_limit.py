@@ -40,9 +40,10 @@ async def test_open_mode_is_never_limited(make_client: AppFactory) -> None:
 
 
 async def test_bad_rate_limit_refuses_to_start() -> None:
+    from sbus.bootstrap import startup_problem
     from sbus.config import Settings
 
     for bad in ("fast", "0/s", "10/week", "10/s,0"):
-        problem_text = Settings(rate_limit=bad).startup_problem()
+        problem_text = startup_problem(Settings(rate_limit=bad))
         assert problem_text is not None and "SBUS_RATE_LIMIT" in problem_text
-    assert Settings(rate_limit="50/s").startup_problem() is None
+    assert startup_problem(Settings(rate_limit="50/s")) is None

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from sbus.bootstrap import startup_problem
 from sbus.config import Settings, is_loopback
 
 
@@ -35,7 +38,7 @@ def test_defaults_match_the_spec() -> None:
     assert s.list_max == 10_000
     assert s.history_depth == 1000
     assert s.idempotency_ttl == 86_400
-    assert s.startup_problem() is None
+    assert startup_problem(s) is None
     assert s.worker_count() == 1
 
 
@@ -50,15 +53,26 @@ def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_open_mode_refuses_a_public_bind_without_allow_insecure() -> None:
     s = Settings(host="0.0.0.0", auth="open")
-    problem = s.startup_problem()
+    problem = startup_problem(s)
     assert problem is not None and "SBUS_ALLOW_INSECURE" in problem
-    assert Settings(host="0.0.0.0", auth="open", allow_insecure=True).startup_problem() is None
+    assert startup_problem(Settings(host="0.0.0.0", auth="open", allow_insecure=True)) is None
 
 
 def test_token_mode_is_the_default_off_loopback_and_refuses_to_start() -> None:
     s = Settings(host="0.0.0.0")
     assert s.auth_mode == "token"
-    assert s.startup_problem() is not None
+    assert startup_problem(s) is not None
+
+
+def test_settings_read_no_key_file(tmp_path: Path) -> None:
+    """The settings only name key files; the start-up check reads them (the key ring is
+    built above the settings, which import nothing of sbus.security)."""
+    missing = tmp_path / "signing.pem"
+    s = Settings(host="0.0.0.0", signing_key=str(missing))
+    assert s.own_problem() is None
+    problem = startup_problem(s)
+    assert problem is not None
+    assert problem.startswith(f"SBUS_SIGNING_KEY: cannot read {str(missing)!r}")
 
 
 def test_every_setting_has_one_row_in_the_configuration_page() -> None:

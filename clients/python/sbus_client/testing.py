@@ -51,6 +51,7 @@ with needs_extra("testing", "sbus_client.testing"):
     from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
     from sbus.api.app import create_app
+    from sbus.bootstrap import startup_problem
     from sbus.config import Settings
     from sbus.core.clock import offset_cap_ms
     from sbus.core.errors import SBusError
@@ -103,7 +104,7 @@ def local_settings(**overrides: Any) -> Settings:
             "docs/configuration.md's variables in lower case without SBUS_"
         )
     settings = _LocalSettings(**{"store": "memory", **overrides})
-    problem = settings.startup_problem()
+    problem = startup_problem(settings)
     if problem is not None:
         raise ValueError(f"sbus_client.testing: {problem}")
     return settings

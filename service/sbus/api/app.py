@@ -70,9 +70,9 @@ async def _connect(app: FastAPI, store: Store) -> None:
 
 def _keys(settings: Settings) -> tuple[KeySet | None, str | None]:
     """The configured key set, or None and why not. Token mode needs one (KeyConfigError,
-    which ``startup_problem`` reports before we get here); open mode signs mandates and
-    POST /admin/tokens with it, and without one configured with the store's secret
-    (installed once the store answers, see ``_connect``)."""
+    which ``sbus.bootstrap.startup_problem`` reports before we get here); open mode signs
+    mandates and POST /admin/tokens with it, and without one configured with the store's
+    secret (installed once the store answers, see ``_connect``)."""
     try:
         return KeySet.from_settings(settings), None
     except KeyConfigError as exc:

@@ -180,7 +180,8 @@ async def open_mode_keys(kept: Callable[[bytes], Awaitable[bytes]]) -> KeySet:
 
 
 def token_mode_problem(settings: Settings) -> str | None:
-    """Why these settings cannot run token mode, or None (for ``startup_problem``)."""
+    """Why these settings cannot run token mode, or None (reading the key files they
+    name; for :func:`sbus.bootstrap.startup_problem`)."""
     try:
         KeySet.from_settings(settings)
     except KeyConfigError as exc:
