@@ -136,6 +136,29 @@ class TestConstruction:
         view = store.bind("planner")
         assert view.agent_id == "planner" and view.session_id and len(view.session_id) == 32
 
+    @pytest.mark.parametrize(
+        ("agent", "session", "field"),
+        [("agent-\u00fc", None, "agent_id"), ("a" * 257, None, "agent_id"),
+         ("a", "s\u00e9ance", "session_id"), ("a", "", "session_id"),
+         ("a", "s" * 249, "session_id"), ("a", " s", "session_id")],
+    )  # fmt: skip
+    def test_an_identity_the_bus_cannot_carry_is_refused_by_bind(
+        self, store: SBusStore, agent: str, session: str | None, field: str
+    ) -> None:
+        with pytest.raises(ValueError, match=rf"^bind\(\): {field} "):
+            store.bind(agent, session)
+
+    def test_a_long_session_keeps_working_after_conflicts(self, store: SBusStore) -> None:
+        # 248 characters leave room for ".<n>": the view moves on and still works.
+        view, other = store.bind("me", "s" * 248), store.bind("other")
+        assert view.get(("n",), "k") is None
+        other.put(("n",), "k", {"v": 1})
+        with pytest.raises(ConflictError):
+            view.put(("n",), "k", {"v": 2})
+        assert view.session_id == "s" * 248 + ".1"
+        assert view.get(("n",), "k") is not None
+        view.put(("n",), "k", {"v": 2})
+
     def test_semantic_search_and_ttl_are_not_supported(self, store: SBusStore) -> None:
         view = store.bind("a", "s")
         with pytest.raises(NotImplementedError, match="semantic"):

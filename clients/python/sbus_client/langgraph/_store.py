@@ -35,6 +35,7 @@ from sbus_client._async import AsyncBus, AsyncSession
 from sbus_client._codes import ShardAlreadyExists, ShardDeleted, ShardNotFound
 from sbus_client._errors import ConflictError, SBusError
 from sbus_client._sync import Bus, Session
+from sbus_client._wire import identifier_problem
 from sbus_client.langgraph._keys import KeyMap
 from sbus_client.langgraph._plan import (
     Batch,
@@ -51,6 +52,8 @@ from sbus_client.langgraph._plan import (
 # Graph identities are made per node run; keep the memories of this many (the oldest
 # run's is forgotten first, long after its node has finished).
 MAX_GRAPH_SESSIONS = 1024
+# Room kept in a bound session id for the ".<n>" a conflict appends (up to .9999999).
+SUFFIX_ROOM = 8
 # An identifier derived from a graph travels in a header: printable ASCII, bounded.
 _PLAIN_ID = re.compile(r"[\x21-\x7e]{1,200}")
 
@@ -157,6 +160,15 @@ class SBusStore(BaseStore):
         ``<session_id>.<n>``; :attr:`session_id` is the current one."""
         if not isinstance(agent_id, str) or not agent_id:
             raise ValueError("bind() needs a non-empty agent_id")
+        # Both travel in headers; checked here, or a bad one fails every call (and a
+        # session with no room for the ".<n>" suffix fails every call after a conflict).
+        for name, value, room in (
+            ("agent_id", agent_id, 0),
+            ("session_id", session_id, SUFFIX_ROOM),
+        ):
+            problem = None if value is None else identifier_problem(value, room=room)
+            if problem:
+                raise ValueError(f"bind(): {name} {value!r} {problem}")
         view = SBusStore(
             self.bus, abus=self.abus, prefix=self.prefix, blind_writes=self.blind_writes
         )
