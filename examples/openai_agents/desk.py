@@ -147,6 +147,8 @@ async def turn(bus: AsyncBus, agent: Agent[Any], text: str) -> str:
 async def run(front: AsyncBus, back: AsyncBus) -> list[str]:
     """The story; returns the lines it prints."""
     desk, expert = desk_agent("desk"), desk_agent("expert")
+    # A new ticket each run: on a running bus an earlier run's conversation is still there.
+    await SBusSession(TICKET, front).clear_session()
     lines = [
         await turn(front, desk, "The printer on floor 3 is on fire."),
         await turn(back, expert, "It is out now, but it smells."),

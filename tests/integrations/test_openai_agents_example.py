@@ -10,6 +10,9 @@ from collections import Counter
 import pytest
 
 from examples.openai_agents.__main__ import main
+from examples.openai_agents.desk import run
+from sbus_client import AsyncBus
+from sbus_client.testing import AsyncLocalBus
 
 FIRST = "The printer on floor 3 is on fire."
 SECOND = "It is out now, but it smells."
@@ -37,3 +40,14 @@ def test_the_help_desk_example(
     kept = lines[5].removeprefix("user messages kept: ").split(" | ")
     assert kept[:2] == [FIRST, SECOND] and set(kept[2:]) == CONCURRENT
     assert len(lines) == 6
+
+
+async def test_a_second_run_on_the_same_bus_tells_the_same_story() -> None:
+    # As on a running `sbus serve` (--url): the first run's ticket is still on the bus.
+    async with AsyncLocalBus() as local:
+        front = AsyncBus(local.url, agent_id="front-desk", http_client=local.http)
+        back = AsyncBus(local.url, agent_id="back-office", http_client=local.http)
+        await run(front, back)
+        again = await run(front, back)
+    assert again[0] == f"[desk] 1 message(s) on this ticket: {FIRST}"
+    assert again[4].startswith("16 items on the bus: ")
