@@ -42,9 +42,11 @@ serve: install
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m examples.contention
 
+# lint-imports checks the package's layering contracts ([tool.importlinter] in pyproject.toml).
 lint: dev
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/lint-imports --no-cache --no-logo
 
 typecheck: dev
 	$(BIN)/mypy

@@ -43,7 +43,7 @@ def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
 
 def settings_problem(exc: ValidationError) -> str:
     """One line naming every rejected variable and why."""
-    from sbus.storage.factory import redact_url
+    from sbus.storage.urls import redact_url
 
     parts = []
     for error in exc.errors():
@@ -65,7 +65,8 @@ def load_settings(**values: Any) -> Settings:
 
 
 def open_configured_store(settings: Settings) -> Store:
-    from sbus.storage.factory import open_store, redact_url
+    from sbus.storage.factory import open_store
+    from sbus.storage.urls import redact_url
 
     try:
         return open_store(
@@ -118,7 +119,7 @@ def _preflight(settings: Settings) -> None:
     import asyncio
 
     from sbus.core.errors import StoreMisconfigured, StoreUnavailable
-    from sbus.storage.factory import redact_url
+    from sbus.storage.urls import redact_url
 
     store = open_configured_store(settings)
 
@@ -198,7 +199,7 @@ def serve(
     import uvicorn
 
     from sbus.bootstrap import startup_problem
-    from sbus.storage.factory import redact_url
+    from sbus.storage.urls import redact_url
 
     overrides: dict[str, object] = {
         "host": host,
@@ -249,7 +250,7 @@ def migrate(
     import asyncio
 
     from sbus.core.errors import StoreUnavailable
-    from sbus.storage.factory import redact_url
+    from sbus.storage.urls import redact_url
 
     settings = load_settings() if store is None else load_settings(store=store)
     target = open_configured_store(settings)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from sbus import __version__, cli
 from sbus.api.app import create_app
 from sbus.config import Settings
-from sbus.storage.factory import redact_url
+from sbus.storage.urls import redact_url
 from tests import backends
 
 PASSWORD = "s3cret-Pw"

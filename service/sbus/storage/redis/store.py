@@ -92,8 +92,8 @@ from sbus.core.types import (
     Txn,
     WriteOp,
 )
-from sbus.storage.factory import redact_url
 from sbus.storage.redis.scripts import SCRIPTS, Script
+from sbus.storage.urls import redact_url
 
 log = logging.getLogger("sbus.redis")
 
