@@ -77,3 +77,14 @@ def test_an_agent_id_the_bus_cannot_carry_stops_the_server(
     err = capsys.readouterr().err
     assert "the agent id (--agent-id / SBUS_AGENT_ID)" in err
     assert "printable ASCII" in err or "at most 256 characters" in err
+
+
+@pytest.mark.parametrize("url", ["localhost:7000", "ftp://127.0.0.1:7000"])
+def test_a_bus_url_without_http_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _cli.main(["--url", url, "--agent-id", "a"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--url / SBUS_URL: the bus URL must start with http:// or https://: {url!r}" in err

@@ -111,12 +111,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if problem:
         parser().error(f"the agent id (--agent-id / SBUS_AGENT_ID) {agent!r} {problem}")
     token = env.get("SBUS_TOKEN") or None
+    try:  # the SDK checks the URL; a bad one is a usage error, not a traceback
+        bus = AsyncBus(url, agent_id=agent, token=token)
+    except ValueError as err:
+        parser().error(f"--url / SBUS_URL: {err}")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops it
-        anyio.run(_serve, args, url, agent, token)
+        anyio.run(_serve, args, bus, agent)
 
 
-async def _serve(args: argparse.Namespace, url: str, agent: str | None, token: str | None) -> None:
-    async with AsyncBus(url, agent_id=agent, token=token) as bus:
+async def _serve(args: argparse.Namespace, bus: AsyncBus, agent: str | None) -> None:
+    url = bus.base_url
+    async with bus:
         server: MCPServer = build_server(bus)
         if args.transport == "stdio":
             await server.run_stdio_async()
