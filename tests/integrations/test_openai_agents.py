@@ -336,3 +336,31 @@ async def test_a_conflict_past_the_budget_raises_retries_exhausted(make: Make) -
     with pytest.raises(RetriesExhausted):
         await a.add_items([U1])
     assert await b.get_items() == [U2]
+
+
+# --- the internal bus session never blocks a write -------------------------------------
+# Every commit records its written keys in the committer's DeliveryLog (protocol.md 1.6),
+# and those entries join the read set of its later commits. SBusSession decides on the
+# head's version alone, so such entries must never refuse one of its writes.
+
+
+async def test_an_item_another_writer_popped_does_not_block_this_writer(make: Make) -> None:
+    a, b = make(agent="a", max_elapsed=2.0), make(agent="b")
+    await a.add_items([U1, A1])  # a's DeliveryLog now holds items/0 and items/1
+    assert await b.pop_item() == A1  # items/1 moves on (a tombstone)
+    await b.add_items([U2])  # and is created again, at a later version
+    await a.add_items([U3])
+    assert await a.pop_item() == U3
+    assert await a.get_items() == [U1, U2]
+
+
+async def test_a_writer_idle_past_the_session_ttl_can_still_write() -> None:
+    async with AsyncLocalBus(session_ttl=60) as local:
+        bus = AsyncBus(local.url, agent_id="a", http_client=local.http)
+        session = SBusSession("conv", bus, max_elapsed=2.0)
+        await session.add_items([U1])
+        await local.advance_clock(61)  # its bus session's entries have expired
+        await session.add_items([A1])
+        assert await session.pop_item() == A1
+        await session.clear_session()
+        assert await session.get_items() == []

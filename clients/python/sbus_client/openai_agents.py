@@ -37,7 +37,13 @@ with needs_extra("openai-agents", "sbus_client.openai_agents"):
     from agents.memory.session_settings import resolve_session_limit
 
 from sbus_client._async import AsyncBus, AsyncSession
-from sbus_client._codes import ShardAlreadyExists, ShardDeleted, ShardNotFound
+from sbus_client._codes import (
+    CrossShardStale,
+    SessionExpired,
+    ShardAlreadyExists,
+    ShardDeleted,
+    ShardNotFound,
+)
 from sbus_client._core import Create, Delete, Write
 from sbus_client._errors import ConflictError, RetriesExhausted
 from sbus_client._models import Shard
@@ -113,7 +119,8 @@ class SBusSession:
     operation's conflict retries in seconds (then RetriesExhausted).
 
     The bus session that carries the requests is internal (a fresh id per object);
-    reads are unrecorded, every write names the head version it was prepared on.
+    reads are unrecorded, every write names the head version it was prepared on, and
+    the DeliveryLog entries of its own writes never refuse one (:meth:`_commit`).
     """
 
     def __init__(
@@ -202,7 +209,7 @@ class SBusSession:
             key = self.item_key(head.end - 1)
             try:
                 item = await self._bus_session.read(key, record=False)
-                await self._bus_session.commit_many(
+                await self._commit(
                     [self._head_write(head, head.start, head.end - 1)],
                     deletes=[(key, item)],
                     rationale="pop_item",
@@ -227,7 +234,7 @@ class SBusSession:
             deletes: list[Delete] = [(s.key, s) for s in shards]
             now = deletes[: self.max_txn_keys - 1]
             try:
-                await self._bus_session.commit_many(
+                await self._commit(
                     [self._head_write(head, head.end, head.end)],
                     deletes=now,
                     rationale="clear_session",
@@ -239,9 +246,7 @@ class SBusSession:
         # Only this writer knows the range it cut off, so nothing contends for these.
         rest = deletes[len(now) :]
         for at in range(0, len(rest), self.max_txn_keys):
-            await self._bus_session.commit_many(
-                deletes=rest[at : at + self.max_txn_keys], rationale="clear_session"
-            )
+            await self._commit(deletes=rest[at : at + self.max_txn_keys], rationale="clear_session")
 
     # -- the steps ------------------------------------------------------------------
 
@@ -259,11 +264,35 @@ class SBusSession:
             else:
                 writes.append((self._head_key, new_head, head.shard))
             try:
-                await self._bus_session.commit_many(writes, creates=creates, rationale="add_items")
+                await self._commit(writes, creates=creates, rationale="add_items")
             except RETRIED as err:
                 await self._conflict(budget, err)
                 continue
             return
+
+    async def _commit(
+        self,
+        writes: Sequence[Write] = (),
+        *,
+        creates: Sequence[Create] = (),
+        deletes: Sequence[Delete] = (),
+        rationale: str,
+    ) -> None:
+        """One multi-commit in the internal bus session. The bus records every write in
+        the committer's DeliveryLog and checks those entries at its later commits
+        (docs/protocol.md 1.6); this class decides on the head's version alone, so an
+        entry gone stale (another writer popped an item this object wrote) or expired
+        (this object sat idle past SBUS_SESSION_TTL) must not refuse a write: empty the
+        bus session and send the same commit again (nothing of the refused one landed)."""
+        try:
+            await self._bus_session.commit_many(
+                writes, creates=creates, deletes=deletes, rationale=rationale
+            )
+        except (CrossShardStale, SessionExpired):
+            await self._bus_session.reset()
+            await self._bus_session.commit_many(
+                writes, creates=creates, deletes=deletes, rationale=rationale
+            )
 
     async def _read_head(self) -> Head:
         found = await self._bus_session.read_many([self._head_key], record=False, missing_ok=True)
