@@ -172,29 +172,57 @@ class StateError(SBusError):
     title = "State conflict"
 
 
+# The state errors below word their own detail from their fields, so that every store
+# (and the Redis script's answer, rebuilt in Python) says exactly the same thing.
+
+
 class ShardNotFound(StateError):
     code = "ShardNotFound"
     title = "Shard not found"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"shard not found: key={key}", key=key)
 
 
 class ShardDeleted(StateError):
     code = "ShardDeleted"
     title = "Shard has been deleted"
 
+    def __init__(self, key: str, version: int) -> None:
+        super().__init__(f"shard deleted: key={key}", key=key, version=version)
+
 
 class ShardAlreadyExists(StateError):
     code = "ShardAlreadyExists"
     title = "Shard already exists"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"shard already exists: key={key}", key=key)
 
 
 class VersionNotFound(StateError):
     code = "VersionNotFound"
     title = "Version not retained"
 
+    def __init__(self, key: str, target_version: int) -> None:
+        super().__init__(
+            f"version {target_version} of {key!r} is not retained",
+            key=key,
+            target_version=target_version,
+        )
+
 
 class VersionMismatch(StateError):
     code = "VersionMismatch"
     title = "Version mismatch"
+
+    def __init__(self, key: str, expected: int | None, found: int) -> None:
+        super().__init__(
+            f"version mismatch on key={key}: expected={expected} found={found}",
+            key=key,
+            expected=expected,
+            found=found,
+        )
 
 
 class CrossShardStale(StateError):
@@ -222,10 +250,18 @@ class SessionExpired(StateError):
     code = "SessionExpired"
     title = "Agent session expired"
 
+    def __init__(self, agent_id: str, reason: str) -> None:
+        super().__init__(
+            f"session expired for agent {agent_id!r} ({reason})", reason=reason, agent_id=agent_id
+        )
+
 
 class MandateRequired(StateError):
     code = "MandateRequired"
     title = "This shard requires a mandate"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"shard {key!r} requires a mandate", key=key)
 
 
 class MandateNotFound(StateError):

@@ -145,7 +145,7 @@ def decide(
             # A create needs no mandate, as POST /shard needs none (protocol.md §1.4):
             # the re-created shard keeps the tombstone's requirement for what follows.
             if shard is not None and shard.require_mandate and by_key[key].kind != "create":
-                fx.error = MandateRequired(f"shard {key!r} requires a mandate", key=key)
+                fx.error = MandateRequired(key)
                 return fx
     elif mandate is None:
         fx.error = MandateNotFound("mandate not recognised by this deployment")
@@ -162,11 +162,7 @@ def decide(
     state = fx.session = session_state(session, now_ms, ttl_ms)
     if state == "expired" or state == "overflowed":
         reason = "ttl" if state == "expired" else "overflow"
-        fx.error = SessionExpired(
-            f"session expired for agent {txn.agent_id!r} ({reason})",
-            reason=reason,
-            agent_id=txn.agent_id,
-        )
+        fx.error = SessionExpired(txn.agent_id, reason)
         return fx
 
     # 9c. effective read set: explicit entries plus live DL entries; a key in both is
@@ -194,7 +190,7 @@ def decide(
             elif shard.version != version:
                 diverged.append((key, version, shard.version))
         if missing is not None:
-            fx.error = ShardNotFound(f"shard not found: key={missing}", key=missing)
+            fx.error = ShardNotFound(missing)
             return fx
         if diverged:
             stale = [
@@ -221,36 +217,26 @@ def decide(
             # POST /shard's rule: a live key refuses; absent or a tombstone proceeds.
             # No attempt is counted: the row a create replaces has no version to check.
             if shard is not None and not shard.deleted:
-                fx.error = ShardAlreadyExists(f"shard already exists: key={key}", key=key)
+                fx.error = ShardAlreadyExists(key)
                 return fx
             current.append(shard)
             continue
         if shard is None:
-            fx.error = ShardNotFound(f"shard not found: key={key}", key=key)
+            fx.error = ShardNotFound(key)
             return fx
         if shard.deleted:
-            fx.error = ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            fx.error = ShardDeleted(key, shard.version)
             return fx
         if op.expected_version is not None and op.expected_version != shard.version:
             fx.bumps[key] = (1, 1)
             fx.counters["total_conflicts"] = 1
-            fx.error = VersionMismatch(
-                f"version mismatch on key={key}: expected={op.expected_version} "
-                f"found={shard.version}",
-                key=key,
-                expected=op.expected_version,
-                found=shard.version,
-            )
+            fx.error = VersionMismatch(key, op.expected_version, shard.version)
             return fx
         fx.bumps[key] = (1, 0)
         if op.kind == "rollback":
             source = (rollback_sources or {}).get(key)
             if source is None or source.deleted or source.version != op.target_version:
-                fx.error = VersionNotFound(
-                    f"version {op.target_version} of {key!r} is not retained",
-                    key=key,
-                    target_version=op.target_version,
-                )
+                fx.error = VersionNotFound(key, op.target_version)
                 return fx
         current.append(shard)
 

@@ -120,7 +120,7 @@ class MemoryStore:
             return replay
         existing = self._shards.get(op.key)
         if existing is not None and not existing.deleted:
-            raise ShardAlreadyExists(f"shard already exists: key={op.key}", key=op.key)
+            raise ShardAlreadyExists(op.key)
         shard = self._create(op, existing, now)
         outcome = rules.render_create(shard)
         self._idem_store(op.idem, outcome, now, self.limits)
@@ -160,11 +160,11 @@ class MemoryStore:
     async def read(self, key: str, agent_id: str | None, session_id: str, record: bool) -> Shard:
         shard = self._shards.get(key)
         if shard is None:
-            raise ShardNotFound(f"shard not found: key={key}", key=key)
+            raise ShardNotFound(key)
         if agent_id is not None and record:
             self._record(self._session(agent_id, session_id), key, shard.version, self._now())
         if shard.deleted:
-            raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            raise ShardDeleted(key, shard.version)
         return shard
 
     async def read_many(
@@ -281,7 +281,7 @@ class MemoryStore:
     async def inject_stale(self, agent_id: str, session_id: str, key: str, version: int) -> None:
         shard = self._shards.get(key)
         if shard is None or shard.deleted:
-            raise ShardNotFound(f"shard not found: key={key}", key=key)
+            raise ShardNotFound(key)
         if version > shard.version:
             raise ValidationFailed(f"stale_version must be between 0 and {shard.version}", key=key)
         now = self._now()
@@ -356,7 +356,7 @@ class MemoryStore:
     # history, counters, admin --------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
         if key not in self._shards:
-            raise ShardNotFound(f"shard not found: key={key}", key=key)
+            raise ShardNotFound(key)
         entries = [
             e for e in reversed(self._history.get(key, ())) if before is None or e.version < before
         ]

@@ -366,18 +366,13 @@ class RedisStore:
         f: dict[str, Any] = dict(zip(reply[2::2], reply[3::2], strict=True))
         key = f.get("key", "")
         if code == "ShardNotFound":
-            return ShardNotFound(f"shard not found: key={key}", key=key)
+            return ShardNotFound(key)
         if code == "ShardDeleted":
             version = int(f["version"])
-            return ShardDeleted(f"shard deleted: key={key}", key=key, version=version)
+            return ShardDeleted(key, version)
         if code == "VersionMismatch":
             expected, found = int(f["expected"]), int(f["found"])
-            return VersionMismatch(
-                f"version mismatch on key={key}: expected={expected} found={found}",
-                key=key,
-                expected=expected,
-                found=found,
-            )
+            return VersionMismatch(key, expected, found)
         if code == "CrossShardStale":
             stale = [
                 {"key": k, "version_at_read": int(v), "current_version": int(c)}
@@ -386,18 +381,12 @@ class RedisStore:
             return CrossShardStale.of(stale)
         if code == "SessionExpired":
             reason = f["reason"]
-            return SessionExpired(
-                f"session expired for agent {agent_id!r} ({reason})",
-                reason=reason,
-                agent_id=agent_id,
-            )
+            return SessionExpired(agent_id, reason)
         if code == "VersionNotFound":
             target = int(f["target_version"])
-            return VersionNotFound(
-                f"version {target} of {key!r} is not retained", key=key, target_version=target
-            )
+            return VersionNotFound(key, target)
         if code == "MandateRequired":
-            return MandateRequired(f"shard {key!r} requires a mandate", key=key)
+            return MandateRequired(key)
         if code == "MandateNotFound":
             return MandateNotFound("mandate not recognised by this deployment")
         if code == "MandateExpired":
@@ -407,7 +396,7 @@ class RedisStore:
         if code == "IdempotencyKeyReused":
             return IdempotencyKeyReused("Idempotency-Key was used for a different request")
         if code == "ShardAlreadyExists":
-            return ShardAlreadyExists(f"shard already exists: key={key}", key=key)
+            return ShardAlreadyExists(key)
         return StoreUnavailable(f"unexpected script answer {code!r}", outcome="unknown")
 
     @staticmethod
@@ -534,7 +523,7 @@ class RedisStore:
                 ],
             )
             if reply[0] == "NOTFOUND":
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             shard = _row_shard(reply[1], reply[2])
         else:
             try:
@@ -542,10 +531,10 @@ class RedisStore:
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
             if row[0] is None:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             shard = _hash_shard(key, row)
         if shard.deleted:
-            raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            raise ShardDeleted(key, shard.version)
         return shard
 
     async def read_many(
@@ -862,7 +851,7 @@ class RedisStore:
             [-1 if before is None else before, limit],
         )
         if reply[0] == "NOTFOUND":
-            raise ShardNotFound(f"shard not found: key={key}", key=key)
+            raise ShardNotFound(key)
         entries = []
         for meta_json, content in reply[1]:
             m = orjson.loads(meta_json)

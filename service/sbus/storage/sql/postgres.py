@@ -476,7 +476,7 @@ class PostgresStore:
                     return self._replay(op.idem, list(record))
             shard = await self._create(conn, op, now)
             if shard is None:
-                raise ShardAlreadyExists(f"shard already exists: key={op.key}", key=op.key)
+                raise ShardAlreadyExists(op.key)
             outcome = rules.render_create(shard)
             idem = self._idem_json(op.idem, outcome, now)
             if idem is not None:
@@ -515,10 +515,10 @@ class PostgresStore:
                 await asyncio.sleep(0.002 * (attempt + 1) * random.random())
         result = _json(raw)
         if result["shard"] is None:
-            raise ShardNotFound(f"shard not found: key={key}", key=key)
+            raise ShardNotFound(key)
         shard = shard_from(result["shard"])
         if shard.deleted:
-            raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+            raise ShardDeleted(key, shard.version)
         return shard
 
     async def read_many(
@@ -826,7 +826,7 @@ class PostgresStore:
                 "SELECT version, deleted FROM sbus_shards WHERE key = $1", key
             )
             if row is None or row["deleted"]:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             if version > row["version"]:
                 raise ValidationFailed(
                     f"stale_version must be between 0 and {row['version']}", key=key
@@ -984,7 +984,7 @@ class PostgresStore:
         async with self._conn() as conn:
             exists = await conn.fetchval("SELECT 1 FROM sbus_shards WHERE key = $1", key)
             if exists is None:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             rows = await conn.fetch(
                 "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
                 "commit_id, prev_hash, hash FROM sbus_history WHERE key = $1 AND version < $2 "

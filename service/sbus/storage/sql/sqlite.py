@@ -391,7 +391,7 @@ class SQLiteStore:
                 return replay
             shard = self._create(conn, op, now)
             if shard is None:
-                raise ShardAlreadyExists(f"shard already exists: key={op.key}", key=op.key)
+                raise ShardAlreadyExists(op.key)
             outcome = rules.render_create(shard)
             self._idem_put(conn, op.idem, outcome, now)
             return outcome
@@ -485,14 +485,14 @@ class SQLiteStore:
         def run(conn: Db) -> Shard:
             shard = self._load(conn, key)
             if shard is None:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             if recording:
                 assert agent_id is not None
                 now = self._now(conn)
                 view = self._session(conn, agent_id, session_id)
                 self._record(conn, agent_id, session_id, view, key, shard.version, now)
             if shard.deleted:
-                raise ShardDeleted(f"shard deleted: key={key}", key=key, version=shard.version)
+                raise ShardDeleted(key, shard.version)
             return shard
 
         result: Shard = await self._call(run, write=recording)
@@ -662,7 +662,7 @@ class SQLiteStore:
         def run(conn: Db) -> None:
             shard = self._load(conn, key)
             if shard is None or shard.deleted:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             if version > shard.version:
                 raise ValidationFailed(
                     f"stale_version must be between 0 and {shard.version}", key=key
@@ -793,7 +793,7 @@ class SQLiteStore:
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
         def run(conn: Db) -> list[HistoryEntry]:
             if self._load(conn, key) is None:
-                raise ShardNotFound(f"shard not found: key={key}", key=key)
+                raise ShardNotFound(key)
             rows = conn.exec_driver_sql(
                 "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
                 "commit_id, prev_hash, hash FROM sbus_history WHERE key = ? AND version < ? "

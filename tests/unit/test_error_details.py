@@ -1,0 +1,52 @@
+"""The state errors word their own detail from their fields: every store raises them with
+fields only, so the wire ``detail`` of one refusal is the same on all four stores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sbus.core.errors import (
+    MandateRequired,
+    SBusError,
+    SessionExpired,
+    ShardAlreadyExists,
+    ShardDeleted,
+    ShardNotFound,
+    VersionMismatch,
+    VersionNotFound,
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "detail", "fields"),
+    [
+        (ShardNotFound("a/b"), "shard not found: key=a/b", {"key": "a/b"}),
+        (ShardDeleted("a/b", 3), "shard deleted: key=a/b", {"key": "a/b", "version": 3}),
+        (ShardAlreadyExists("a/b"), "shard already exists: key=a/b", {"key": "a/b"}),
+        (
+            VersionNotFound("a/b", 2),
+            "version 2 of 'a/b' is not retained",
+            {"key": "a/b", "target_version": 2},
+        ),
+        (
+            VersionMismatch("a/b", 1, 4),
+            "version mismatch on key=a/b: expected=1 found=4",
+            {"key": "a/b", "expected": 1, "found": 4},
+        ),
+        (
+            SessionExpired("agent-1", "ttl"),
+            "session expired for agent 'agent-1' (ttl)",
+            {"reason": "ttl", "agent_id": "agent-1"},
+        ),
+        (MandateRequired("a/b"), "shard 'a/b' requires a mandate", {"key": "a/b"}),
+    ],
+)
+def test_a_state_error_words_its_detail(
+    error: SBusError, detail: str, fields: dict[str, Any]
+) -> None:
+    assert error.detail == detail
+    assert str(error) == detail
+    # The order of the fields is the order of the problem document's members.
+    assert list(error.fields.items()) == list(fields.items())
