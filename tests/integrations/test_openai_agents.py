@@ -219,6 +219,9 @@ def test_constructor_checks_its_arguments(local: AsyncLocalBus) -> None:
     assert len(session.item_key(2**53)) == 256
     session = SBusSession("c", bus, prefix="team/memory")
     assert session.head_key == "team/memory/c/head"
+    for agent in ("agent-\u00fc", "a" * 257, ""):
+        with pytest.raises(ValueError, match=r"^agent_id "):
+            SBusSession("c", bus, agent_id=agent)
 
 
 # --- limits of one multi-commit ----------------------------------------------------------

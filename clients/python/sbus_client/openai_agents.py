@@ -48,7 +48,7 @@ from sbus_client._core import Create, Delete, Write
 from sbus_client._errors import ConflictError, RetriesExhausted
 from sbus_client._models import Shard
 from sbus_client._retry import Backoff
-from sbus_client._wire import dumps
+from sbus_client._wire import dumps, identifier_problem
 
 __all__ = ["SBusSession"]
 
@@ -140,6 +140,9 @@ class SBusSession:
             raise ValueError(f"prefix must be a valid shard key path: {prefix!r}")
         if max_txn_keys < 2 or max_read_keys < 2 or max_body < 2 * BODY_MARGIN:
             raise ValueError("max_txn_keys and max_read_keys must be >= 2, max_body >= 2048")
+        problem = None if agent_id is None else identifier_problem(agent_id)
+        if problem:  # it travels in a header: refused now, not by every write later
+            raise ValueError(f"agent_id {agent_id!r} {problem}")
         self.session_id = session_id
         self.session_settings: SessionSettings | None = (
             session_settings if session_settings is not None else SessionSettings()
