@@ -1,5 +1,6 @@
-"""The state errors word their own detail from their fields: every store raises them with
-fields only, so the wire ``detail`` of one refusal is the same on all four stores."""
+"""The state errors (and the idempotency refusal) word their own detail from their
+fields: every store raises them with fields only, so the wire ``detail`` of one refusal
+is the same on all four stores."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any
 import pytest
 
 from sbus.core.errors import (
+    IdempotencyKeyReused,
+    MandateConsumed,
+    MandateExpired,
     MandateRequired,
     SBusError,
     SessionExpired,
@@ -41,6 +45,9 @@ from sbus.core.errors import (
             {"reason": "ttl", "agent_id": "agent-1"},
         ),
         (MandateRequired("a/b"), "shard 'a/b' requires a mandate", {"key": "a/b"}),
+        (MandateExpired("j1"), "mandate expired", {"jti": "j1"}),
+        (MandateConsumed("j1"), "mandate already consumed", {"jti": "j1"}),
+        (IdempotencyKeyReused(), "Idempotency-Key was used for a different request", {}),
     ],
 )
 def test_a_state_error_words_its_detail(

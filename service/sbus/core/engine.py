@@ -109,7 +109,7 @@ class Bus:
         if record is None:
             return None
         if record.fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+            raise IdempotencyKeyReused()
         return Outcome(record.status, record.body, replayed=True, etag=record.etag)
 
     def _check_content(self, key: str, content: str) -> None:

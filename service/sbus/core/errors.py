@@ -131,6 +131,9 @@ class IdempotencyKeyReused(RequestError):
     code = "IdempotencyKeyReused"
     title = "Idempotency-Key reused for a different request"
 
+    def __init__(self) -> None:
+        super().__init__("Idempotency-Key was used for a different request")
+
 
 class RouteNotFound(RequestError):
     code = "NotFound"
@@ -273,10 +276,16 @@ class MandateExpired(StateError):
     code = "MandateExpired"
     title = "Mandate expired"
 
+    def __init__(self, jti: str) -> None:
+        super().__init__("mandate expired", jti=jti)
+
 
 class MandateConsumed(StateError):
     code = "MandateConsumed"
     title = "Mandate already consumed"
+
+    def __init__(self, jti: str) -> None:
+        super().__init__("mandate already consumed", jti=jti)
 
 
 class RateLimited(RequestError):

@@ -152,10 +152,10 @@ def decide(
         return fx
     else:
         if now_ms >= mandate.expires_ms:
-            fx.error = MandateExpired("mandate expired", jti=mandate.jti)
+            fx.error = MandateExpired(mandate.jti)
             return fx
         if mandate_consumed:
-            fx.error = MandateConsumed("mandate already consumed", jti=mandate.jti)
+            fx.error = MandateConsumed(mandate.jti)
             return fx
 
     # 9b. session state

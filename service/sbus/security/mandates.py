@@ -209,7 +209,7 @@ class Mandates:
         ``jti`` atomically with the commit (409 MandateConsumed if already consumed)."""
         claims = self.decode(token)
         if now_ms >= claims.expires_at_ms:
-            raise MandateExpired("mandate expired", jti=claims.jti)
+            raise MandateExpired(claims.jti)
         if claims.holder != agent:
             raise MandateHolderMismatch(
                 f"mandate is held by {claims.holder!r}, not {agent!r}", holder=claims.holder

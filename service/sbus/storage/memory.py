@@ -100,7 +100,7 @@ class MemoryStore:
         if record is None or record.expires_ms <= now:
             return None
         if record.fingerprint != txn_idem.fingerprint:
-            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+            raise IdempotencyKeyReused()
         return Outcome(record.status, record.body, replayed=True, etag=record.etag)
 
     def _idem_store(self, txn_idem: Any, outcome: Outcome, now: int, limits: Limits) -> None:

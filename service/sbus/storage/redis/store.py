@@ -390,11 +390,11 @@ class RedisStore:
         if code == "MandateNotFound":
             return MandateNotFound("mandate not recognised by this deployment")
         if code == "MandateExpired":
-            return MandateExpired("mandate expired", jti=f.get("jti"))
+            return MandateExpired(f["jti"])
         if code == "MandateConsumed":
-            return MandateConsumed("mandate already consumed", jti=f.get("jti"))
+            return MandateConsumed(f["jti"])
         if code == "IdempotencyKeyReused":
-            return IdempotencyKeyReused("Idempotency-Key was used for a different request")
+            return IdempotencyKeyReused()
         if code == "ShardAlreadyExists":
             return ShardAlreadyExists(key)
         return StoreUnavailable(f"unexpected script answer {code!r}", outcome="unknown")

@@ -405,7 +405,7 @@ class PostgresStore:
     def _replay(idem: IdemRef, record: list[Any]) -> Outcome:
         fingerprint, status, body, etag = record
         if fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+            raise IdempotencyKeyReused()
         decoded = orjson.loads(body) if body is not None else None
         return Outcome(status, decoded, replayed=True, etag=etag)
 

@@ -346,7 +346,7 @@ class SQLiteStore:
         if record is None:
             return None
         if record.fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused("Idempotency-Key was used for a different request")
+            raise IdempotencyKeyReused()
         return Outcome(record.status, record.body, replayed=True, etag=record.etag)
 
     def _idem_put(self, conn: Db, idem: IdemRef | None, out: Outcome, now: int) -> None:
