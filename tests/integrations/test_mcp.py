@@ -203,8 +203,11 @@ async def test_commit_shards_is_all_or_nothing(local: AsyncLocalBus) -> None:
             {"key": "to", "content": "1", "expected_version": 3},
         ]
         lost = await refused(alice, "commit_shards", writes=writes)
-        assert lost.startswith(
-            "Error executing tool commit_shards: VersionMismatch: 'to' is at version 0, not 3"
+        # No other agent is involved: the text must not say one committed first.
+        assert lost == (
+            "Error executing tool commit_shards: VersionMismatch: 'to' is at version 0, not 3: "
+            "it has no version 3 yet, so that version was not read from it, and nothing was "
+            "written. Next: read_shard('to') and commit with the version it returns."
         )
         assert (await ok(alice, "read_shard", key="from"))["content"] == "10"
         writes[1]["expected_version"] = 0

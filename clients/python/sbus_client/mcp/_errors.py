@@ -86,6 +86,14 @@ def translate(err: SBusError | httpx.TransportError, bus_url: str) -> Exception:
 
 def tool_text(err: SBusError) -> str:
     """The model-visible text of a failure it can act on."""
+    if isinstance(err, VersionMismatch) and _is_ahead(err):
+        # Not a race: the model asked for a version the shard has not reached.
+        return (
+            f"VersionMismatch: {err.key!r} is at version {err.found}, not "
+            f"{err.expected}: it has no version {err.expected} yet, so that version was "
+            f"not read from it, and nothing was written. Next: read_shard({err.key!r}) "
+            "and commit with the version it returns."
+        )
     if isinstance(err, VersionMismatch):
         return (
             f"VersionMismatch: {err.key!r} is at version {err.found}, not "
@@ -118,6 +126,11 @@ def tool_text(err: SBusError) -> str:
     if isinstance(err, ConflictError):
         return f"{err.code}: {detail}. Nothing was written. Next: {RETRY}."
     return f"{err.code}: {detail}. Next: {_next_step(err)}."
+
+
+def _is_ahead(err: VersionMismatch) -> bool:
+    expected, found = getattr(err, "expected", None), getattr(err, "found", None)
+    return isinstance(expected, int) and isinstance(found, int) and expected > found
 
 
 def _stale_keys(err: CrossShardStale) -> str:
