@@ -16,11 +16,12 @@ Times are store-clock milliseconds: the backend's clock plus the test offset.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from sbus.core.clock import MAX_OFFSET_MS
 from sbus.core.types import (
     CreateOp,
+    DLDump,
     HistoryEntry,
     IdemRecord,
     Limits,
@@ -141,8 +142,6 @@ class Store(Protocol):
         idempotency record, and set the test clock offset back to 0; keep
         ``ori_enabled`` and revocations. Returns the number of shards removed."""
 
-    async def dump_delivery_log(
-        self, after: str | None, limit: int
-    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         """Live DL entries as ``{agent: {session: {key: {version, age_secs}}}}`` for up to
         ``limit`` agents after ``after``; returns the next cursor."""

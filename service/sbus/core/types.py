@@ -10,7 +10,7 @@ Times are integer milliseconds on the store clock (see ``sbus.core.clock``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypedDict
 
 WriteKind = Literal["commit", "create", "delete", "rollback"]
 # Which request a Txn came from; it selects how the success body is rendered.
@@ -35,6 +35,17 @@ class Shard(NamedTuple):
     deleted: bool
     head_hash: str
     history_depth: int  # retained history entries with version != 0 (compat delta_log_depth)
+
+
+class DLDumpEntry(TypedDict):
+    """One live DeliveryLog entry as ``GET /admin/delivery-log`` shows it."""
+
+    version: int
+    age_secs: float
+
+
+# agent -> session -> key -> entry: a page of the live DeliveryLog (Store.dump_delivery_log).
+DLDump = dict[str, dict[str, dict[str, DLDumpEntry]]]
 
 
 class HistoryEntry(NamedTuple):

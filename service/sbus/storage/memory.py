@@ -21,6 +21,7 @@ from sbus.core.errors import (
 from sbus.core.types import (
     Counters,
     CreateOp,
+    DLDump,
     DLEntry,
     HistoryEntry,
     IdemRecord,
@@ -291,12 +292,10 @@ class MemoryStore:
         view.entries[key] = DLEntry(version, now)
         view.last_served_ms = now
 
-    async def dump_delivery_log(
-        self, after: str | None, limit: int
-    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         ttl_ms = self.limits.session_ttl_ms
         now = self._now()
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        out: DLDump = {}
         for (agent, session), view in sorted(self._sessions.items()):
             if after is not None and agent <= after:
                 continue

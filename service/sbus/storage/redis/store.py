@@ -79,6 +79,7 @@ from sbus.core.errors import (
 from sbus.core.types import (
     Counters,
     CreateOp,
+    DLDump,
     HistoryEntry,
     IdemRecord,
     IdemRef,
@@ -785,15 +786,13 @@ class RedisStore:
                 )
             raise self._error(reply)
 
-    async def dump_delivery_log(
-        self, after: str | None, limit: int
-    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         rows, more, now = await self._eval(
             "dump_dl",
             [self.k_meta, self.k_sessions],
             [self.limits.session_ttl_ms, self.tag, after or "", limit],
         )
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        out: DLDump = {}
         for agent, session, key, version, served in rows:
             out.setdefault(agent, {}).setdefault(session, {})[key] = {
                 "version": int(version),

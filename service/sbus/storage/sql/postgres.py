@@ -46,6 +46,7 @@ from sbus.core.errors import (
 from sbus.core.types import (
     Counters,
     CreateOp,
+    DLDump,
     DLEntry,
     HistoryEntry,
     IdemRecord,
@@ -848,9 +849,7 @@ class PostgresStore:
 
         await self._run(body)
 
-    async def dump_delivery_log(
-        self, after: str | None, limit: int
-    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         ttl = self.limits.session_ttl_ms
         async with self._conn() as conn:
             now: int = await conn.fetchval("SELECT sbus_now_ms()")
@@ -874,7 +873,7 @@ class PostgresStore:
                 agents,
                 cutoff,
             )
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        out: DLDump = {}
         for r in rows:
             out.setdefault(r["agent_id"], {}).setdefault(r["session_id"], {})[r["key"]] = {
                 "version": r["version"],

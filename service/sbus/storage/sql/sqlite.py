@@ -33,6 +33,7 @@ from sbus.core.errors import (
 from sbus.core.types import (
     Counters,
     CreateOp,
+    DLDump,
     DLEntry,
     HistoryEntry,
     IdemRecord,
@@ -677,12 +678,10 @@ class SQLiteStore:
 
         await self._call(run)
 
-    async def dump_delivery_log(
-        self, after: str | None, limit: int
-    ) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+    async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         ttl = self.limits.session_ttl_ms
 
-        def run(conn: Db) -> tuple[dict[str, dict[str, dict[str, Any]]], str | None]:
+        def run(conn: Db) -> tuple[DLDump, str | None]:
             now = self._now(conn)
             cutoff = now - ttl if ttl > 0 else -(2**62)
             # Agent ids are never empty (an empty identity records nothing), so ""
@@ -697,7 +696,7 @@ class SQLiteStore:
             ]
             more = len(agents) > limit
             agents = agents[:limit]
-            out: dict[str, dict[str, dict[str, Any]]] = {}
+            out: DLDump = {}
             for agent in agents:
                 for session, key, version, served in conn.exec_driver_sql(
                     "SELECT session_id, key, version, served_ms FROM sbus_dl_entries "
@@ -710,9 +709,7 @@ class SQLiteStore:
                     }
             return out, (agents[-1] if more else None)
 
-        result: tuple[dict[str, dict[str, dict[str, Any]]], str | None] = await self._call(
-            run, write=False
-        )
+        result: tuple[DLDump, str | None] = await self._call(run, write=False)
         return result
 
     async def open_mode_secret(self, candidate: bytes) -> bytes:
