@@ -14,6 +14,7 @@ from langgraph.store.memory import InMemoryStore
 from sbus_client import Bus
 from sbus_client.langgraph import SBusStore
 from sbus_client.testing import AsyncLocalBus, LocalBus
+from tests.api.auth_helpers import SECRET, token
 from tests.integrations.langgraph_graphs import (
     NS,
     Journal,
@@ -94,6 +95,27 @@ def test_write_skew_between_branches_is_refused(local: LocalBus) -> None:
     [(refused, code)] = journal.conflicts
     assert code == "CrossShardStale" and states[refused] is True
     assert journal.attempts[refused] == 2
+
+
+def test_in_token_mode_nodes_speak_as_the_subject_each_run_in_its_own_session() -> None:
+    # A token names one agent: a node name as agent would be AgentMismatch on every call.
+    # Each node run must still have its own session, or one branch's write refreshes the
+    # read the other branch made (one shared session) and the write skew gets through.
+    with LocalBus(auth="token", secret=SECRET) as local:
+        tok = token(local.app, "rota-bot", ("lg/**", "read,write,create,delete"))
+        store = SBusStore(Bus(local.url, token=tok, http_client=local.http))
+        seed_rota(store.bind("rota-bot"))
+        journal = Journal()
+        rota_graph(store, journal).invoke({})
+        checker = store.bind("rota-bot")
+        on_call = {name: checker.get(NS, name) for name in ("alice", "bob")}
+        states = {name: item.value["on_call"] for name, item in on_call.items() if item}
+        assert sorted(states.values()) == [False, True]
+        [(refused, code)] = journal.conflicts
+        assert code == "CrossShardStale" and journal.attempts[refused] == 2
+        assert store.bus is not None
+        with store.bus.session() as auditor:
+            assert auditor.history(f"lg/shared/{refused}")[0].agent_id == "rota-bot"
 
 
 def test_in_memory_store_lets_the_write_skew_through() -> None:

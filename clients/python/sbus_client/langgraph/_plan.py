@@ -59,9 +59,10 @@ Seen = int | Absent
 class Memory:
     """What one (agent, session) has seen: shard key -> version read or written, or
     ABSENT. ``n`` counts the conflicts: the bus session is ``base`` until the first,
-    then ``base.1``, ``base.2``, ... each starting with nothing seen."""
+    then ``base.1``, ``base.2``, ... each starting with nothing seen. ``agent`` None is
+    the bus token's subject."""
 
-    agent: str
+    agent: str | None
     base: str
     n: int = 0
     seen: dict[str, Seen] = field(default_factory=dict)

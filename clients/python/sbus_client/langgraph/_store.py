@@ -108,9 +108,9 @@ class _Memories:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_identity: OrderedDict[tuple[str, str], Memory] = OrderedDict()
+        self._by_identity: OrderedDict[tuple[str | None, str], Memory] = OrderedDict()
 
-    def get(self, agent: str, session: str) -> Memory:
+    def get(self, agent: str | None, session: str) -> Memory:
         with self._lock:
             memory = self._by_identity.get((agent, session))
             if memory is None:
@@ -186,10 +186,14 @@ class SBusStore(BaseStore):
         """The view's current session; None for the unbound store."""
         return self._bound.session_id if self._bound is not None else None
 
-    def _memory(self) -> Memory:
+    def _memory(self, token: bool) -> Memory:
         if self._bound is not None:
             return self._bound
-        return self._graph.get(*_graph_identity())
+        node, session = _graph_identity()
+        # A token names one agent, and naming any other is refused (AgentMismatch): with a
+        # token every node speaks as its subject, each node run still in its own session
+        # (which is what keeps one branch's reads from being refreshed by another's writes).
+        return self._graph.get(None if token else node, session)
 
     def _plan(self, ops: Iterable[Op], memory: Memory) -> Batch:
         return run_batch(ops, self._keys, memory, self.blind_writes)
@@ -199,7 +203,7 @@ class SBusStore(BaseStore):
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         if self.bus is None:
             raise RuntimeError("this SBusStore has no Bus: pass bus= (or use the async API)")
-        memory = self._memory()
+        memory = self._memory(self.bus.has_token)
         session = self.bus.session(memory.agent, memory.session_id, keep=True)
         plan = self._plan(ops, memory)
         answer: Any = None
@@ -239,7 +243,7 @@ class SBusStore(BaseStore):
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         if self.abus is None:
             raise RuntimeError("this SBusStore has no AsyncBus: pass abus= (or use the sync API)")
-        memory = self._memory()
+        memory = self._memory(self.abus.has_token)
         session = self.abus.session(memory.agent, memory.session_id, keep=True)
         plan = self._plan(ops, memory)
         answer: Any = None
