@@ -1,0 +1,102 @@
+"""Where the API layer still reaches the store, listed one by one.
+
+import-linter (``make lint``) keeps sbus.api from importing a store backend, but a router
+calls the store through the engine's ``bus.store`` (typed by the core port), which no
+import shows. This test counts those reaches per function, so a new one fails here
+instead of slipping in; each entry goes when its use case moves into the engine.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from pathlib import Path
+
+import sbus.api
+
+API = Path(sbus.api.__file__).parent
+
+# (module under sbus/api, function) -> how many times it names the store.
+REACHES = {
+    # The app builds its own store and owns its lifecycle.
+    ("app.py", "_connect"): 4,
+    ("app.py", "create_app"): 3,
+    ("app.py", "lifespan"): 2,
+    ("upkeep.py", "check_once"): 1,
+    ("upkeep.py", "purge"): 1,
+    ("upkeep.py", "run"): 2,
+    ("upkeep.py", "watch"): 1,
+    # Use cases that live in routers and dependencies instead of the engine.
+    ("deps.py", "verify"): 1,
+    ("routers/admin.py", "_config_body"): 1,
+    ("routers/admin.py", "advance_clock"): 2,
+    ("routers/admin.py", "delivery_log"): 1,
+    ("routers/admin.py", "inject_stale"): 1,
+    ("routers/admin.py", "reset"): 1,
+    ("routers/admin.py", "revoke_token"): 1,
+    ("routers/admin.py", "set_config"): 1,
+    ("routers/mandates.py", "issue_mandate"): 1,
+    ("routers/sessions.py", "register"): 1,
+    ("routers/sessions.py", "reset_session"): 1,
+    ("routers/shards.py", "_page"): 2,
+    ("routers/shards.py", "history"): 1,
+    ("routers/shards.py", "list_shards"): 1,
+    ("routers/shards.py", "read_many"): 1,
+    ("routers/shards.py", "read_shard"): 1,
+    ("routers/stats.py", "health"): 1,
+    ("routers/stats.py", "metrics"): 1,
+    ("routers/stats.py", "stats"): 3,
+}
+
+
+class _StoreReaches(ast.NodeVisitor):
+    """Counts ``<anything>.store`` (but ``settings.store``, the URL) and every read of a
+    name ``store``, by enclosing function."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self.function = ["<module>"]
+        self.found: Counter[tuple[str, str]] = Counter()
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.function.append(node.name)
+        self.generic_visit(node)
+        self.function.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        owner = node.value
+        if node.attr == "store" and not (isinstance(owner, ast.Name) and owner.id == "settings"):
+            self.found[(self.module, self.function[-1])] += 1
+        self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> None:
+        if node.id == "store" and isinstance(node.ctx, ast.Load):
+            self.found[(self.module, self.function[-1])] += 1
+
+
+def store_reaches() -> Counter[tuple[str, str]]:
+    found: Counter[tuple[str, str]] = Counter()
+    for path in sorted(API.rglob("*.py")):
+        visitor = _StoreReaches(path.relative_to(API).as_posix())
+        visitor.visit(ast.parse(path.read_text(), str(path)))
+        found.update(visitor.found)
+    return found
+
+
+def test_the_api_reaches_the_store_only_where_listed() -> None:
+    found = store_reaches()
+    new = {site: n for site, n in found.items() if n > REACHES.get(site, 0)}
+    assert not new, f"new store reaches in sbus.api (route them through the engine): {new}"
+    # A reach that went away leaves the table: keep it exact, so it only ever shrinks.
+    assert dict(found) == REACHES
+
+
+def test_the_scan_sees_a_store_reach() -> None:
+    source = (
+        "async def handler(bus, settings):\n    url = settings.store\n    await bus.store.ping()\n"
+    )
+    visitor = _StoreReaches("x.py")
+    visitor.visit(ast.parse(source))
+    assert visitor.found == Counter({("x.py", "handler"): 1})
