@@ -545,3 +545,21 @@ def test_a_bus_that_is_not_there_is_one_clear_error() -> None:
     assert (gone.value.url, gone.value.attempts) == (url, 2)
     assert isinstance(gone.value.__cause__, httpx.ConnectError)
     assert f"check that the bus is running and reachable at {url}" in str(gone.value)
+
+
+@pytest.mark.parametrize(
+    ("agent", "session"),
+    [("ägent", None), ("a" * 257, None), (" a", None), ("", None), ("a", "s" * 257), ("a", "sé")],
+)
+def test_an_identity_no_header_can_carry_is_refused_before_any_request(
+    agent: str, session: str | None
+) -> None:
+    """Agent and session ids travel in headers: one that cannot is a ValueError where the
+    Bus or the session is made, not a UnicodeEncodeError (or a 422) at the first call."""
+    seen: list[str] = []
+    http = httpx.Client(transport=_refusing_transport(seen))
+    with pytest.raises(ValueError, match=r"agent_id|session_id"):
+        Bus("http://127.0.0.1:7000", agent_id=agent, http_client=http).session(session_id=session)
+    with pytest.raises(ValueError, match=r"agent_id|session_id"):
+        Bus("http://127.0.0.1:7000", http_client=http).session(agent, session)
+    assert seen == []

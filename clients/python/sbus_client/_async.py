@@ -175,7 +175,9 @@ class AsyncBus:
     ) -> AsyncSession:
         """A session for one task; use it in ``async with``. A fresh random session id unless
         ``session_id`` is given; on exit its DeliveryLog is emptied unless ``keep``."""
-        return AsyncSession(self, agent_id or self._core.agent_id, session_id, keep=keep)
+        return AsyncSession(
+            self, agent_id if agent_id is not None else self._core.agent_id, session_id, keep=keep
+        )
 
     async def issue_mandate(
         self,
@@ -188,7 +190,7 @@ class AsyncBus:
     ) -> Mandate:
         """Let ``holder`` make one commit on ``keys`` for ``context`` (issued as this
         Bus's agent, which needs the mandate right)."""
-        ident = Ident(agent_id or self._core.agent_id)
+        ident = Ident(agent_id if agent_id is not None else self._core.agent_id)
         return await self._run(self._core.issue_mandate(ident, holder, keys, context, ttl_s))
 
     def transactional(

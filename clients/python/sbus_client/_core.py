@@ -46,6 +46,7 @@ from sbus_client._wire import (
     etag_version,
     headers_for,
     history_of,
+    identifier_problem,
     key_path,
     missing_error,
     multi_of,
@@ -71,6 +72,18 @@ class Ident:
 
     agent: str | None
     session: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where a Bus or session is made, not as a UnicodeEncodeError (or a 422)
+        # at the first request: both travel in HTTP headers.
+        for what, value in (("agent_id", self.agent), ("session_id", self.session)):
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+            problem = identifier_problem(value)
+            if problem is not None:
+                raise ValueError(f"{what} {value!r} {problem}")
 
 
 def expected_version(key: str, expected: Expected) -> int:
@@ -119,6 +132,7 @@ class Core:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        Ident(agent_id)  # refuses an agent id no header can carry, before any request
         if not base_url.lower().startswith(("http://", "https://")):
             # Caught here, not after a round of transport retries of every request.
             raise ValueError(f"the bus URL must start with http:// or https://: {base_url!r}")

@@ -147,7 +147,9 @@ class Bus:
     ) -> Session:
         """A session for one task; use it in ``with``. A fresh random session id unless
         ``session_id`` is given; on exit its DeliveryLog is emptied unless ``keep``."""
-        return Session(self, agent_id or self._core.agent_id, session_id, keep=keep)
+        return Session(
+            self, agent_id if agent_id is not None else self._core.agent_id, session_id, keep=keep
+        )
 
     def issue_mandate(
         self,
@@ -160,7 +162,7 @@ class Bus:
     ) -> Mandate:
         """Let ``holder`` make one commit on ``keys`` for ``context`` (issued as this
         Bus's agent, which needs the mandate right)."""
-        ident = Ident(agent_id or self._core.agent_id)
+        ident = Ident(agent_id if agent_id is not None else self._core.agent_id)
         return self._run(self._core.issue_mandate(ident, holder, keys, context, ttl_s))
 
     def transactional(
