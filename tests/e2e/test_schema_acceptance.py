@@ -5,9 +5,10 @@ rules (key grammar and length, integer bounds as integers, identifier length, no
 expected_version required with If-Match as the documented alternative), so a fuzzer or a
 generated client that follows it reaches the handlers.
 
-One refusal stays possible and is allowed: 422 PreconditionConflict, when a generated
-If-Match header and expected_version disagree (no JSON Schema can relate a header to a
-body field; the If-Match description states the rule).
+Two refusals stay possible and are allowed (protocol.md 2.1): 422 PreconditionConflict,
+when a generated If-Match header and expected_version disagree (no JSON Schema can relate a
+header to a body field; the If-Match description states the rule), and 422 for a read_set
+naming one key twice (uniqueness by one field of an object, which uniqueItems cannot state).
 """
 
 from __future__ import annotations
@@ -83,4 +84,6 @@ def test_schema_valid_requests_pass_validation(case: schemathesis.Case[Any]) -> 
     if response.status_code in VALIDATION:
         body = response.json()
         sent = (case.method, case.path_parameters, case.query, case.headers, case.body)
-        assert body.get("error") in ALLOWED, (sent, body)
+        types = {item.get("type") for item in body.get("errors", [])}
+        duplicates_only = body.get("error") == "ValidationError" and types == {"duplicate_key"}
+        assert body.get("error") in ALLOWED or duplicates_only, (sent, body)

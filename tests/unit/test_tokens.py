@@ -125,7 +125,8 @@ def test_not_yet_valid(keys: KeySet) -> None:
     ],
 )
 def test_wrong_iss_or_aud(keys: KeySet, over: dict[str, Any], reason: str) -> None:
-    refused(keys, encode_jwt(keys, payload(**over), typ=CAPABILITY_TYP), reason)
+    claims = {name: value() if callable(value) else value for name, value in over.items()}
+    refused(keys, encode_jwt(keys, payload(**claims), typ=CAPABILITY_TYP), reason)
 
 
 def test_other_namespace_issuer_is_refused(keys: KeySet) -> None:
@@ -237,13 +238,16 @@ def test_garbled_tokens(keys: KeySet, token: str, reason: str) -> None:
         ({"jti": None}, 'missing the "jti" claim'),
         ({"jti": ""}, "claim 'jti' must be a non-empty string"),
         ({"iat": "now"}, "Issued At claim (iat) must be an integer"),
-        ({"exp": float(time.time() + 60)}, "claim 'exp' must be an integer"),
+        # A callable: computed when the test runs, so the claim is still in the future
+        # however long after collection that is (else it is refused as expired instead).
+        ({"exp": lambda: float(time.time() + 60)}, "claim 'exp' must be an integer"),
         ({"exp": None}, 'missing the "exp" claim'),
         ({"iat": None}, 'missing the "iat" claim'),
     ],
 )
 def test_malformed_claims(keys: KeySet, over: dict[str, Any], reason: str) -> None:
-    refused(keys, encode_jwt(keys, payload(**over), typ=CAPABILITY_TYP), reason)
+    claims = {name: value() if callable(value) else value for name, value in over.items()}
+    refused(keys, encode_jwt(keys, payload(**claims), typ=CAPABILITY_TYP), reason)
 
 
 def test_valid_handmade_payload_passes(keys: KeySet) -> None:
