@@ -65,10 +65,10 @@ from bench import (
 )
 from sbus.config import Settings
 from sbus.core.engine import commit_txn, new_commit_id
+from sbus.core.rights import ALL_RIGHTS, Capabilities, Identity, Right, Scope
 from sbus.core.store import Store
 from sbus.core.types import CreateOp, Limits, MandateRef, WriteOp
 from sbus.security.mandates import Mandates
-from sbus.security.rights import ALL_RIGHTS, Capabilities, Identity, Right, Scope
 from sbus.security.tokens import Issuer
 from sbus.storage.factory import open_store
 

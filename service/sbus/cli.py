@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from sbus import __version__
 from sbus.config import Settings
-from sbus.security.patterns import MAX_PATTERN_LENGTH
-from sbus.security.rights import ADMIN_PATTERN, Right
+from sbus.core.patterns import MAX_PATTERN_LENGTH
+from sbus.core.rights import ADMIN_PATTERN, Right
 
 if TYPE_CHECKING:
     from sbus.core.store import Store
@@ -332,7 +332,7 @@ def token_issue(
     import json
 
     from sbus.core.errors import SBusError
-    from sbus.security.rights import parse_allow
+    from sbus.core.rights import parse_allow
     from sbus.security.tokens import Issuer
 
     try:

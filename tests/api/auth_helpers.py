@@ -11,8 +11,8 @@ import httpx
 import jwt
 from fastapi import FastAPI
 
+from sbus.core.rights import ALL_RIGHTS, Right, Scope
 from sbus.security.keys import KeySet
-from sbus.security.rights import ALL_RIGHTS, Right, Scope
 from sbus.security.tokens import CAPABILITY_TYP, Issuer
 from tests.conftest import AppFactory
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from sbus import __version__
-from sbus.security.rights import ALL_RIGHTS, Scope
+from sbus.core.rights import ALL_RIGHTS, Scope
 from tests.api.auth_helpers import auth, issuer, root_token, token_app
 from tests.api.helpers import (
     SHARD_FIELDS,

@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from sbus import __version__
 from sbus.bootstrap import startup_problem
 from sbus.config import Settings
+from sbus.core.rights import ALL_RIGHTS, Scope
 from sbus.security.keys import KeySet, load_private_key, write_keypair
-from sbus.security.rights import ALL_RIGHTS, Scope
 from sbus.security.tokens import Issuer
 from tests.api.auth_helpers import (
     SECRET,

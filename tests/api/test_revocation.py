@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from sbus.security.rights import ALL_RIGHTS, Scope
+from sbus.core.rights import ALL_RIGHTS, Scope
 from tests.api.auth_helpers import auth, issuer, root_token, token, token_app
 from tests.api.helpers import ok, problem
 from tests.conftest import AppFactory

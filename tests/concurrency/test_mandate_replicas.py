@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus.core.rights import ALL_RIGHTS, Scope
 from sbus.security.keys import KeySet
-from sbus.security.rights import ALL_RIGHTS, Scope
 from sbus.security.tokens import Issuer
 from tests import backends
 from tests.concurrency.conftest import (

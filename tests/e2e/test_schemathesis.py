@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from sbus.api.app import create_app
 from sbus.config import Settings
-from sbus.security.rights import ALL_RIGHTS, Scope
+from sbus.core.rights import ALL_RIGHTS, Scope
 from sbus.security.tokens import Issuer
 
 CHECKS: list[CheckFunction] = [

@@ -16,9 +16,9 @@ from typer.testing import CliRunner, Result
 from sbus import __version__
 from sbus.cli import app
 from sbus.config import Settings
+from sbus.core.rights import Right, parse_allow
 from sbus.security.inspection import revocation_target
 from sbus.security.keys import KeySet, write_keypair
-from sbus.security.rights import Right, parse_allow
 from sbus.security.tokens import Issuer
 
 SECRET = "s" * 32

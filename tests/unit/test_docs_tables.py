@@ -4,7 +4,7 @@ docs/errors.md is the error table clients read; the server's is the class tree o
 ``sbus.core.errors`` (and ``sbus.security``) with the status map of
 ``sbus.api.problems``: every code the server can emit has a row with its status, no row
 names a code the server lacks, and every row sits inside the one table. The rights table
-of docs/security.md has one row per right of ``sbus.security.rights.Right``."""
+of docs/security.md has one row per right of ``sbus.core.rights.Right``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import sbus.api.app  # noqa: F401  (imports every module that defines an error class)
 from sbus.api.problems import status_of
 from sbus.core import errors as e
-from sbus.security.rights import Right
+from sbus.core.rights import Right
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ERRORS_MD = DOCS / "errors.md"

@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sbus.core.errors import CapabilityDenied, MandateNotFound, SBusError, ValidationFailed
+from sbus.core.rights import Capabilities, Identity, open_capabilities, parse_allow
 from sbus.security import (
     MandateContextMismatch,
     MandateExpired,
@@ -18,7 +19,6 @@ from sbus.security import (
 )
 from sbus.security.keys import KeySet
 from sbus.security.mandates import MANDATE_TYP, MandateClaims, Mandates, context_hash
-from sbus.security.rights import Capabilities, Identity, open_capabilities, parse_allow
 from sbus.security.tokens import Issuer, Verifier, encode_jwt
 from tests.unit.work import bytecodes, worst_keys, worst_patterns
 

@@ -6,9 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sbus.core.errors import ValidationFailed
-from sbus.security import InvalidPattern
-from sbus.security.patterns import (
+from sbus.core.errors import InvalidPattern, ValidationFailed
+from sbus.core.patterns import (
     MAX_PATTERN_CHARS,
     MAX_PATTERN_LENGTH,
     MAX_PATTERNS,
@@ -18,7 +17,7 @@ from sbus.security.patterns import (
     validate_pattern,
     validate_patterns,
 )
-from sbus.security.rights import (
+from sbus.core.rights import (
     ADMIN_PATTERN,
     Capabilities,
     Right,

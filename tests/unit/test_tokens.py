@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from sbus.cli import app, parse_ttl
 from sbus.config import Settings
 from sbus.core.errors import ValidationFailed
+from sbus.core.rights import Right, parse_allow
 from sbus.security import KeyConfigError, SigningUnavailable, TokenExpired, TokenInvalid
 from sbus.security.keys import KeySet, kid_of, token_mode_problem, write_keypair
-from sbus.security.rights import Right, parse_allow
 from sbus.security.tokens import CAPABILITY_TYP, Claims, Issuer, Verifier, encode_jwt
 
 NS = "sbus"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from sbus.security.patterns import MAX_PATTERN_CHARS
+from sbus.core.patterns import MAX_PATTERN_CHARS
 
 # The worst request: a /commit/multi of SBUS_MAX_TXN_KEYS keys of the longest length,
 # checked against two pattern lists at their bounds, patterns chosen so that every NFA

@@ -2,7 +2,7 @@
 the request's principal before any body is read and puts it in the ASGI scope state
 (``scope["state"]["principal"]``), where :func:`sbus.api.deps.principal_of` reads it.
 
-- open mode: every request gets the same :class:`~sbus.security.rights.Identity` with no
+- open mode: every request gets the same :class:`~sbus.core.rights.Identity` with no
   agent of its own (the agent comes from the request, protocol.md §2) and every right
   except admin, which ``SBUS_ADMIN_ENABLED=1`` adds.
 - token mode: every route except :data:`PUBLIC` needs ``Authorization: Bearer <jwt>``;
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
+from sbus.core.rights import Identity, Principal, open_capabilities
 from sbus.core.types import Revocation
 from sbus.security import TokenExpired, TokenInvalid, TokenRevoked
-from sbus.security.rights import Identity, Principal, open_capabilities
 from sbus.security.tokens import MAX_TOKEN_LENGTH, Claims, Verifier
 
 # Never authenticated: liveness and readiness probes, the server's version (a client asks

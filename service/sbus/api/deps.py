@@ -18,10 +18,10 @@ from sbus.core import errors as e
 from sbus.core.chain import canonical_json
 from sbus.core.engine import Bus
 from sbus.core.keys import json_problem, text_problem
+from sbus.core.rights import Capabilities, Principal, Right
 from sbus.core.types import IdemRef, MandateRef
 from sbus.security import TokenInvalid
 from sbus.security.mandates import Mandates
-from sbus.security.rights import Capabilities, Principal, Right
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
 SESSION_HEADER = "x-sbus-session-id"

@@ -7,7 +7,8 @@ statuses; everything below the API raises these classes and nothing else.
 
     SBusError
     ├── RequestError            the request itself is unacceptable (4xx before the store)
-    │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, RequestTimeout, ValidationFailed
+    │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, RequestTimeout
+│   ├── ValidationFailed (InvalidPattern: a scope or mandate-key pattern)
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
     │   ├── DeltaTooLarge, FieldTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
     │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
@@ -78,6 +79,13 @@ class ValidationFailed(RequestError):
     def __init__(self, detail: str, *, loc: list[str | int] | None = None, **fields: Any) -> None:
         fields.setdefault("errors", [{"loc": loc or [], "msg": detail, "type": "value_error"}])
         super().__init__(detail, **fields)
+
+
+class InvalidPattern(ValidationFailed):
+    """A scope or mandate-key pattern (protocol.md section 5.3) that is not valid."""
+
+    code = "ValidationError"
+    title = "Invalid key pattern"
 
 
 class AmbiguousField(RequestError):

@@ -1,8 +1,9 @@
-"""Token mode: capability tokens, patterns, rights and mandates (protocol.md §5).
+"""Token mode: capability tokens, signing keys and mandates (protocol.md §5).
 
-The modules, innermost first: ``patterns`` (the glob syntax of scopes and mandate keys),
-``rights`` (Scope, Capabilities, the ``--allow`` syntax), ``keys`` (the one signing
-algorithm of a deployment and its key ring), ``tokens`` (Issuer, Verifier, Claims) and
+The glob syntax of scopes and mandate keys (``sbus.core.patterns``) and the rights and
+capability sets (``sbus.core.rights``) are pure logic the engine checks, so they live in
+core. Here, innermost first: ``keys`` (the one signing algorithm of a deployment and its
+key ring), ``tokens`` (Issuer, Verifier, Claims) and
 ``mandates`` (consume-once authorizations). None of them touches the store or HTTP; the
 API layer calls them and ``sbus.api.problems`` maps the errors below to statuses.
 
@@ -16,8 +17,6 @@ Intended statuses (the table in ``api/problems.py`` is the authority)::
     │   └── TokenRevoked (TokenRevoked)         401  jti on the revocation list (store hook)
     ├── KeyConfigError (KeyConfigError)         startup refusal: no usable key, short secret
     │   └── SigningUnavailable                  a verify-only replica was asked to issue
-    ├── ValidationFailed
-    │   └── InvalidPattern (ValidationError)    422  a scope or mandate-key pattern
     └── StateError
         ├── MandateNotFound (core)              404  garbled, unverifiable, not a mandate
         ├── MandateExpired                      410  store clock >= exp
@@ -39,7 +38,6 @@ from sbus.core.errors import (
     MandateExpired,
     SBusError,
     StateError,
-    ValidationFailed,
 )
 
 
@@ -75,11 +73,6 @@ class SigningUnavailable(KeyConfigError):
     title = "This replica cannot issue tokens"
 
 
-class InvalidPattern(ValidationFailed):
-    code = "ValidationError"
-    title = "Invalid key pattern"
-
-
 class MandateHolderMismatch(StateError):
     code = "MandateHolderMismatch"
     title = "Mandate held by another agent"
@@ -96,7 +89,6 @@ class MandateContextMismatch(StateError):
 
 
 __all__ = [
-    "InvalidPattern",
     "KeyConfigError",
     "MandateConsumed",
     "MandateContextMismatch",

@@ -31,6 +31,8 @@ import orjson
 from sbus.config import Settings
 from sbus.core.chain import canonical_json
 from sbus.core.errors import CapabilityDenied, MandateNotFound, ValidationFailed
+from sbus.core.patterns import MAX_PATTERNS, pattern_set, validate_patterns
+from sbus.core.rights import Principal, Right
 from sbus.security import (
     MandateContextMismatch,
     MandateExpired,
@@ -39,8 +41,6 @@ from sbus.security import (
     TokenInvalid,
 )
 from sbus.security.keys import KeySet
-from sbus.security.patterns import MAX_PATTERNS, pattern_set, validate_patterns
-from sbus.security.rights import Principal, Right
 from sbus.security.tokens import decode_jwt, encode_jwt, new_jti, validate_agent, validate_ttl
 
 MANDATE_TYP = "sbus-mandate+jwt"

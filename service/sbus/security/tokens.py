@@ -28,14 +28,14 @@ import jwt
 from sbus.config import Settings
 from sbus.core.errors import ValidationFailed
 from sbus.core.keys import text_problem
+from sbus.core.rights import Capabilities, Scope, check_scopes, scopes_from_json
 from sbus.security import TokenExpired, TokenInvalid
 from sbus.security.keys import KeySet
-from sbus.security.rights import Capabilities, Scope, check_scopes, scopes_from_json
 
 CAPABILITY_TYP = "at+jwt"
 MAX_AGENT_LENGTH = 256
 # Far above any honest token; bounds the work spent on junk. The pattern bounds
-# (sbus.security.patterns) keep most tokens well below it, but not all (non-ASCII
+# (sbus.core.patterns) keep most tokens well below it, but not all (non-ASCII
 # patterns are \u-escaped in the JSON), so encode_jwt refuses to sign anything longer.
 MAX_TOKEN_LENGTH = 64 * 1024
 _CLAIMS = ["sub", "scopes", "iat", "exp", "jti", "iss", "aud"]

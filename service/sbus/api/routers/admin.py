@@ -40,10 +40,10 @@ from sbus.core import errors as e
 from sbus.core import revocation
 from sbus.core.clock import offset_cap_ms, rfc3339
 from sbus.core.engine import new_commit_id
+from sbus.core.rights import Right, Scope
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp
 from sbus.security import SigningUnavailable
-from sbus.security.rights import Right, Scope
 from sbus.security.tokens import Issuer
 
 router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)

@@ -25,8 +25,8 @@ from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
 from sbus.api.wire import CommitBody, MultiCommitBody, MultiWrite, ReadSetItem, RollbackBody
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn
+from sbus.core.rights import Right
 from sbus.core.types import ReadItem, WriteOp
-from sbus.security.rights import Right
 
 router = APIRouter(tags=["commits"], route_class=WireRoute)
 

@@ -15,9 +15,9 @@ from sbus.api.schemas import MandateOut
 from sbus.api.wire import MandateBody
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
+from sbus.core.rights import Identity, Principal
 from sbus.security import SigningUnavailable
 from sbus.security.mandates import Mandates
-from sbus.security.rights import Identity, Principal
 
 router = APIRouter(tags=["mandates"], route_class=WireRoute)
 

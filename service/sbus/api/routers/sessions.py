@@ -19,7 +19,7 @@ from sbus.api.render import json_response
 from sbus.api.schemas import RegisterOut, SessionOut
 from sbus.api.wire import RegisterBody, SessionBody
 from sbus.core import errors as e
-from sbus.security.rights import Right
+from sbus.core.rights import Right
 
 router = APIRouter(tags=["sessions"], route_class=WireRoute)
 

@@ -40,9 +40,9 @@ from sbus.api.wire import (
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
 from sbus.core.engine import Bus, commit_txn, new_commit_id
+from sbus.core.rights import ADMIN_PATTERN, Capabilities, Right
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp, WriteOp
-from sbus.security.rights import ADMIN_PATTERN, Capabilities, Right
 
 router = APIRouter(tags=["shards"], route_class=WireRoute)
 

@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from sbus.core.errors import ValidationFailed
-from sbus.security.patterns import (
+from sbus.core.patterns import (
     MAX_PATTERNS,
     Matcher,
     check_pattern_budget,

@@ -28,9 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
-from sbus.core.errors import ValidationFailed
+from sbus.core.errors import InvalidPattern, ValidationFailed
 from sbus.core.keys import text_problem
-from sbus.security import InvalidPattern
 
 MAX_PATTERN_LENGTH = 512
 # Per list (a token's scopes, a mandate's keys or grantor_scopes). The character total is
