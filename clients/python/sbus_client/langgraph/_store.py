@@ -26,7 +26,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-import httpx
 from langgraph.config import get_config
 from langgraph.runtime import get_runtime
 from langgraph.store.base import BaseStore, Op, Result
@@ -232,7 +231,7 @@ class SBusStore(BaseStore):
             memory.next_session()
             # Free what the abandoned session holds on the bus; if that fails it
             # expires by TTL, and the conflict is what the caller must hear about.
-            with contextlib.suppress(SBusError, httpx.TransportError):
+            with contextlib.suppress(SBusError):
                 session.reset()
             if conflict is err:
                 raise
@@ -272,7 +271,7 @@ class SBusStore(BaseStore):
             if conflict is None:
                 raise
             memory.next_session()
-            with contextlib.suppress(SBusError, httpx.TransportError):
+            with contextlib.suppress(SBusError):
                 await session.reset()
             if conflict is err:
                 raise

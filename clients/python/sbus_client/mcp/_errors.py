@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 from mcp import MCPError
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import INTERNAL_ERROR
@@ -61,14 +60,14 @@ NEXT_STEP: dict[str, str] = {
 HOST_PROBLEMS = (Unauthorized, TokenRevoked, AgentMismatch, HostNotAllowed)
 
 
-def translate(err: SBusError | httpx.TransportError, bus_url: str) -> Exception:
+def translate(err: SBusError, bus_url: str) -> Exception:
     """The exception a tool raises for ``err``: a ToolError the model reads, or an
     MCPError for the host."""
-    if isinstance(err, BusUnreachable | httpx.TransportError):
-        cause = err.reason if isinstance(err, BusUnreachable) else f"{type(err).__name__}: {err}"
+    if isinstance(err, BusUnreachable):
+        # The SDK turns every transport failure into BusUnreachable after its resends.
         return MCPError(
             INTERNAL_ERROR,
-            f"the S-Bus at {bus_url} is unreachable ({cause}); "
+            f"the S-Bus at {bus_url} is unreachable ({err.reason}); "
             "check that it is running and that SBUS_URL points at it",
         )
     if isinstance(err, HOST_PROBLEMS):

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
-import httpx
 from mcp.server import MCPServer
 from mcp.types import ToolAnnotations
 from pydantic import Field
@@ -196,7 +195,7 @@ class _Tools:
     async def _call(self, op: Awaitable[T]) -> T:
         try:
             return await op
-        except (SBusError, httpx.TransportError) as err:
+        except SBusError as err:
             raise translate(err, self._bus.base_url) from err
 
     async def read_shard(self, key: Key) -> ShardOut:
