@@ -13,32 +13,21 @@ Revises: 0003
 
 from __future__ import annotations
 
-from alembic import op
+from sbus_migrations.functions import drop, install, on_postgres
 
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
 
-CONSUMED = """
-CREATE OR REPLACE FUNCTION sbus_mandate_consumed(p_jti text, p_now bigint)
-RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-  PERFORM pg_advisory_xact_lock(hashtextextended(p_jti, 2));
-  RETURN EXISTS (
-    SELECT 1 FROM sbus_consumed_mandates WHERE jti = p_jti AND retain_until_ms > p_now
-  );
-END $$;
-"""
+FUNCTIONS = {"sbus_mandate_consumed": 1}
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute(CONSUMED)
+    if on_postgres():
+        install(FUNCTIONS)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute("DROP FUNCTION IF EXISTS sbus_mandate_consumed(text, bigint)")
+    if on_postgres():
+        drop(FUNCTIONS)

@@ -3,9 +3,11 @@
 ``sbus_txn_apply`` (migration 0002) measured a new history entry as the octets of its
 content, so a large rationale was retained without limit. The caller now hands each
 entry's size as ``size``, computed by ``sbus.core.rules.entry_bytes`` (the one
-definition every store uses); this migration replaces the function so it stores and
-counts that size. Rows written before keep their content-only size, which is what their
-trimming subtracts, so the running total stays consistent. A no-op on SQLite.
+definition every store uses); this migration installs version 2 of the function
+(``migrations/sql/sbus_txn_apply.v2.sql``), which stores and counts that size, and its
+downgrade reinstalls version 1. Rows written before keep their content-only size, which
+is what their trimming subtracts, so the running total stays consistent. A no-op on
+SQLite.
 
 Revision ID: 0005
 Revises: 0004
@@ -13,30 +15,21 @@ Revises: 0004
 
 from __future__ import annotations
 
-import importlib
-
-from alembic import op
+from sbus_migrations.functions import install, on_postgres, reinstall_previous
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-# The function text of 0002, with the one line that measured an entry replaced.
-_APPLY_0002: str = importlib.import_module("sbus_migrations.versions.0002_postgres_functions").APPLY
-_CONTENT_SIZE = "v_size := octet_length(h->>'content');"
-_ENTRY_SIZE = "v_size := (h->>'size')::bigint;"
-assert _APPLY_0002.count(_CONTENT_SIZE) == 1
-APPLY = _APPLY_0002.replace(_CONTENT_SIZE, _ENTRY_SIZE)
+FUNCTIONS = {"sbus_txn_apply": 2}
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute(APPLY)
+    if on_postgres():
+        install(FUNCTIONS)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute(_APPLY_0002)
+    if on_postgres():
+        reinstall_previous(FUNCTIONS)

@@ -1,10 +1,13 @@
 """The Alembic migrations and the declared schema in sbus.storage.sql.schema must agree,
 on SQLite and on a real PostgreSQL (tables, columns, indexes and the PL/pgSQL functions
 the store calls), and every migration must downgrade: down to nothing, then up again to
-the same schema."""
+the same schema. On PostgreSQL, after every step up or down, the deployed functions are
+exactly the versioned files (migrations/sql) the migrations applied so far name, and a
+released file never changes."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,11 +17,13 @@ from typing import Any
 
 import asyncpg
 import pytest
+import sbus_migrations
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, create_engine, inspect
+from sbus_migrations.functions import SQL_DIR, function_sql
+from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import sbus.storage.sql.postgres
@@ -30,6 +35,27 @@ from tests import backends
 HEAD = "0006"
 FUNCTIONS_SQL = """
 SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid)
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'public' AND p.proname LIKE 'sbus\\_%'
+"""
+
+
+# The statement of every released function file (leading comment lines excluded), by
+# SHA-256 (first 128 bits). A released file never changes: a database migrated before the
+# edit would keep the old body while a fresh one got the new. Change a function by adding
+# <name>.v<N+1>.sql and a migration that installs it (see sbus_migrations.functions), then
+# add the new file here.
+RELEASED = {
+    "sbus_lock_run.v1.sql": "1cc013a6ec7dc81af3ab9dc2bac6167d",
+    "sbus_mandate_consumed.v1.sql": "3940f026b09556d44156ce71c6e67eab",
+    "sbus_now_ms.v1.sql": "193f065e272188555cb7d0a342c05c41",
+    "sbus_read.v1.sql": "3257ba106d9a1e743e9542ee1c6edfa9",
+    "sbus_txn_apply.v1.sql": "b3ad4b3840e664db3b8b32a66642f002",
+    "sbus_txn_apply.v2.sql": "747ac423dcf52cde12779f73400f0d45",
+    "sbus_txn_load.v1.sql": "cda92b491920d4693de7734e0677ed0f",
+}
+DEFINITIONS_SQL = """
+SELECT p.proname, pg_get_functiondef(p.oid)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'public' AND p.proname LIKE 'sbus\\_%'
 """
@@ -58,6 +84,45 @@ def sbus_tables(connection: Any) -> set[str]:
 def revision(connection: Any) -> str | None:
     rev: str | None = MigrationContext.configure(connection).get_current_revision()
     return rev
+
+
+def installed_functions(target: str) -> dict[str, int]:
+    """The version of each function the migrations from base up to ``target`` install:
+    each migration's ``FUNCTIONS`` (name -> version) over those before it."""
+    script = ScriptDirectory.from_config(alembic_config())
+    versions: dict[str, int] = {}
+    for step in reversed(list(script.iterate_revisions(target, "base"))):
+        versions.update(getattr(step.module, "FUNCTIONS", {}))
+    return versions
+
+
+def statement_digest(sql: str) -> str:
+    lines = sql.splitlines()
+    while lines and lines[0].startswith("--"):
+        lines.pop(0)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
+def sql_files() -> dict[str, str]:
+    folder = Path(sbus_migrations.__file__).parent / SQL_DIR
+    return {path.name: path.read_text(encoding="utf-8") for path in folder.glob("*.sql")}
+
+
+def test_released_function_files_never_change() -> None:
+    digests = {name: statement_digest(sql) for name, sql in sql_files().items()}
+    assert digests == RELEASED
+
+
+def test_every_function_file_is_installed_by_a_migration() -> None:
+    script = ScriptDirectory.from_config(alembic_config())
+    installs: list[tuple[str, int]] = [
+        (name, version)
+        for step in script.walk_revisions()
+        for name, version in getattr(step.module, "FUNCTIONS", {}).items()
+    ]
+    assert {f"{name}.v{version}.sql" for name, version in installs} == set(sql_files())
+    # a migration that installs version N > 1 downgrades to N - 1, so that one must exist
+    assert {(name, version - 1) for name, version in installs if version > 1} <= set(installs)
 
 
 # -- SQLite ---------------------------------------------------------------------------
@@ -132,6 +197,33 @@ async def test_postgres_migrations_produce_the_declared_schema(pg_url: str) -> N
     assert await run(pg_url, functions) == POSTGRES_FUNCTIONS
 
 
+def definitions(connection: Any) -> dict[str, str]:
+    rows = connection.exec_driver_sql(DEFINITIONS_SQL).fetchall()
+    return {name: definition for name, definition in rows}
+
+
+def deployed_as_files(connection: Any, target: str) -> dict[str, str]:
+    """Each deployed function whose definition differs from the file the migrations up to
+    ``target`` name, or that they do not name: empty when the database is exactly those
+    files. Replays the files inside a savepoint that is rolled back: a file equal to what
+    is deployed changes no definition."""
+    expected = installed_functions(target)
+    before = definitions(connection)
+    savepoint = connection.begin_nested()
+    try:
+        for name, version in expected.items():
+            connection.execute(text(function_sql(name, version)))
+        after = definitions(connection)
+    finally:
+        savepoint.rollback()
+    names = set(before) | set(after)
+    return {
+        name: before.get(name, "(not deployed)")
+        for name in names
+        if name not in expected or before.get(name) != after.get(name)
+    }
+
+
 def test_the_store_calls_only_declared_functions() -> None:
     source = Path(sbus.storage.sql.postgres.__file__).read_text()
     called = set(re.findall(r"\b(sbus_[a-z_]+)\(", source))
@@ -145,8 +237,21 @@ async def test_postgres_downgrades_step_by_step_to_nothing_and_back(pg_url: str)
     for older in [*revisions_newest_first()[1:], "base"]:
         await run(pg_url, partial(migrate, verb=command.downgrade, target=older))
         assert await run(pg_url, revision) == (None if older == "base" else older)
+        assert await run(pg_url, partial(deployed_as_files, target=older)) == {}, older
     assert await run(pg_url, sbus_tables) == set()
     assert await run(pg_url, functions) == set()
     await run(pg_url, upgrade_to_head)
     assert await run(pg_url, lambda c: schema_diff(c, postgres_metadata)) == []
     assert await run(pg_url, functions) == POSTGRES_FUNCTIONS
+    assert await run(pg_url, partial(deployed_as_files, target=HEAD)) == {}
+
+
+async def test_postgres_upgrades_step_by_step_to_the_files_each_revision_names(
+    pg_url: str,
+) -> None:
+    for newer in reversed(revisions_newest_first()):
+        await run(pg_url, partial(migrate, verb=command.upgrade, target=newer))
+        assert await run(pg_url, revision) == newer
+        assert await run(pg_url, partial(deployed_as_files, target=newer)) == {}, newer
+    assert installed_functions("0004")["sbus_txn_apply"] == 1
+    assert installed_functions(HEAD)["sbus_txn_apply"] == 2
