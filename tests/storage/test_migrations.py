@@ -195,6 +195,7 @@ async def test_postgres_migrations_produce_the_declared_schema(pg_url: str) -> N
     assert await run(pg_url, revision) == HEAD
     assert await run(pg_url, lambda c: schema_diff(c, postgres_metadata)) == []
     assert await run(pg_url, functions) == POSTGRES_FUNCTIONS
+    assert await run(pg_url, partial(deployed_as_files, target=HEAD)) == {}
 
 
 def definitions(connection: Any) -> dict[str, str]:
