@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LINTED := service tests loadtest migrations clients/python examples
 
-.PHONY: install dev serve demo test lint typecheck unit bench bench-micro clean formal fuzz
+.PHONY: install dev serve demo test lint typecheck unit bench bench-micro clean formal fuzz loadtest peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,18 @@ bench: dev
 
 bench-micro: dev
 	$(BIN)/python loadtest/micro.py
+
+# Locust, headless, against a bus it starts (SQLite): CSV and HTML under loadtest/out/.
+# LOADTEST_ARGS e.g. "--seconds 120 --users 40" (loadtest/README.md).
+LOADTEST_ARGS ?=
+loadtest: dev
+	$(BIN)/python loadtest/locust_run.py $(LOADTEST_ARGS)
+
+# The comparison with etcd, PostgreSQL SERIALIZABLE and Redis WATCH/MULTI (installs etcd
+# with apt if missing; several minutes). PEERS_ARGS e.g. "--quick".
+PEERS_ARGS ?=
+peers: dev
+	$(BIN)/python loadtest/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
