@@ -26,8 +26,16 @@ def plain_env() -> dict[str, str]:
 
 def test_the_locust_scenarios_run_without_failures(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(LOADTEST / "locust_run.py"), "--seconds", "10", "--users", "10"]
-        + ["--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(LOADTEST / "locust_run.py"),
+            "--seconds",
+            "10",
+            "--users",
+            "10",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -49,8 +57,20 @@ def test_the_locust_scenarios_run_without_failures(tmp_path: Path) -> None:
 def test_the_token_scenario_needs_its_token(tmp_path: Path) -> None:
     env = plain_env()
     done = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", str(LOADTEST / "locustfile.py")]
-        + ["--host", "http://127.0.0.1:9", "--headless", "-t", "1s", "--tags", "token"],
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOADTEST / "locustfile.py"),
+            "--host",
+            "http://127.0.0.1:9",
+            "--headless",
+            "-t",
+            "1s",
+            "--tags",
+            "token",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
