@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import create_engine, event, pool
@@ -57,6 +58,9 @@ SHARD_COLUMNS = (
     "attempt_count, conflict_count, deleted, head_hash, hist_min_version, hist_bytes"
 )
 COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+
+
+T = TypeVar("T")
 
 
 class Cursor(sqlite3.Cursor):
@@ -201,7 +205,7 @@ class SQLiteStore:
             self._writer.stop()
             self._writer = None
 
-    async def _call(self, op: Any, write: bool = True) -> Any:
+    async def _call(self, op: Callable[[Db], T], write: bool = True) -> T:
         if self._writer is None:
             raise StoreUnavailable("the SQLite store is not started")
         return await self._writer.call(op, write=write)
