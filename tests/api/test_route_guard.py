@@ -283,17 +283,21 @@ def served_routes(app: FastAPI) -> set[tuple[str, str]]:
 BUSES = itertools.count()
 
 
-def settings(store: str, database: Path) -> Settings:
+def settings(store: str, database: Path, switches: bool = True) -> Settings:
+    """``switches``: admin and test hooks on. In token mode neither grants anything, and
+    with them on every admin route would do its work if the right check let it through."""
     url = "memory://" if store == "memory" else f"sqlite:///{database}"
-    # Admin and test hooks on: in token mode neither grants anything, and with them on
-    # every admin route would do its work if the right check let it through.
-    return Settings(store=url, auth="token", secret=SECRET, admin_enabled=True, test_hooks=True)
+    return Settings(
+        store=url, auth="token", secret=SECRET, admin_enabled=switches, test_hooks=switches
+    )
 
 
 @asynccontextmanager
-async def seeded_bus(store: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def seeded_bus(
+    store: str, tmp_path: Path, switches: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
     """A bus in token mode holding one shard, KEY at version 1, which ROOT has read."""
-    app = create_app(settings(store, tmp_path / f"guard-{next(BUSES)}.db"))
+    app = create_app(settings(store, tmp_path / f"guard-{next(BUSES)}.db", switches))
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(
@@ -409,12 +413,16 @@ def test_a_new_route_is_caught() -> None:
     assert served_routes(app) - TABLE.keys() == {("POST", "/unlisted")}
 
 
+@pytest.mark.parametrize("switches", [True, False], ids=["admin-and-hooks-on", "defaults"])
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_without_a_token_or_with_no_scopes(store: str, tmp_path: Path) -> None:
+async def test_without_a_token_or_with_no_scopes(
+    store: str, switches: bool, tmp_path: Path
+) -> None:
     """One bus: each route without a token, then with the scopeless token, and the
-    bus's state compared after every call."""
+    bus's state compared after every call. The answers do not depend on
+    SBUS_ADMIN_ENABLED or SBUS_TEST_HOOKS: the right is checked first."""
     wrong: list[str] = []
-    async with seeded_bus(store, tmp_path) as client:
+    async with seeded_bus(store, tmp_path, switches) as client:
         before = await snapshot(client)
         assert all(status == 200 for status, _ in before), before
         for route, expected in TABLE.items():
