@@ -19,7 +19,8 @@ import time
 import httpx
 from asgi_lifespan import LifespanManager
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 JSON = {"Content-Type": "application/json"}
@@ -30,7 +31,7 @@ async def measure(cycles: int, warmup: int) -> float:
     app = create_app(Settings(store="memory://"))
     async with LifespanManager(app) as manager:
         for _ in range(1000):  # the store connects in the background; 10 s at most
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
         else:

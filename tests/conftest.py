@@ -13,7 +13,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from tests import backends
 from tests.model.seeding import SEED, SEED_ENV
@@ -67,10 +68,10 @@ async def make_client(tmp_path: Path, store_kind: str) -> AsyncIterator[AppFacto
         await manager.__aenter__()
         managers.append(manager)
         for _ in range(500):
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
+        assert runtime_of(app).ready, runtime_of(app).not_ready_reason
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app),
             base_url="http://localhost",

@@ -104,7 +104,7 @@ def _root(
 def _factory() -> object:
     """uvicorn's app factory for multi-worker runs: each worker builds its own app
     from the environment."""
-    from sbus.api.app import create_app
+    from sbus.bootstrap import create_app
 
     return create_app(Settings())
 

@@ -11,9 +11,10 @@ import httpx
 import jwt
 from fastapi import FastAPI
 
+from sbus.api.runtime import runtime_of
 from sbus.core.rights import ALL_RIGHTS, Right, Scope
 from sbus.security.keys import KeySet
-from sbus.security.tokens import CAPABILITY_TYP, Issuer
+from sbus.security.tokens import CAPABILITY_TYP, Issuer, Verifier
 from tests.conftest import AppFactory
 
 SECRET = "x" * 32
@@ -27,11 +28,18 @@ async def token_app(make_client: AppFactory, **overrides: Any) -> tuple[FastAPI,
 
 
 def issuer(app: FastAPI, *, now: float | None = None) -> Issuer:
-    base = Issuer.from_settings(app.state.settings)
+    base = Issuer.from_settings(runtime_of(app).settings)
     if now is None:
         return base
     fixed = now
     return Issuer(base.keys, namespace=base.namespace, max_ttl=base.max_ttl, now=lambda: fixed)
+
+
+def verifier(app: FastAPI) -> Verifier:
+    """The token-mode app's verifier (open mode has none)."""
+    found = runtime_of(app).authenticator.verifier
+    assert found is not None, "not a token-mode app"
+    return found
 
 
 def token(app: FastAPI, agent: str, *scopes: tuple[str, str], ttl: int = 600) -> str:
@@ -61,7 +69,7 @@ def _b64(data: bytes) -> str:
 
 def _claims(app: FastAPI, agent: str = "a") -> dict[str, Any]:
     now = int(time.time())
-    ns = app.state.settings.namespace
+    ns = runtime_of(app).settings.namespace
     return {
         "sub": agent,
         "scopes": [{"pattern": "**", "rights": list(ALL)}],

@@ -16,7 +16,8 @@ import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 PROBLEM = "application/problem+json"
@@ -195,10 +196,10 @@ async def running_app(**options: Any) -> AsyncIterator[tuple[FastAPI, httpx.Asyn
     app = create_app(Settings(**options))
     async with LifespanManager(app) as manager:
         for _ in range(1000):
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
+        assert runtime_of(app).ready, runtime_of(app).not_ready_reason
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield app, client

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from sbus import __version__
+from sbus.api.runtime import runtime_of
 from sbus.core.rights import ALL_RIGHTS, Scope
 from tests.api.auth_helpers import auth, issuer, root_token, token_app
 from tests.api.helpers import (
@@ -120,7 +121,7 @@ async def test_token_mode_caps_the_offset_at_the_token_lifetime(make_client: App
     moves; within it a freshly issued admin token of maximum lifetime still works and
     /admin/reset brings the offset back to 0."""
     app, c = await token_app(make_client)
-    max_ttl = app.state.settings.token_max_ttl
+    max_ttl = runtime_of(app).settings.token_max_ttl
     cap = max_ttl * 1000
     root = auth(root_token(app))
     ok(await c.post("/shard", json={"key": "k", "content": ""}, headers=root), 201)

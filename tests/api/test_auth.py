@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from sbus import __version__
+from sbus.api.runtime import runtime_of
 from sbus.bootstrap import startup_problem
 from sbus.config import Settings
 from sbus.core.rights import ALL_RIGHTS, Scope
@@ -402,7 +403,7 @@ async def test_verify_only_replica_cannot_issue(make_client: AppFactory, tmp_pat
     private, public, _ = write_keypair(tmp_path / "k.pem")
     app, c = await make_client(auth="token", verify_key=str(public), admin_enabled=False)
     signer = Issuer.from_settings(
-        app.state.settings, KeySet.from_ed25519(load_private_key(private))
+        runtime_of(app).settings, KeySet.from_ed25519(load_private_key(private))
     )
     root, _ = signer.issue("root", [Scope("**", ALL_RIGHTS)], 600)
     ok(await c.get("/stats", headers=auth(root)))

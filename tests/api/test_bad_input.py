@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 from asgi_lifespan import LifespanManager
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from tests import backends
 from tests.api.helpers import problem, snapshot
@@ -66,10 +67,10 @@ async def env(
     app = create_app(settings)
     async with LifespanManager(app) as manager:
         for _ in range(500):
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
+        assert runtime_of(app).ready, runtime_of(app).not_ready_reason
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app),
             base_url="http://localhost",

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sbus.api.runtime import runtime_of
 from tests.api.auth_helpers import auth, root_token, token, token_app
 from tests.api.helpers import commit, committed, create, dl_entries, ok, problem, read, snapshot
 from tests.conftest import AppFactory
@@ -206,9 +207,9 @@ async def test_gate_rejections_carry_cors_headers_in_token_mode(make_client: App
     r = await c.post("/shard", json={"key": "k", "content": "x" * 200}, headers=root)
     problem(r, 413, "RequestTooLarge")
     assert_cors(r)
-    app.state.ready = False
+    runtime_of(app).ready = False
     r = await c.get("/stats", headers=root)
-    app.state.ready = True
+    runtime_of(app).ready = True
     problem(r, 503, "StoreUnavailable")
     assert_cors(r)
     # and a refusal past the gate, as before
@@ -230,9 +231,9 @@ async def test_gate_rejections_carry_cors_headers_in_open_mode(make_client: AppF
     r = await c.post("/shard", json={"key": "k", "content": "x" * 200}, headers=page)
     problem(r, 413, "RequestTooLarge")
     assert_cors(r)
-    app.state.ready = False
+    runtime_of(app).ready = False
     r = await c.get("/stats", headers=page)
-    app.state.ready = True
+    runtime_of(app).ready = True
     problem(r, 503, "StoreUnavailable")
     assert_cors(r)
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
+from sbus.api.runtime import runtime_of
 from sbus.cli import app as cli
 from sbus.core.clock import rfc3339
-from tests.api.auth_helpers import SECRET, auth, root_token, token, token_app
+from tests.api.auth_helpers import SECRET, auth, root_token, token, token_app, verifier
 from tests.api.helpers import ok, problem
 from tests.conftest import AppFactory, store_url
 
@@ -36,7 +37,7 @@ async def test_cli_revocation_is_seen_by_the_running_bus(
     a_token = token(app, "A", ("plan/*", "read"))
     other = auth(token(app, "B", ("plan/*", "read")))
     ok(await c.get("/shard/plan/a", headers=auth(a_token)))
-    claims = app.state.authenticator.verifier.verify(a_token)
+    claims = verifier(app).verify(a_token)
 
     argument = a_token if by == "token" else claims.jti
     result = await revoke(argument, "--store", store_url(store_kind, tmp_path))
@@ -45,7 +46,7 @@ async def test_cli_revocation_is_seen_by_the_running_bus(
     assert (answer["revoked"], answer["jti"]) == (True, claims.jti)
     if by == "token":
         # kept until the token's own exp plus the leeway, as the endpoint does with exp
-        leeway = app.state.settings.clock_leeway
+        leeway = runtime_of(app).settings.clock_leeway
         assert answer["until"] == rfc3339((claims.expires_at + leeway) * 1000)
 
     problem(await c.get("/shard/plan/a", headers=auth(a_token)), 401, "TokenRevoked")

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import uvicorn
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -46,7 +47,7 @@ def bus_url() -> Iterator[str]:
     thread.start()
     # Waiting for start-up is not a speed requirement: the bound is only a hang guard.
     deadline = time.monotonic() + 60
-    while not (server.started and app.state.ready):
+    while not (server.started and runtime_of(app).ready):
         assert thread.is_alive() and time.monotonic() < deadline, "the bus did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]

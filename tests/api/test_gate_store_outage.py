@@ -5,6 +5,7 @@ token through unchecked (docs/security.md)."""
 
 from __future__ import annotations
 
+from sbus.api.runtime import runtime_of
 from sbus.core.errors import StoreUnavailable
 from sbus.core.types import Revocation
 from tests.api.auth_helpers import auth, root_token, token_app
@@ -18,7 +19,7 @@ async def test_a_store_outage_during_the_revocation_lookup_is_503(
     app, c = await token_app(make_client)
     root = auth(root_token(app))
     ok(await c.post("/shard", json={"key": "k", "content": "v0"}, headers=root), 201)
-    authenticator = app.state.authenticator
+    authenticator = runtime_of(app).authenticator
     working = authenticator.revoked
 
     async def unreachable(jti: str) -> Revocation:

@@ -14,11 +14,14 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
-from sbus.api.app import create_app
-from sbus.bootstrap import startup_problem
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app, startup_problem
+from sbus.bootstrap.lifecycle import StoreLifecycle
 from sbus.config import Settings
 from sbus.security import KeyConfigError
+from sbus.security.keys import KeySet
 from sbus.storage.memory import MemoryStore
 from tests.api.helpers import ok, problem
 from tests.conftest import JSON, AppFactory
@@ -37,6 +40,18 @@ async def issue(c: httpx.AsyncClient, **extra: Any) -> dict[str, Any]:
     return ok(await c.post("/mandates", json={**body, **extra}), 201)
 
 
+def keys_from_store(app: FastAPI) -> bool:
+    lifecycle = runtime_of(app).lifecycle
+    assert isinstance(lifecycle, StoreLifecycle)
+    return lifecycle.keys_from_store
+
+
+def signing_keys(app: FastAPI) -> KeySet:
+    mandates = runtime_of(app).mandates
+    assert mandates is not None
+    return mandates.keys
+
+
 def paid(mandate: str, version: int = 0) -> dict[str, Any]:
     return {
         "agent_id": "A",
@@ -52,7 +67,7 @@ async def test_a_default_open_mode_server_issues_and_consumes_mandates(
     make_client: AppFactory,
 ) -> None:
     app, c = await make_client()
-    assert app.state.keys_from_store is True
+    assert keys_from_store(app) is True
     await guarded(c)
     m = await issue(c)
     assert ok(await c.post("/commit/v2", json=paid(m["mandate"])))["new_version"] == 1
@@ -74,7 +89,7 @@ async def test_replicas_over_one_store_share_the_key(make_client: AppFactory) ->
     m = await issue(a)
     ok(await a.post("/admin/reset"))
     second, b = await make_client()
-    assert first.state.mandates.keys.signing_kid == second.state.mandates.keys.signing_kid
+    assert signing_keys(first).signing_kid == signing_keys(second).signing_kid
     await guarded(b)
     assert ok(await b.post("/commit/v2", json=paid(m["mandate"])))["new_version"] == 1
     problem(await a.post("/commit/v2", json=paid(m["mandate"], 1)), 409, "MandateConsumed")
@@ -97,14 +112,14 @@ async def test_the_sqlite_key_file_is_private(make_client: AppFactory, tmp_path:
     app, _ = await make_client()
     path = tmp_path / "sbus.db.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert bytes.fromhex(path.read_text()) == app.state.mandates.keys.signing
+    assert bytes.fromhex(path.read_text()) == signing_keys(app).signing
 
 
 @pytest.mark.parametrize("store_kind", ["memory"], indirect=True)
 async def test_memory_keeps_a_key_per_process(make_client: AppFactory) -> None:
     first, _ = await make_client()
     second, _ = await make_client()
-    assert first.state.mandates.keys.signing_kid != second.state.mandates.keys.signing_kid
+    assert signing_keys(first).signing_kid != signing_keys(second).signing_kid
 
 
 @pytest.mark.parametrize("store_kind", ["sqlite"], indirect=True)
@@ -113,12 +128,12 @@ async def test_token_mode_keeps_its_configured_key(make_client: AppFactory, tmp_
     never makes one; open mode with a configured key uses that key."""
     secret = "k" * 32
     token_app, _ = await make_client(auth="token", secret=secret)
-    assert token_app.state.keys_from_store is False
+    assert keys_from_store(token_app) is False
     open_app, _ = await make_client(secret=secret)
-    assert open_app.state.keys_from_store is False
+    assert keys_from_store(open_app) is False
     assert not (tmp_path / "sbus.db.key").exists()
-    kid = token_app.state.mandates.keys.signing_kid
-    assert open_app.state.mandates.keys.signing_kid == kid
+    kid = signing_keys(token_app).signing_kid
+    assert signing_keys(open_app).signing_kid == kid
 
 
 def test_token_mode_without_a_key_still_refuses_to_start() -> None:
@@ -157,8 +172,8 @@ async def test_not_ready_until_the_key_is_obtained() -> None:
             assert (await c.get("/admin/health")).json()["status"] == "not_ready"
             store.release.set()
             for _ in range(500):
-                if app.state.ready:
+                if runtime_of(app).ready:
                     break
                 await asyncio.sleep(0.01)
-            assert app.state.ready
+            assert runtime_of(app).ready
             ok(await c.post("/mandates", json=body), 201)

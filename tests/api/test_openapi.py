@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 
 from sbus import __version__
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from sbus.security.keys import write_keypair
 from tests.api.helpers import ok, problem
@@ -210,7 +211,7 @@ async def test_no_http_validation_error_schema(document: dict[str, Any]) -> None
 
 BUILD_DOCUMENT = """
 import json, sys
-from sbus.api.app import create_app
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 document = create_app(Settings(store="memory://", **json.loads(sys.argv[1]))).openapi()
 print(json.dumps(document))
@@ -461,7 +462,7 @@ async def test_the_declared_503s_are_what_the_server_sends(
         r = await c.post(url, json=body)
         problem(r, 503, "SigningUnavailable")
         assert "retry-after" not in r.headers
-    app.state.ready = False
+    runtime_of(app).ready = False
     try:
         assert ok(await c.get("/livez")) == {"status": "alive"}
         assert ok(await c.get("/version"))["version"] == __version__
@@ -470,7 +471,7 @@ async def test_the_declared_503s_are_what_the_server_sends(
             problem(r, 503, "StoreUnavailable")
             assert int(r.headers["retry-after"]) >= 1
     finally:
-        app.state.ready = True
+        runtime_of(app).ready = True
 
 
 # -- the real constraints, stated (tests/e2e/test_schema_acceptance.py drives them) ----

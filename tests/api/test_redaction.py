@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from sbus import __version__, cli
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from sbus.storage.urls import redact_url
 from tests import backends
@@ -66,7 +67,7 @@ async def failing_app(**options: Any) -> AsyncIterator[tuple[FastAPI, httpx.Asyn
     async with LifespanManager(app) as manager:
         # Wait for the first failed connection attempt to be recorded.
         for _ in range(1000):
-            if app.state.not_ready_reason != "store not connected yet":
+            if runtime_of(app).not_ready_reason != "store not connected yet":
                 break
             await asyncio.sleep(0.01)
         transport = httpx.ASGITransport(app=manager.app)
@@ -79,7 +80,8 @@ async def test_token_mode_health_names_no_host_or_port(kind: str) -> None:
     port = closed_port()
     options = {"store": unreachable_url(kind, port), "auth": "token", "secret": SECRET}
     async for app, client in failing_app(**options):
-        assert str(port) in app.state.not_ready_reason  # the operator's log still has it
+        reason = runtime_of(app).not_ready_reason
+        assert reason is not None and str(port) in reason  # the operator's log still has it
         resp = await client.get("/admin/health")
         assert resp.status_code == 503
         assert resp.json() == {

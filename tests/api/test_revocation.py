@@ -9,8 +9,9 @@ from typing import Any
 
 import httpx
 
+from sbus.api.runtime import runtime_of
 from sbus.core.rights import ALL_RIGHTS, Scope
-from tests.api.auth_helpers import auth, issuer, root_token, token, token_app
+from tests.api.auth_helpers import auth, issuer, root_token, token, token_app, verifier
 from tests.api.helpers import ok, problem
 from tests.conftest import AppFactory
 
@@ -23,7 +24,7 @@ async def test_revoked_token_is_refused_and_others_are_not(make_client: AppFacto
     other = auth(token(app, "B", ("plan/*", "read")))
     a = auth(a_token)
     ok(await c.get("/shard/plan/a", headers=a))
-    jti = app.state.authenticator.verifier.verify(a_token).jti
+    jti = verifier(app).verify(a_token).jti
     body = ok(await c.post("/admin/tokens/revoke", json={"jti": jti}, headers=root))
     assert (body["revoked"], body["jti"]) == (True, jti)
     for request in (
@@ -68,14 +69,14 @@ async def test_an_exp_in_the_past_still_revokes_for_the_leeway(make_client: AppF
     app, c = await token_app(make_client, clock_leeway=30)
     root = auth(root_token(app))
     value = token(app, "A", ("**", "read"))
-    jti = app.state.authenticator.verifier.verify(value).jti
-    before = await app.state.bus.store.now_ms()
+    jti = verifier(app).verify(value).jti
+    before = await runtime_of(app).bus.store.now_ms()
     body = ok(
         await c.post(
             "/admin/tokens/revoke", json={"jti": jti, "exp": int(time.time()) - 3600}, headers=root
         )
     )
-    after = await app.state.bus.store.now_ms()
+    after = await runtime_of(app).bus.store.now_ms()
     assert before + 30_000 <= _until_ms(body) <= after + 30_000
     problem(await c.get("/stats", headers=auth(value)), 401, "TokenRevoked")
     # Without exp: the longest a token can live, plus the leeway, from the store's now.
@@ -94,7 +95,7 @@ async def test_a_store_clock_ahead_cannot_bring_a_revoked_token_back(
     root = auth(root_value)
     revoked = token(app, "A", ("**", "read"), ttl=600)
     unrevoked = auth(token(app, "B", ("**", "read"), ttl=600))
-    claims = app.state.authenticator.verifier.verify(revoked)
+    claims = verifier(app).verify(revoked)
     ok(
         await c.post(
             "/admin/tokens/revoke", json={"jti": claims.jti, "exp": claims.expires_at}, headers=root
@@ -105,9 +106,9 @@ async def test_a_store_clock_ahead_cannot_bring_a_revoked_token_back(
     # The store clock moves 700 s ahead of this replica's: past exp + leeway for the
     # store, which may now purge the entry; 100 s before exp for the replica.
     ok(await c.post("/admin/test/advance-clock", json={"ms": 700_000}, headers=root))
-    await app.state.bus.store.purge()
-    assert not (await app.state.bus.store.revocation(claims.jti)).revoked
-    assert app.state.authenticator.verifier.verify(revoked).jti == claims.jti
+    await runtime_of(app).bus.store.purge()
+    assert not (await runtime_of(app).bus.store.revocation(claims.jti)).revoked
+    assert verifier(app).verify(revoked).jti == claims.jti
     for value in (auth(revoked), unrevoked):
         body = problem(await c.get("/stats", headers=value), 401, "Unauthorized")
         assert "expired by the store clock" in body["detail"]

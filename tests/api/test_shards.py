@@ -6,7 +6,8 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from sbus.core.engine import new_commit_id
 from sbus.core.types import CreateOp
@@ -438,7 +439,7 @@ async def test_list_max_default_caps_an_unlimited_listing() -> None:
     assert settings.list_max == 10_000
     app = create_app(settings)
     async with LifespanManager(app) as manager:
-        bus = app.state.bus
+        bus = runtime_of(app).bus
         keys = [f"k{i:05d}" for i in range(10_001)]
         for key in keys:
             await bus.create(CreateOp(key, "", "", False, "", new_commit_id()))

@@ -1,4 +1,4 @@
-"""The bus watches its store's configuration while it runs (sbus.api.upkeep):
+"""The bus watches its store's configuration while it runs (sbus.bootstrap.upkeep):
 Redis switched to an evicting ``maxmemory-policy`` by ``CONFIG SET`` makes the bus
 not-ready (503 at /admin/health with the reason, 503 StoreUnavailable on store routes)
 until the policy is fixed, and ``wal_enabled`` follows the server's real durability
@@ -18,7 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from sbus import __version__
-from sbus.api import upkeep
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import upkeep
 from sbus.storage.sql.postgres import asyncpg_dsn
 from tests import backends
 from tests.api.helpers import problem, running_app
@@ -131,10 +132,10 @@ async def test_postgres_reports_its_real_durability() -> None:
         await conn.close()
     assert fsync == "off", "the test command runs PostgreSQL with fsync=off"
     async with running_app(store=backends.POSTGRES_URL) as (app, client):
-        assert app.state.bus.store.durable is False
+        assert runtime_of(app).bus.store.durable is False
         resp = await client.get("/stats")
         assert resp.status_code == 200
         assert resp.json()["wal_enabled"] is False
-        await upkeep.check_once(app, app.state.bus.store)
-        assert app.state.ready is True  # not durable is reported, not refused
+        await upkeep.check_once(runtime_of(app), runtime_of(app).bus.store)
+        assert runtime_of(app).ready is True  # not durable is reported, not refused
         assert (await client.get("/stats")).json()["wal_enabled"] is False

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis import GenerationMode
 from schemathesis.python import asgi
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 APP = create_app(Settings(store="memory://"))
@@ -48,9 +49,9 @@ api = _schema().parametrize()
 @pytest.fixture(scope="module", autouse=True)
 def _lifespan() -> Iterator[None]:
     deadline = time.monotonic() + 10
-    while not APP.state.ready and time.monotonic() < deadline:
+    while not runtime_of(APP).ready and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert APP.state.ready, APP.state.not_ready_reason
+    assert runtime_of(APP).ready, runtime_of(APP).not_ready_reason
     yield
     asgi.shutdown_lifespans()
 

@@ -24,7 +24,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from sbus.core.rights import ALL_RIGHTS, Scope
 from sbus.security.tokens import Issuer
@@ -74,9 +75,9 @@ def _lifespans() -> Iterator[None]:
     """Wait for both stores to connect; stop the apps' lifespans afterwards."""
     deadline = time.monotonic() + 10
     for app in (OPEN_APP, TOKEN_APP):
-        while not app.state.ready and time.monotonic() < deadline:
+        while not runtime_of(app).ready and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert app.state.ready, app.state.not_ready_reason
+        assert runtime_of(app).ready, runtime_of(app).not_ready_reason
     yield
     asgi.shutdown_lifespans()
 

@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from sbus.api import upkeep
+from sbus.bootstrap import upkeep
 from sbus.storage.sql.postgres import asyncpg_dsn
 from tests.api.helpers import running_app
 from tests.faults.conftest import Postgres, unavailable

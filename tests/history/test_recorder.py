@@ -10,7 +10,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
-from sbus.api.app import create_app
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from tests.history.client import Recorder
 from tests.history.record import Op

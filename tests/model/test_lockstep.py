@@ -79,7 +79,8 @@ from hypothesis.stateful import (
 
 import sbus.storage.memory
 import sbus.storage.sql.sqlite
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 from tests import backends
 from tests.history.check import assert_clean
@@ -263,10 +264,10 @@ class Fleet:
         await manager.__aenter__()
         self.managers.append(manager)
         for _ in range(500):
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
-        assert app.state.ready, f"{kind}: {app.state.not_ready_reason}"
+        assert runtime_of(app).ready, f"{kind}: {runtime_of(app).not_ready_reason}"
         self.clients[kind] = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=manager.app),
             base_url="http://localhost",

@@ -12,7 +12,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 from pydantic import ValidationError
 
-from sbus.api.app import create_app
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import PG_CONNECTION_BUDGET, Settings
 from sbus.storage.sql.postgres import PostgresStore
 from tests import backends
@@ -53,10 +54,10 @@ async def test_the_app_pool_has_the_configured_size(
     app = create_app(Settings(store=backends.POSTGRES_URL, **options))
     async with LifespanManager(app):
         for _ in range(500):
-            if app.state.ready:
+            if runtime_of(app).ready:
                 break
             await asyncio.sleep(0.01)
-        store = app.state.bus.store
+        store = runtime_of(app).bus.store
         assert isinstance(store, PostgresStore)
         assert store._engine is not None
         assert store._engine.pool.size() == size  # type: ignore[attr-defined]

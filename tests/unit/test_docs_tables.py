@@ -13,7 +13,7 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-import sbus.api.app  # noqa: F401  (imports every module that defines an error class)
+import sbus.bootstrap  # noqa: F401  (imports every module that defines an error class)
 from sbus.api.problems import status_of
 from sbus.core import errors as e
 from sbus.core.rights import Right

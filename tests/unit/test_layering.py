@@ -18,14 +18,6 @@ API = Path(sbus.api.__file__).parent
 
 # (module under sbus/api, function) -> how many times it names the store.
 REACHES = {
-    # The app builds its own store and owns its lifecycle.
-    ("app.py", "_connect"): 4,
-    ("app.py", "create_app"): 3,
-    ("app.py", "lifespan"): 2,
-    ("upkeep.py", "check_once"): 1,
-    ("upkeep.py", "purge"): 1,
-    ("upkeep.py", "run"): 2,
-    ("upkeep.py", "watch"): 1,
     # Use cases that live in routers and dependencies instead of the engine.
     ("deps.py", "verify"): 1,
     ("routers/admin.py", "_config_body"): 1,
@@ -43,9 +35,6 @@ REACHES = {
     ("routers/shards.py", "list_shards"): 1,
     ("routers/shards.py", "read_many"): 1,
     ("routers/shards.py", "read_shard"): 1,
-    ("routers/stats.py", "health"): 1,
-    ("routers/stats.py", "metrics"): 1,
-    ("routers/stats.py", "stats"): 3,
 }
 
 

@@ -6,7 +6,7 @@ import json
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sbus.api.app import create_app
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 

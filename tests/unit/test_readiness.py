@@ -14,8 +14,9 @@ import httpx
 from asgi_lifespan import LifespanManager
 
 from sbus import __version__
-from sbus.api.app import create_app
 from sbus.api.readiness import WorkerReadiness
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 
@@ -60,7 +61,7 @@ async def test_health_waits_for_every_worker(tmp_path: Path) -> None:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             for _ in range(200):
-                if app.state.ready:
+                if runtime_of(app).ready:
                     break
                 await asyncio.sleep(0.01)
             resp = await c.get("/admin/health")

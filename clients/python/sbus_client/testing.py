@@ -50,8 +50,8 @@ with needs_extra("testing", "sbus_client.testing"):
     from fastapi import FastAPI
     from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-    from sbus.api.app import create_app
-    from sbus.bootstrap import startup_problem
+    from sbus.api.runtime import runtime_of
+    from sbus.bootstrap import create_app, startup_problem
     from sbus.config import Settings
     from sbus.core.clock import offset_cap_ms
     from sbus.core.errors import SBusError
@@ -135,10 +135,11 @@ class _Server:
         # store route is 503 not_ready.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT_S
-        while not self.app.state.ready:
+        runtime = runtime_of(self.app)
+        while not runtime.ready:
             if loop.time() > deadline:
                 raise RuntimeError(
-                    f"the in-process bus did not become ready: {self.app.state.not_ready_reason}"
+                    f"the in-process bus did not become ready: {runtime.not_ready_reason}"
                 )
             await asyncio.sleep(0.005)
 

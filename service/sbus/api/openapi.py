@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from sbus.api import openapi_http, wire
 from sbus.api.auth import PUBLIC
+from sbus.api.runtime import runtime_of
 from sbus.api.schemas import Problem
 from sbus.core.keys import MAX_INT, MAX_JSON_DEPTH, MAX_KEY_LENGTH
 
@@ -238,7 +239,7 @@ def install(app: FastAPI) -> None:
         # The deployment's own cap (SBUS_MAX_READ_KEYS), which no static model knows.
         read_keys = components.get("ReadBody", {}).get("properties", {}).get("keys")
         if read_keys is not None:
-            read_keys["maxItems"] = app.state.settings.max_read_keys
+            read_keys["maxItems"] = runtime_of(app).settings.max_read_keys
         _standard_parameter_bounds(schema)
         for path, methods in schema.get("paths", {}).items():
             for method, operation in methods.items():
@@ -249,7 +250,7 @@ def install(app: FastAPI) -> None:
                         continue
                     responses.setdefault(str(status), {"description": DESCRIPTIONS[status]})
         openapi_http.declare(
-            schema, token_mode=app.state.settings.auth_mode == "token", public=PUBLIC
+            schema, token_mode=runtime_of(app).settings.auth_mode == "token", public=PUBLIC
         )
         for path, methods in schema.get("paths", {}).items():
             for operation in methods.values():

@@ -30,6 +30,7 @@ from sbus.core.types import (
     RateLimit,
     ReadItem,
     Shard,
+    StoreStats,
     Txn,
     TxnOp,
     WriteOp,
@@ -84,6 +85,20 @@ class Bus:
         # but must answer after idempotency (6) and limits (7): a refused request
         # carries its refusal here and the engine raises it just before the store.
         self.refusal = refusal
+
+    @property
+    def backend(self) -> str:
+        """The store's kind ("memory", "sqlite", ...), for /stats and the log."""
+        return self.store.backend
+
+    @property
+    def durable(self) -> bool:
+        """Whether the store's writes survive a crash (/stats ``wal_enabled``)."""
+        return self.store.durable
+
+    async def stats(self) -> StoreStats:
+        """The store's counters (/stats, /metrics, /admin/health): public, no rights."""
+        return await self.store.stats()
 
     def refusing(self, refusal: SBusError | None) -> Bus:
         """This bus for one request whose capability check failed (or self)."""

@@ -323,7 +323,7 @@ class StoreUnavailable(SBusError):
 class StoreMisconfigured(StoreUnavailable):
     """The store answers but must not be used as it is (an out-of-date schema, Redis
     without ``noeviction``). ``sbus serve`` exits on it at start; a running bus that
-    meets it (at connect or in its periodic check, sbus.api.upkeep) answers not-ready
+    meets it (at connect or in its periodic check, sbus.bootstrap.upkeep) answers not-ready
     until an operator fixes the store."""
 
     code = "StoreUnavailable"

@@ -9,7 +9,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from sbus.api.deps import AdminDep, BusDep, SettingsDep, agent_of, checked_bus, session_of
+from sbus.api.deps import (
+    AdminDep,
+    BusDep,
+    RuntimeDep,
+    SettingsDep,
+    agent_of,
+    checked_bus,
+    session_of,
+)
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
@@ -44,7 +52,6 @@ from sbus.core.rights import Right, Scope
 from sbus.core.rules import shard_body
 from sbus.core.types import CreateOp
 from sbus.security import SigningUnavailable
-from sbus.security.tokens import Issuer
 
 router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)
 
@@ -175,12 +182,10 @@ async def advance_clock(body: AdvanceClockBody, bus: BusDep, settings: SettingsD
     dependencies=[AdminDep],
     summary="Issue a capability token (503 SigningUnavailable on a verify-only replica)",
 )
-async def issue_token(body: TokenBody, request: Request) -> Response:
-    issuer: Issuer | None = request.app.state.issuer
+async def issue_token(body: TokenBody, runtime: RuntimeDep) -> Response:
+    issuer = runtime.issuer
     if issuer is None:
-        raise SigningUnavailable(
-            f"this deployment has no token keys: {request.app.state.no_issuer_reason}"
-        )
+        raise SigningUnavailable(f"this deployment has no token keys: {runtime.no_issuer_reason}")
     scopes = [
         Scope.from_json(scope.model_dump(), loc=["body", "scopes", i])
         for i, scope in enumerate(body.scopes)

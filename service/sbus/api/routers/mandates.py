@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, agent_of, capabilities_of, principal_of
+from sbus.api.deps import BusDep, RuntimeDep, agent_of, capabilities_of, principal_of
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
@@ -17,7 +17,6 @@ from sbus.core import errors as e
 from sbus.core.clock import rfc3339
 from sbus.core.rights import Identity, Principal
 from sbus.security import SigningUnavailable
-from sbus.security.mandates import Mandates
 
 router = APIRouter(tags=["mandates"], route_class=WireRoute)
 
@@ -29,12 +28,12 @@ router = APIRouter(tags=["mandates"], route_class=WireRoute)
     responses=errs(401, 403, 422, 503),
     summary="Issue a consume-once mandate (needs the mandate right)",
 )
-async def issue_mandate(body: MandateBody, request: Request, bus: BusDep) -> Response:
-    mandates: Mandates | None = request.app.state.mandates
+async def issue_mandate(
+    body: MandateBody, request: Request, bus: BusDep, runtime: RuntimeDep
+) -> Response:
+    mandates = runtime.mandates
     if mandates is None:
-        raise SigningUnavailable(
-            f"this deployment has no signing keys: {request.app.state.no_issuer_reason}"
-        )
+        raise SigningUnavailable(f"this deployment has no signing keys: {runtime.no_issuer_reason}")
     issuer: Principal = principal_of(request)
     if not issuer.agent:
         # Open mode: the issuing agent is the one the request names.

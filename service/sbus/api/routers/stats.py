@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from sbus import API_VERSION, __version__
-from sbus.api.deps import BusDep
+from sbus.api.deps import BusDep, RuntimeDep
 from sbus.api.ignored import WireRoute
 from sbus.api.render import json_response
+from sbus.api.runtime import Runtime, public_reason
 from sbus.api.schemas import HealthOut, StatsOut, VersionOut
-from sbus.core.errors import StoreMisconfigured, StoreUnavailable
+from sbus.core.errors import StoreUnavailable
 
 router = APIRouter(tags=["observability"], route_class=WireRoute)
 
 
-def public_reason(exc: StoreUnavailable) -> str:
-    """What an unauthenticated caller of /admin/health in token mode may learn: the
-    driver's detail names the store's host and port, so only the kind of failure."""
-    if isinstance(exc, StoreMisconfigured):
-        return "store misconfigured (the server log says how)"
-    return "store unreachable"
-
-
-def _not_ready(request: Request, detail: str, public: str) -> Response:
-    token_mode = request.app.state.settings.auth_mode == "token"
+def _not_ready(runtime: Runtime, detail: str | None, public: str) -> Response:
+    token_mode = runtime.settings.auth_mode == "token"
     reason = public if token_mode else detail
     return json_response(
         {"status": "not_ready", "version": __version__, "reason": reason}, status=503
@@ -33,7 +26,7 @@ def _not_ready(request: Request, detail: str, public: str) -> Response:
 
 @router.get("/stats", response_model=StatsOut, summary="Counters (compat fields plus backend)")
 async def stats(bus: BusDep) -> Response:
-    s = await bus.store.stats()
+    s = await bus.stats()
     c = s.counters
     attempts = c.total_commits + c.total_conflicts
     return json_response(
@@ -50,9 +43,9 @@ async def stats(bus: BusDep) -> Response:
             "ori_enabled": s.ori_enabled,
             "total_attempts": attempts,
             "scr": c.total_conflicts / attempts if attempts else 0.0,
-            "wal_enabled": bus.store.durable,
+            "wal_enabled": bus.durable,
             "delivery_log": {"agents": s.dl_agents, "deliveries": s.dl_deliveries},
-            "backend": bus.store.backend,
+            "backend": bus.backend,
         }
     )
 
@@ -63,10 +56,10 @@ async def stats(bus: BusDep) -> Response:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
     summary="Prometheus metrics",
 )
-async def metrics(request: Request, bus: BusDep) -> Response:
-    if not request.app.state.ready:
+async def metrics(runtime: RuntimeDep) -> Response:
+    if not runtime.ready:
         raise StoreUnavailable("the store is not ready yet")
-    body = request.app.state.metrics.exposition(await bus.store.stats())
+    body = runtime.metrics.exposition(await runtime.bus.stats())
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -96,19 +89,18 @@ async def version() -> Response:
     responses={503: {"model": HealthOut, "description": "Store not ready"}},
     summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready",
 )
-async def health(request: Request, bus: BusDep) -> Response:
-    state = request.app.state
-    if not state.ready:
-        return _not_ready(request, state.not_ready_reason, state.not_ready_public)
-    waiting = request.app.state.readiness.waiting_for()
+async def health(runtime: RuntimeDep) -> Response:
+    if not runtime.ready:
+        return _not_ready(runtime, runtime.not_ready_reason, runtime.not_ready_public)
+    waiting = runtime.readiness.waiting_for()
     if waiting is not None:
         return json_response(
             {"status": "not_ready", "version": __version__, "reason": waiting}, status=503
         )
     try:
-        s = await bus.store.stats()
+        s = await runtime.bus.stats()
     except StoreUnavailable as exc:
-        return _not_ready(request, exc.detail, public_reason(exc))
+        return _not_ready(runtime, exc.detail, public_reason(exc))
     return json_response(
         {
             "status": "ok",

@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import FastAPI
-
-from sbus.api.routers.stats import public_reason
+from sbus.api.runtime import Runtime
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
 from sbus.core.store import Store
 
@@ -41,33 +39,27 @@ def stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def check_once(app: FastAPI, store: Store) -> None:
+async def check_once(runtime: Runtime, store: Store) -> None:
     """One check; moves the worker between ready and not-ready."""
-    state = app.state
     try:
         await store.check()
     except StoreMisconfigured as exc:
-        if state.ready:
+        if runtime.ready:
             log.error("store misconfigured, refusing requests until it is fixed: %s", exc.detail)
-        state.ready = False
-        state.not_ready_reason = exc.detail
-        state.not_ready_public = public_reason(exc)
-        state.readiness.clear()
+        runtime.mark_not_ready(exc)
         return
     except StoreUnavailable as exc:
         log.debug("store check skipped: %s", exc.detail)
         return
-    if not state.ready:
+    if not runtime.ready:
         log.warning("store configuration fixed: ready again")
-        state.ready = True
-        state.not_ready_reason = None
-        state.readiness.mark_ready()
+        runtime.mark_ready()
 
 
-async def watch(app: FastAPI, store: Store) -> None:
+async def watch(runtime: Runtime, store: Store) -> None:
     while True:
         await asyncio.sleep(CHECK_INTERVAL_S)
-        await check_once(app, store)
+        await check_once(runtime, store)
         stop_if_cancelled()
 
 
@@ -81,8 +73,8 @@ async def purge(store: Store) -> None:
         stop_if_cancelled()
 
 
-async def run(app: FastAPI, store: Store) -> None:
+async def run(runtime: Runtime, store: Store) -> None:
     """Both loops until cancelled."""
     async with asyncio.TaskGroup() as loops:
-        loops.create_task(watch(app, store))
+        loops.create_task(watch(runtime, store))
         loops.create_task(purge(store))

@@ -1,0 +1,94 @@
+"""What an app serves from: one :class:`Runtime`, the only thing on ``app.state``
+(``app.state.runtime``; read it with :func:`runtime_of`).
+
+The API layer builds nothing here. ``sbus.bootstrap`` builds the runtime (keys, store,
+engine, signers) and owns the store's lifecycle behind the small :class:`Lifecycle`
+port, which the app's lifespan starts and stops: the API never sees a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from starlette.applications import Starlette
+
+from sbus.api.auth import Authenticator
+from sbus.api.readiness import WorkerReadiness
+from sbus.config import Settings
+from sbus.core.engine import Bus
+from sbus.core.errors import StoreMisconfigured, StoreUnavailable
+from sbus.security.mandates import Mandates
+from sbus.security.tokens import Issuer
+from sbus.telemetry.metrics import Metrics
+
+NOT_CONNECTED = "store not connected yet"
+
+
+class Lifecycle(Protocol):
+    """The store's life around the app's: what the lifespan starts and stops."""
+
+    async def start(self, runtime: Runtime) -> None:
+        """Begin connecting and return at once: the listener must answer ``/livez``
+        (and ``/admin/health`` 503 not_ready) before the store does. The work goes on
+        in the background and moves ``runtime`` between ready and not ready."""
+        ...
+
+    async def stop(self, runtime: Runtime) -> None:
+        """Withdraw this worker's readiness, cancel the background work and close the
+        store. Returns once all of it is done."""
+        ...
+
+
+def public_reason(exc: StoreUnavailable) -> str:
+    """What an unauthenticated caller of /admin/health in token mode may learn: the
+    driver's detail names the store's host and port, so only the kind of failure."""
+    if isinstance(exc, StoreMisconfigured):
+        return "store misconfigured (the server log says how)"
+    return "store unreachable"
+
+
+@dataclass(eq=False, slots=True)
+class Runtime:
+    """Everything the routes, the gate and the OpenAPI document read, typed.
+
+    ``issuer`` and ``mandates`` sign POST /admin/tokens and POST /mandates; None (with
+    ``no_issuer_reason``) answers 503 SigningUnavailable. In open mode without configured
+    keys they arrive once the store's secret does."""
+
+    settings: Settings
+    bus: Bus
+    authenticator: Authenticator
+    metrics: Metrics
+    readiness: WorkerReadiness
+    lifecycle: Lifecycle
+    issuer: Issuer | None = None
+    mandates: Mandates | None = None
+    no_issuer_reason: str | None = None
+    ready: bool = False
+    # Why not ready: the operator's words (open mode, the log) and the public ones.
+    not_ready_reason: str | None = NOT_CONNECTED
+    not_ready_public: str = NOT_CONNECTED
+
+    async def start(self) -> None:
+        await self.lifecycle.start(self)
+
+    async def stop(self) -> None:
+        await self.lifecycle.stop(self)
+
+    def mark_ready(self) -> None:
+        self.ready = True
+        self.not_ready_reason = None
+        self.readiness.mark_ready()
+
+    def mark_not_ready(self, exc: StoreUnavailable) -> None:
+        """Refuse store routes (503) and withdraw this worker's ready marker."""
+        self.ready = False
+        self.not_ready_reason = exc.detail
+        self.not_ready_public = public_reason(exc)
+        self.readiness.clear()
+
+
+def runtime_of(app: Starlette) -> Runtime:
+    """The app's runtime (set once, by :func:`sbus.api.app.assemble`)."""
+    return cast(Runtime, app.state.runtime)
