@@ -37,8 +37,11 @@ async def test_app_state_holds_only_the_runtime() -> None:
     assert type(runtime) is Runtime
     assert isinstance(runtime.lifecycle, StoreLifecycle)
     async with LifespanManager(app):
-        while not runtime.ready:
+        for _ in range(2000):
+            if runtime.ready:
+                break
             await asyncio.sleep(0.005)
+        assert runtime.ready
         assert state_names(app) == {"runtime"}
     assert state_names(app) == {"runtime"}
 
@@ -71,15 +74,15 @@ def test_the_scan_sees_a_state_read() -> None:
 
 
 class UnreachableStore(MemoryStore):
-    """A store that never answers; counts its connection attempts and closes."""
+    """A store that never answers; says when it was first asked and when closed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.attempts = 0
+        self.tried = asyncio.Event()
         self.closed = False
 
     async def start(self) -> None:
-        self.attempts += 1
+        self.tried.set()
         raise StoreUnavailable("connection refused (test)")
 
     async def close(self) -> None:
@@ -95,13 +98,16 @@ async def test_serves_livez_before_the_store_answers_and_stops_cleanly() -> None
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
-            while store.attempts == 0:
-                await asyncio.sleep(0.005)
+            await store.tried.wait()
             assert (await c.get("/livez")).status_code == 200
             resp = await c.get("/admin/health")
             assert (resp.status_code, resp.json()) == (
                 503,
-                {"status": "not_ready", "version": __version__, "reason": "connection refused (test)"},
+                {
+                    "status": "not_ready",
+                    "version": __version__,
+                    "reason": "connection refused (test)",
+                },
             )
             resp = await c.get("/shards")
             assert (resp.status_code, resp.json()["error"]) == (503, "StoreUnavailable")
