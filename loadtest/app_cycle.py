@@ -18,12 +18,22 @@ import time
 
 import httpx
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 
-from sbus.api.runtime import runtime_of
-from sbus.bootstrap import create_app
 from sbus.config import Settings
 
+try:
+    from sbus.bootstrap import create_app
+except ImportError:  # an older checkout, where the API layer built the app
+    from sbus.api.app import create_app  # type: ignore[attr-defined,no-redef]
+
 JSON = {"Content-Type": "application/json"}
+
+
+def _ready(app: FastAPI) -> bool:
+    # Older checkouts kept the ready flag on app.state itself, not on its runtime.
+    holder = getattr(app.state, "runtime", app.state)
+    return bool(holder.ready)
 
 
 async def measure(cycles: int, warmup: int) -> float:
@@ -31,7 +41,7 @@ async def measure(cycles: int, warmup: int) -> float:
     app = create_app(Settings(store="memory://"))
     async with LifespanManager(app) as manager:
         for _ in range(1000):  # the store connects in the background; 10 s at most
-            if runtime_of(app).ready:
+            if _ready(app):
                 break
             await asyncio.sleep(0.01)
         else:
