@@ -39,7 +39,7 @@ def make_store(kind: str, url: str, settings: Any) -> Any:
 
 def factory() -> Any:
     """uvicorn's app factory: each worker builds its app and baseline store."""
-    from sbus.api.app import create_app
+    from sbus.bootstrap import create_app
     from sbus.config import Settings
 
     settings = Settings()

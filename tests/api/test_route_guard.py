@@ -44,7 +44,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
-from sbus.api.app import create_app
+from sbus.bootstrap import create_app
 from sbus.config import Settings
 
 SECRET = "route-guard-secret-of-32-bytes!!"
