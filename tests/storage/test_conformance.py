@@ -18,6 +18,7 @@ from sbus.core.store import Store
 from sbus.core.types import (
     Counters,
     CreateOp,
+    IdemRecord,
     IdemRef,
     Limits,
     MandateRef,
@@ -719,3 +720,84 @@ class TestMultiCreatesAndDeletes:
             (entry,) = await store.history(key, None, 10)
             assert entry.content == f"by {wins[0]}"
             assert await store.list_keys(f"own/{key}/", None, 100) == [f"own/{key}/{wins[0]}"]
+
+
+def rollback_txn(key: str, target: int) -> Txn:
+    return commit_txn(
+        op="rollback",
+        agent_id="A",
+        session_id="",
+        writes=[WriteOp(key, None, "rollback", target_version=target)],
+        read_set=[],
+        rationale=None,
+        idem=None,
+    )
+
+
+def same_error(got: e.SBusError, want: e.SBusError) -> None:
+    assert (type(got), got.detail, got.fields) == (type(want), want.detail, want.fields)
+
+
+class TestOneReplayRuleAndOneWording:
+    """The replay rule (sbus.core.idempotency.replay) and the wording of every refusal
+    (each error class words its own detail from its fields) hold on every store: the
+    Redis store decides both in Python from what its script answers."""
+
+    async def test_idempotent_create_replays_and_refuses_reuse(self, store: Store) -> None:
+        ref = IdemRef("A", "key-c", "f1")
+        first = await store.create(CreateOp("k", "v0", "", False, "A", new_commit_id(), ref))
+        again = await store.create(CreateOp("k", "v0", "", False, "A", new_commit_id(), ref))
+        assert again == first._replace(replayed=True)
+        # what the engine's pre-check reads is the record the store's re-check replayed
+        assert await store.idempotent("A", "key-c") == IdemRecord("f1", 201, first.body, 0)
+        other = IdemRef("A", "key-c", "f2")
+        with pytest.raises(e.IdempotencyKeyReused):
+            await store.create(CreateOp("k2", "v0", "", False, "A", new_commit_id(), other))
+        with pytest.raises(e.ShardNotFound):
+            await store.read("k2", None, "", False)
+        assert len(await store.history("k", None, 10)) == 1
+
+    async def test_reused_key_writes_nothing(self, store: Store) -> None:
+        await store.create(create("k"))
+        ref = IdemRef("A", "key-1", "f1")
+        first = await store.apply(commit("k", 0, "x", idem=ref))
+        with pytest.raises(e.IdempotencyKeyReused):
+            await store.apply(commit("k", 1, "y", idem=IdemRef("A", "key-1", "f2")))
+        assert (await store.read("k", None, "", False)).content == "x"
+        assert (await store.stats()).counters.total_commits == 1
+        record = await store.idempotent("A", "key-1")
+        assert record == IdemRecord("f1", 200, first.body, 1)
+
+    async def test_every_commit_refusal_is_worded_by_its_error(self, store: Store) -> None:
+        async def refusal(txn: Txn) -> e.SBusError:
+            with pytest.raises(e.SBusError) as info:
+                await store.apply(txn)
+            return info.value
+
+        await store.create(create("k"))
+        await store.create(create("o"))
+        await store.create(create("z"))
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        same_error(await refusal(commit("ghost", 0, "x")), e.ShardNotFound("ghost"))
+        same_error(await refusal(commit("k", 5, "x")), e.VersionMismatch("k", 5, 0))
+        same_error(await refusal(rollback_txn("k", 7)), e.VersionNotFound("k", 7))
+        same_error(await refusal(multi(new("k", "again"))), e.ShardAlreadyExists("k"))
+        same_error(await refusal(commit("pay", 0, "x")), e.MandateRequired("pay"))
+        same_error(await refusal(mandated("pay", 0, None)), e.MandateNotFound.unrecognised())
+        now = await store.now_ms()
+        old = MandateRef("m-old", now - 1, now + 30_000)
+        same_error(await refusal(mandated("pay", 0, old)), e.MandateExpired("m-old"))
+        ref = MandateRef("m-1", now + 60_000, now + 90_000)
+        await store.apply(mandated("pay", 0, ref))
+        same_error(await refusal(mandated("pay", 1, ref)), e.MandateConsumed("m-1"))
+        await store.read("k", "A", "s", True)
+        await store.read("o", "A", "s", True)
+        await store.apply(commit("k", 0, "k1", agent="B"))
+        await store.apply(commit("o", 0, "o1", agent="B"))
+        stale = await refusal(commit("z", 0, "x", agent="A", session="s"))
+        same_error(stale, e.CrossShardStale.of([("k", 0, 1), ("o", 0, 1)]))
+        await store.apply(delete_txn("o", 1))
+        same_error(await refusal(commit("o", 2, "x")), e.ShardDeleted("o", 2))
+        await store.advance_clock(15_000)  # past LIMITS' TTL, inside its expired marker
+        expired = await refusal(commit("k", 1, "x", agent="A", session="s"))
+        same_error(expired, e.SessionExpired("A", "ttl"))

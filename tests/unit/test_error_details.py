@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from sbus.core.errors import (
+    CrossShardStale,
     IdempotencyKeyReused,
     MandateConsumed,
     MandateExpired,
+    MandateNotFound,
     MandateRequired,
     SBusError,
     SessionExpired,
@@ -47,6 +49,21 @@ from sbus.core.errors import (
         (MandateRequired("a/b"), "shard 'a/b' requires a mandate", {"key": "a/b"}),
         (MandateExpired("j1"), "mandate expired", {"jti": "j1"}),
         (MandateConsumed("j1"), "mandate already consumed", {"jti": "j1"}),
+        (MandateNotFound.unrecognised(), "mandate not recognised by this deployment", {}),
+        (
+            CrossShardStale.of([("a", 0, 2), ("b", 1, 3)]),
+            "cross-shard stale read: key=a version_at_read=0 current_version=2; re-read the "
+            "keys listed in stale_keys and retry, or start a new session with POST /session",
+            {
+                "key": "a",
+                "version_at_read": 0,
+                "current_version": 2,
+                "stale_keys": [
+                    {"key": "a", "version_at_read": 0, "current_version": 2},
+                    {"key": "b", "version_at_read": 1, "current_version": 3},
+                ],
+            },
+        ),
         (IdempotencyKeyReused(), "Idempotency-Key was used for a different request", {}),
     ],
 )

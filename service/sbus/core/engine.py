@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from sbus.core.errors import (
     DeltaTooLarge,
     FieldTooLarge,
-    IdempotencyKeyReused,
     RateLimited,
     ReadSetTooLarge,
     SBusError,
     TooManyWrites,
 )
+from sbus.core.idempotency import replay
 from sbus.core.store import Store
 from sbus.core.types import (
     CreateOp,
@@ -120,12 +120,7 @@ class Bus:
         """Step 6: a recorded outcome for this (agent, key) replays or refuses."""
         if idem is None:
             return None
-        record = await self.store.idempotent(idem.agent_id, idem.key)
-        if record is None:
-            return None
-        if record.fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused()
-        return Outcome(record.status, record.body, replayed=True, etag=record.etag)
+        return replay(await self.store.idempotent(idem.agent_id, idem.key), idem.fingerprint)
 
     def _check_content(self, key: str, content: str) -> None:
         cap = self.limits.max_delta

@@ -241,19 +241,22 @@ class CrossShardStale(StateError):
     title = "A shard in the read set has moved on"
 
     @classmethod
-    def of(cls, stale: list[dict[str, Any]]) -> CrossShardStale:
-        """The refusal for ``stale`` ({key, version_at_read, current_version} in key
-        order), worded here once for every store: the first stale key, and the remedy."""
-        first = stale[0]
+    def of(cls, stale: list[tuple[str, int, int]]) -> CrossShardStale:
+        """The refusal for ``stale``, (key, version_at_read, current_version) in key
+        order, worded here once for every store: the first stale key, and the remedy."""
+        keys = [
+            {"key": key, "version_at_read": version, "current_version": current}
+            for key, version, current in stale
+        ]
+        key, version, current = stale[0]
         return cls(
-            f"cross-shard stale read: key={first['key']} "
-            f"version_at_read={first['version_at_read']} "
-            f"current_version={first['current_version']}; re-read the keys listed in "
-            "stale_keys and retry, or start a new session with POST /session",
-            key=first["key"],
-            version_at_read=first["version_at_read"],
-            current_version=first["current_version"],
-            stale_keys=stale,
+            f"cross-shard stale read: key={key} version_at_read={version} "
+            f"current_version={current}; re-read the keys listed in stale_keys and retry, "
+            "or start a new session with POST /session",
+            key=key,
+            version_at_read=version,
+            current_version=current,
+            stale_keys=keys,
         )
 
 
@@ -278,6 +281,12 @@ class MandateRequired(StateError):
 class MandateNotFound(StateError):
     code = "MandateNotFound"
     title = "Mandate not recognised"
+
+    @classmethod
+    def unrecognised(cls) -> MandateNotFound:
+        """The store's refusal of a commit whose mandate did not verify (protocol.md
+        §4 step 9a)."""
+        return cls("mandate not recognised by this deployment")
 
 
 class MandateExpired(StateError):

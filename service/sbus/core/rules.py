@@ -148,7 +148,7 @@ def decide(
                 fx.error = MandateRequired(key)
                 return fx
     elif mandate is None:
-        fx.error = MandateNotFound("mandate not recognised by this deployment")
+        fx.error = MandateNotFound.unrecognised()
         return fx
     else:
         if now_ms >= mandate.expires_ms:
@@ -175,7 +175,7 @@ def decide(
         for key, entry in session.entries.items():
             if key not in guarded and (cutoff is None or entry.served_ms > cutoff):
                 checks.append((key, entry.version))
-    stale: list[dict[str, Any]] = []
+    stale: list[tuple[str, int, int]] = []
     if checks:
         # Nothing is sorted on the passing path: the first missing key (in key order)
         # and the stale entries (sorted, the same (key, version) from read_set and DL
@@ -193,10 +193,7 @@ def decide(
             fx.error = ShardNotFound(missing)
             return fx
         if diverged:
-            stale = [
-                {"key": key, "version_at_read": version, "current_version": current}
-                for key, version, current in sorted(set(diverged))
-            ]
+            stale = sorted(set(diverged))
         # 9d. count before deciding so ORI-on and ORI-off divergence rates compare.
         fx.counters["view_checked_commits"] = 1
         if stale:

@@ -150,11 +150,13 @@ class Outcome(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class IdemRecord:
+    """A recorded idempotent outcome still live on the store clock: whoever loads one
+    filters by expiry, so :func:`sbus.core.idempotency.replay` never needs the time."""
+
     fingerprint: str
     status: int
     body: dict[str, Any] | None
     etag: int | None
-    expires_ms: int
 
 
 @dataclass(frozen=True, slots=True)

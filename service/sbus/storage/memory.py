@@ -7,17 +7,11 @@ single critical section: that is the whole atomicity argument. One worker only.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from collections.abc import Collection, Mapping
 
-from sbus.core import rules
+from sbus.core import commit, rules
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
-from sbus.core.errors import (
-    IdempotencyKeyReused,
-    ShardAlreadyExists,
-    ShardDeleted,
-    ShardNotFound,
-    ValidationFailed,
-)
+from sbus.core.errors import ShardDeleted, ShardNotFound, ValidationFailed
 from sbus.core.types import (
     Counters,
     CreateOp,
@@ -26,6 +20,7 @@ from sbus.core.types import (
     HistoryEntry,
     IdemRecord,
     Limits,
+    MandateRef,
     Outcome,
     RateLimit,
     RegisterResult,
@@ -49,7 +44,8 @@ class MemoryStore:
         self._history_bytes: dict[str, int] = {}
         self._sessions: dict[SessionKey, SessionView] = {}
         self._counters: dict[str, int] = {}
-        self._idem: dict[tuple[str, str], IdemRecord] = {}
+        # (agent, Idempotency-Key) -> (record, expiry ms)
+        self._idem: dict[tuple[str, str], tuple[IdemRecord, int]] = {}
         self._consumed: dict[str, int] = {}  # mandate jti -> retained until (ms)
         self._revoked: dict[str, int] = {}  # token jti -> listed until (ms)
         self._buckets: dict[str, tuple[float, int]] = {}  # agent -> (tokens, updated ms)
@@ -57,6 +53,7 @@ class MemoryStore:
         self._offset_ms = 0
         self._secret: bytes | None = None  # open mode's signing secret, for this process
         self.limits = limits or Limits()
+        self._section = _Section(self)
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -82,63 +79,11 @@ class MemoryStore:
         return self._offset_ms
 
     # shards --------------------------------------------------------------------
-    def _append_history(self, entry: HistoryEntry, limits: Limits) -> int:
-        """Append and trim by depth and bytes; returns the retained depth (version != 0)."""
-        entries = self._history.setdefault(entry.key, deque())
-        entries.append(entry)
-        size = self._history_bytes.get(entry.key, 0) + rules.entry_bytes(entry)
-        while len(entries) > 1 and (
-            len(entries) > limits.history_depth or size > limits.history_max_bytes
-        ):
-            size -= rules.entry_bytes(entries.popleft())
-        self._history_bytes[entry.key] = size
-        return len(entries) - (1 if entries[0].version == 0 else 0)
-
-    def _idem_check(self, txn_idem: Any, now: int) -> Outcome | None:
-        if txn_idem is None:
-            return None
-        record = self._idem.get((txn_idem.agent_id, txn_idem.key))
-        if record is None or record.expires_ms <= now:
-            return None
-        if record.fingerprint != txn_idem.fingerprint:
-            raise IdempotencyKeyReused()
-        return Outcome(record.status, record.body, replayed=True, etag=record.etag)
-
-    def _idem_store(self, txn_idem: Any, outcome: Outcome, now: int, limits: Limits) -> None:
-        if txn_idem is not None:
-            self._idem[(txn_idem.agent_id, txn_idem.key)] = IdemRecord(
-                txn_idem.fingerprint,
-                outcome.status,
-                outcome.body,
-                outcome.etag,
-                now + limits.idempotency_ttl_ms,
-            )
-
     async def create(self, op: CreateOp) -> Outcome:
-        now = self._now()
-        replay = self._idem_check(op.idem, now)
-        if replay is not None:
-            return replay
-        existing = self._shards.get(op.key)
-        if existing is not None and not existing.deleted:
-            raise ShardAlreadyExists(op.key)
-        shard = self._create(op, existing, now)
-        outcome = rules.render_create(shard)
-        self._idem_store(op.idem, outcome, now, self.limits)
-        return outcome
-
-    def _create(self, op: CreateOp, existing: Shard | None, now: int) -> Shard:
-        shard, entry = rules.create_shard(op, existing, now)
-        depth = self._append_history(entry, self.limits)
-        shard = shard._replace(history_depth=depth)
-        self._shards[op.key] = shard
-        return shard
+        return commit.create(self._section, op, now_ms=self._now(), limits=self.limits)
 
     async def admin_create(self, op: CreateOp) -> Shard | None:
-        existing = self._shards.get(op.key)
-        if existing is not None and not existing.deleted:
-            return None
-        return self._create(op, existing, self._now())
+        return commit.create_row(self._section, op, now_ms=self._now())
 
     def _session(self, agent_id: str, session_id: str) -> SessionView:
         view = self._sessions.get((agent_id, session_id))
@@ -192,70 +137,12 @@ class MemoryStore:
 
     # the commit protocol ---------------------------------------------------------
     async def apply(self, txn: Txn) -> Outcome:
-        limits = self.limits
-        now = self._now()
-        replay = self._idem_check(txn.idem, now)
-        if replay is not None:
-            return replay
-        view = self._sessions.get((txn.agent_id, txn.session_id)) or SessionView()
-        sources = {
-            w.key: self._version_entry(w.key, w.target_version)
-            for w in txn.writes
-            if w.kind == "rollback"
-        }
-        fx = rules.decide(
-            txn,
-            self._shards,  # decide only looks keys up; no copy on the hot path
-            view,
-            ori_enabled=self._ori,
-            now_ms=now,
-            ttl_ms=limits.session_ttl_ms,
-            rollback_sources=sources,
-            mandate_consumed=(
-                txn.mandate is not None and self._consumed.get(txn.mandate.jti, 0) > now
-            ),
+        return commit.apply(
+            self._section, txn, now_ms=self._now(), ori_enabled=self._ori, limits=self.limits
         )
-        counters = self._counters
-        for name, delta in fx.counters.items():
-            counters[name] = counters.get(name, 0) + delta
-        if fx.error is not None:
-            for key, (attempts, conflicts) in fx.bumps.items():
-                old = self._shards[key]
-                self._shards[key] = old._replace(
-                    attempt_count=old.attempt_count + attempts,
-                    conflict_count=old.conflict_count + conflicts,
-                )
-            raise fx.error
-        post: dict[str, Shard] = {}
-        for shard, entry in zip(fx.shards, fx.history, strict=True):
-            depth = self._append_history(entry, limits)
-            if depth != shard.history_depth:
-                # Positional rebuild: NamedTuple._replace costs several times more.
-                shard = Shard(*shard[:-1], depth)
-            self._shards[shard.key] = shard
-            post[shard.key] = shard
-        session = self._session(txn.agent_id, txn.session_id)
-        if fx.session != "live":
-            session.entries.clear()  # expired or purged entries go; RYW entries start it
-        session.entries.update(fx.dl_writes)
-        session.last_served_ms = now
-        if fx.consume is not None:
-            self._consumed[fx.consume.jti] = fx.consume.retain_until_ms
-        outcome = rules.render(txn, post)
-        self._idem_store(txn.idem, outcome, now, limits)
-        return outcome
-
-    def _version_entry(self, key: str, version: int) -> HistoryEntry | None:
-        for entry in self._history.get(key, ()):
-            if entry.version == version:
-                return entry
-        return None
 
     async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
-        record = self._idem.get((agent_id, key))
-        if record is None or record.expires_ms <= self._now():
-            return None
-        return record
+        return self._section.idem_record(agent_id, key, self._now())
 
     # delivery log ------------------------------------------------------------------
     async def reset_session(self, agent_id: str, session_id: str) -> None:
@@ -328,8 +215,8 @@ class MemoryStore:
             if rules.session_state(view, now, ttl) == "empty" and not view.entries:
                 del self._sessions[skey]
                 gone += 1
-        for ikey, record in list(self._idem.items()):
-            if record.expires_ms <= now:
+        for ikey, (_, expires) in list(self._idem.items()):
+            if expires <= now:
                 del self._idem[ikey]
                 gone += 1
         for table in (self._consumed, self._revoked):
@@ -390,3 +277,89 @@ class MemoryStore:
         self._buckets.clear()
         self._offset_ms = 0
         return cleared
+
+
+class _Section:
+    """The commit skeleton's port (:class:`sbus.core.commit.Section`) over the store's
+    dictionaries. Built once: the store clears its dictionaries, never replaces them."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    def idem_record(self, agent_id: str, key: str, now_ms: int) -> IdemRecord | None:
+        found = self._store._idem.get((agent_id, key))
+        if found is None or found[1] <= now_ms:
+            return None
+        return found[0]
+
+    def put_idem(
+        self, agent_id: str, key: str, record: IdemRecord, now_ms: int, expires_ms: int
+    ) -> None:
+        self._store._idem[(agent_id, key)] = (record, expires_ms)
+
+    def session(self, agent_id: str, session_id: str) -> SessionView:
+        return self._store._sessions.get((agent_id, session_id)) or SessionView()
+
+    def rows(self, keys: Collection[str]) -> Mapping[str, Shard | None]:
+        return self._store._shards  # decide only looks keys up: no copy on the hot path
+
+    def history_entry(self, key: str, version: int) -> HistoryEntry | None:
+        for entry in self._store._history.get(key, ()):
+            if entry.version == version:
+                return entry
+        return None
+
+    def mandate_consumed(self, jti: str, now_ms: int) -> bool:
+        return self._store._consumed.get(jti, 0) > now_ms
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        counters = self._store._counters
+        for name, delta in deltas.items():
+            counters[name] = counters.get(name, 0) + delta
+
+    def bump(self, key: str, attempts: int, conflicts: int) -> None:
+        shards = self._store._shards
+        old = shards[key]
+        shards[key] = old._replace(
+            attempt_count=old.attempt_count + attempts,
+            conflict_count=old.conflict_count + conflicts,
+        )
+
+    def write_shard(self, shard: Shard, entry: HistoryEntry) -> Shard:
+        store = self._store
+        limits = store.limits
+        entries = store._history.setdefault(entry.key, deque())
+        entries.append(entry)
+        size = store._history_bytes.get(entry.key, 0) + rules.entry_bytes(entry)
+        while len(entries) > 1 and (
+            len(entries) > limits.history_depth or size > limits.history_max_bytes
+        ):
+            size -= rules.entry_bytes(entries.popleft())
+        store._history_bytes[entry.key] = size
+        depth = len(entries) - (1 if entries[0].version == 0 else 0)
+        if depth != shard.history_depth:
+            # Positional rebuild: NamedTuple._replace costs several times more.
+            shard = Shard(*shard[:-1], depth)
+        store._shards[shard.key] = shard
+        return shard
+
+    def write_session(
+        self,
+        agent_id: str,
+        session_id: str,
+        view: SessionView,
+        entries: Mapping[str, DLEntry],
+        *,
+        restart: bool,
+        now_ms: int,
+    ) -> None:
+        session = self._store._session(agent_id, session_id)
+        if restart:
+            session.entries.clear()
+        session.entries.update(entries)
+        session.last_served_ms = now_ms
+
+    def consume(self, mandate: MandateRef) -> None:
+        self._store._consumed[mandate.jti] = mandate.retain_until_ms

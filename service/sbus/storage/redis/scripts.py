@@ -18,8 +18,9 @@ Conventions shared with :mod:`sbus.storage.redis.store`:
 - A script validates everything before its first write: Redis does not roll a
   script back when it fails midway.
 - Replies are arrays whose first element is a tag: ``OK``, ``ERR`` (code, then field
-  name/value pairs), ``REPLAY`` (a recorded idempotent outcome), ``RETRY`` (a head
-  the caller hashed against moved; nothing was written) or ``NOTFOUND``/``EXISTS``.
+  name/value pairs), ``REPLAY`` (the idempotency record under the request's key;
+  nothing was written), ``RETRY`` (a head the caller hashed against moved; nothing was
+  written) or ``NOTFOUND``/``EXISTS``.
 
 Shard hash fields: ``id content version goal mand created updated ac cc del head
 hmin hbytes`` (``hmin`` is the oldest retained history version, ``hbytes`` the bytes
@@ -148,12 +149,13 @@ local function record_read(dlt, dlv, sessions, member, key, version, now, ttl, m
   return true
 end
 
--- Replay or refuse a recorded idempotent outcome; nil when there is none.
-local function idem_check(ikey, fp, now)
+-- The live idempotency record under the request's key as a REPLAY reply, nil when
+-- there is none. The script stops there, writing nothing; the caller replays the
+-- record or refuses the reuse by its fingerprint (sbus.core.idempotency.replay).
+local function idem_check(ikey, now)
   local rec = redis.call('HMGET', ikey, 'fp', 'exp', 'status', 'etag', 'body', 'ac', 'cc', 'dd')
   if not rec[1] or tonumber(rec[2]) <= now then return nil end
-  if rec[1] ~= fp then return {'ERR', 'IdempotencyKeyReused'} end
-  return {'REPLAY', rec[3], rec[4] or '', rec[5] or '', rec[6] or '', rec[7] or '',
+  return {'REPLAY', rec[1], rec[3], rec[4] or '', rec[5] or '', rec[6] or '', rec[7] or '',
           rec[8] or ''}
 end
 
@@ -182,7 +184,7 @@ local content = ARGV[2]
 local now, real = clock(META)
 if math.abs(now - P.now) > P.skew then return {'RETRY', 'clock'} end
 if P.idem then
-  local replay = idem_check(IKEY, P.idem.fp, now)
+  local replay = idem_check(IKEY, now)
   if replay then return replay end
 end
 local old = load(SHARD)
@@ -330,7 +332,7 @@ if math.abs(now - P.now) > P.skew then return {'RETRY', 'clock'} end
 now = P.now
 
 if P.idem then
-  local replay = idem_check(IKEY, P.idem.fp, now)
+  local replay = idem_check(IKEY, now)
   if replay then return replay end
 end
 

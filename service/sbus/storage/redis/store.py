@@ -59,7 +59,6 @@ from sbus.core.chain import GENESIS, content_id, entry_hash
 from sbus.core.clock import MAX_OFFSET_MS, offset_refused, rfc3339
 from sbus.core.errors import (
     CrossShardStale,
-    IdempotencyKeyReused,
     MandateConsumed,
     MandateExpired,
     MandateNotFound,
@@ -76,6 +75,7 @@ from sbus.core.errors import (
     VersionMismatch,
     VersionNotFound,
 )
+from sbus.core.idempotency import replay
 from sbus.core.types import (
     Counters,
     CreateOp,
@@ -375,11 +375,7 @@ class RedisStore:
             expected, found = int(f["expected"]), int(f["found"])
             return VersionMismatch(key, expected, found)
         if code == "CrossShardStale":
-            stale = [
-                {"key": k, "version_at_read": int(v), "current_version": int(c)}
-                for k, v, c in f["stale_keys"]
-            ]
-            return CrossShardStale.of(stale)
+            return CrossShardStale.of([(k, int(v), int(c)) for k, v, c in f["stale_keys"]])
         if code == "SessionExpired":
             reason = f["reason"]
             return SessionExpired(agent_id, reason)
@@ -389,26 +385,27 @@ class RedisStore:
         if code == "MandateRequired":
             return MandateRequired(key)
         if code == "MandateNotFound":
-            return MandateNotFound("mandate not recognised by this deployment")
+            return MandateNotFound.unrecognised()
         if code == "MandateExpired":
             return MandateExpired(f["jti"])
         if code == "MandateConsumed":
             return MandateConsumed(f["jti"])
-        if code == "IdempotencyKeyReused":
-            return IdempotencyKeyReused()
         if code == "ShardAlreadyExists":
             return ShardAlreadyExists(key)
         return StoreUnavailable(f"unexpected script answer {code!r}", outcome="unknown")
 
     @staticmethod
-    def _replay(reply: Sequence[Any]) -> Outcome:
-        _, status, etag, body_json, ac, cc, dd = reply
+    def _idem_record(fields: Sequence[Any]) -> IdemRecord:
+        """The record from its hash fields ``fp status etag body ac cc dd``. A
+        rollback's body (a ShardResponse) was recorded before the script trimmed and
+        counted, so its counters and depth ride beside it (``ac`` set) and go back in."""
+        fp, status, etag, body_json, ac, cc, dd = fields
         body = orjson.loads(body_json) if body_json else None
         if isinstance(body, dict) and ac != "":
             body["attempt_count"] = int(ac)
             body["conflict_count"] = int(cc)
             body["delta_log_depth"] = int(dd)
-        return Outcome(int(status), body, replayed=True, etag=int(etag) if etag != "" else None)
+        return IdemRecord(fp, int(status), body, int(etag) if etag != "" else None)
 
     def _idem_payload(
         self, idem: IdemRef, outcome: Outcome, *, patch: bool = False
@@ -497,7 +494,8 @@ class RedisStore:
     async def create(self, op: CreateOp) -> Outcome:
         tag, reply = await self._create(op, admin=False)
         if tag == "REPLAY":
-            return self._replay(reply)
+            assert op.idem is not None  # a script replays only a request with a key
+            return replay(self._idem_record(reply[1:]), op.idem.fingerprint)
         if tag == "ERR":
             raise self._error(reply)
         return rules.render_create(_row_shard(reply[1], op.content))
@@ -615,7 +613,8 @@ class RedisStore:
             if tag == "RETRY":
                 continue
             if tag == "REPLAY":
-                return self._replay(reply)
+                assert txn.idem is not None  # a script replays only a request with a key
+                return replay(self._idem_record(reply[1:]), txn.idem.fingerprint)
             if tag == "ERR":
                 raise self._error(reply, txn.agent_id)
             post = {row[0]: _row_shard(row, predicted[row[0]].content) for row in reply[1]}
@@ -748,8 +747,7 @@ class RedisStore:
         fp, exp, status, etag, body, ac, cc, dd = res[0]
         if fp is None or int(exp) <= now:
             return None
-        outcome = self._replay(["REPLAY", status, etag or "", body or "", ac or "", cc, dd])
-        return IdemRecord(fp, outcome.status, outcome.body, outcome.etag, int(exp))
+        return self._idem_record((fp, status, etag or "", body or "", ac or "", cc, dd))
 
     # delivery log ------------------------------------------------------------------------------
     async def reset_session(self, agent_id: str, session_id: str) -> None:

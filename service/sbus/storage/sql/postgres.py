@@ -34,7 +34,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sbus.core import rules
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset
 from sbus.core.errors import (
-    IdempotencyKeyReused,
     SBusError,
     ShardAlreadyExists,
     ShardDeleted,
@@ -43,6 +42,7 @@ from sbus.core.errors import (
     StoreUnavailable,
     ValidationFailed,
 )
+from sbus.core.idempotency import replay
 from sbus.core.types import (
     Counters,
     CreateOp,
@@ -392,23 +392,19 @@ class PostgresStore:
     async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
         async with self._conn() as conn:
             row = await conn.fetchrow(
-                "SELECT fingerprint, status, body, etag, expires_ms FROM sbus_idempotency "
+                "SELECT fingerprint, status, body, etag FROM sbus_idempotency "
                 "WHERE agent_id = $1 AND idem_key = $2 AND expires_ms > sbus_now_ms()",
                 agent_id,
                 key,
             )
         if row is None:
             return None
-        body = orjson.loads(row["body"]) if row["body"] is not None else None
-        return IdemRecord(row["fingerprint"], row["status"], body, row["etag"], row["expires_ms"])
+        return _idem_record(list(row))
 
     @staticmethod
     def _replay(idem: IdemRef, record: list[Any]) -> Outcome:
-        fingerprint, status, body, etag = record
-        if fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused()
-        decoded = orjson.loads(body) if body is not None else None
-        return Outcome(status, decoded, replayed=True, etag=etag)
+        """A live record loaded in the atomic step, under the one replay rule."""
+        return replay(_idem_record(record), idem.fingerprint)
 
     def _idem_json(self, idem: IdemRef | None, out: Outcome, now: int) -> list[Any] | None:
         if idem is None:
@@ -1039,6 +1035,12 @@ class PostgresStore:
             return cleared
 
         return await self._run(body)
+
+
+def _idem_record(row: list[Any]) -> IdemRecord:
+    """An idempotency record from its (fingerprint, status, body JSON, etag) columns."""
+    fingerprint, status, body, etag = row
+    return IdemRecord(fingerprint, status, orjson.loads(body) if body is not None else None, etag)
 
 
 def _json(value: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,11 +21,9 @@ from sqlalchemy import create_engine, event, pool
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.exc import SQLAlchemyError
 
-from sbus.core import rules
+from sbus.core import commit, rules
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import (
-    IdempotencyKeyReused,
-    ShardAlreadyExists,
     ShardDeleted,
     ShardNotFound,
     StoreUnavailable,
@@ -38,8 +36,8 @@ from sbus.core.types import (
     DLEntry,
     HistoryEntry,
     IdemRecord,
-    IdemRef,
     Limits,
+    MandateRef,
     Outcome,
     RateLimit,
     RegisterResult,
@@ -271,108 +269,18 @@ class SQLiteStore:
                 found[row[0]] = _shard(row)
         return found
 
-    def _write_shard(self, conn: Db, shard: Shard, entry: HistoryEntry) -> Shard:
-        """Upsert the row, append its history entry, trim retention; returns the row
-        with its retained depth."""
-        size = rules.entry_bytes(entry)
-        row = conn.exec_driver_sql(
-            "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
-        ).fetchone()
-        hist_min, hist_bytes = (entry.version, 0) if row is None else (row[0], row[1])
-        hist_bytes += size
-        conn.exec_driver_sql(
-            "INSERT INTO sbus_history (key, version, agent_id, committed_ms, content, deleted, "
-            "rationale, commit_id, prev_hash, hash, size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                entry.key,
-                entry.version,
-                entry.agent_id,
-                entry.committed_ms,
-                entry.content,
-                entry.deleted,
-                entry.rationale,
-                entry.commit_id,
-                entry.prev_hash,
-                entry.hash,
-                size,
-            ),
-        )
-        limits = self.limits
-        while hist_min < entry.version and (
-            entry.version - hist_min + 1 > limits.history_depth
-            or hist_bytes > limits.history_max_bytes
-        ):
-            dropped = conn.exec_driver_sql(
-                "DELETE FROM sbus_history WHERE key = ? AND version = ? RETURNING size",
-                (shard.key, hist_min),
-            ).scalar()
-            hist_bytes -= int(dropped or 0)
-            hist_min += 1
-        conn.exec_driver_sql(
-            f"INSERT OR REPLACE INTO sbus_shards ({SHARD_COLUMNS}) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                shard.key,
-                shard.id,
-                shard.content,
-                shard.version,
-                shard.goal_tag,
-                shard.require_mandate,
-                shard.created_ms,
-                shard.updated_ms,
-                shard.attempt_count,
-                shard.conflict_count,
-                shard.deleted,
-                shard.head_hash,
-                hist_min,
-                hist_bytes,
-            ),
-        )
-        depth = shard.version - hist_min + 1 - (1 if hist_min == 0 else 0)
-        return shard._replace(history_depth=depth)
-
     # idempotency ---------------------------------------------------------------------------
     @staticmethod
     def _idem_get(conn: Db, agent_id: str, key: str, now: int) -> IdemRecord | None:
         row = conn.exec_driver_sql(
-            "SELECT fingerprint, status, body, etag, expires_ms FROM sbus_idempotency "
+            "SELECT fingerprint, status, body, etag FROM sbus_idempotency "
             "WHERE agent_id = ? AND idem_key = ? AND expires_ms > ?",
             (agent_id, key, now),
         ).fetchone()
         if row is None:
             return None
         body = orjson.loads(row[2]) if row[2] is not None else None
-        return IdemRecord(row[0], row[1], body, row[3], row[4])
-
-    def _idem_check(self, conn: Db, idem: IdemRef | None, now: int) -> Outcome | None:
-        if idem is None:
-            return None
-        record = self._idem_get(conn, idem.agent_id, idem.key, now)
-        if record is None:
-            return None
-        if record.fingerprint != idem.fingerprint:
-            raise IdempotencyKeyReused()
-        return Outcome(record.status, record.body, replayed=True, etag=record.etag)
-
-    def _idem_put(self, conn: Db, idem: IdemRef | None, out: Outcome, now: int) -> None:
-        if idem is None:
-            return
-        # Expired records go as new ones arrive (indexed on expires_ms), so the table
-        # is bounded by the request rate times SBUS_IDEMPOTENCY_TTL.
-        conn.exec_driver_sql("DELETE FROM sbus_idempotency WHERE expires_ms <= ?", (now,))
-        conn.exec_driver_sql(
-            "INSERT OR REPLACE INTO sbus_idempotency (agent_id, idem_key, fingerprint, status, "
-            "body, etag, expires_ms) VALUES (?,?,?,?,?,?,?)",
-            (
-                idem.agent_id,
-                idem.key,
-                idem.fingerprint,
-                out.status,
-                orjson.dumps(out.body).decode() if out.body is not None else None,
-                out.etag,
-                now + self.limits.idempotency_ttl_ms,
-            ),
-        )
+        return IdemRecord(row[0], row[1], body, row[3])
 
     async def idempotent(self, agent_id: str, key: str) -> IdemRecord | None:
         result: IdemRecord | None = await self._call(
@@ -381,31 +289,19 @@ class SQLiteStore:
         return result
 
     # create and read ------------------------------------------------------------------------
-    def _create(self, conn: Db, op: CreateOp, now: int) -> Shard | None:
-        existing = self._load(conn, op.key)
-        if existing is not None and not existing.deleted:
-            return None
-        shard, entry = rules.create_shard(op, existing, now)
-        return self._write_shard(conn, shard, entry)
-
     async def create(self, op: CreateOp) -> Outcome:
         def run(conn: Db) -> Outcome:
-            now = self._now(conn)
-            replay = self._idem_check(conn, op.idem, now)
-            if replay is not None:
-                return replay
-            shard = self._create(conn, op, now)
-            if shard is None:
-                raise ShardAlreadyExists(op.key)
-            outcome = rules.render_create(shard)
-            self._idem_put(conn, op.idem, outcome, now)
-            return outcome
+            section = _Section(conn, self.limits)
+            return commit.create(section, op, now_ms=self._now(conn), limits=self.limits)
 
         result: Outcome = await self._call(run)
         return result
 
     async def admin_create(self, op: CreateOp) -> Shard | None:
-        result: Shard | None = await self._call(lambda c: self._create(c, op, self._now(c)))
+        def run(conn: Db) -> Shard | None:
+            return commit.create_row(_Section(conn, self.limits), op, now_ms=self._now(conn))
+
+        result: Shard | None = await self._call(run)
         return result
 
     @staticmethod
@@ -446,7 +342,9 @@ class SQLiteStore:
         )
 
     @staticmethod
-    def _put_entries(conn: Db, agent_id: str, session_id: str, entries: dict[str, DLEntry]) -> None:
+    def _put_entries(
+        conn: Db, agent_id: str, session_id: str, entries: Mapping[str, DLEntry]
+    ) -> None:
         rows = [(agent_id, session_id, k, e.version, e.served_ms) for k, e in entries.items()]
         if rows:
             conn.exec_driver_sql(
@@ -550,81 +448,14 @@ class SQLiteStore:
     # the commit protocol ----------------------------------------------------------------------
     def _apply(self, conn: Db, txn: Txn) -> Outcome:
         ori, offset = self._meta(conn)
-        now = wall_ms() + offset
-        replay = self._idem_check(conn, txn.idem, now)
-        if replay is not None:
-            return replay
-        view = self._session(conn, txn.agent_id, txn.session_id)
-        keys = {w.key for w in txn.writes}
-        keys.update(r.key for r in txn.read_set)
-        keys.update(view.entries)
-        shards = self._load_many(conn, sorted(keys))
-        sources: dict[str, HistoryEntry | None] = {}
-        for w in txn.writes:
-            if w.kind == "rollback":
-                sources[w.key] = self._history_entry(conn, w.key, w.target_version)
-        limits = self.limits
-        consumed = txn.mandate is not None and (
-            conn.exec_driver_sql(
-                "SELECT 1 FROM sbus_consumed_mandates WHERE jti = ? AND retain_until_ms > ?",
-                (txn.mandate.jti, now),
-            ).fetchone()
-            is not None
+        section = _Section(conn, self.limits)
+        return commit.apply(
+            section, txn, now_ms=wall_ms() + offset, ori_enabled=ori, limits=self.limits
         )
-        fx = rules.decide(
-            txn,
-            shards,
-            view,
-            ori_enabled=ori,
-            now_ms=now,
-            ttl_ms=limits.session_ttl_ms,
-            rollback_sources=sources,
-            mandate_consumed=consumed,
-        )
-        for name, delta in fx.counters.items():
-            conn.exec_driver_sql(
-                "INSERT INTO sbus_counters (name, slot, value) VALUES (?, 0, ?) "
-                "ON CONFLICT (name, slot) DO UPDATE SET value = value + excluded.value",
-                (name, delta),
-            )
-        if fx.error is not None:
-            for key, (attempts, conflicts) in fx.bumps.items():
-                conn.exec_driver_sql(
-                    "UPDATE sbus_shards SET attempt_count = attempt_count + ?, "
-                    "conflict_count = conflict_count + ? WHERE key = ?",
-                    (attempts, conflicts, key),
-                )
-            raise fx.error
-        post = {
-            shard.key: self._write_shard(conn, shard, entry)
-            for shard, entry in zip(fx.shards, fx.history, strict=True)
-        }
-        if fx.session != "live":
-            self._clear_entries(conn, txn.agent_id, txn.session_id)
-        self._put_entries(conn, txn.agent_id, txn.session_id, fx.dl_writes)
-        self._put_session(conn, txn.agent_id, txn.session_id, view.overflowed, now)
-        if fx.consume is not None:
-            conn.exec_driver_sql(
-                "INSERT OR REPLACE INTO sbus_consumed_mandates (jti, retain_until_ms) "
-                "VALUES (?, ?)",
-                (fx.consume.jti, fx.consume.retain_until_ms),
-            )
-        outcome = rules.render(txn, post)
-        self._idem_put(conn, txn.idem, outcome, now)
-        return outcome
 
     async def apply(self, txn: Txn) -> Outcome:
         result: Outcome = await self._call(lambda c: self._apply(c, txn))
         return result
-
-    @staticmethod
-    def _history_entry(conn: Db, key: str, version: int) -> HistoryEntry | None:
-        row = conn.exec_driver_sql(
-            "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
-            "commit_id, prev_hash, hash FROM sbus_history WHERE key = ? AND version = ?",
-            (key, version),
-        ).fetchone()
-        return None if row is None else _entry(row)
 
     # delivery log ------------------------------------------------------------------------------
     async def reset_session(self, agent_id: str, session_id: str) -> None:
@@ -858,3 +689,155 @@ def _entry(row: Any) -> HistoryEntry:
     return HistoryEntry(
         key, version, agent, committed, content, bool(deleted), rationale, commit_id, prev, digest
     )
+
+
+class _Section:
+    """The commit skeleton's port (:class:`sbus.core.commit.Section`) over one open
+    ``BEGIN IMMEDIATE`` transaction, on the writer thread."""
+
+    __slots__ = ("_conn", "_limits")
+
+    def __init__(self, conn: Db, limits: Limits) -> None:
+        self._conn = conn
+        self._limits = limits
+
+    def idem_record(self, agent_id: str, key: str, now_ms: int) -> IdemRecord | None:
+        return SQLiteStore._idem_get(self._conn, agent_id, key, now_ms)
+
+    def put_idem(
+        self, agent_id: str, key: str, record: IdemRecord, now_ms: int, expires_ms: int
+    ) -> None:
+        conn = self._conn
+        # Expired records go as new ones arrive (indexed on expires_ms), so the table
+        # is bounded by the request rate times SBUS_IDEMPOTENCY_TTL.
+        conn.exec_driver_sql("DELETE FROM sbus_idempotency WHERE expires_ms <= ?", (now_ms,))
+        conn.exec_driver_sql(
+            "INSERT OR REPLACE INTO sbus_idempotency (agent_id, idem_key, fingerprint, status, "
+            "body, etag, expires_ms) VALUES (?,?,?,?,?,?,?)",
+            (
+                agent_id,
+                key,
+                record.fingerprint,
+                record.status,
+                orjson.dumps(record.body).decode() if record.body is not None else None,
+                record.etag,
+                expires_ms,
+            ),
+        )
+
+    def session(self, agent_id: str, session_id: str) -> SessionView:
+        return SQLiteStore._session(self._conn, agent_id, session_id)
+
+    def rows(self, keys: Collection[str]) -> Mapping[str, Shard | None]:
+        return SQLiteStore._load_many(self._conn, list(keys))
+
+    def history_entry(self, key: str, version: int) -> HistoryEntry | None:
+        row = self._conn.exec_driver_sql(
+            "SELECT key, version, agent_id, committed_ms, content, deleted, rationale, "
+            "commit_id, prev_hash, hash FROM sbus_history WHERE key = ? AND version = ?",
+            (key, version),
+        ).fetchone()
+        return None if row is None else _entry(row)
+
+    def mandate_consumed(self, jti: str, now_ms: int) -> bool:
+        row = self._conn.exec_driver_sql(
+            "SELECT 1 FROM sbus_consumed_mandates WHERE jti = ? AND retain_until_ms > ?",
+            (jti, now_ms),
+        ).fetchone()
+        return row is not None
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        for name, delta in deltas.items():
+            self._conn.exec_driver_sql(
+                "INSERT INTO sbus_counters (name, slot, value) VALUES (?, 0, ?) "
+                "ON CONFLICT (name, slot) DO UPDATE SET value = value + excluded.value",
+                (name, delta),
+            )
+
+    def bump(self, key: str, attempts: int, conflicts: int) -> None:
+        self._conn.exec_driver_sql(
+            "UPDATE sbus_shards SET attempt_count = attempt_count + ?, "
+            "conflict_count = conflict_count + ? WHERE key = ?",
+            (attempts, conflicts, key),
+        )
+
+    def write_shard(self, shard: Shard, entry: HistoryEntry) -> Shard:
+        conn = self._conn
+        size = rules.entry_bytes(entry)
+        row = conn.exec_driver_sql(
+            "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
+        ).fetchone()
+        hist_min, hist_bytes = (entry.version, 0) if row is None else (row[0], row[1])
+        hist_bytes += size
+        conn.exec_driver_sql(
+            "INSERT INTO sbus_history (key, version, agent_id, committed_ms, content, deleted, "
+            "rationale, commit_id, prev_hash, hash, size) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                entry.key,
+                entry.version,
+                entry.agent_id,
+                entry.committed_ms,
+                entry.content,
+                entry.deleted,
+                entry.rationale,
+                entry.commit_id,
+                entry.prev_hash,
+                entry.hash,
+                size,
+            ),
+        )
+        limits = self._limits
+        while hist_min < entry.version and (
+            entry.version - hist_min + 1 > limits.history_depth
+            or hist_bytes > limits.history_max_bytes
+        ):
+            dropped = conn.exec_driver_sql(
+                "DELETE FROM sbus_history WHERE key = ? AND version = ? RETURNING size",
+                (shard.key, hist_min),
+            ).scalar()
+            hist_bytes -= int(dropped or 0)
+            hist_min += 1
+        conn.exec_driver_sql(
+            f"INSERT OR REPLACE INTO sbus_shards ({SHARD_COLUMNS}) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                shard.key,
+                shard.id,
+                shard.content,
+                shard.version,
+                shard.goal_tag,
+                shard.require_mandate,
+                shard.created_ms,
+                shard.updated_ms,
+                shard.attempt_count,
+                shard.conflict_count,
+                shard.deleted,
+                shard.head_hash,
+                hist_min,
+                hist_bytes,
+            ),
+        )
+        depth = shard.version - hist_min + 1 - (1 if hist_min == 0 else 0)
+        return shard._replace(history_depth=depth)
+
+    def write_session(
+        self,
+        agent_id: str,
+        session_id: str,
+        view: SessionView,
+        entries: Mapping[str, DLEntry],
+        *,
+        restart: bool,
+        now_ms: int,
+    ) -> None:
+        conn = self._conn
+        if restart:
+            SQLiteStore._clear_entries(conn, agent_id, session_id)
+        SQLiteStore._put_entries(conn, agent_id, session_id, entries)
+        SQLiteStore._put_session(conn, agent_id, session_id, view.overflowed, now_ms)
+
+    def consume(self, mandate: MandateRef) -> None:
+        self._conn.exec_driver_sql(
+            "INSERT OR REPLACE INTO sbus_consumed_mandates (jti, retain_until_ms) VALUES (?, ?)",
+            (mandate.jti, mandate.retain_until_ms),
+        )
