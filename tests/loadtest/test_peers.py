@@ -1,7 +1,9 @@
-"""loadtest/peers.py --quick runs end to end: etcd, durable PostgreSQL and Redis, the bus
-on each store and the two baselines, one client for all. The peer table has a row per
-store, the sweep a point per system and topology, and no update was lost. No figure or
-timing is checked (docs/performance.md holds them)."""
+"""loadtest/peers.py runs end to end. ``make test`` runs the SQLite row (etcd, the bus on
+SQLite, the open loop: a few seconds); the whole ``--quick`` form (etcd, durable
+PostgreSQL and Redis, the bus on each store and the two baselines: every row, about a
+minute on a quiet machine, two on a busy one) is marked slow (``pytest -m slow
+tests/loadtest/test_peers.py``). No figure or timing is checked (docs/performance.md
+holds them)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,18 +21,35 @@ pytestmark = pytest.mark.concurrency
 LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
 
 
-def test_the_quick_peer_comparison_runs(tmp_path: Path) -> None:
+def peers(out: Path, *args: str) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBUS_")}
     done = subprocess.run(
-        [sys.executable, str(LOADTEST / "peers.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(LOADTEST / "peers.py"), "--quick", "--out", str(out), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env=env,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads((tmp_path / "peers.json").read_text())
+    report: dict[str, Any] = json.loads((out / "peers.json").read_text())
+    return report
+
+
+def test_the_sqlite_peer_row_runs(tmp_path: Path) -> None:
+    report = peers(tmp_path, "--stores", "sqlite")
+    row = report["peers"]["sqlite"]
+    for phase in ("etcd_dedicated", "etcd_hot", "bus_dedicated", "bus_hot"):
+        assert row[phase]["commits"] > 0 and row[phase]["errors"] == 0, (phase, row[phase])
+    assert set(row["bus_dedicated"]["server_cpu_ms"]) == {"bus"}
+    assert set(row["etcd_dedicated"]["server_cpu_ms"]) == {"etcd"}
+    assert row["openloop"]["cycles"] > 0 and row["openloop"]["failures"] == 0
+    assert "| sqlite (1 worker) |" in (tmp_path / "peers.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_quick_peer_comparison_runs(tmp_path: Path) -> None:
+    report = peers(tmp_path)
     assert list(report["peers"]) == ["sqlite", "redis", "postgres"]
     for store, row in report["peers"].items():
         for phase in ("etcd_dedicated", "etcd_hot", "bus_dedicated", "bus_hot"):
