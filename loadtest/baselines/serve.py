@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from sbus.cli import log_config, scratch_dirs
+    from sbus.config import Settings
 
     want = "postgres" if args.kind == "serializable" else "redis"
     if not args.store.startswith(want):
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             access_log=access,
             timeout_graceful_shutdown=10,
             http="sbus.api.connections:GuardedHttpToolsProtocol",
+            timeout_keep_alive=Settings().keepalive_timeout,
         )
 
 
