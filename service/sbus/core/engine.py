@@ -1,8 +1,13 @@
-"""The bus engine: protocol.md §4 steps 6 to 9 over a Store, with no transport.
+"""The bus engine, the one door to the store: protocol.md section 4 from step 5 on, with
+no transport.
 
-The API layer authenticates, parses and validates (steps 1-5) and hands the engine
-typed commands; the engine applies idempotency, limits and capabilities, then makes
-exactly one atomic store call.
+The API layer authenticates, parses and validates (steps 1-4) and hands the engine a
+:class:`~sbus.core.commands.Caller` and one command (:meth:`Bus.execute`). The engine
+derives the rights the command needs from the rights table (``sbus.core.authz``; a type
+with no rule is refused before anything runs) and runs the use case in one linear
+function: for a state change throttle (5), idempotency (6), limits (7), capabilities (8),
+the mandate (9a) and exactly one atomic store call (9); for anything else the rights,
+then the store.
 """
 
 from __future__ import annotations
@@ -11,30 +16,46 @@ import itertools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
+from sbus.core import commands as c
+from sbus.core import errors as e
+from sbus.core import revocation
+from sbus.core.authz import Needs, check_keys, check_up_front, needs_of
 from sbus.core.errors import (
     DeltaTooLarge,
     FieldTooLarge,
     RateLimited,
     ReadSetTooLarge,
-    SBusError,
     TooManyWrites,
 )
 from sbus.core.idempotency import replay
+from sbus.core.ports import IssuedToken, MandateGrant, MandateSigner, TokenIssuer
+from sbus.core.rights import ADMIN_PATTERN, Capabilities, Identity, Right
 from sbus.core.store import Store
 from sbus.core.types import (
     CreateOp,
+    DLDump,
+    HistoryEntry,
     IdemRef,
     MandateRef,
     Outcome,
     RateLimit,
     ReadItem,
+    RegisterResult,
     Shard,
     StoreStats,
     Txn,
     TxnOp,
     WriteOp,
 )
+
+T = TypeVar("T")
+# A use case: (caller, command, what the rights table says it needs) -> its answer.
+Handler = Callable[[c.Caller, Any, Needs], Awaitable[Any]]
+
+# Store pages a filtered GET /shards may scan before answering a short page.
+LIST_SCAN_PAGES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +95,40 @@ class Bus:
         self,
         store: Store,
         limits: EngineLimits | None = None,
-        refusal: SBusError | None = None,
         rate: RateLimit | None = None,
+        *,
+        tokens: TokenIssuer | None = None,
+        mandates: MandateSigner | None = None,
     ) -> None:
         self.store = store
         self.limits = limits or EngineLimits()
         # Step 5: a per-agent token bucket in the store (token mode, when configured).
         self.rate = rate
-        # Step 8 (capabilities) is decided by the caller, which knows the principal,
-        # but must answer after idempotency (6) and limits (7): a refused request
-        # carries its refusal here and the engine raises it just before the store.
-        self.refusal = refusal
+        # The signers of POST /admin/tokens and POST /mandates, which also verifies
+        # presented mandates; None until attached (open mode without configured keys
+        # signs with the store's secret, known once the store answers).
+        self.tokens = tokens
+        self.mandates = mandates
+        self._handlers: dict[type[c.Command[Any]], Handler] = {
+            c.CreateShard: self._create,
+            c.ReadShard: self._read,
+            c.ReadShards: self._read_many,
+            c.ListShards: self._list,
+            c.History: self._history,
+            c.Submit: self._submit,
+            c.ResetSession: self._reset_session,
+            c.Register: self._register,
+            c.IssueMandate: self._issue_mandate,
+            c.IssueToken: self._issue_token,
+            c.RevokeToken: self._revoke_token,
+            c.ResetAll: self._reset_all,
+            c.GetConfig: self._get_config,
+            c.SetConfig: self._set_config,
+            c.DumpDeliveryLog: self._dump_delivery_log,
+            c.InjectStale: self._inject_stale,
+            c.AdminCreate: self._admin_create,
+            c.AdvanceClock: self._advance_clock,
+        }
 
     @property
     def backend(self) -> str:
@@ -100,9 +144,28 @@ class Bus:
         """The store's counters (/stats, /metrics, /admin/health): public, no rights."""
         return await self.store.stats()
 
-    def refusing(self, refusal: SBusError | None) -> Bus:
-        """This bus for one request whose capability check failed (or self)."""
-        return self if refusal is None else Bus(self.store, self.limits, refusal, self.rate)
+    def attach_signers(self, tokens: TokenIssuer, mandates: MandateSigner) -> None:
+        """Sign and verify with these from now on."""
+        self.tokens = tokens
+        self.mandates = mandates
+
+    def add_use_case(self, kind: type[c.Command[Any]], handler: Handler) -> None:
+        """Serve ``kind`` with ``handler``. It still needs a rule in
+        :data:`sbus.core.authz.RIGHTS`: without one every call is refused."""
+        self._handlers[kind] = handler
+
+    async def execute(self, caller: c.Caller, command: c.Command[T]) -> T:
+        """Run ``command`` for ``caller``. The rights rule is looked up first: a command
+        type with none is refused (403 CapabilityDenied) before anything runs."""
+        needs = needs_of(command)
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            raise e.CapabilityDenied(f"{type(command).__name__} is not a use case: refused")
+        check_up_front(caller, needs)
+        if not command.changes_state:
+            # Reads and the other commands: the rights before the store (protocol.md §4).
+            check_keys(caller, needs)
+        return cast(T, await handler(caller, command, needs))
 
     async def _throttle(self, agent_id: str) -> None:
         """Step 5: 429 RateLimited with Retry-After when the agent's bucket is empty."""
@@ -156,60 +219,243 @@ class Bus:
                 max=self.limits.max_read_set,
             )
 
-    async def create(self, op: CreateOp) -> Outcome:
-        await self._throttle(op.agent_id)
-        replay = await self._replay(op.idem)
+    def _check_create(self, key: str, content: str, goal_tag: str | None) -> None:
+        self._check_content(key, content)
+        self._check_text("goal_tag", goal_tag, self.limits.max_goal_tag, "SBUS_MAX_GOAL_TAG")
+
+    # ---- state changes: steps 5-9 in order -------------------------------------
+
+    async def _create(self, caller: c.Caller, cmd: c.CreateShard, needs: Needs) -> Outcome:
+        agent = caller.agent or ""
+        await self._throttle(agent)
+        replay = await self._replay(cmd.idem)
         if replay is not None:
             return replay
-        self._check_content(op.key, op.content)
-        self._check_text("goal_tag", op.goal_tag, self.limits.max_goal_tag, "SBUS_MAX_GOAL_TAG")
-        if self.refusal is not None:
-            raise self.refusal
+        self._check_create(cmd.key, cmd.content, cmd.goal_tag)
+        check_keys(caller, needs)
+        op = CreateOp(
+            key=cmd.key,
+            content=cmd.content,
+            goal_tag=cmd.goal_tag,
+            require_mandate=cmd.require_mandate,
+            agent_id=agent,
+            commit_id=new_commit_id(),
+            idem=cmd.idem,
+        )
         return await self.store.create(op)
 
-    async def admin_create(self, op: CreateOp) -> Shard | None:
-        self._check_content(op.key, op.content)
-        self._check_text("goal_tag", op.goal_tag, self.limits.max_goal_tag, "SBUS_MAX_GOAL_TAG")
-        if self.refusal is not None:
-            raise self.refusal
+    async def _admin_create(
+        self, caller: c.Caller, cmd: c.AdminCreate, needs: Needs
+    ) -> Shard | None:
+        self._check_create(cmd.key, cmd.content, cmd.goal_tag)
+        check_keys(caller, needs)
+        op = CreateOp(
+            key=cmd.key,
+            content=cmd.content,
+            goal_tag=cmd.goal_tag,
+            require_mandate=cmd.require_mandate,
+            agent_id=caller.agent or "",
+            commit_id=new_commit_id(),
+        )
         return await self.store.admin_create(op)
 
-    async def submit(
-        self, txn: Txn, verify_mandate: Callable[[], Awaitable[MandateRef]] | None = None
-    ) -> Outcome:
-        """Commit, multi-commit, rollback or delete. ``verify_mandate`` (when the request
-        carries a mandate) runs after idempotency, limits and capabilities, as the first
-        part of step 9a; the store finishes 9a (expiry on its clock, consume-once)."""
-        await self._throttle(txn.agent_id)
-        if txn.idem is not None:
-            replay = await self._replay(txn.idem)
+    async def _submit(self, caller: c.Caller, cmd: c.Submit, needs: Needs) -> Outcome:
+        """Commit, multi-commit, rollback or delete. A presented mandate is verified
+        after idempotency, limits and capabilities, as the first part of step 9a; the
+        store finishes 9a (expiry on its clock, consume-once)."""
+        agent = caller.agent
+        if not agent:
+            raise e.ValidationFailed(
+                "agent_id is required (body field, query parameter or X-Agent-Id header)",
+                loc=["body", "agent_id"],
+            )
+        await self._throttle(agent)
+        if cmd.idem is not None:
+            replay = await self._replay(cmd.idem)
             if replay is not None:
                 return replay
-        if len(txn.writes) > self.limits.max_txn_keys:
+        if len(cmd.writes) > self.limits.max_txn_keys:
             raise TooManyWrites(
-                f"{len(txn.writes)} writes, max {self.limits.max_txn_keys}",
-                size=len(txn.writes),
+                f"{len(cmd.writes)} writes, max {self.limits.max_txn_keys}",
+                size=len(cmd.writes),
                 max=self.limits.max_txn_keys,
             )
-        for write in txn.writes:
+        for write in cmd.writes:
             if write.kind == "commit":
                 self._check_content(write.key, write.content)
             elif write.kind == "create":
                 # a create inside a multi obeys POST /shard's limits
-                self._check_content(write.key, write.content)
-                cap = self.limits.max_goal_tag
-                self._check_text("goal_tag", write.goal_tag, cap, "SBUS_MAX_GOAL_TAG")
-        if txn.op in ("commit", "multi"):
+                self._check_create(write.key, write.content, write.goal_tag)
+        if cmd.op in ("commit", "multi"):
             # Only a caller's own rationale: a delete's ("delete") and a rollback's
             # ("rollback to N") are the bus's words, whatever the cap.
             limit = self.limits.max_rationale
-            self._check_text("rationale", txn.rationale, limit, "SBUS_MAX_RATIONALE")
-        self._check_read_set(txn.read_set)
-        if self.refusal is not None:
-            raise self.refusal
-        if verify_mandate is not None:
-            txn = txn._replace(mandate=await verify_mandate())
+            self._check_text("rationale", cmd.rationale, limit, "SBUS_MAX_RATIONALE")
+        self._check_read_set(cmd.read_set)
+        check_keys(caller, needs)
+        mandate = None
+        if cmd.mandate is not None:
+            mandate = await self._verify_mandate(agent, cmd)
+        txn = Txn(
+            op=cmd.op,
+            agent_id=agent,
+            session_id=caller.session,
+            writes=cmd.writes,
+            read_set=cmd.read_set,
+            rationale=cmd.rationale,
+            commit_id=new_commit_id(),
+            idem=cmd.idem,
+            has_mandate=cmd.mandate is not None,
+            mandate=mandate,
+        )
         return await self.store.apply(txn)
+
+    async def _verify_mandate(self, agent: str, cmd: c.Submit) -> MandateRef:
+        """Step 9a's checks that need no stored state (404 MandateNotFound, 410
+        MandateExpired on the store clock, 403 Holder/Scope/ContextMismatch); the store's
+        atomic step re-checks expiry and consumes the mandate."""
+        mandates = self.mandates
+        if mandates is None:
+            raise e.MandateNotFound("this deployment has no signing keys: no mandate verifies")
+        now = await self.store.now_ms()
+        grant = mandates.verify_mandate(
+            cmd.mandate,
+            agent=agent,
+            written_keys=[w.key for w in cmd.writes],
+            context=cmd.context,
+            now_ms=now,
+        )
+        return MandateRef(grant.jti, grant.expires_at_ms, grant.retain_until_ms(mandates.leeway))
+
+    # ---- reads ---------------------------------------------------------------
+
+    async def _read(self, caller: c.Caller, cmd: c.ReadShard, needs: Needs) -> Shard:
+        return await self.store.read(cmd.key, caller.agent, caller.session, cmd.record)
+
+    async def _read_many(
+        self, caller: c.Caller, cmd: c.ReadShards, needs: Needs
+    ) -> dict[str, Shard]:
+        return await self.store.read_many(list(cmd.keys), caller.agent, caller.session, cmd.record)
+
+    async def _history(self, caller: c.Caller, cmd: c.History, needs: Needs) -> list[HistoryEntry]:
+        return await self.store.history(cmd.key, cmd.before, cmd.limit)
+
+    async def _list(self, caller: c.Caller, cmd: c.ListShards, needs: Needs) -> c.Listing:
+        assert needs.filter is not None
+        keys, next_after = await self._page(caller.capabilities, needs.filter, cmd)
+        if not cmd.content:
+            return c.Listing(keys, next_after)
+        found = await self.store.read_many(keys, None, "", False) if keys else {}
+        # A key deleted between the listing and the fetch leaves both lists, which stay
+        # parallel; next_after still resumes after everything this page scanned.
+        live = [found[k] for k in keys if k in found and not found[k].deleted]
+        return c.Listing([shard.key for shard in live], next_after, live)
+
+    async def _page(
+        self, caps: Capabilities, right: Right, cmd: c.ListShards
+    ) -> tuple[list[str], str | None]:
+        """One page of the keys ``caps`` holds ``right`` on: (keys, next_after)."""
+        cap = cmd.limit
+        if ADMIN_PATTERN in caps.patterns_with(right):
+            keys = await self.store.list_keys(cmd.prefix, cmd.after, cap + 1)
+            more = len(keys) > cap
+            keys = keys[:cap]
+            return keys, keys[-1] if more else None
+        # Filter page by page. The scan is bounded (a caller that may read few keys must
+        # not make one request walk the whole keyspace): when the budget runs out the page
+        # ends early with next_after at the last key scanned, so paging resumes there and
+        # no readable key is skipped.
+        readable: list[str] = []
+        cursor = cmd.after
+        budget = LIST_SCAN_PAGES
+        while True:
+            batch = await self.store.list_keys(cmd.prefix, cursor, cap + 1)
+            for key in batch:
+                if caps.allows(right, key):
+                    readable.append(key)
+                    if len(readable) > cap:
+                        keys = readable[:cap]
+                        return keys, keys[-1]
+            budget -= 1
+            if len(batch) <= cap:
+                return readable, None
+            cursor = batch[-1]
+            if budget == 0:
+                return readable, cursor
+
+    # ---- sessions ------------------------------------------------------------
+
+    async def _reset_session(self, caller: c.Caller, cmd: c.ResetSession, needs: Needs) -> None:
+        await self.store.reset_session(cmd.agent, caller.session)
+
+    async def _register(self, caller: c.Caller, cmd: c.Register, needs: Needs) -> RegisterResult:
+        assert needs.filter is not None and caller.agent is not None
+        caps, right = caller.capabilities, needs.filter
+        keys = cmd.keys
+        # A key the caller may not read is reported as if it did not exist: recording it
+        # would claim a read the bus never authorized, and a distinct answer would reveal
+        # which unreadable keys exist.
+        allowed = [k for k in keys if caps.allows(right, k)]
+        result = await self.store.register(caller.agent, caller.session, allowed)
+        if len(allowed) == len(keys):
+            return result
+        missing = set(result.skipped_no_shard)
+        skipped = [k for k in keys if k in missing or not caps.allows(right, k)]
+        return RegisterResult(result.registered, result.skipped_existing, skipped)
+
+    # ---- mandates and tokens -------------------------------------------------
+
+    async def _issue_mandate(
+        self, caller: c.Caller, cmd: c.IssueMandate, needs: Needs
+    ) -> tuple[str, MandateGrant]:
+        if self.mandates is None:
+            raise e.StoreUnavailable("the signing keys are not installed yet")
+        assert caller.agent is not None
+        issuer = Identity(caller.agent, caller.capabilities)
+        now = await self.store.now_ms()
+        return self.mandates.issue_mandate(
+            issuer, cmd.holder, cmd.keys, cmd.context, cmd.ttl_s, now_ms=now
+        )
+
+    async def _issue_token(
+        self, caller: c.Caller, cmd: c.IssueToken, needs: Needs
+    ) -> tuple[str, IssuedToken]:
+        if self.tokens is None:
+            raise e.StoreUnavailable("the signing keys are not installed yet")
+        return self.tokens.issue(cmd.agent, cmd.scopes, cmd.ttl_s)
+
+    async def _revoke_token(self, caller: c.Caller, cmd: c.RevokeToken, needs: Needs) -> int:
+        return await revocation.revoke_token(
+            self.store, cmd.jti, cmd.exp, leeway_s=cmd.leeway_s, max_ttl_s=cmd.max_ttl_s
+        )
+
+    # ---- admin ---------------------------------------------------------------
+
+    async def _reset_all(self, caller: c.Caller, cmd: c.ResetAll, needs: Needs) -> int:
+        return await self.store.reset_all()
+
+    async def _get_config(self, caller: c.Caller, cmd: c.GetConfig, needs: Needs) -> StoreStats:
+        return await self.store.stats()
+
+    async def _set_config(self, caller: c.Caller, cmd: c.SetConfig, needs: Needs) -> StoreStats:
+        await self.store.set_ori(cmd.ori_enabled)
+        return await self.store.stats()
+
+    async def _dump_delivery_log(
+        self, caller: c.Caller, cmd: c.DumpDeliveryLog, needs: Needs
+    ) -> tuple[DLDump, str | None]:
+        return await self.store.dump_delivery_log(cmd.after, cmd.limit)
+
+    async def _inject_stale(self, caller: c.Caller, cmd: c.InjectStale, needs: Needs) -> None:
+        await self.store.inject_stale(cmd.agent, caller.session, cmd.key, cmd.version)
+
+    async def _advance_clock(
+        self, caller: c.Caller, cmd: c.AdvanceClock, needs: Needs
+    ) -> tuple[int, int]:
+        if not cmd.enabled:
+            raise e.RouteNotFound("test hooks are disabled; set SBUS_TEST_HOOKS=1")
+        offset = await self.store.advance_clock(cmd.ms, cmd.cap_ms)
+        return offset, await self.store.now_ms()
 
 
 def commit_txn(

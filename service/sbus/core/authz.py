@@ -1,0 +1,137 @@
+"""Authorization derived from the command: the rights table (protocol.md sections 4
+and 5.2).
+
+:data:`RIGHTS` maps each command type to a function computing what that command needs
+from its own fields: written keys need write, create or delete, read keys read, a listing
+is filtered by read, admin operations need admin. The engine looks the type up before it
+runs anything and refuses a type with no entry (:func:`rule_for`): a new use case is
+closed until someone writes its rule here, whatever route reaches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sbus.core import commands as c
+from sbus.core import errors as e
+from sbus.core.rights import ADMIN_PATTERN, Capabilities, Right
+
+Pair = tuple[str, Right]
+
+
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """What one command needs.
+
+    - ``admin``: the admin right, checked before anything runs.
+    - ``pairs``: every (key, right); the first missing one in sorted order is refused.
+      A state change checks them at step 8, anything else before the store.
+    - ``somewhere``: a right held on at least one pattern (issuing a mandate).
+    - ``filter``: results are limited to the keys holding this right; nothing is refused.
+    - ``act_as``: the command acts for this agent; another agent than a token's own needs
+      the admin right.
+    """
+
+    pairs: tuple[Pair, ...] = ()
+    admin: bool = False
+    somewhere: Right | None = None
+    filter: Right | None = None
+    act_as: str | None = None
+
+
+NOTHING = Needs()
+ADMIN = Needs(admin=True)
+READABLE = Needs(filter=Right.READ)
+
+# The right a write of each kind needs: a rollback writes like a commit.
+WRITE_RIGHTS = {
+    "commit": Right.WRITE,
+    "rollback": Right.WRITE,
+    "create": Right.CREATE,
+    "delete": Right.DELETE,
+}
+
+
+def _submit(cmd: c.Submit) -> Needs:
+    pairs = [(w.key, WRITE_RIGHTS[w.kind]) for w in cmd.writes]
+    pairs += [(r.key, Right.READ) for r in cmd.read_set]
+    return Needs(tuple(pairs))
+
+
+RIGHTS: dict[type[c.Command[Any]], Callable[[Any], Needs]] = {
+    c.CreateShard: lambda cmd: Needs(((cmd.key, Right.CREATE),)),
+    c.ReadShard: lambda cmd: Needs(((cmd.key, Right.READ),)),
+    c.ReadShards: lambda cmd: Needs(tuple((key, Right.READ) for key in cmd.keys)),
+    c.ListShards: lambda cmd: READABLE,
+    # History reveals every retained version's content.
+    c.History: lambda cmd: Needs(((cmd.key, Right.READ),)),
+    c.Submit: _submit,
+    c.ResetSession: lambda cmd: Needs(act_as=cmd.agent),
+    # A key the caller may not read is not recorded (nor told apart from a missing one).
+    c.Register: lambda cmd: READABLE,
+    c.IssueMandate: lambda cmd: Needs(somewhere=Right.MANDATE),
+    c.IssueToken: lambda cmd: ADMIN,
+    c.RevokeToken: lambda cmd: ADMIN,
+    c.ResetAll: lambda cmd: ADMIN,
+    # The ORI flag and the view counters: any authenticated caller.
+    c.GetConfig: lambda cmd: NOTHING,
+    c.SetConfig: lambda cmd: ADMIN,
+    c.DumpDeliveryLog: lambda cmd: ADMIN,
+    c.InjectStale: lambda cmd: ADMIN,
+    c.AdminCreate: lambda cmd: Needs(((cmd.key, Right.CREATE),), admin=True),
+    c.AdvanceClock: lambda cmd: ADMIN,
+}
+
+
+def needs_of(command: c.Command[Any]) -> Needs:
+    """What ``command`` needs; :class:`CapabilityDenied` for a type with no rule."""
+    rule = RIGHTS.get(type(command))
+    if rule is None:
+        raise e.CapabilityDenied(
+            f"{type(command).__name__} has no rights rule: refused", right=Right.ADMIN.value
+        )
+    return rule(command)
+
+
+def first_missing(caps: Capabilities, pairs: Iterable[Pair]) -> e.CapabilityDenied | None:
+    """The refusal for the first (key, right) in sorted order that ``caps`` lacks."""
+    for key, right in sorted(set(pairs)):
+        if not caps.allows(right, key):
+            return e.CapabilityDenied(
+                f"no {right.value} right on {key!r}", key=key, right=right.value
+            )
+    return None
+
+
+def check_up_front(caller: c.Caller, needs: Needs) -> None:
+    """The checks made before anything runs: admin, acting for another agent, a right
+    held somewhere. Raises AdminDisabled, CapabilityDenied or AgentMismatch."""
+    caps = caller.capabilities
+    if needs.admin and not caps.is_admin:
+        if not caller.token_bound:
+            # Open mode keeps its compat code: the switch is the missing piece.
+            raise e.AdminDisabled("admin endpoints are disabled; set SBUS_ADMIN_ENABLED=1")
+        raise e.CapabilityDenied(
+            "this endpoint needs the admin right", key=ADMIN_PATTERN, right=Right.ADMIN.value
+        )
+    target = needs.act_as
+    if target is not None and caller.token_bound and target != caller.agent and not caps.is_admin:
+        raise e.AgentMismatch(
+            f"the token is for agent {caller.agent!r}; resetting {target!r}'s session "
+            "needs the admin right"
+        )
+    if needs.somewhere is not None and not caps.patterns_with(needs.somewhere):
+        raise e.CapabilityDenied(
+            f"agent {caller.agent!r} lacks the {needs.somewhere.value} right",
+            right=needs.somewhere.value,
+        )
+
+
+def check_keys(caller: c.Caller, needs: Needs) -> None:
+    """Step 8 for a state change, or the read-right check of a read."""
+    if needs.pairs:
+        refusal = first_missing(caller.capabilities, needs.pairs)
+        if refusal is not None:
+            raise refusal
