@@ -1,7 +1,7 @@
 """In-process micro-benchmark of the commit engine on the memory store (no HTTP).
 
-Measures ``Bus.submit`` end to end (``commit_txn`` construction included) for
-single-key commits in three shapes:
+Measures ``Bus.execute`` of a ``Submit`` end to end (the command's construction and the
+rights check of an open-mode caller included) for single-key commits in three shapes:
 
 * ``rs4+dl``: the target workload. The committing agent has read 4 shared shards and
   its own shard through the store (5 live DeliveryLog entries) and sends the same 4
@@ -30,7 +30,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from sbus.core.engine import Bus, commit_txn, new_commit_id
+from sbus.core.commands import Caller, Submit
+from sbus.core.engine import Bus, new_commit_id
+from sbus.core.rights import open_capabilities
 from sbus.core.types import CreateOp, ReadItem, WriteOp
 from sbus.storage.memory import MemoryStore
 
@@ -55,9 +57,11 @@ class Result:
 async def _setup(agents: int, read_shared: bool, read_own: bool) -> tuple[Bus, list[int]]:
     bus = Bus(MemoryStore())
     for i in range(SHARED):
-        await bus.create(CreateOp(f"shared/{i}", CONTENT, "", False, "setup", new_commit_id()))
+        await bus.store.create(
+            CreateOp(f"shared/{i}", CONTENT, "", False, "setup", new_commit_id())
+        )
     for a in range(agents):
-        await bus.create(CreateOp(f"own/{a}", CONTENT, "", False, "setup", new_commit_id()))
+        await bus.store.create(CreateOp(f"own/{a}", CONTENT, "", False, "setup", new_commit_id()))
     for a in range(agents):
         agent = f"agent-{a}"
         if read_shared:
@@ -74,26 +78,27 @@ async def _one_rep(
     """Run up to ``commits`` commits; returns (commits done, wall seconds, CPU seconds)."""
     with_dl = scenario != "blind"
     bus, versions = await _setup(agents, read_shared=with_dl, read_own=with_dl)
-    read_set = [ReadItem(f"shared/{i}", 0) for i in range(SHARED)] if scenario == "rs4+dl" else []
-    agent_ids = [f"agent-{a}" for a in range(agents)]
+    shared = [ReadItem(f"shared/{i}", 0) for i in range(SHARED)]
+    read_set = tuple(shared) if scenario == "rs4+dl" else ()
+    caps = open_capabilities(admin_enabled=False)
+    callers = [Caller(f"agent-{a}", "", caps, token_bound=False) for a in range(agents)]
     keys = [f"own/{a}" for a in range(agents)]
-    submit = bus.submit
+    execute = bus.execute
     deadline = time.perf_counter() + max_seconds
     done = 0
     cpu_start = time.process_time()
     start = time.perf_counter()
     while done < commits:
         a = done % agents
-        outcome = await submit(
-            commit_txn(
+        outcome = await execute(
+            callers[a],
+            Submit(
                 op="commit",
-                agent_id=agent_ids[a],
-                session_id="",
-                writes=[WriteOp(keys[a], versions[a], "commit", CONTENT)],
+                writes=(WriteOp(keys[a], versions[a], "commit", CONTENT),),
                 read_set=read_set,
                 rationale=None,
                 idem=None,
-            )
+            ),
         )
         assert outcome.body is not None
         versions[a] = outcome.body["new_version"]

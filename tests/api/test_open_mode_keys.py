@@ -22,6 +22,7 @@ from sbus.bootstrap.lifecycle import StoreLifecycle
 from sbus.config import Settings
 from sbus.security import KeyConfigError
 from sbus.security.keys import KeySet
+from sbus.security.mandates import Mandates
 from sbus.storage.memory import MemoryStore
 from tests.api.helpers import ok, problem
 from tests.conftest import JSON, AppFactory
@@ -47,8 +48,8 @@ def keys_from_store(app: FastAPI) -> bool:
 
 
 def signing_keys(app: FastAPI) -> KeySet:
-    mandates = runtime_of(app).mandates
-    assert mandates is not None
+    mandates = runtime_of(app).bus.mandates
+    assert isinstance(mandates, Mandates)
     return mandates.keys
 
 

@@ -442,7 +442,7 @@ async def test_list_max_default_caps_an_unlimited_listing() -> None:
         bus = runtime_of(app).bus
         keys = [f"k{i:05d}" for i in range(10_001)]
         for key in keys:
-            await bus.create(CreateOp(key, "", "", False, "", new_commit_id()))
+            await bus.store.create(CreateOp(key, "", "", False, "", new_commit_id()))
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             body = ok(await c.get("/shards"))

@@ -1,9 +1,9 @@
-"""Where the API layer still reaches the store, listed one by one.
+"""The API layer never reaches the store: the engine is the only door.
 
 import-linter (``make lint``) keeps sbus.api from importing a store backend, but a router
-calls the store through the engine's ``bus.store`` (typed by the core port), which no
-import shows. This test counts those reaches per function, so a new one fails here
-instead of slipping in; each entry goes when its use case moves into the engine.
+could still call the store through the engine's ``bus.store`` (typed by the core port),
+which no import shows. This test counts such reaches per function; the table is empty and
+stays so (a use case that needs the store is a command the engine runs).
 """
 
 from __future__ import annotations
@@ -17,25 +17,7 @@ import sbus.api
 API = Path(sbus.api.__file__).parent
 
 # (module under sbus/api, function) -> how many times it names the store.
-REACHES = {
-    # Use cases that live in routers and dependencies instead of the engine.
-    ("deps.py", "verify"): 1,
-    ("routers/admin.py", "_config_body"): 1,
-    ("routers/admin.py", "advance_clock"): 2,
-    ("routers/admin.py", "delivery_log"): 1,
-    ("routers/admin.py", "inject_stale"): 1,
-    ("routers/admin.py", "reset"): 1,
-    ("routers/admin.py", "revoke_token"): 1,
-    ("routers/admin.py", "set_config"): 1,
-    ("routers/mandates.py", "issue_mandate"): 1,
-    ("routers/sessions.py", "register"): 1,
-    ("routers/sessions.py", "reset_session"): 1,
-    ("routers/shards.py", "_page"): 2,
-    ("routers/shards.py", "history"): 1,
-    ("routers/shards.py", "list_shards"): 1,
-    ("routers/shards.py", "read_many"): 1,
-    ("routers/shards.py", "read_shard"): 1,
-}
+REACHES: dict[tuple[str, str], int] = {}
 
 
 class _StoreReaches(ast.NodeVisitor):

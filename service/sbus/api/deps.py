@@ -1,12 +1,14 @@
-"""Request-scoped helpers: the bus, the principal and identity resolution (protocol.md
-section 2, "Identity on the wire"; section 4 step 4), capability checks (step 8),
-If-Match parsing, Idempotency-Key fingerprints and the admin gate."""
+"""Transport parsing for the routers: the bus, the principal and identity resolution
+(protocol.md section 2, "Identity on the wire"; section 4 step 4) into a
+:class:`~sbus.core.commands.Caller`, If-Match, Idempotency-Key fingerprints and the
+mandate context header. No rights are checked here: the engine derives and checks them
+(``sbus.core.authz``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
@@ -17,10 +19,11 @@ from sbus.api.wire import DIGITS
 from sbus.config import Settings
 from sbus.core import errors as e
 from sbus.core.chain import canonical_json
+from sbus.core.commands import Caller
 from sbus.core.engine import Bus
 from sbus.core.keys import json_problem, text_problem
-from sbus.core.rights import Capabilities, Principal, Right
-from sbus.core.types import IdemRef, MandateRef
+from sbus.core.rights import Principal
+from sbus.core.types import IdemRef
 from sbus.security import TokenInvalid
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
@@ -67,10 +70,6 @@ def principal_of(request: Request) -> Principal:
     return cast(Principal, principal)
 
 
-def capabilities_of(request: Request) -> Capabilities:
-    return principal_of(request).capabilities
-
-
 def token_agent(request: Request) -> str | None:
     """The agent the token names (token mode), or None (open mode: the request names it)."""
     return principal_of(request).agent or None
@@ -95,6 +94,13 @@ def agent_of(request: Request, *claimed: str | None) -> str | None:
     if len(named) > 1:
         raise e.AgentMismatch("agent identity sources disagree: " + ", ".join(sorted(named)))
     return named.pop() if named else None
+
+
+def caller_of(request: Request, agent: str | None, session: str = "") -> Caller:
+    """The engine's view of this request: the principal's rights and the agent and
+    session the request resolved to."""
+    principal = principal_of(request)
+    return Caller(agent, session, principal.capabilities, bool(principal.agent))
 
 
 def require_agent(request: Request, *claimed: str | None) -> str:
@@ -170,80 +176,6 @@ def idempotency(
     fields = {k: v for k, v in body.items() if k not in ("agent_id", "session_id")}
     digest.update(canonical_json({"agent": agent_id, "session": session_id, "body": fields}))
     return IdemRef(agent_id, key, digest.hexdigest())
-
-
-def denied(caps: Capabilities, needs: Iterable[tuple[str, Right]]) -> e.CapabilityDenied | None:
-    """The refusal for the first (key, right) in sorted order that ``caps`` lacks."""
-    for key, right in sorted(set(needs)):
-        if not caps.allows(right, key):
-            return e.CapabilityDenied(
-                f"no {right.value} right on {key!r}", key=key, right=right.value
-            )
-    return None
-
-
-def require_rights(request: Request, needs: Iterable[tuple[str, Right]]) -> None:
-    """Raise CapabilityDenied now (reads: protocol.md §4, "A GET runs ... the read-right
-    check"), before the store is touched."""
-    refusal = denied(capabilities_of(request), needs)
-    if refusal is not None:
-        raise refusal
-
-
-def checked_bus(request: Request, bus: Bus, needs: Iterable[tuple[str, Right]]) -> Bus:
-    """The bus to submit a state change through. protocol.md §4 puts the capability
-    check (step 8) after idempotency (6) and the limits (7), which the engine applies,
-    so a refused request hands its refusal to the engine, which raises it just before
-    the store. An allowed request (the open-mode case) uses the shared bus untouched."""
-    return bus.refusing(denied(capabilities_of(request), needs))
-
-
-def commit_needs(
-    written: Iterable[str], read_set: Iterable[str], right: Right = Right.WRITE
-) -> list[tuple[str, Right]]:
-    return [(k, right) for k in written] + [(k, Right.READ) for k in read_set]
-
-
-async def require_admin(request: Request) -> None:
-    if capabilities_of(request).is_admin:
-        return
-    if token_agent(request) is None:
-        # Open mode keeps its compat code: the switch is the missing piece.
-        raise e.AdminDisabled("admin endpoints are disabled; set SBUS_ADMIN_ENABLED=1")
-    raise e.CapabilityDenied("this endpoint needs the admin right", key="**", right="admin")
-
-
-AdminDep = Depends(require_admin)
-
-
-def mandate_check(
-    request: Request,
-    bus: Bus,
-    token: str | None,
-    *,
-    agent: str,
-    written: Iterable[str],
-    context: Mapping[str, Any] | None,
-) -> Callable[[], Awaitable[MandateRef]] | None:
-    """The verification of a presented mandate, for the engine to run at step 9a (the
-    checks that need no store: 404 MandateNotFound, 410 MandateExpired on the store
-    clock, 403 Holder/Scope/ContextMismatch); the store's atomic step re-checks expiry
-    and consumes it. None when the request carries no mandate."""
-    if token is None:
-        return None
-    written_keys = list(written)
-
-    async def verify() -> MandateRef:
-        mandates = runtime_of(request.app).mandates
-        if mandates is None:
-            raise e.MandateNotFound("this deployment has no signing keys: no mandate verifies")
-        now = await bus.store.now_ms()
-        claims = mandates.verify_mandate(
-            token, agent=agent, written_keys=written_keys, context=context, now_ms=now
-        )
-        return MandateRef(claims.jti, claims.expires_at_ms, claims.retain_until_ms(mandates.leeway))
-
-    return verify
 
 
 def header_context(request: Request) -> dict[str, Any] | None:

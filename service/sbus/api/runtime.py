@@ -18,8 +18,6 @@ from sbus.api.readiness import WorkerReadiness
 from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
-from sbus.security.mandates import Mandates
-from sbus.security.tokens import Issuer
 from sbus.telemetry.metrics import Metrics
 
 NOT_CONNECTED = "store not connected yet"
@@ -52,9 +50,10 @@ def public_reason(exc: StoreUnavailable) -> str:
 class Runtime:
     """Everything the routes, the gate and the OpenAPI document read, typed.
 
-    ``issuer`` and ``mandates`` sign POST /admin/tokens and POST /mandates; None (with
-    ``no_issuer_reason``) answers 503 SigningUnavailable. In open mode without configured
-    keys they arrive once the store's secret does."""
+    The engine (``bus``) holds the signers of POST /admin/tokens and POST /mandates
+    (``sbus.bootstrap.signers.install``); without keys they answer 503
+    SigningUnavailable naming ``no_issuer_reason``. In open mode without configured keys
+    they arrive once the store's secret does."""
 
     settings: Settings
     bus: Bus
@@ -62,8 +61,6 @@ class Runtime:
     metrics: Metrics
     readiness: WorkerReadiness
     lifecycle: Lifecycle
-    issuer: Issuer | None = None
-    mandates: Mandates | None = None
     no_issuer_reason: str | None = None
     ready: bool = False
     # Why not ready: the operator's words (open mode, the log) and the public ones.

@@ -9,6 +9,7 @@ from sbus.security import KeyConfigError
 from sbus.security.keys import KeySet
 from sbus.security.mandates import Mandates
 from sbus.security.tokens import Issuer
+from sbus.security.unsigned import NoSigningKeys
 
 
 def configured_keys(settings: Settings) -> tuple[KeySet | None, str | None]:
@@ -25,7 +26,12 @@ def configured_keys(settings: Settings) -> tuple[KeySet | None, str | None]:
 
 
 def install(runtime: Runtime, keys: KeySet | None) -> None:
-    """Sign with ``keys`` from now on (None: 503 SigningUnavailable)."""
+    """The engine signs and verifies with ``keys`` from now on (None: issuing is 503
+    SigningUnavailable, naming ``runtime.no_issuer_reason``, and no mandate verifies)."""
     settings = runtime.settings
-    runtime.issuer = Issuer.from_settings(settings, keys) if keys is not None else None
-    runtime.mandates = Mandates.from_settings(settings, keys) if keys is not None else None
+    if keys is None:
+        unsigned = NoSigningKeys(runtime.no_issuer_reason)
+        runtime.bus.attach_signers(unsigned, unsigned)
+    else:
+        issuer = Issuer.from_settings(settings, keys)
+        runtime.bus.attach_signers(issuer, Mandates.from_settings(settings, keys))

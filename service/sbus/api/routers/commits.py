@@ -9,12 +9,10 @@ from starlette.responses import Response
 
 from sbus.api.deps import (
     BusDep,
-    checked_bus,
-    commit_needs,
+    caller_of,
     expected_from,
     idempotency,
     if_match,
-    mandate_check,
     require_agent,
     session_of,
 )
@@ -23,9 +21,8 @@ from sbus.api.openapi import errs
 from sbus.api.render import outcome_response
 from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
 from sbus.api.wire import CommitBody, MultiCommitBody, MultiWrite, ReadSetItem, RollbackBody
+from sbus.core import commands as c
 from sbus.core import errors as e
-from sbus.core.engine import commit_txn
-from sbus.core.rights import Right
 from sbus.core.types import ReadItem, WriteOp
 
 router = APIRouter(tags=["commits"], route_class=WireRoute)
@@ -33,12 +30,8 @@ router = APIRouter(tags=["commits"], route_class=WireRoute)
 COMMIT_ERRORS = errs(400, 403, 404, 409, 410, 413, 422)
 
 
-def _read_items(items: list[ReadSetItem] | None) -> list[ReadItem]:
-    return [ReadItem(i.key, i.version_at_read) for i in items or ()]
-
-
-# The right each kind of multi write needs: the one its single-key route needs.
-MULTI_RIGHTS = {"commit": Right.WRITE, "create": Right.CREATE, "delete": Right.DELETE}
+def _read_items(items: list[ReadSetItem] | None) -> tuple[ReadItem, ...]:
+    return tuple(ReadItem(i.key, i.version_at_read) for i in items or ())
 
 
 def _problem(i: int, field: str, msg: str, kind: str = "value_error") -> dict[str, Any]:
@@ -78,7 +71,7 @@ def _write_problems(i: int, w: MultiWrite) -> list[dict[str, Any]]:
     return found
 
 
-def _multi_writes(writes: list[MultiWrite]) -> tuple[list[WriteOp], list[dict[str, Any]]]:
+def _multi_writes(writes: list[MultiWrite]) -> tuple[tuple[WriteOp, ...], list[dict[str, Any]]]:
     """The writes of a multi-commit as WriteOps, and as their fingerprint form: each
     kind with exactly its own fields, defaults filled in, so a plain commit write
     fingerprints as it always did and a create sent with or without its default
@@ -115,7 +108,7 @@ def _multi_writes(writes: list[MultiWrite]) -> tuple[list[WriteOp], list[dict[st
             assert w.delta is not None
             ops.append(WriteOp(w.key, w.expected_version, "commit", w.delta))
             prints.append({"key": w.key, "expected_version": w.expected_version, "delta": w.delta})
-    return ops, prints
+    return tuple(ops), prints
 
 
 async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
@@ -129,23 +122,18 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         )
     agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)
-    txn = commit_txn(
+    command = c.Submit(
         op="commit",
-        agent_id=agent,
-        session_id=session,
-        writes=[WriteOp(body.key, expected, "commit", body.delta)],
+        writes=(WriteOp(body.key, expected, "commit", body.delta),),
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
         idem=idempotency(
             request, agent, session, body.model_dump() | {"expected_version": expected}
         ),
-        has_mandate=body.mandate is not None,
+        mandate=body.mandate,
+        context=body.context,
     )
-    check = mandate_check(
-        request, bus, body.mandate, agent=agent, written=[body.key], context=body.context
-    )
-    bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
-    return outcome_response(await bus.submit(txn, check))
+    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
 
 
 @router.post(
@@ -180,28 +168,16 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
     writes, prints = _multi_writes(body.writes)
     agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)
-    txn = commit_txn(
+    command = c.Submit(
         op="multi",
-        agent_id=agent,
-        session_id=session,
         writes=writes,
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
         idem=idempotency(request, agent, session, body.model_dump() | {"writes": prints}),
-        has_mandate=body.mandate is not None,
-    )
-    check = mandate_check(
-        request,
-        bus,
-        body.mandate,
-        agent=agent,
-        written=[w.key for w in body.writes],
+        mandate=body.mandate,
         context=body.context,
     )
-    needs = [(w.key, MULTI_RIGHTS[w.kind]) for w in writes]
-    needs += commit_needs((), [i.key for i in body.read_set or ()])
-    bus = checked_bus(request, bus, needs)
-    return outcome_response(await bus.submit(txn, check))
+    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
 
 
 @router.post(
@@ -214,20 +190,15 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
     expected = expected_from(body.expected_version, if_match(request))
     agent = require_agent(request, body.agent_id)
     session = session_of(request, body.session_id)
-    txn = commit_txn(
+    command = c.Submit(
         op="rollback",
-        agent_id=agent,
-        session_id=session,
-        writes=[WriteOp(body.key, expected, "rollback", target_version=body.target_version)],
+        writes=(WriteOp(body.key, expected, "rollback", target_version=body.target_version),),
         read_set=_read_items(body.read_set),
         rationale=None,
         idem=idempotency(
             request, agent, session, body.model_dump() | {"expected_version": expected}
         ),
-        has_mandate=body.mandate is not None,
+        mandate=body.mandate,
+        context=body.context,
     )
-    check = mandate_check(
-        request, bus, body.mandate, agent=agent, written=[body.key], context=body.context
-    )
-    bus = checked_bus(request, bus, commit_needs([body.key], [i.key for i in body.read_set or ()]))
-    return outcome_response(await bus.submit(txn, check))
+    return outcome_response(await bus.execute(caller_of(request, agent, session), command))

@@ -7,16 +7,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, RuntimeDep, agent_of, capabilities_of, principal_of
+from sbus.api.deps import BusDep, agent_of, caller_of
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import MandateOut
 from sbus.api.wire import MandateBody
+from sbus.core import commands as c
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
-from sbus.core.rights import Identity, Principal
-from sbus.security import SigningUnavailable
 
 router = APIRouter(tags=["mandates"], route_class=WireRoute)
 
@@ -28,26 +27,16 @@ router = APIRouter(tags=["mandates"], route_class=WireRoute)
     responses=errs(401, 403, 422, 503),
     summary="Issue a consume-once mandate (needs the mandate right)",
 )
-async def issue_mandate(
-    body: MandateBody, request: Request, bus: BusDep, runtime: RuntimeDep
-) -> Response:
-    mandates = runtime.mandates
-    if mandates is None:
-        raise SigningUnavailable(f"this deployment has no signing keys: {runtime.no_issuer_reason}")
-    issuer: Principal = principal_of(request)
-    if not issuer.agent:
-        # Open mode: the issuing agent is the one the request names.
-        agent = agent_of(request, body.agent_id)
-        if agent is None:
-            raise e.ValidationFailed(
-                "agent_id is required to issue a mandate", loc=["body", "agent_id"]
-            )
-        issuer = Identity(agent, capabilities_of(request))
-    else:
-        agent_of(request, body.agent_id)  # 403 AgentMismatch if the body names another
-    token, claims = mandates.issue_mandate(
-        issuer, body.holder, body.keys, body.context, body.ttl_s, now_ms=await bus.store.now_ms()
-    )
+async def issue_mandate(body: MandateBody, request: Request, bus: BusDep) -> Response:
+    # The grantor: the token's agent (403 AgentMismatch if the body names another), or
+    # in open mode the agent the request names.
+    agent = agent_of(request, body.agent_id)
+    if agent is None:
+        raise e.ValidationFailed(
+            "agent_id is required to issue a mandate", loc=["body", "agent_id"]
+        )
+    command = c.IssueMandate(body.holder, tuple(body.keys), body.context, body.ttl_s)
+    token, claims = await bus.execute(caller_of(request, agent), command)
     return json_response(
         {
             "mandate": token,

@@ -8,7 +8,7 @@ from starlette.responses import Response
 from sbus.api.deps import (
     BusDep,
     agent_of,
-    capabilities_of,
+    caller_of,
     require_agent,
     session_of,
     token_agent,
@@ -18,8 +18,8 @@ from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import RegisterOut, SessionOut
 from sbus.api.wire import RegisterBody, SessionBody
+from sbus.core import commands as c
 from sbus.core import errors as e
-from sbus.core.rights import Right
 
 router = APIRouter(tags=["sessions"], route_class=WireRoute)
 
@@ -33,19 +33,15 @@ router = APIRouter(tags=["sessions"], route_class=WireRoute)
 async def reset_session(body: SessionBody, request: Request, bus: BusDep) -> Response:
     bound = token_agent(request)
     if bound is not None and body.agent_id and body.agent_id != bound:
-        # Token mode: another agent's session needs the admin right; the headers
-        # still have to name the token's own agent.
-        agent_of(request)
-        if not capabilities_of(request).is_admin:
-            raise e.AgentMismatch(
-                f"the token is for agent {bound!r}; resetting {body.agent_id!r}'s session "
-                "needs the admin right"
-            )
+        # Token mode, another agent's session: the caller is the token's agent (the
+        # headers still have to name it), and the engine decides whether it may act
+        # for body.agent_id (the admin right).
+        caller = caller_of(request, agent_of(request), session_of(request, body.session_id))
         agent = body.agent_id
     else:
         agent = require_agent(request, body.agent_id)
-    session = session_of(request, body.session_id)
-    await bus.store.reset_session(agent, session)
+        caller = caller_of(request, agent, session_of(request, body.session_id))
+    await bus.execute(caller, c.ResetSession(agent))
     return json_response({"agent_id": agent, "status": "created"})
 
 
@@ -67,24 +63,13 @@ async def register(body: RegisterBody, request: Request, bus: BusDep) -> Respons
     assert agent is not None
     # The session comes from the header only; the reference proxy always sends a body
     # session_id that the reference server merely logged.
-    session = session_of(request, None)
-    caps = capabilities_of(request)
-    keys = list(dict.fromkeys(body.shards_used))
-    # A key the caller may not read is reported as if it did not exist: recording it
-    # would claim a read the bus never authorized, and a distinct answer would reveal
-    # which unreadable keys exist.
-    allowed = [k for k in keys if caps.allows(Right.READ, k)]
-    result = await bus.store.register(agent, session, allowed)
-    if len(allowed) == len(keys):
-        skipped_no_shard = result.skipped_no_shard
-    else:
-        missing = set(result.skipped_no_shard)
-        skipped_no_shard = [k for k in keys if k in missing or not caps.allows(Right.READ, k)]
+    caller = caller_of(request, agent, session_of(request, None))
+    result = await bus.execute(caller, c.Register(tuple(dict.fromkeys(body.shards_used))))
     return json_response(
         {
             "ok": True,
             "registered": result.registered,
             "skipped_existing": result.skipped_existing,
-            "skipped_no_shard": skipped_no_shard,
+            "skipped_no_shard": result.skipped_no_shard,
         }
     )

@@ -11,15 +11,12 @@ from sbus.api.deps import (
     BusDep,
     SettingsDep,
     agent_of,
-    capabilities_of,
-    checked_bus,
+    caller_of,
     expected_from,
     header_context,
     idempotency,
     if_match,
-    mandate_check,
     require_agent,
-    require_rights,
     session_of,
 )
 from sbus.api.ignored import WireRoute
@@ -37,17 +34,13 @@ from sbus.api.wire import (
     SessionId,
     Text,
 )
+from sbus.core import commands as c
 from sbus.core import errors as e
 from sbus.core.clock import rfc3339
-from sbus.core.engine import Bus, commit_txn, new_commit_id
-from sbus.core.rights import ADMIN_PATTERN, Capabilities, Right
 from sbus.core.rules import shard_body
-from sbus.core.types import CreateOp, WriteOp
+from sbus.core.types import WriteOp
 
 router = APIRouter(tags=["shards"], route_class=WireRoute)
-
-# Store pages a filtered GET /shards may scan before answering a short page.
-LIST_SCAN_PAGES = 8
 
 KeyPath = Annotated[Key, Path(description="Shard key; may contain '/'.")]
 
@@ -61,17 +54,14 @@ KeyPath = Annotated[Key, Path(description="Shard key; may contain '/'.")]
 )
 async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> Response:
     agent = agent_of(request, body.agent_id) or ""
-    bus = checked_bus(request, bus, [(body.key, Right.CREATE)])
-    op = CreateOp(
+    command = c.CreateShard(
         key=body.key,
         content=body.content,
         goal_tag=body.goal_tag,
         require_mandate=body.policy.require_mandate,
-        agent_id=agent,
-        commit_id=new_commit_id(),
         idem=idempotency(request, agent, "", body.model_dump()),
     )
-    return outcome_response(await bus.create(op))
+    return outcome_response(await bus.execute(caller_of(request, agent), command))
 
 
 @router.get(
@@ -93,8 +83,7 @@ async def read_shard(
     session = session_of(request, session_id)
     if agent is None and settings.require_agent_id:
         raise e.AgentRequired("agent_id is required (SBUS_REQUIRE_AGENT_ID=1)")
-    require_rights(request, [(key, Right.READ)])
-    shard = await bus.store.read(key, agent, session, record)
+    shard = await bus.execute(caller_of(request, agent, session), c.ReadShard(key, record))
     return json_response(shard_body(shard), etag=shard.version)
 
 
@@ -120,8 +109,8 @@ async def read_many(
     session = session_of(request, body.session_id)
     if agent is None and settings.require_agent_id:
         raise e.AgentRequired("agent_id is required (SBUS_REQUIRE_AGENT_ID=1)")
-    require_rights(request, [(key, Right.READ) for key in body.keys])
-    found = await bus.store.read_many(list(body.keys), agent, session, body.record)
+    command = c.ReadShards(tuple(body.keys), body.record)
+    found = await bus.execute(caller_of(request, agent, session), command)
     shards: list[dict[str, Any]] = []
     missing: list[dict[str, Any]] = []
     for key in body.keys:
@@ -160,53 +149,20 @@ async def list_shards(
     if include is not None:
         # Every shard of the page travels in one answer: bound it as a bulk read is.
         cap = min(cap, settings.max_read_keys)
-    keys, next_after = await _page(bus, capabilities_of(request), prefix, after, cap)
-    if include is None:
-        return json_response({"shards": keys, "count": len(keys), "next_after": next_after})
-    found = await bus.store.read_many(keys, None, "", False) if keys else {}
-    # A key deleted between the listing and the fetch leaves both lists, which stay
-    # parallel; next_after still resumes after everything this page scanned.
-    live = [found[k] for k in keys if k in found and not found[k].deleted]
+    command = c.ListShards(prefix, after, cap, content=include is not None)
+    page = await bus.execute(caller_of(request, None), command)
+    if page.shards is None:
+        return json_response(
+            {"shards": page.keys, "count": len(page.keys), "next_after": page.next_after}
+        )
     return json_response(
         {
-            "shards": [shard.key for shard in live],
-            "count": len(live),
-            "next_after": next_after,
-            "items": [shard_body(shard) for shard in live],
+            "shards": page.keys,
+            "count": len(page.keys),
+            "next_after": page.next_after,
+            "items": [shard_body(shard) for shard in page.shards],
         }
     )
-
-
-async def _page(
-    bus: Bus, caps: Capabilities, prefix: str, after: str | None, cap: int
-) -> tuple[list[str], str | None]:
-    """One page of the keys ``caps`` may read: (keys, next_after)."""
-    if ADMIN_PATTERN in caps.patterns_with(Right.READ):
-        keys = await bus.store.list_keys(prefix, after, cap + 1)
-        more = len(keys) > cap
-        keys = keys[:cap]
-        return keys, keys[-1] if more else None
-    # Filter page by page. The scan is bounded (a caller that may read few keys must
-    # not make one request walk the whole keyspace): when the budget runs out the page
-    # ends early with next_after at the last key scanned, so paging resumes there and
-    # no readable key is skipped.
-    readable: list[str] = []
-    cursor = after
-    budget = LIST_SCAN_PAGES
-    while True:
-        batch = await bus.store.list_keys(prefix, cursor, cap + 1)
-        for key in batch:
-            if caps.allows(Right.READ, key):
-                readable.append(key)
-                if len(readable) > cap:
-                    keys = readable[:cap]
-                    return keys, keys[-1]
-        budget -= 1
-        if len(batch) <= cap:
-            return readable, None
-        cursor = batch[-1]
-        if budget == 0:
-            return readable, cursor
 
 
 @router.delete(
@@ -231,7 +187,6 @@ async def delete_shard(
     session = session_of(request, session_id)
     mandate = request.headers.get("x-sbus-mandate")
     context = header_context(request)  # validated (422) before anything is decided
-    bus = checked_bus(request, bus, [(key, Right.DELETE)])
     # Mandate and context belong to the request as they do in a commit's body: a retry
     # presenting another mandate or context is another request, not a replay.
     fingerprint_body = {
@@ -240,18 +195,16 @@ async def delete_shard(
         "mandate": mandate,
         "context": context,
     }
-    txn = commit_txn(
+    command = c.Submit(
         op="delete",
-        agent_id=agent,
-        session_id=session,
-        writes=[WriteOp(key, expected, "delete")],
-        read_set=[],
+        writes=(WriteOp(key, expected, "delete"),),
+        read_set=(),
         rationale="delete",
         idem=idempotency(request, agent, session, fingerprint_body),
-        has_mandate=mandate is not None,
+        mandate=mandate,
+        context=context,
     )
-    check = mandate_check(request, bus, mandate, agent=agent, written=[key], context=context)
-    return outcome_response(await bus.submit(txn, check))
+    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
 
 
 @router.get(
@@ -269,8 +222,8 @@ async def history(
 ) -> Response:
     # History reveals every retained version's content, so it needs the read right; it
     # records nothing in the DeliveryLog (protocol.md §3).
-    require_rights(request, [(key, Right.READ)])
-    entries = await bus.store.history(key, before, limit)
+    caller = caller_of(request, None)
+    entries = await bus.execute(caller, c.History(key, before, limit))
     return json_response(
         {
             "key": key,
