@@ -228,9 +228,9 @@ class Bus:
     async def _create(self, caller: c.Caller, cmd: c.CreateShard, needs: Needs) -> Outcome:
         agent = caller.agent or ""
         await self._throttle(agent)
-        replay = await self._replay(cmd.idem)
-        if replay is not None:
-            return replay
+        replayed = await self._replay(cmd.idem)
+        if replayed is not None:
+            return replayed
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
         check_keys(caller, needs)
         op = CreateOp(
@@ -271,9 +271,9 @@ class Bus:
             )
         await self._throttle(agent)
         if cmd.idem is not None:
-            replay = await self._replay(cmd.idem)
-            if replay is not None:
-                return replay
+            replayed = await self._replay(cmd.idem)
+            if replayed is not None:
+                return replayed
         if len(cmd.writes) > self.limits.max_txn_keys:
             raise TooManyWrites(
                 f"{len(cmd.writes)} writes, max {self.limits.max_txn_keys}",
