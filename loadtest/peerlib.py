@@ -101,9 +101,9 @@ def start_bus(
     env: dict[str, str] | None = None,
 ) -> ServerProc:
     """``command`` serving the bus on ``port`` (``sbus serve`` or a baseline's script),
-    open mode, until ``GET /admin/health`` answers 200."""
-    full_env = dict(os.environ, SBUS_HOST=LOOPBACK, **(env or {}))
-    full_env.pop("SBUS_AUTH", None)
+    in open mode unless ``env`` says otherwise, until ``GET /admin/health`` answers 200."""
+    full_env = {k: v for k, v in os.environ.items() if k != "SBUS_AUTH"}
+    full_env.update(SBUS_HOST=LOOPBACK, **(env or {}))
     cmd = [*command, "serve", "--port", str(port), "--store", store_url]
     cmd += ["--workers", str(workers), "--no-access-log", "--log-level", "warning"]
     out = log.open("wb")

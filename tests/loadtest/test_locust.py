@@ -79,3 +79,32 @@ def test_the_token_scenario_needs_its_token(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "SBUS_LOCUST_TOKEN" in done.stdout + done.stderr
+
+
+def test_the_token_scenario_runs_in_token_mode(tmp_path: Path) -> None:
+    """``locust_run.py --token``: the bus in token mode, the users carrying a token issued
+    for the run; only the token scenario runs, and nothing fails."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(LOADTEST / "locust_run.py"),
+            "--token",
+            "--seconds",
+            "4",
+            "--users",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=plain_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (tmp_path / "sbus_stats.csv").open(newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert int(rows["token: POST /commit"]["Request Count"]) > 0
+    assert {name.split(":")[0] for name in rows} == {"token", "Aggregated"}
