@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
+from sbus.api.runtime import runtime_of
 from sbus.core import errors as e
 from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.types import CreateOp, Limits, WriteOp
@@ -22,6 +25,7 @@ from tests import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest" / "baselines"))
 
+import serve
 from pg_serializable import SerializablePostgresStore
 from redis_watch import WatchRedisStore
 
@@ -126,3 +130,53 @@ async def test_write_skew_through_the_delivery_log_is_refused(baseline: Any) -> 
             won = [o for o in pair if not isinstance(o, BaseException)]
             assert len(won) == 1, (round_no, p, pair)
             assert all(isinstance(o, e.CrossShardStale) for o in pair if o not in won), pair
+
+
+@pytest.mark.parametrize("kind", ["serializable", "watch"])
+async def test_the_served_baseline_loses_no_update(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``baselines/serve.py``'s app factory (what each uvicorn worker runs) serves the
+    baseline store behind the bus's own app: 16 agents read one key, then all commit at
+    the version read at once over HTTP; one 200, fifteen 409 VersionMismatch, the counter
+    intact. (Whether their loads overlapped inside the store is up to the scheduler here;
+    the tests above arrange it.)"""
+    backend = "postgres" if kind == "serializable" else "redis"
+    await backends.require(backend)
+    await backends.wipe(backend)
+    url = backends.POSTGRES_URL if backend == "postgres" else backends.REDIS_URL
+    monkeypatch.setenv("SBUS_BENCH_BASELINE", kind)
+    monkeypatch.setenv("SBUS_STORE", url)
+    app = serve.factory()
+    store = runtime_of(app).bus.store
+    assert type(store) is (SerializablePostgresStore if kind == "serializable" else WatchRedisStore)
+    async with LifespanManager(app) as manager:
+        for _ in range(1000):
+            if runtime_of(app).ready:
+                break
+            await asyncio.sleep(0.01)
+        assert runtime_of(app).ready, runtime_of(app).not_ready_reason
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            r = await c.post("/shard", json={"key": "hot", "content": "0", "agent_id": "s"})
+            assert r.status_code == 201, r.text
+            agents = [f"agent-{i}" for i in range(RACERS)]
+            for agent in agents:
+                r = await c.get("/shard/hot", params={"agent_id": agent})
+                assert r.json()["version"] == 0
+            answers = await asyncio.gather(
+                *(
+                    c.post(
+                        "/commit",
+                        json={"key": "hot", "expected_version": 0, "delta": "1", "agent_id": a},
+                    )
+                    for a in agents
+                )
+            )
+            statuses = sorted(r.status_code for r in answers)
+            assert statuses == [200] + [409] * (RACERS - 1)
+            assert {r.json()["error"] for r in answers if r.status_code == 409} == {
+                "VersionMismatch"
+            }
+            final = (await c.get("/shard/hot")).json()
+            assert (final["version"], final["content"]) == (1, "1")
