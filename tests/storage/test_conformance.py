@@ -801,3 +801,10 @@ class TestOneReplayRuleAndOneWording:
         await store.advance_clock(15_000)  # past LIMITS' TTL, inside its expired marker
         expired = await refusal(commit("k", 1, "x", agent="A", session="s"))
         same_error(expired, e.SessionExpired("A", "ttl"))
+
+    async def test_inject_stale_past_the_current_version_is_worded_once(self, store: Store) -> None:
+        await store.create(create("k"))
+        with pytest.raises(e.ValidationFailed) as info:
+            await store.inject_stale("A", "s", "k", 1)
+        same_error(info.value, e.ValidationFailed.past_current_version("k", 0))
+        assert (await store.dump_delivery_log(None, 10))[0] == {}

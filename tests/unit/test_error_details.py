@@ -20,6 +20,7 @@ from sbus.core.errors import (
     ShardAlreadyExists,
     ShardDeleted,
     ShardNotFound,
+    ValidationFailed,
     VersionMismatch,
     VersionNotFound,
 )
@@ -50,6 +51,20 @@ from sbus.core.errors import (
         (MandateExpired("j1"), "mandate expired", {"jti": "j1"}),
         (MandateConsumed("j1"), "mandate already consumed", {"jti": "j1"}),
         (MandateNotFound.unrecognised(), "mandate not recognised by this deployment", {}),
+        (
+            ValidationFailed.past_current_version("a/b", 3),
+            "stale_version must be between 0 and 3",
+            {
+                "key": "a/b",
+                "errors": [
+                    {
+                        "loc": [],
+                        "msg": "stale_version must be between 0 and 3",
+                        "type": "value_error",
+                    }
+                ],
+            },
+        ),
         (
             CrossShardStale.of([("a", 0, 2), ("b", 1, 3)]),
             "cross-shard stale read: key=a version_at_read=0 current_version=2; re-read the "

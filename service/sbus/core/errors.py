@@ -80,6 +80,11 @@ class ValidationFailed(RequestError):
         fields.setdefault("errors", [{"loc": loc or [], "msg": detail, "type": "value_error"}])
         super().__init__(detail, **fields)
 
+    @classmethod
+    def past_current_version(cls, key: str, current: int) -> ValidationFailed:
+        """The admin inject-stale of a version ``key`` has not reached (every store)."""
+        return cls(f"stale_version must be between 0 and {current}", key=key)
+
 
 class InvalidPattern(ValidationFailed):
     """A scope or mandate-key pattern (protocol.md section 5.3) that is not valid."""

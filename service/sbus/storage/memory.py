@@ -171,7 +171,7 @@ class MemoryStore:
         if shard is None or shard.deleted:
             raise ShardNotFound(key)
         if version > shard.version:
-            raise ValidationFailed(f"stale_version must be between 0 and {shard.version}", key=key)
+            raise ValidationFailed.past_current_version(key, shard.version)
         now = self._now()
         view = self._session(agent_id, session_id)
         if rules.session_state(view, now, self.limits.session_ttl_ms) not in ("live", "overflowed"):

@@ -779,9 +779,7 @@ class RedisStore:
         )
         if reply[0] == "ERR":
             if reply[1] == "ValidationFailed":
-                raise ValidationFailed(
-                    f"stale_version must be between 0 and {int(reply[3])}", key=key
-                )
+                raise ValidationFailed.past_current_version(key, int(reply[3]))
             raise self._error(reply)
 
     async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:

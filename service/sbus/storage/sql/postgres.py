@@ -825,9 +825,7 @@ class PostgresStore:
             if row is None or row["deleted"]:
                 raise ShardNotFound(key)
             if version > row["version"]:
-                raise ValidationFailed(
-                    f"stale_version must be between 0 and {row['version']}", key=key
-                )
+                raise ValidationFailed.past_current_version(key, row["version"])
             now: int = await conn.fetchval("SELECT sbus_now_ms()")
             view = await self._session(conn, agent_id, session_id, lock=True)
             state = rules.session_state(view, now, ttl)

@@ -500,9 +500,7 @@ class SQLiteStore:
             if shard is None or shard.deleted:
                 raise ShardNotFound(key)
             if version > shard.version:
-                raise ValidationFailed(
-                    f"stale_version must be between 0 and {shard.version}", key=key
-                )
+                raise ValidationFailed.past_current_version(key, shard.version)
             now = self._now(conn)
             view = self._session(conn, agent_id, session_id)
             state = rules.session_state(view, now, self.limits.session_ttl_ms)
