@@ -11,8 +11,7 @@ closed until someone writes its rule here, whatever route reaches it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sbus.core import commands as c
 from sbus.core import errors as e
@@ -21,8 +20,7 @@ from sbus.core.rights import ADMIN_PATTERN, Capabilities, Right
 Pair = tuple[str, Right]
 
 
-@dataclass(frozen=True, slots=True)
-class Needs:
+class Needs(NamedTuple):
     """What one command needs.
 
     - ``admin``: the admin right, checked before anything runs.
@@ -32,6 +30,9 @@ class Needs:
     - ``filter``: results are limited to the keys holding this right; nothing is refused.
     - ``act_as``: the command acts for this agent; another agent than a token's own needs
       the admin right.
+
+    A NamedTuple, not a frozen dataclass: one is built per request, and a frozen
+    dataclass pays an ``object.__setattr__`` per field.
     """
 
     pairs: tuple[Pair, ...] = ()
@@ -56,7 +57,8 @@ WRITE_RIGHTS = {
 
 def _submit(cmd: c.Submit) -> Needs:
     pairs = [(w.key, WRITE_RIGHTS[w.kind]) for w in cmd.writes]
-    pairs += [(r.key, Right.READ) for r in cmd.read_set]
+    if cmd.read_set:
+        pairs += [(r.key, Right.READ) for r in cmd.read_set]
     return Needs(tuple(pairs))
 
 
@@ -97,12 +99,11 @@ def needs_of(command: c.Command[Any]) -> Needs:
 
 def first_missing(caps: Capabilities, pairs: Iterable[Pair]) -> e.CapabilityDenied | None:
     """The refusal for the first (key, right) in sorted order that ``caps`` lacks."""
-    for key, right in sorted(set(pairs)):
-        if not caps.allows(right, key):
-            return e.CapabilityDenied(
-                f"no {right.value} right on {key!r}", key=key, right=right.value
-            )
-    return None
+    missing = [(key, right) for key, right in pairs if not caps.allows(right, key)]
+    if not missing:
+        return None
+    key, right = min(missing)
+    return e.CapabilityDenied(f"no {right.value} right on {key!r}", key=key, right=right.value)
 
 
 def check_up_front(caller: c.Caller, needs: Needs) -> None:
@@ -131,7 +132,11 @@ def check_up_front(caller: c.Caller, needs: Needs) -> None:
 
 def check_keys(caller: c.Caller, needs: Needs) -> None:
     """Step 8 for a state change, or the read-right check of a read."""
-    if needs.pairs:
-        refusal = first_missing(caller.capabilities, needs.pairs)
-        if refusal is not None:
+    caps = caller.capabilities
+    allows = caps.allows
+    for key, right in needs.pairs:
+        if not allows(right, key):
+            # Something is missing: name the first in sorted order.
+            refusal = first_missing(caps, needs.pairs)
+            assert refusal is not None
             raise refusal

@@ -154,9 +154,12 @@ class Bus:
         :data:`sbus.core.authz.RIGHTS`: without one every call is refused."""
         self._handlers[kind] = handler
 
-    async def execute(self, caller: c.Caller, command: c.Command[T]) -> T:
-        """Run ``command`` for ``caller``. The rights rule is looked up first: a command
-        type with none is refused (403 CapabilityDenied) before anything runs."""
+    def execute(self, caller: c.Caller, command: c.Command[T]) -> Awaitable[T]:
+        """Run ``command`` for ``caller``: ``await bus.execute(caller, command)``. The
+        rights rule is looked up first: a command type with none is refused (403
+        CapabilityDenied) before anything runs. The checks that precede the use case run
+        in this call, which then hands back the use case itself to await (one coroutine
+        per request, as a router calling the store had)."""
         needs = needs_of(command)
         handler = self._handlers.get(type(command))
         if handler is None:
@@ -165,7 +168,7 @@ class Bus:
         if not command.changes_state:
             # Reads and the other commands: the rights before the store (protocol.md §4).
             check_keys(caller, needs)
-        return cast(T, await handler(caller, command, needs))
+        return cast(Awaitable[T], handler(caller, command, needs))
 
     async def _throttle(self, agent_id: str) -> None:
         """Step 5: 429 RateLimited with Retry-After when the agent's bucket is empty."""
