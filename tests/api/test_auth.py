@@ -250,6 +250,40 @@ async def test_list_shows_only_readable_keys(env: Env) -> None:
     assert everything["count"] == 43
 
 
+async def test_list_paging_never_names_an_unreadable_key(env: Env) -> None:
+    """A cursor is a key: one the caller may not read must never be handed back as
+    next_after, even when the bounded scan ends among many unreadable keys (it would
+    name them one page at a time, and an ``after`` of the caller's choosing would find
+    the rest)."""
+    _app, c, root, a = env
+    for i in range(60):
+        ok(await c.post("/shard", json={"key": f"m/{i:02}", "content": ""}, headers=root), 201)
+    queries: list[dict[str, Any]] = [
+        {"prefix": "m/"},
+        {"prefix": "m/", "limit": 1},
+        {"limit": 1, "after": "m"},
+    ]
+    for query in queries:
+        page = ok(await c.get("/shards", params=query, headers=a))
+        assert page["next_after"] in (None, *page["shards"]), (query, page)
+    assert ok(await c.get("/shards", params={"prefix": "m/", "limit": 1}, headers=a)) == {
+        "shards": [],
+        "count": 0,
+        "next_after": None,
+    }
+    seen: list[str] = []
+    after: str | None = None
+    for _ in range(100):
+        params: dict[str, Any] = {"limit": 1} | ({"after": after} if after else {})
+        page = ok(await c.get("/shards", params=params, headers=a))
+        assert page["next_after"] in (None, *page["shards"]), page
+        seen.extend(page["shards"])
+        after = page["next_after"]
+        if after is None:
+            break
+    assert seen == ["code/A/x", "plan/a"]
+
+
 async def test_register_skips_unreadable_keys(env: Env) -> None:
     _, c, root, a = env
     body = {"agent_id": "A", "shards_used": ["secret/s", "plan/a", "nope/x"]}

@@ -54,8 +54,10 @@ T = TypeVar("T")
 # A use case: (caller, command, what the rights table says it needs) -> its answer.
 Handler = Callable[[c.Caller, Any, Needs], Awaitable[Any]]
 
-# Store pages a filtered GET /shards may scan before answering a short page.
+# Store pages a filtered GET /shards may scan before answering a short page, and the
+# batch it reads on in past them while it has found no readable key.
 LIST_SCAN_PAGES = 8
+LIST_SEEK_BATCH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,26 +367,30 @@ class Bus:
             keys = keys[:cap]
             return keys, keys[-1] if more else None
         # Filter page by page. The scan is bounded (a caller that may read few keys must
-        # not make one request walk the whole keyspace): when the budget runs out the page
-        # ends early with next_after at the last key scanned, so paging resumes there and
-        # no readable key is skipped.
+        # not make one request walk the keyspace in pages of `limit`): once the budget
+        # runs out, a page that found readable keys ends at the last of them, and
+        # paging resumes there. The cursor is never a key the caller may not read
+        # (next_after would name it, and an `after` of the caller's choosing would find
+        # the others), so a page that found none reads on, in larger batches, to the
+        # next readable key or the end.
         readable: list[str] = []
         cursor = cmd.after
-        budget = LIST_SCAN_PAGES
+        pages = 0
         while True:
-            batch = await self.store.list_keys(cmd.prefix, cursor, cap + 1)
+            size = cap + 1 if pages < LIST_SCAN_PAGES else max(cap + 1, LIST_SEEK_BATCH)
+            batch = await self.store.list_keys(cmd.prefix, cursor, size)
             for key in batch:
                 if caps.allows(right, key):
                     readable.append(key)
                     if len(readable) > cap:
                         keys = readable[:cap]
                         return keys, keys[-1]
-            budget -= 1
-            if len(batch) <= cap:
+            pages += 1
+            if len(batch) < size:
                 return readable, None
             cursor = batch[-1]
-            if budget == 0:
-                return readable, cursor
+            if pages >= LIST_SCAN_PAGES and readable:
+                return readable, readable[-1]
 
     # ---- sessions ------------------------------------------------------------
 
