@@ -95,9 +95,18 @@ def test_every_command_has_a_rule_and_a_use_case() -> None:
         for kind in vars(c).values()
         if isinstance(kind, type) and issubclass(kind, c.Command) and kind is not c.Command
     }
-    assert len(kinds) == 18
+    assert len(kinds) == 19
     assert kinds == set(RIGHTS)
     assert kinds == set(bus._handlers)
+
+
+def test_execute_is_the_only_way_into_the_store() -> None:
+    """Bus offers no other call that reaches the store: the counters of /stats, /metrics
+    and /admin/health are a command (with the rule that asks nothing) like any other."""
+    public = {
+        name for name, value in vars(Bus).items() if callable(value) and not name.startswith("_")
+    }
+    assert public == {"execute", "attach_signers", "add_use_case"}
 
 
 # -- the table, per command type ----------------------------------------------------------
@@ -137,6 +146,7 @@ CASES: list[tuple[c.Command[Any], Needs]] = [
     (c.IssueToken("b", (), 60), ADMIN),
     (c.RevokeToken("j", None, leeway_s=5, max_ttl_s=60), ADMIN),
     (c.ResetAll(), ADMIN),
+    (c.ReadStats(), NOTHING),
     (c.GetConfig(), NOTHING),
     (c.SetConfig(ori_enabled=False), ADMIN),
     (c.DumpDeliveryLog(None, 10), ADMIN),

@@ -22,11 +22,12 @@ from sbus.core.chain import canonical_json
 from sbus.core.commands import Caller
 from sbus.core.engine import Bus
 from sbus.core.keys import json_problem, text_problem
-from sbus.core.rights import Principal
+from sbus.core.rights import Capabilities, Principal
 from sbus.core.types import IdemRef
 from sbus.security import TokenInvalid
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
+NOBODY = Caller(None, "", Capabilities(), token_bound=False)
 SESSION_HEADER = "x-sbus-session-id"
 
 
@@ -101,6 +102,16 @@ def caller_of(request: Request, agent: str | None, session: str = "") -> Caller:
     session the request resolved to."""
     principal = principal_of(request)
     return Caller(agent, session, principal.capabilities, bool(principal.agent))
+
+
+def public_caller(request: Request) -> Caller:
+    """The caller of a route that answers without a token (token mode, :data:`PUBLIC`
+    routes such as /admin/health): the principal if the gate found one, else nobody,
+    holding no right."""
+    principal = request.scope.get("state", {}).get(PRINCIPAL)
+    if principal is None:
+        return NOBODY
+    return caller_of(request, None)
 
 
 def require_agent(request: Request, *claimed: str | None) -> str:

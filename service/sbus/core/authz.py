@@ -77,6 +77,8 @@ RIGHTS: dict[type[c.Command[Any]], Callable[[Any], Needs]] = {
     c.IssueToken: lambda cmd: ADMIN,
     c.RevokeToken: lambda cmd: ADMIN,
     c.ResetAll: lambda cmd: ADMIN,
+    # /stats and /metrics (any valid token) and /admin/health (no token at all).
+    c.ReadStats: lambda cmd: NOTHING,
     # The ORI flag and the view counters: any authenticated caller.
     c.GetConfig: lambda cmd: NOTHING,
     c.SetConfig: lambda cmd: ADMIN,

@@ -190,6 +190,12 @@ class ResetAll(Command[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class ReadStats(Command[StoreStats]):
+    """The store's counters for GET /stats, GET /metrics and GET /admin/health: public
+    (the health probe answers without a token, so its caller may hold nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
 class GetConfig(Command[StoreStats]):
     """GET /admin/config: any authenticated caller."""
 

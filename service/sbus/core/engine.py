@@ -124,6 +124,7 @@ class Bus:
             c.IssueToken: self._issue_token,
             c.RevokeToken: self._revoke_token,
             c.ResetAll: self._reset_all,
+            c.ReadStats: self._stats,
             c.GetConfig: self._get_config,
             c.SetConfig: self._set_config,
             c.DumpDeliveryLog: self._dump_delivery_log,
@@ -141,10 +142,6 @@ class Bus:
     def durable(self) -> bool:
         """Whether the store's writes survive a crash (/stats ``wal_enabled``)."""
         return self.store.durable
-
-    async def stats(self) -> StoreStats:
-        """The store's counters (/stats, /metrics, /admin/health): public, no rights."""
-        return await self.store.stats()
 
     def attach_signers(self, tokens: TokenIssuer, mandates: MandateSigner) -> None:
         """Sign and verify with these from now on."""
@@ -442,6 +439,9 @@ class Bus:
 
     async def _reset_all(self, caller: c.Caller, cmd: c.ResetAll, needs: Needs) -> int:
         return await self.store.reset_all()
+
+    async def _stats(self, caller: c.Caller, cmd: c.ReadStats, needs: Needs) -> StoreStats:
+        return await self.store.stats()
 
     async def _get_config(self, caller: c.Caller, cmd: c.GetConfig, needs: Needs) -> StoreStats:
         return await self.store.stats()

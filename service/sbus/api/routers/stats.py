@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from sbus import API_VERSION, __version__
-from sbus.api.deps import BusDep, RuntimeDep
+from sbus.api.deps import BusDep, RuntimeDep, caller_of, public_caller
 from sbus.api.ignored import WireRoute
 from sbus.api.render import json_response
 from sbus.api.runtime import Runtime, public_reason
 from sbus.api.schemas import HealthOut, StatsOut, VersionOut
+from sbus.core.commands import ReadStats
 from sbus.core.errors import StoreUnavailable
 
 router = APIRouter(tags=["observability"], route_class=WireRoute)
@@ -25,8 +26,8 @@ def _not_ready(runtime: Runtime, detail: str | None, public: str) -> Response:
 
 
 @router.get("/stats", response_model=StatsOut, summary="Counters (compat fields plus backend)")
-async def stats(bus: BusDep) -> Response:
-    s = await bus.stats()
+async def stats(request: Request, bus: BusDep) -> Response:
+    s = await bus.execute(caller_of(request, None), ReadStats())
     c = s.counters
     attempts = c.total_commits + c.total_conflicts
     return json_response(
@@ -56,10 +57,11 @@ async def stats(bus: BusDep) -> Response:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
     summary="Prometheus metrics",
 )
-async def metrics(runtime: RuntimeDep) -> Response:
+async def metrics(request: Request, runtime: RuntimeDep) -> Response:
     if not runtime.ready:
         raise StoreUnavailable("the store is not ready yet")
-    body = runtime.metrics.exposition(await runtime.bus.stats())
+    stats = await runtime.bus.execute(caller_of(request, None), ReadStats())
+    body = runtime.metrics.exposition(stats)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -89,7 +91,7 @@ async def version() -> Response:
     responses={503: {"model": HealthOut, "description": "Store not ready"}},
     summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready",
 )
-async def health(runtime: RuntimeDep) -> Response:
+async def health(request: Request, runtime: RuntimeDep) -> Response:
     if not runtime.ready:
         return _not_ready(runtime, runtime.not_ready_reason, runtime.not_ready_public)
     waiting = runtime.readiness.waiting_for()
@@ -98,7 +100,7 @@ async def health(runtime: RuntimeDep) -> Response:
             {"status": "not_ready", "version": __version__, "reason": waiting}, status=503
         )
     try:
-        s = await runtime.bus.stats()
+        s = await runtime.bus.execute(public_caller(request), ReadStats())
     except StoreUnavailable as exc:
         return _not_ready(runtime, exc.detail, public_reason(exc))
     return json_response(
