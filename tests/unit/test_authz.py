@@ -189,6 +189,27 @@ async def test_a_state_change_checks_its_rights_after_the_limits() -> None:
     assert (await bus.execute(ROOT, c.ReadShard("k", record=False))).version == 0
 
 
+STATE_CHANGES = [case for case in CASES if type(case[0]).changes_state]
+
+
+@pytest.mark.parametrize(("command", "needs"), STATE_CHANGES, ids=lambda v: type(v).__name__)
+async def test_every_state_change_checks_its_key_rights(
+    command: c.Command[Any], needs: Needs
+) -> None:
+    """A state change checks its key rights late (step 8), inside its own use case, not
+    in ``execute``: every such command type (a new one must join CASES) is refused to a
+    caller without them, naming the first missing pair, and changes nothing."""
+    bus = await started_bus()
+    before = await bus.execute(ROOT, c.ReadStats())
+    holder = caller(Scope.of("**", "admin")) if needs.admin else NOBODY
+    with pytest.raises(e.CapabilityDenied) as info:
+        await bus.execute(holder, command)
+    key, right = min(needs.pairs)
+    assert info.value.fields == {"key": key, "right": right.value}
+    assert await bus.execute(ROOT, c.ReadStats()) == before
+    assert (await bus.execute(ROOT, c.ReadShard("k", record=False))).version == 0
+
+
 async def test_a_refused_read_records_nothing() -> None:
     bus = await started_bus()
     with pytest.raises(e.CapabilityDenied) as info:
