@@ -96,3 +96,17 @@ def wrong_secret_token(app: FastAPI) -> str:
         algorithm="HS256",
         headers={"kid": keys.signing_kid or "", "typ": CAPABILITY_TYP},
     )
+
+
+# Bodies every admin route refuses (422) from an admin: a caller without the right never
+# learns that, the admin refusal comes first (as it did when a dependency checked it).
+BAD_ADMIN_ROUTES: list[tuple[str, str, object]] = [
+    ("POST", "/admin/reset", [1]),
+    ("POST", "/admin/config", {"ori_enabled": "yes"}),
+    ("GET", "/admin/delivery-log?limit=0", None),
+    ("POST", "/admin/inject-stale", {"agent_id": "A", "key": "", "stale_version": -1}),
+    ("POST", "/admin/shard", {"key": "", "content": 1}),
+    ("POST", "/admin/test/advance-clock", {"ms": -1}),
+    ("POST", "/admin/tokens", {"agent": "A", "scopes": [{"pattern": "***", "rights": []}]}),
+    ("POST", "/admin/tokens/revoke", {"jti": ""}),
+]

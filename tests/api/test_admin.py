@@ -15,7 +15,7 @@ import pytest
 from sbus import __version__
 from sbus.api.runtime import runtime_of
 from sbus.core.rights import ALL_RIGHTS, Scope
-from tests.api.auth_helpers import auth, issuer, root_token, token_app
+from tests.api.auth_helpers import BAD_ADMIN_ROUTES, auth, issuer, root_token, token_app
 from tests.api.helpers import (
     SHARD_FIELDS,
     STATS_FIELDS,
@@ -59,6 +59,12 @@ async def test_admin_disabled(
     assert after == before
     assert after["ori_enabled"] is True
     assert ok(await c.get("/shards"))["shards"] == ["k"]
+
+
+async def test_admin_disabled_comes_before_the_body(make_client: AppFactory) -> None:
+    _, c = await make_client(admin_enabled=False)
+    for method, path, body in BAD_ADMIN_ROUTES:
+        problem(await c.request(method, path, json=body), 403, "AdminDisabled")
 
 
 async def test_admin_disabled_leaves_health_and_config_readable(make_client: AppFactory) -> None:

@@ -20,6 +20,7 @@ from sbus.core.rights import ALL_RIGHTS, Scope
 from sbus.security.keys import KeySet, load_private_key, write_keypair
 from sbus.security.tokens import Issuer
 from tests.api.auth_helpers import (
+    BAD_ADMIN_ROUTES,
     SECRET,
     alg_none_token,
     auth,
@@ -343,6 +344,13 @@ async def test_admin_routes_need_the_admin_right(env: Env) -> None:
     assert ok(await c.get("/stats", headers=root)) == before
     assert ok(await c.get("/admin/config", headers=root))["ori_enabled"] is True
     problem(await c.get("/shard/code/A/new", headers=root), 404, "ShardNotFound")
+
+
+async def test_admin_routes_refuse_a_non_admin_before_reading_the_body(env: Env) -> None:
+    _app, c, root, a = env
+    for method, path, body in BAD_ADMIN_ROUTES:
+        problem(await c.request(method, path, json=body, headers=root), 422, "ValidationError")
+        denied(await c.request(method, path, json=body, headers=a), "**", "admin")
 
 
 async def test_admin_shard_also_needs_create(env: Env) -> None:

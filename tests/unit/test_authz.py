@@ -11,7 +11,7 @@ import pytest
 from sbus.api.problems import STATUS
 from sbus.core import commands as c
 from sbus.core import errors as e
-from sbus.core.authz import ADMIN, NOTHING, READABLE, RIGHTS, Needs, needs_of
+from sbus.core.authz import ADMIN, ADMIN_ONLY, NOTHING, READABLE, RIGHTS, Needs, needs_of
 from sbus.core.engine import Bus
 from sbus.core.rights import ALL_RIGHTS, Capabilities, Right, Scope
 from sbus.core.types import IdemRef, ReadItem, WriteOp
@@ -106,7 +106,7 @@ def test_execute_is_the_only_way_into_the_store() -> None:
     public = {
         name for name, value in vars(Bus).items() if callable(value) and not name.startswith("_")
     }
-    assert public == {"execute", "attach_signers", "add_use_case"}
+    assert public == {"execute", "admit", "attach_signers", "add_use_case"}
 
 
 # -- the table, per command type ----------------------------------------------------------
@@ -163,6 +163,24 @@ def test_the_rights_each_command_needs(command: c.Command[Any], needs: Needs) ->
 
 def test_the_cases_cover_every_command_type() -> None:
     assert {type(command) for command, _ in CASES} == set(RIGHTS)
+
+
+def test_admin_only_lists_exactly_the_types_that_always_need_admin() -> None:
+    assert {type(command) for command, needs in CASES if needs.admin} == ADMIN_ONLY
+
+
+def test_admit_refuses_on_the_caller_alone() -> None:
+    bus = Bus(MemoryStore())
+    with pytest.raises(e.CapabilityDenied) as info:
+        bus.admit(caller(Scope.of("**", "read")), c.InjectStale)
+    assert info.value.fields == {"key": "**", "right": "admin"}
+    with pytest.raises(e.AdminDisabled):
+        bus.admit(caller(token_bound=False), c.ResetAll)
+    with pytest.raises(e.CapabilityDenied):
+        bus.admit(ROOT, WipeEverything)
+    bus.admit(caller(Scope.of("**", "admin")), c.AdminCreate)
+    bus.admit(NOBODY, c.GetConfig)
+    bus.admit(NOBODY, c.Submit)
 
 
 def test_only_state_changes_check_keys_late() -> None:

@@ -19,7 +19,7 @@ from sbus.api.wire import DIGITS
 from sbus.config import Settings
 from sbus.core import errors as e
 from sbus.core.chain import canonical_json
-from sbus.core.commands import Caller
+from sbus.core.commands import Caller, Command
 from sbus.core.engine import Bus
 from sbus.core.keys import json_problem, text_problem
 from sbus.core.rights import Capabilities, Principal
@@ -112,6 +112,17 @@ def public_caller(request: Request) -> Caller:
     if principal is None:
         return NOBODY
     return caller_of(request, None)
+
+
+def admitted(kind: type[Command[Any]]) -> Any:
+    """A route dependency: the engine's refusals of a ``kind`` command that need only
+    the caller (:meth:`Bus.admit`), made before FastAPI validates the body, so an admin
+    route refuses a caller without the right whatever it sent (403, never 422)."""
+
+    async def admit(request: Request) -> None:
+        runtime_of(request.app).bus.admit(caller_of(request, None), kind)
+
+    return Depends(admit)
 
 
 def require_agent(request: Request, *claimed: str | None) -> str:

@@ -89,6 +89,36 @@ RIGHTS: dict[type[c.Command[Any]], Callable[[Any], Needs]] = {
 }
 
 
+# The command types whose rule asks for the admin right whatever their fields (the
+# /admin/* routes but GET /admin/config): :func:`admit` refuses them on the caller alone,
+# so a router can have that done before it validates the request, and a caller without
+# the right learns nothing of what the route would accept.
+ADMIN_ONLY: frozenset[type[c.Command[Any]]] = frozenset(
+    {
+        c.IssueToken,
+        c.RevokeToken,
+        c.ResetAll,
+        c.SetConfig,
+        c.DumpDeliveryLog,
+        c.InjectStale,
+        c.AdminCreate,
+        c.AdvanceClock,
+    }
+)
+
+
+def admit(caller: c.Caller, kind: type[c.Command[Any]]) -> None:
+    """The refusals of a ``kind`` command that need none of its fields: no rights rule
+    (fail closed), or the admin right missing for an :data:`ADMIN_ONLY` type. The full
+    check still runs when the command is executed."""
+    if kind not in RIGHTS:
+        raise e.CapabilityDenied(
+            f"{kind.__name__} has no rights rule: refused", right=Right.ADMIN.value
+        )
+    if kind in ADMIN_ONLY:
+        check_up_front(caller, ADMIN)
+
+
 def needs_of(command: c.Command[Any]) -> Needs:
     """What ``command`` needs; :class:`CapabilityDenied` for a type with no rule."""
     rule = RIGHTS.get(type(command))

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 from sbus.core import commands as c
 from sbus.core import errors as e
 from sbus.core import revocation
-from sbus.core.authz import Needs, check_keys, check_up_front, needs_of
+from sbus.core.authz import Needs, admit, check_keys, check_up_front, needs_of
 from sbus.core.errors import (
     DeltaTooLarge,
     FieldTooLarge,
@@ -152,6 +152,12 @@ class Bus:
         """Serve ``kind`` with ``handler``. It still needs a rule in
         :data:`sbus.core.authz.RIGHTS`: without one every call is refused."""
         self._handlers[kind] = handler
+
+    def admit(self, caller: c.Caller, kind: type[c.Command[Any]]) -> None:
+        """Refuse ``caller`` a ``kind`` command before its request is even parsed, when
+        the refusal needs none of the command's fields (``sbus.core.authz.admit``: an
+        admin-only type without the admin right). ``execute`` checks everything again."""
+        admit(caller, kind)
 
     def execute(self, caller: c.Caller, command: c.Command[T]) -> Awaitable[T]:
         """Run ``command`` for ``caller``: ``await bus.execute(caller, command)``. The

@@ -1,6 +1,7 @@
 """Admin endpoints. The engine's rights table gates them by the admin right in every mode
 (open mode: SBUS_ADMIN_ENABLED=1), except GET /admin/config, which any authenticated
-caller may read (health, never gated, is in the stats router). POST /admin/tokens
+caller may read (health, never gated, is in the stats router). Each route has the engine
+refuse a caller without the right before its body is validated (``admitted``). POST /admin/tokens
 issues capability tokens."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, SettingsDep, agent_of, caller_of, session_of
+from sbus.api.deps import BusDep, SettingsDep, admitted, agent_of, caller_of, session_of
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
@@ -48,6 +49,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)
 
 @router.post(
     "/reset",
+    dependencies=[admitted(c.ResetAll)],
     response_model=ResetOut,
     responses=errs(403),
     summary="Delete all state except ori_enabled",
@@ -72,6 +74,7 @@ async def get_config(request: Request, bus: BusDep) -> Response:
 
 @router.post(
     "/config",
+    dependencies=[admitted(c.SetConfig)],
     response_model=ConfigOut,
     responses=errs(403, 422),
     summary="Turn ORI on or off (kept in the store)",
@@ -83,6 +86,7 @@ async def set_config(body: ConfigBody, request: Request, bus: BusDep) -> Respons
 
 @router.get(
     "/delivery-log",
+    dependencies=[admitted(c.DumpDeliveryLog)],
     response_model=DeliveryLogOut,
     responses=errs(403, 422),
     summary="Live DeliveryLog entries, paged by agent",
@@ -110,6 +114,7 @@ async def delivery_log(
 
 @router.post(
     "/inject-stale",
+    dependencies=[admitted(c.InjectStale)],
     response_model=InjectOut,
     responses=errs(403, 404, 422),
     summary="Overwrite a DeliveryLog entry with an older version (experiments)",
@@ -122,6 +127,7 @@ async def inject_stale(body: InjectStaleBody, request: Request, bus: BusDep) -> 
 
 @router.post(
     "/shard",
+    dependencies=[admitted(c.AdminCreate)],
     status_code=201,
     response_model=ShardOut,
     responses={
@@ -145,6 +151,7 @@ async def admin_shard(body: CreateShardBody, request: Request, bus: BusDep) -> R
 
 @router.post(
     "/test/advance-clock",
+    dependencies=[admitted(c.AdvanceClock)],
     response_model=ClockOut,
     responses=errs(403, 404, 422),
     summary="Move the store clock forward (only with SBUS_TEST_HOOKS=1)",
@@ -160,6 +167,7 @@ async def advance_clock(
 
 @router.post(
     "/tokens",
+    dependencies=[admitted(c.IssueToken)],
     status_code=201,
     response_model=TokenOut,
     responses=errs(401, 403, 422, 503),
@@ -185,6 +193,7 @@ async def issue_token(body: TokenBody, request: Request, bus: BusDep) -> Respons
 
 @router.post(
     "/tokens/revoke",
+    dependencies=[admitted(c.RevokeToken)],
     response_model=RevokeOut,
     responses=errs(401, 403, 422, 503),
     summary="Revoke a token by jti on every replica (kept until its expiry)",
