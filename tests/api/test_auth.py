@@ -305,6 +305,13 @@ async def test_session_of_another_agent_needs_admin(env: Env) -> None:
     app, c, root, a = env
     ok(await c.get("/shard/plan/a", headers=auth(token(app, "B", ("**", "read")))))
     problem(await c.post("/session", json={"agent_id": "B"}, headers=a), 403, "AgentMismatch")
+    # Who may act for B is decided before the session the request names is read.
+    for session, header in (("x", "y"), (None, "s" * 300)):
+        body = {"agent_id": "B"} | ({"session_id": session} if session else {})
+        r = await c.post("/session", json=body, headers={**a, "X-SBus-Session-Id": header})
+        assert problem(r, 403, "AgentMismatch")["detail"] == (
+            "the token is for agent 'A'; resetting 'B''s session needs the admin right"
+        )
     assert await dl_keys(c, root, "B") == {"plan/a"}
     assert ok(await c.post("/session", json={"agent_id": "A"}, headers=a)) == {
         "agent_id": "A",

@@ -181,6 +181,10 @@ def test_admit_refuses_on_the_caller_alone() -> None:
     bus.admit(caller(Scope.of("**", "admin")), c.AdminCreate)
     bus.admit(NOBODY, c.GetConfig)
     bus.admit(NOBODY, c.Submit)
+    # Given a command, what it needs up front: here acting for another agent.
+    with pytest.raises(e.AgentMismatch):
+        bus.admit(caller(agent="a"), c.ResetSession("b"))
+    bus.admit(caller(agent="a"), c.ResetSession("a"))
 
 
 def test_only_state_changes_check_keys_late() -> None:

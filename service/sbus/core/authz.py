@@ -107,10 +107,16 @@ ADMIN_ONLY: frozenset[type[c.Command[Any]]] = frozenset(
 )
 
 
-def admit(caller: c.Caller, kind: type[c.Command[Any]]) -> None:
-    """The refusals of a ``kind`` command that need none of its fields: no rights rule
-    (fail closed), or the admin right missing for an :data:`ADMIN_ONLY` type. The full
-    check still runs when the command is executed."""
+def admit(caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]) -> None:
+    """The refusals made before anything runs, as early as a router can ask for them.
+    Given a command type, those that need none of its fields: no rights rule (fail
+    closed), or the admin right missing for an :data:`ADMIN_ONLY` type. Given a command,
+    :func:`check_up_front` of its needs. The full check still runs when the command is
+    executed."""
+    if not isinstance(command, type):
+        check_up_front(caller, needs_of(command))
+        return
+    kind = command
     if kind not in RIGHTS:
         raise e.CapabilityDenied(
             f"{kind.__name__} has no rights rule: refused", right=Right.ADMIN.value

@@ -153,11 +153,11 @@ class Bus:
         :data:`sbus.core.authz.RIGHTS`: without one every call is refused."""
         self._handlers[kind] = handler
 
-    def admit(self, caller: c.Caller, kind: type[c.Command[Any]]) -> None:
-        """Refuse ``caller`` a ``kind`` command before its request is even parsed, when
-        the refusal needs none of the command's fields (``sbus.core.authz.admit``: an
-        admin-only type without the admin right). ``execute`` checks everything again."""
-        admit(caller, kind)
+    def admit(self, caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]) -> None:
+        """Refuse ``caller`` a command (or any command of a type) before the rest of its
+        request is parsed (``sbus.core.authz.admit``: an admin-only type without the
+        admin right, acting for another agent). ``execute`` checks everything again."""
+        admit(caller, command)
 
     def execute(self, caller: c.Caller, command: c.Command[T]) -> Awaitable[T]:
         """Run ``command`` for ``caller``: ``await bus.execute(caller, command)``. The

@@ -35,13 +35,17 @@ async def reset_session(body: SessionBody, request: Request, bus: BusDep) -> Res
     if bound is not None and body.agent_id and body.agent_id != bound:
         # Token mode, another agent's session: the caller is the token's agent (the
         # headers still have to name it), and the engine decides whether it may act
-        # for body.agent_id (the admin right).
-        caller = caller_of(request, agent_of(request), session_of(request, body.session_id))
+        # for body.agent_id (the admin right) before the session named is looked at.
         agent = body.agent_id
+        command = c.ResetSession(agent)
+        acting = agent_of(request)
+        bus.admit(caller_of(request, acting), command)
+        caller = caller_of(request, acting, session_of(request, body.session_id))
     else:
         agent = require_agent(request, body.agent_id)
+        command = c.ResetSession(agent)
         caller = caller_of(request, agent, session_of(request, body.session_id))
-    await bus.execute(caller, c.ResetSession(agent))
+    await bus.execute(caller, command)
     return json_response({"agent_id": agent, "status": "created"})
 
 
