@@ -254,6 +254,33 @@ async def test_listing_and_register_are_filtered_by_the_read_right() -> None:
     assert set(dump["b"][""]) == {"m"}
 
 
+async def test_listing_scans_only_where_the_read_patterns_can_match() -> None:
+    """Keys no read pattern can match are never scanned (so never named, never paid
+    for), however many there are; the pages still hold every readable key once."""
+    bus = await started_bus()
+    for i in range(300):
+        await bus.execute(ROOT, c.CreateShard(f"m/{i:03}", "", "", False, None))
+    for key in ("plan/a", "plan/b", "plan/a/deep", "x"):
+        await bus.execute(ROOT, c.CreateShard(key, "", "", False, None))
+    scanned: list[str] = []
+    list_keys = bus.store.list_keys
+
+    async def counting(prefix: str, after: str | None, limit: int) -> list[str]:
+        found = await list_keys(prefix, after, limit)
+        scanned.extend(found)
+        return found
+
+    bus.store.list_keys = counting  # type: ignore[method-assign]
+    reader = caller(Scope.of("plan/*", "read"), Scope.of("x", "read"), agent="b")
+    page = await bus.execute(reader, c.ListShards("", None, 1, content=False))
+    assert (page.keys, page.next_after) == (["plan/a"], "plan/a")
+    page = await bus.execute(reader, c.ListShards("", "plan/a", 1, content=False))
+    assert (page.keys, page.next_after) == (["plan/b"], "plan/b")
+    page = await bus.execute(reader, c.ListShards("", "plan/b", 1, content=False))
+    assert (page.keys, page.next_after) == (["x"], None)
+    assert not [key for key in scanned if key.startswith("m/")]
+
+
 async def test_who_may_reset_another_agents_session() -> None:
     bus = await started_bus()
     with pytest.raises(e.AgentMismatch) as info:

@@ -14,6 +14,7 @@ from sbus.core.patterns import (
     compile_pattern,
     matches,
     pattern_set,
+    scan_prefixes,
     validate_pattern,
     validate_patterns,
 )
@@ -208,6 +209,36 @@ def test_both_engines_agree_with_the_definition(pattern: str, key: str) -> None:
 def test_a_set_matches_when_one_of_its_patterns_does(patterns: list[str], key: str) -> None:
     expected = any(_reference(p, key) for p in patterns)
     assert pattern_set(tuple(patterns))(key) is expected
+
+
+def test_scan_prefixes() -> None:
+    patterns = ["plan/*", "code/A/*", "code/**", "k", "plan/x/**"]
+    assert scan_prefixes("", patterns) == ["code/", "k", "plan/"]
+    assert scan_prefixes("pl", ["plan/*", "x*"]) == ["plan/"]
+    assert scan_prefixes("plan/a/", ["plan/*"]) == ["plan/a/"]
+    assert scan_prefixes("", ["*/x", "a"]) == [""]
+    assert scan_prefixes("z", ["a*", "b"]) == []
+
+
+@given(
+    st.lists(
+        st.lists(_pattern_chars, min_size=1, max_size=8)
+        .map("".join)
+        .filter(lambda p: "***" not in p),
+        min_size=1,
+        max_size=5,
+    ),
+    st.text(alphabet="ab/.", max_size=3),
+    st.text(alphabet="ab/.", max_size=12),
+)
+def test_scan_prefixes_hold_every_key_a_pattern_matches(
+    patterns: list[str], prefix: str, key: str
+) -> None:
+    starts = scan_prefixes(prefix, patterns)
+    assert starts == sorted(starts)
+    assert not any(b.startswith(a) for a in starts for b in starts if a != b)
+    if key.startswith(prefix) and any(_reference(p, key) for p in patterns):
+        assert any(key.startswith(start) for start in starts)
 
 
 # -- rights -------------------------------------------------------------------------------

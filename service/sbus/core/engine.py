@@ -30,6 +30,7 @@ from sbus.core.errors import (
     TooManyWrites,
 )
 from sbus.core.idempotency import replay
+from sbus.core.patterns import scan_prefixes
 from sbus.core.ports import IssuedToken, MandateGrant, MandateSigner, TokenIssuer
 from sbus.core.rights import ADMIN_PATTERN, Capabilities, Identity, Right
 from sbus.core.store import Store
@@ -369,31 +370,36 @@ class Bus:
             more = len(keys) > cap
             keys = keys[:cap]
             return keys, keys[-1] if more else None
-        # Filter page by page. The scan is bounded (a caller that may read few keys must
-        # not make one request walk the keyspace in pages of `limit`): once the budget
-        # runs out, a page that found readable keys ends at the last of them, and
-        # paging resumes there. The cursor is never a key the caller may not read
+        # Filter page by page, scanning only where the caller's patterns can match
+        # (scan_prefixes). The scan is bounded (a caller that may read few keys must
+        # not make one request walk its patterns' ranges in pages of `limit`): once the
+        # budget runs out, a page that found readable keys ends at the last of them,
+        # and paging resumes there. The cursor is never a key the caller may not read
         # (next_after would name it, and an `after` of the caller's choosing would find
         # the others), so a page that found none reads on, in larger batches, to the
         # next readable key or the end.
         readable: list[str] = []
         cursor = cmd.after
         pages = 0
-        while True:
-            size = cap + 1 if pages < LIST_SCAN_PAGES else max(cap + 1, LIST_SEEK_BATCH)
-            batch = await self.store.list_keys(cmd.prefix, cursor, size)
-            for key in batch:
-                if caps.allows(right, key):
-                    readable.append(key)
-                    if len(readable) > cap:
-                        keys = readable[:cap]
-                        return keys, keys[-1]
-            pages += 1
-            if len(batch) < size:
-                return readable, None
-            cursor = batch[-1]
-            if pages >= LIST_SCAN_PAGES and readable:
-                return readable, readable[-1]
+        for start in scan_prefixes(cmd.prefix, caps.patterns_with(right)):
+            if cursor is not None and cursor > start and not cursor.startswith(start):
+                continue  # every key under start sorts before the cursor
+            while True:
+                size = cap + 1 if pages < LIST_SCAN_PAGES else max(cap + 1, LIST_SEEK_BATCH)
+                batch = await self.store.list_keys(start, cursor, size)
+                for key in batch:
+                    if caps.allows(right, key):
+                        readable.append(key)
+                        if len(readable) > cap:
+                            keys = readable[:cap]
+                            return keys, keys[-1]
+                pages += 1
+                if len(batch) < size:
+                    break
+                cursor = batch[-1]
+                if pages >= LIST_SCAN_PAGES and readable:
+                    return readable, readable[-1]
+        return readable, None
 
     # ---- sessions ------------------------------------------------------------
 

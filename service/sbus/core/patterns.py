@@ -190,3 +190,23 @@ def compile_pattern(pattern: str) -> Matcher:
 def matches(pattern: str, key: str) -> bool:
     """Whether ``key`` matches ``pattern`` (anchored, case-sensitive)."""
     return compile_pattern(pattern)(key)
+
+
+def scan_prefixes(prefix: str, patterns: Iterable[str]) -> list[str]:
+    """The key prefixes that hold every key under ``prefix`` that one of ``patterns``
+    matches, in key order, none inside another: each pattern's literal start (up to its
+    first ``*``; every key it matches begins so), narrowed to ``prefix``. A listing
+    filtered by the patterns scans only these, never the keys no pattern can match."""
+    found: set[str] = set()
+    for pattern in patterns:
+        literal = pattern.split("*", 1)[0]
+        if literal.startswith(prefix):
+            found.add(literal)
+        elif prefix.startswith(literal):
+            found.add(prefix)
+    kept: list[str] = []
+    # Sorted, the starts a kept one holds follow it before any start it does not hold.
+    for start in sorted(found):
+        if not kept or not start.startswith(kept[-1]):
+            kept.append(start)
+    return kept
