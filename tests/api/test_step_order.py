@@ -59,3 +59,36 @@ async def test_steps_five_to_nine_a_answer_in_order(make_client: AppFactory) -> 
     assert (shard["version"], shard["content"]) == (1, "v1")
     stats = ok(await c.get("/stats", headers=root))
     assert (stats["total_commits"], stats["total_conflicts"]) == (1, 0)
+
+
+async def test_a_create_answers_in_the_same_order(make_client: AppFactory) -> None:
+    """POST /shard: steps 5-6, the content and goal_tag limits, then the create right
+    (protocol.md section 4, "Creates")."""
+    app, c = await token_app(make_client, rate_limit="2/h,2", max_delta=8, test_hooks=True)
+    root = auth(token(app, "root", ("**", "read,admin"), ttl=86_400))
+    creator = auth(token(app, "A", ("**", "read,create"), ttl=86_400))
+    reader = auth(token(app, "A", ("**", "read"), ttl=86_400))
+    body = {"key": "n", "content": "v"}
+    retry = {"Idempotency-Key": "c1"}
+    r = await c.post("/shard", json=body, headers={**creator, **retry})
+    created = ok(r, 201)
+    r = await c.post("/shard", json=body, headers={**reader, **retry})
+    assert ok(r, 201) == created
+    assert r.headers["idempotent-replayed"] == "true"
+    problem(await c.post("/shard", json=body, headers={**reader, **retry}), 429, "RateLimited")
+
+    async def refill() -> None:
+        ok(await c.post("/admin/test/advance-clock", json={"ms": 1_800_000}, headers=root))
+
+    await refill()
+    over = {"key": "m", "content": "x" * 9}
+    r = await c.post("/shard", json=over, headers={**reader, **retry})
+    problem(r, 422, "IdempotencyKeyReused")
+    await refill()
+    problem(await c.post("/shard", json=over, headers=reader), 413, "DeltaTooLarge")
+    await refill()
+    body = problem(
+        await c.post("/shard", json=over | {"content": ""}, headers=reader), 403, "CapabilityDenied"
+    )
+    assert (body["key"], body["right"]) == ("m", "create")
+    problem(await c.get("/shard/m", headers=root), 404, "ShardNotFound")
