@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run a command with throwaway PostgreSQL and Redis servers on free loopback ports.
+# Run a command with throwaway PostgreSQL and Redis servers on free loopback ports
+# (and etcd installed for the load tests' peer comparison, which starts its own).
 #
 #   scripts/with-services.sh .venv/bin/pytest ...
 #
@@ -13,6 +14,9 @@ need_install=()
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
 [ -n "$PGBIN" ] && [ -x "$PGBIN/initdb" ] || need_install+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || need_install+=(redis-server)
+# etcd is only a peer the load tests compare against (loadtest/peers.py), installed here
+# with the others so one apt run serves the whole suite.
+command -v etcd >/dev/null 2>&1 || need_install+=(etcd-server)
 if [ ${#need_install[@]} -gt 0 ]; then
   echo "with-services: installing ${need_install[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
