@@ -34,6 +34,7 @@ import cProfile
 import gc
 import os
 import pstats
+import re
 import shutil
 import signal
 import struct
@@ -227,22 +228,24 @@ async def _cycle(client: httpx.AsyncClient, key: str, agent: str, version: int) 
 
 async def _inproc(store_url: str, label: str, cycles: int, warmup: int, top: int) -> InprocResult:
     async with running_app(store_url) as client:
-        created = await client.post("/shard", json={"key": "k", "content": "0"}, headers=JSON)
+        # A fresh key per run: PostgreSQL and Redis keep what earlier runs wrote.
+        key = f"profile/{os.getpid()}/{time.monotonic_ns()}"
+        created = await client.post("/shard", json={"key": key, "content": "0"}, headers=JSON)
         created.raise_for_status()
         version = 0
         for _ in range(warmup):
-            version = await _cycle(client, "k", "A", version)
+            version = await _cycle(client, key, "A", version)
         with gc_clock() as in_gc:
             cpu0, loop0 = time.process_time(), time.thread_time()
             for _ in range(cycles):
-                version = await _cycle(client, "k", "A", version)
+                version = await _cycle(client, key, "A", version)
             cpu_ms = (time.process_time() - cpu0) / cycles * 1000
             loop_ms = (time.thread_time() - loop0) / cycles * 1000
         # The event-loop thread's CPU clock: time blocked in epoll is not CPU.
         profiler = cProfile.Profile(time.thread_time)
         profiler.enable()
         for _ in range(cycles):
-            version = await _cycle(client, "k", "A", version)
+            version = await _cycle(client, key, "A", version)
         profiler.disable()
     stats = pstats.Stats(profiler)
     raw: dict[Key, Any] = stats.stats  # type: ignore[attr-defined]
@@ -252,10 +255,10 @@ async def _inproc(store_url: str, label: str, cycles: int, warmup: int, top: int
     by_cum = sorted(rows, key=lambda kv: kv[1][3], reverse=True)[:top]
     by_own = by_own_all(rows)[:top]
     hottest: dict[str, list[tuple[str, float, int]]] = {}
-    for key, value in by_own_all(rows):
-        layer = classify(key[0], key[2])
-        if key[0] != "~" and len(hottest.setdefault(layer, [])) < 3:
-            hottest[layer].append((_short(key), value[2], value[1]))
+    for fkey, value in by_own_all(rows):
+        layer = classify(fkey[0], fkey[2])
+        if fkey[0] != "~" and len(hottest.setdefault(layer, [])) < 3:
+            hottest[layer].append((_short(fkey), value[2], value[1]))
     return InprocResult(
         hottest=hottest,
         store=label,
@@ -512,8 +515,12 @@ async def _pipe(reader: asyncio.StreamReader, out: asyncio.StreamWriter) -> None
 
 
 def _squash(sql: str) -> str:
+    """One line per statement shape: whitespace folded and literals (dollar-quoted or
+    single-quoted) elided, so statements that inline their arguments count as one."""
     text = " ".join(sql.split())
-    return text if len(text) <= 110 else text[:107] + "..."
+    text = re.sub(r"\$(\w*)\$.*?\$\1\$", r"$\1$..$\1$", text)
+    text = re.sub(r"'(?:[^']|'')*'", "'..'", text)
+    return text if len(text) <= 160 else text[:100] + " ... " + text[-55:]
 
 
 # --------------------------------------------------------------------------- services
@@ -783,9 +790,19 @@ def main(argv: list[str] | None = None) -> int:
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     print(f"# profile_cycle: load average {loadavg()}, {os.cpu_count()} CPUs, pid {os.getpid()}")
     if "inproc" in parts:
-        for store in (s for s in stores if s in ("memory", "sqlite")):
+        for store in stores:
             with tempfile.TemporaryDirectory(prefix="sbus-profile-") as tmp:
-                url = "memory://" if store == "memory" else f"sqlite:///{Path(tmp) / 'p.db'}"
+                url = {
+                    "memory": "memory://",
+                    "sqlite": f"sqlite:///{Path(tmp) / 'p.db'}",
+                    "postgres": args.postgres_url,
+                    "redis": args.redis_url,
+                }.get(store)
+                if not url:
+                    print(f"\n## in process, {store}: skipped (no URL)")
+                    continue
+                if store in ("postgres", "redis"):
+                    prepare_store(url)
                 res = asyncio.run(_inproc(url, store, args.cycles, args.warmup, args.top))
             print_inproc(res)
     if "services" in parts:
