@@ -3,7 +3,7 @@
 Two parts, each well under a minute:
 
 * ``inproc``: the whole ASGI app driven in process without sockets (as app_cycle.py), over
-  the memory and the SQLite store. One unprofiled run gives the CPU per cycle; a second
+  each store named in ``--stores`` (PostgreSQL and Redis when their URLs are known). One unprofiled run gives the CPU per cycle; a second
   run under cProfile gives the top functions by cumulative and by own time and the own
   time grouped by layer (routing and DI, validation, S-Bus api/, the engine, the store,
   JSON, asyncio, the ASGI test client). A built-in's own time is charged to the layer of
