@@ -3,12 +3,14 @@
 Two parts, each well under a minute:
 
 * ``inproc``: the whole ASGI app driven in process without sockets (as app_cycle.py), over
-  each store named in ``--stores`` (PostgreSQL and Redis when their URLs are known). One unprofiled run gives the CPU per cycle; a second
-  run under cProfile gives the top functions by cumulative and by own time and the own
-  time grouped by layer (routing and DI, validation, S-Bus api/, the engine, the store,
-  JSON, asyncio, the ASGI test client). A built-in's own time is charged to the layer of
-  the function that called it. cProfile sees only the event-loop thread: the CPU of
-  SQLite's worker thread is reported beside it from the thread clocks.
+  each store named in ``--stores`` (PostgreSQL and Redis when their URLs are known). One
+  unprofiled run gives the CPU per cycle and the garbage collector's part; a second run
+  under cProfile, timed by the event-loop thread's CPU clock, gives the top functions by
+  cumulative and by own time and the own time grouped by layer (middleware and routing,
+  dependency injection, validation, S-Bus api/, the engine, the store, JSON, asyncio, the
+  ASGI test client). A built-in's or the standard library's own time is charged to the
+  layers of the functions that called it. cProfile sees only the event-loop thread: the
+  CPU of SQLite's worker thread is reported beside it from the thread clocks.
 * ``services``: a real ``sbus serve`` over PostgreSQL and over Redis (URLs from
   ``--postgres-url`` / ``--redis-url`` or SBUS_TEST_POSTGRES_URL / SBUS_TEST_REDIS_URL,
   which scripts/with-services.sh exports). PostgreSQL is reached through a counting proxy
