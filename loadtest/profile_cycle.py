@@ -342,13 +342,12 @@ class PgCounts:
         )
 
 
-class PgCountingProxy:
-    """A loopback TCP proxy in front of PostgreSQL that parses both directions of the
-    v3 protocol to count round trips and statements; bytes pass through unchanged."""
+class _LoopbackProxy:
+    """A listener on a free loopback port; each accepted connection goes to ``_serve``,
+    which the counting proxies below implement."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
-        self.counts = PgCounts()
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
 
@@ -361,6 +360,18 @@ class PgCountingProxy:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class PgCountingProxy(_LoopbackProxy):
+    """A loopback TCP proxy in front of PostgreSQL that parses both directions of the
+    v3 protocol to count round trips and statements; bytes pass through unchanged."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self.counts = PgCounts()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -436,28 +447,16 @@ class PgCountingProxy:
                 await out.drain()
 
 
-class RedisCountingProxy:
+class RedisCountingProxy(_LoopbackProxy):
     """A loopback TCP proxy in front of Redis that parses the clients' RESP commands:
     what the bus sends itself (commands by name) and in how many bursts (each read from
     the client's socket is one round trip: a pipeline or MULTI/EXEC block arrives in one
     write). Commands run inside scripts never cross the wire; INFO commandstats has them."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.round_trips = 0
         self.sent: Counter[str] = Counter()
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
