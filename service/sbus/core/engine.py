@@ -93,6 +93,20 @@ def new_commit_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
+def _create_op(cmd: c.CreateShard | c.AdminCreate, agent: str, idem: IdemRef | None) -> CreateOp:
+    """The store operation of a create, made once its checks have passed (POST /shard
+    and the admin create differ only in the idempotency record)."""
+    return CreateOp(
+        key=cmd.key,
+        content=cmd.content,
+        goal_tag=cmd.goal_tag,
+        require_mandate=cmd.require_mandate,
+        agent_id=agent,
+        commit_id=new_commit_id(),
+        idem=idem,
+    )
+
+
 class Bus:
     def __init__(
         self,
@@ -242,31 +256,14 @@ class Bus:
             return replayed
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
         check_keys(caller, needs)
-        op = CreateOp(
-            key=cmd.key,
-            content=cmd.content,
-            goal_tag=cmd.goal_tag,
-            require_mandate=cmd.require_mandate,
-            agent_id=agent,
-            commit_id=new_commit_id(),
-            idem=cmd.idem,
-        )
-        return await self.store.create(op)
+        return await self.store.create(_create_op(cmd, agent, cmd.idem))
 
     async def _admin_create(
         self, caller: c.Caller, cmd: c.AdminCreate, needs: Needs
     ) -> Shard | None:
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
         check_keys(caller, needs)
-        op = CreateOp(
-            key=cmd.key,
-            content=cmd.content,
-            goal_tag=cmd.goal_tag,
-            require_mandate=cmd.require_mandate,
-            agent_id=caller.agent or "",
-            commit_id=new_commit_id(),
-        )
-        return await self.store.admin_create(op)
+        return await self.store.admin_create(_create_op(cmd, caller.agent or "", None))
 
     async def _submit(self, caller: c.Caller, cmd: c.Submit, needs: Needs) -> Outcome:
         """Commit, multi-commit, rollback or delete. A presented mandate is verified
