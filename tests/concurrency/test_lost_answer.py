@@ -142,22 +142,30 @@ class HistoryRowBlocker:
         return self
 
     async def blocked_backend(self, other_than: frozenset[int] = frozenset()) -> tuple[int, str]:
-        """The pid and query of a backend waiting for this transaction (polls)."""
+        """The pid and query of a backend waiting for this transaction (polls).
+
+        pg_stat_activity's rows are one snapshot taken when the query starts, while
+        pg_blocking_pids() looks at the lock table live as each row is read: a backend
+        can be caught blocked while its row still shows the statement before. So only a
+        row that is itself waiting on a lock counts; anything else is polled again."""
         assert self.conn is not None
         mine = self.conn.get_server_pid()
         deadline = time.monotonic() + WAIT_S
+        seen: list[tuple[int, str, str | None]] = []
         while time.monotonic() < deadline:
             async with _admin() as admin:
                 rows = await admin.fetch(
-                    "SELECT pid, query FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                    "SELECT pid, query, wait_event_type FROM pg_stat_activity"
+                    " WHERE $1 = ANY(pg_blocking_pids(pid))",
                     mine,
                 )
-            found = [(r["pid"], r["query"]) for r in rows if r["pid"] not in other_than]
+            seen = [(r["pid"], r["query"], r["wait_event_type"]) for r in rows]
+            found = [(pid, q) for pid, q, wait in seen if wait == "Lock" and pid not in other_than]
             if found:
                 assert len(found) == 1, found
                 return found[0]
             await asyncio.sleep(0.02)
-        pytest.fail(f"no backend blocked on the {self.key} history row within {WAIT_S}s")
+        pytest.fail(f"no backend blocked on the {self.key} history row within {WAIT_S}s: {seen}")
 
     async def release(self) -> None:
         if self.conn is not None:
