@@ -153,6 +153,25 @@ class TestStartup:
             RedisStore("redis://127.0.0.1:6379/0", LIMITS, namespace="a}b")
 
 
+class TestDriver:
+    async def test_replies_are_parsed_by_hiredis(self, store: RedisStore) -> None:
+        """hiredis is a dependency so redis-py parses replies in C: the store's own
+        connections must carry its parser, not the pure-Python RESP one (which parses
+        ~50 reply lines per cycle in Python)."""
+        import hiredis  # the dependency itself; missing, this fails here
+        from redis._parsers import _AsyncHiredisParser
+
+        assert hiredis.__version__
+        await store.create(create("k"))
+        assert store._pool is not None
+        conn = await store._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()
+            assert type(conn._parser) is _AsyncHiredisParser
+        finally:
+            await store._pool.release(conn)
+
+
 class TestLayout:
     async def test_every_key_shares_one_hash_tag(
         self, store: RedisStore, raw: aioredis.Redis
