@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sbus.api.lean import lean_handler
 from sbus.api.routing import ExactRoute
 from sbus.api.wire import WireModel
 from sbus.core.keys import path_text
@@ -142,7 +143,11 @@ class WireRoute(ExactRoute):
     the request: nothing is parsed twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+        # A hot route (``sbus.api.lean``) skips FastAPI's dependency solver; its
+        # parameters and errors are FastAPI's, so the record below is the same.
+        handler = lean_handler(self.dependant, self._embed_body_fields)
+        if handler is None:
+            handler = super().get_route_handler()
         field = self.body_field
         annotation = field.field_info.annotation if field is not None else None
         model = annotation if _is_model(annotation) else None

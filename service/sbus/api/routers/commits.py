@@ -17,6 +17,7 @@ from sbus.api.deps import (
     session_of,
 )
 from sbus.api.ignored import WireRoute
+from sbus.api.lean import hot
 from sbus.api.openapi import errs
 from sbus.api.render import outcome_response
 from sbus.api.schemas import CommitOut, MultiOut, RollbackOut
@@ -142,6 +143,7 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
     responses=COMMIT_ERRORS,
     summary="Commit a new version of one shard (ORI-checked)",
 )
+@hot
 async def commit_v2(body: CommitBody, request: Request, bus: BusDep) -> Response:
     return await _commit(body, request, bus)
 
@@ -152,6 +154,7 @@ async def commit_v2(body: CommitBody, request: Request, bus: BusDep) -> Response
     responses=COMMIT_ERRORS,
     summary="Identical to /commit/v2 (compat)",
 )
+@hot
 async def commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
     return await _commit(body, request, bus)
 

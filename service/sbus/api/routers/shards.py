@@ -20,6 +20,7 @@ from sbus.api.deps import (
     session_of,
 )
 from sbus.api.ignored import WireRoute
+from sbus.api.lean import hot
 from sbus.api.openapi import errs
 from sbus.api.render import json_response, outcome_response
 from sbus.api.schemas import HistoryOut, ListOut, ReadOut, ShardOut
@@ -70,6 +71,7 @@ async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> 
     responses=errs(400, 403, 404, 422),
     summary="Read a shard; records the served version in the caller's DeliveryLog",
 )
+@hot
 async def read_shard(
     key: KeyPath,
     request: Request,
@@ -93,6 +95,7 @@ async def read_shard(
     responses=errs(400, 403, 422),
     summary="Read many shards in one request; records each served version as GET /shard does",
 )
+@hot
 async def read_many(
     body: ReadBody, request: Request, bus: BusDep, settings: SettingsDep
 ) -> Response:
