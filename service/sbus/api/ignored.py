@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Annotated, Any, TypeGuard, Union, get_args, get_origin
+from collections.abc import Iterable
+from typing import Annotated, Any, ClassVar, TypeGuard, Union, get_args, get_origin
 
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sbus.api.lean import lean_handler
+from sbus.api.lean import Handler, lean_handler
 from sbus.api.routing import ExactRoute
 from sbus.api.wire import WireModel
 from sbus.core.keys import path_text
@@ -142,12 +142,18 @@ class WireRoute(ExactRoute):
     so FastAPI parses every body, refuses a malformed one, and caches what it parsed on
     the request: nothing is parsed twice."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    # Whether routes built from now on serve the hot endpoints leanly (read when an
+    # app's route handlers are built, never per request): the API tests turn it off to
+    # hold the lean handler to FastAPI's own, answer for answer.
+    lean_path: ClassVar[bool] = True
+
+    def get_route_handler(self) -> Handler:
         # A hot route (``sbus.api.lean``) skips FastAPI's dependency solver; its
-        # parameters and errors are FastAPI's, so the record below is the same.
-        handler = lean_handler(self.dependant, self._embed_body_fields)
-        if handler is None:
-            handler = super().get_route_handler()
+        # parameters and errors are FastAPI's, so the record is the same.
+        lean = lean_handler(self.dependant, self._embed_body_fields) if self.lean_path else None
+        return self._recorded(lean or super().get_route_handler())
+
+    def _recorded(self, handler: Handler) -> Handler:
         field = self.body_field
         annotation = field.field_info.annotation if field is not None else None
         model = annotation if _is_model(annotation) else None

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import email.message
 import json
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+import types
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Annotated, Any, TypeVar, Union, cast, get_args, get_origin
 
-from fastapi import Request
+from fastapi import Request, params
+from fastapi._compat import ModelField, get_missing_field_error
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
 from fastapi.exceptions import RequestValidationError
@@ -67,23 +69,25 @@ def lean_handler(dependant: Dependant, embed_body_fields: bool) -> Handler | Non
     query_params = dependant.query_params
     body_params = dependant.body_params
     request_name = dependant.request_param_name
+    path_args = _params_reader(path_params)
+    query_args = _params_reader(query_params)
 
     async def handle(request: Request) -> Response:
         runtime = runtime_of(request.app)
         values: dict[str, Any] = {name: part(runtime) for name, part in parts if name}
         errors: list[Any] = []
-        # FastAPI's order: path, then query, then body; every error is collected.
+        # FastAPI's order: the body is read first (malformed JSON refuses the request
+        # at once), then path, query and body parameters, every error collected.
+        body: Any = await read_body(request) if body_params else _UNDEFINED
         if path_params:
-            found, problems = request_params_to_args(path_params, request.path_params)
+            found, problems = path_args(request.path_params)
             values.update(found)
             errors.extend(problems)
         if query_params:
-            found, problems = request_params_to_args(query_params, request.query_params)
+            found, problems = query_args(request.query_params)
             values.update(found)
             errors.extend(problems)
-        body: Any = _UNDEFINED
         if body_params:
-            body = await read_body(request)
             found, problems = await request_body_to_args(
                 body_fields=body_params,
                 received_body=body,
@@ -99,6 +103,71 @@ def lean_handler(dependant: Dependant, embed_body_fields: bool) -> Handler | Non
         return response
 
     return handle
+
+
+Reader = Callable[[Mapping[str, Any]], tuple[dict[str, Any], list[Any]]]
+_SCALARS = (str, int, bool)
+
+
+def _params_reader(fields: list[ModelField]) -> Reader:
+    """Path or query parameters to values and errors, as ``request_params_to_args``
+    does. When every parameter is one plain value (a string, integer or boolean,
+    optional or not, under its own name), this skips FastAPI's per-request look-ups of
+    the parameter's kind: an absent one takes its default (or is the same ``missing``
+    error), a present one goes through the same validator with the same ``loc``.
+    Anything else is FastAPI's own function."""
+    if not all(_scalar(field) for field in fields):
+        return lambda received: request_params_to_args(fields, received)
+    specs = [
+        (
+            field,
+            field.name,
+            field.alias,
+            (cast(params.Param, field.field_info).in_.value, field.alias),
+            field.field_info.is_required(),
+            field.default,
+        )
+        for field in fields
+    ]
+
+    def read(received: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        values: dict[str, Any] = {}
+        errors: list[Any] = []
+        for field, name, alias, loc, required, default in specs:
+            raw = received.get(alias)
+            if raw is None:
+                if required:
+                    errors.append(get_missing_field_error(loc=loc))
+                else:
+                    values[name] = default
+                continue
+            value, problems = field.validate(raw, values, loc=loc)
+            if problems:
+                errors.extend(problems)
+            else:
+                values[name] = value
+        return values, errors
+
+    return read
+
+
+def _scalar(field: ModelField) -> bool:
+    info = field.field_info
+    if not isinstance(info, params.Param) or info.validation_alias is not None:
+        return False
+    if info.validate_default or field.alias != (info.alias or field.name):
+        return False
+    if not isinstance(field.default, (*_SCALARS, type(None))) and not info.is_required():
+        return False
+    annotation = info.annotation
+    if get_origin(annotation) is Union or get_origin(annotation) is types.UnionType:
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) != 1:
+            return False
+        annotation = members[0]
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation in _SCALARS
 
 
 def _plain(dependant: Dependant) -> bool:

@@ -1,0 +1,296 @@
+"""The lean handler of the hot routes (``sbus.api.lean``) answers every request exactly
+as FastAPI's own handler of the same route does, without running FastAPI's dependency
+solver: the same script of good and bad requests is sent to an app serving the hot
+routes leanly and to one serving them through FastAPI's handler, and every answer
+(status, problem+json body with its ``errors`` list, ETag, SBus-Ignored-Fields,
+Idempotent-Replayed) must be the same."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import fastapi.routing
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi.dependencies.utils import request_params_to_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.datastructures import QueryParams
+
+from sbus.api import lean
+from sbus.api.ignored import WireRoute
+from sbus.api.routers import commits, mandates, sessions, shards, stats
+from sbus.api.runtime import runtime_of
+from sbus.bootstrap import create_app
+from sbus.config import Settings
+
+HOT = {("GET", "/shard/{key:path}"), ("POST", "/commit"), ("POST", "/commit/v2")}
+HOT |= {("POST", "/read")}
+COMPARED_HEADERS = ("content-type", "etag", "sbus-ignored-fields", "idempotent-replayed")
+# What differs between two runs of the same script: commit ids are random, times real.
+VOLATILE = re.compile(r'"(commit_id|created_at|updated_at)":"[^"]*"')
+
+Step = tuple[str, str, dict[str, Any]]
+
+
+def _routes() -> list[WireRoute]:
+    found: list[WireRoute] = []
+    for module in (shards, commits, sessions, mandates, stats):
+        found.extend(r for r in module.router.routes if isinstance(r, WireRoute))
+    return found
+
+
+def _hot_routes() -> list[WireRoute]:
+    return [r for r in _routes() if any((m, r.path) in HOT for m in r.methods or ())]
+
+
+def test_only_the_hot_routes_are_lean() -> None:
+    lean_ones = {
+        (method, r.path)
+        for r in _routes()
+        for method in r.methods or ()
+        if lean.lean_handler(r.dependant, r._embed_body_fields) is not None
+    }
+    assert lean_ones == HOT
+
+
+@contextmanager
+def framework_handlers() -> Iterator[None]:
+    """Apps created meanwhile serve the hot routes with FastAPI's own handler."""
+    WireRoute.lean_path = False
+    try:
+        yield
+    finally:
+        WireRoute.lean_path = True
+
+
+@asynccontextmanager
+async def app_client(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    options: dict[str, Any] = {"store": "memory://", "admin_enabled": True, "test_hooks": True}
+    app = create_app(Settings(**(options | overrides)))
+    async with LifespanManager(app) as manager:
+        for _ in range(500):
+            if runtime_of(app).ready:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            yield c
+
+
+def _commit(**fields: Any) -> dict[str, Any]:
+    return {"key": "k", "expected_version": 0, "delta": "x", "agent_id": "A"} | fields
+
+
+def _raw(text: str) -> dict[str, Any]:
+    return {"content": text.encode(), "headers": {"Content-Type": "application/json"}}
+
+
+def _json(body: Any, **headers: str) -> dict[str, Any]:
+    return {"json": body, "headers": {"Content-Type": "application/json", **headers}}
+
+
+READS: list[Step] = [
+    ("GET", "/shard/k", {"params": {"agent_id": "A"}}),
+    ("GET", "/shard/k", {}),
+    ("GET", "/shard/k", {"params": {"record": "false"}}),
+    ("GET", "/shard/k", {"params": {"record": "maybe"}}),
+    ("GET", "/shard/k", {"params": {"record": "yes", "agent_id": "B"}}),
+    ("GET", "/shard/k", {"params": {"record": ""}}),
+    ("GET", "/shard/k", {"params": {"record": "0"}}),
+    ("GET", "/shard/k", {"params": {"agent_id": ""}}),
+    ("GET", "/shard/k", {"params": {"agent_id": "a" * 300}}),
+    ("GET", "/shard/k", {"params": {"agent_id": "a\x00b", "record": "x"}}),
+    ("GET", "/shard/k", {"params": [("agent_id", "A"), ("agent_id", "B")]}),
+    ("GET", "/shard/k", {"params": {"agent_id": "A", "session_id": "s"}}),
+    ("GET", "/shard/k", {"params": {"agent_id": "A", "session_id": "s" * 300}}),
+    ("GET", "/shard/k", {"params": {"sesion_id": "s", "agent_id": "A"}}),
+    ("GET", "/shard/k", {"params": {"agent_id": "A"}, "headers": {"X-Agent-Id": "B"}}),
+    ("GET", "/shard/k", {"params": {"agent_id": "A"}, "headers": {"X-SBus-Session-Id": "t"}}),
+    ("GET", "/shard/k", {"params": {"session_id": "s"}, "headers": {"X-SBus-Session-Id": "t"}}),
+    ("GET", "/shard/missing", {"params": {"agent_id": "A"}}),
+    ("GET", "/shard/a//b", {"params": {"agent_id": "A"}}),
+    ("GET", "/shard/a/../b", {}),
+    ("GET", "/shard/a%20b", {"params": {"record": "nope"}}),
+    ("GET", "/shard/" + "x" * 600, {}),
+    ("GET", "/shard/k/", {}),
+    ("GET", "/shard/dir/k2", {"params": {"agent_id": "A"}}),
+]
+
+COMMITS: list[Step] = [
+    ("POST", "/commit/v2", _json(_commit())),
+    ("POST", "/commit/v2", _json(_commit())),  # stale now: 409
+    ("POST", "/commit", _json(_commit(expected_version=1, delta="y"))),
+    ("POST", "/commit/v2", _raw("")),
+    ("POST", "/commit/v2", _raw("null")),
+    ("POST", "/commit/v2", _raw("[]")),
+    ("POST", "/commit/v2", _raw("123")),
+    ("POST", "/commit/v2", _raw('"x"')),
+    ("POST", "/commit/v2", _raw("{")),
+    ("POST", "/commit/v2", _raw('{"key": "k",}')),
+    ("POST", "/commit/v2", _raw("{}")),
+    ("POST", "/commit/v2", _raw('{"key":"k","expected_version":NaN,"delta":"x"}')),
+    ("POST", "/commit/v2", _raw('{"key":"k","expected_version":1e400,"delta":"x"}')),
+    ("POST", "/commit/v2", _raw('{"key":"k","expected_version":2,"delta":"\\ud800"}')),
+    ("POST", "/commit/v2", _json({"key": "k", "delta": "x", "agent_id": "A"})),
+    ("POST", "/commit/v2", _json({"key": "k", "expected_version": 2, "agent_id": "A"})),
+    ("POST", "/commit/v2", _json({"key": "k", "expected_ver": 2, "content": "z", "agent_id": "A"})),
+    ("POST", "/commit/v2", _json(_commit(expected_ver=3))),
+    ("POST", "/commit/v2", _json(_commit(content="c"))),
+    ("POST", "/commit/v2", _json(_commit(expected_version="3"))),
+    ("POST", "/commit/v2", _json(_commit(expected_version=True))),
+    ("POST", "/commit/v2", _json(_commit(expected_version=-1, delta=5))),
+    ("POST", "/commit/v2", _json(_commit(expected_version=2**53))),
+    ("POST", "/commit/v2", _json(_commit(expected_version=3.0))),
+    ("POST", "/commit/v2", _json(_commit(key="a//b", delta=None))),
+    ("POST", "/commit/v2", _json(_commit(agent_id=None))),
+    ("POST", "/commit/v2", _json(_commit(agent_id="a" * 300, session_id=7))),
+    ("POST", "/commit/v2", _json(_commit(expected_version=3, readset=[], typo=1))),
+    ("POST", "/commit/v2", _json(_commit(read_set=[{"key": "r", "version_at_read": 0}] * 2))),
+    ("POST", "/commit/v2", _json(_commit(read_set=[{"key": "r", "version_at_read": "0"}]))),
+    ("POST", "/commit/v2", _json(_commit(read_set=[{"key": "r", "version_at_read": 0, "x": 1}]))),
+    ("POST", "/commit/v2", _json(_commit(read_set="r"))),
+    ("POST", "/commit/v2", _json(_commit(context=[1], mandate=5))),
+    (
+        "POST",
+        "/commit/v2",
+        _raw('{"key":"k","expected_version":3,"delta":"x","context":{"a":1e999}}'),
+    ),
+    ("POST", "/commit/v2", _json(_commit(expected_version=None), **{"If-Match": '"3"'})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=None), **{"If-Match": 'W/"3"'})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=None), **{"If-Match": "*"})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=3), **{"If-Match": '"4"'})),
+    ("POST", "/commit/v2", _json(_commit(), **{"X-Agent-Id": "B"})),
+    ("POST", "/commit/v2", _json(_commit(session_id="s"), **{"X-SBus-Session-Id": "t"})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=3), **{"Idempotency-Key": "i1"})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=3), **{"Idempotency-Key": "i1"})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=4), **{"Idempotency-Key": "i1"})),
+    ("POST", "/commit/v2", _json(_commit(expected_version=4), **{"Idempotency-Key": "i" * 256})),
+    ("POST", "/commit/v2?x=1&agent_id=B", _json(_commit(expected_version=4))),
+    ("POST", "/commit/v2", _json(_commit(key="missing"))),
+    ("POST", "/commit", _json(_commit(expected_version=5, rationale="r" * 5000))),
+    ("POST", "/commit", _json(_commit(expected_version=5, rationale="why"))),
+    ("GET", "/shard/k", {"params": {"agent_id": "A"}}),
+]
+
+BULK: list[Step] = [
+    ("POST", "/read", _json({"keys": ["k", "missing", "r"], "agent_id": "A"})),
+    ("POST", "/read", _json({"keys": ["k", "k"]})),
+    ("POST", "/read", _json({"keys": []})),
+    ("POST", "/read", _json({"keys": "k"})),
+    ("POST", "/read", _json({"keys": ["k"], "record": "no", "agent_id": 1})),
+    ("POST", "/read", _json({"keys": ["k"], "record": False, "extra": {"a": 1}})),
+    ("POST", "/read", _json({"keys": ["k"] + [f"n{i}" for i in range(300)]})),
+    ("POST", "/read", _json({"keys": ["a//b"], "session_id": "s"})),
+    ("POST", "/read", _raw("")),
+    ("POST", "/read", _raw("[")),
+    ("POST", "/read?record=false", _json({"keys": ["r"]}, **{"X-Agent-Id": "C"})),
+    ("POST", "/read", _json({"keys": ["r"], "agent_id": "A"}, **{"X-Agent-Id": "C"})),
+]
+
+
+async def _run(steps: list[Step]) -> list[tuple[int, dict[str, str], str]]:
+    async with app_client() as c:
+        for body in ({"key": "k", "content": "0"}, {"key": "r", "content": "r"}):
+            assert (await c.post("/shard", json=body)).status_code == 201
+        answers = []
+        for method, path, options in steps:
+            r = await c.request(method, path, **options)
+            headers = {h: r.headers[h] for h in COMPARED_HEADERS if h in r.headers}
+            answers.append((r.status_code, headers, VOLATILE.sub(r'"\1":"-"', r.text)))
+        return answers
+
+
+def _solved(step: Step) -> bool:
+    """Whether FastAPI's handler reaches its solver: a trailing slash reaches no route,
+    and a body that is not JSON is refused before solving."""
+    _, path, options = step
+    if path.endswith("/"):
+        return False
+    try:
+        json.loads(options.get("content") or "null")
+    except ValueError:
+        return False
+    return True
+
+
+def counting_solver(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    # FastAPI's handler calls the solver through its module's global.
+    solve = fastapi.routing.solve_dependencies  # type: ignore[attr-defined]
+
+    def counted(**kwargs: Any) -> Awaitable[Any]:
+        calls[0] += 1
+        return solve(**kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("steps", "statuses"),
+    [
+        (READS, {200, 403, 404, 422}),
+        (COMMITS, {200, 400, 403, 404, 409, 413, 422}),
+        (BULK, {200, 400, 403, 422}),
+    ],
+    ids=["read", "commit", "bulk"],
+)
+async def test_lean_answers_as_fastapi(
+    steps: list[Step], statuses: set[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    solver = counting_solver(monkeypatch)
+    lean_answers = await _run(steps)
+    lean_solves = solver[0]
+    with framework_handlers():
+        framework_answers = await _run(steps)
+    # The lean run solved dependencies only for the two creates; FastAPI's for those
+    # and every other step but the ones it refused before solving.
+    assert lean_solves == 2
+    assert solver[0] - lean_solves == 2 + len([s for s in steps if _solved(s)])
+    for step, got, want in zip(steps, lean_answers, framework_answers, strict=True):
+        assert got == want, step
+    # The script reaches the answers it is meant to compare.
+    assert {status for status, _, _ in lean_answers} == statuses
+
+
+def _query_fields() -> list[Any]:
+    (route,) = [r for r in _hot_routes() if r.path == "/shard/{key:path}"]
+    return list(route.dependant.query_params) + list(route.dependant.path_params)
+
+
+NAMES = st.sampled_from(["agent_id", "session_id", "record", "key", "other"])
+VALUES = st.one_of(
+    st.sampled_from(["", "true", "false", "1", "0", "yes", "off", "A", "x/y", "a//b", "TRUE"]),
+    st.text(max_size=8),
+    st.text(min_size=250, max_size=300, alphabet="ab"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(NAMES, VALUES), max_size=6))
+def test_parameter_reader_is_fastapis(pairs: list[tuple[str, str]]) -> None:
+    """The lean reader of plain parameters gives FastAPI's values and errors exactly."""
+    fields = _query_fields()
+    received = QueryParams(pairs)
+    assert lean._params_reader(fields)(received) == request_params_to_args(fields, received)
+
+
+def test_the_hot_parameters_take_the_short_reader() -> None:
+    fields = _query_fields()
+    assert all(lean._scalar(f) for f in fields)
+
+
+async def test_solver_counter_sees_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter the comparison relies on does count FastAPI's solver."""
+    calls = counting_solver(monkeypatch)
+    with framework_handlers():
+        async with app_client() as c:
+            await c.get("/shard/nothing")
+    assert calls[0] == 1
