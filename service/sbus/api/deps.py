@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
@@ -170,13 +170,14 @@ def expected_from(body_value: int | None, header_value: int | None) -> int | Non
 
 
 def idempotency(
-    request: Request, agent_id: str, session_id: str, body: Mapping[str, Any]
+    request: Request, agent_id: str, session_id: str, body: Callable[[], Mapping[str, Any]]
 ) -> IdemRef | None:
     """The Idempotency-Key record to check, or None without the header. The fingerprint
     covers the resolved agent and session, wherever the request named them (body,
     query or header): the same retry naming its agent in a header instead of the body
-    is the same request, the same body sent for another session is not. Every value in
-    ``body`` passed validation, so encoding it cannot fail."""
+    is the same request, the same body sent for another session is not. ``body`` gives
+    the request's fields, asked for only when the header is sent (most requests carry
+    none); every value in them passed validation, so encoding them cannot fail."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
@@ -195,7 +196,7 @@ def idempotency(
     digest.update(b"\n")
     digest.update(request.headers.get("if-match", "").encode())
     digest.update(b"\n")
-    fields = {k: v for k, v in body.items() if k not in ("agent_id", "session_id")}
+    fields = {k: v for k, v in body().items() if k not in ("agent_id", "session_id")}
     digest.update(canonical_json({"agent": agent_id, "session": session_id, "body": fields}))
     return IdemRef(agent_id, key, digest.hexdigest())
 

@@ -72,8 +72,18 @@ def lean_handler(dependant: Dependant, embed_body_fields: bool) -> Handler | Non
     path_args = _params_reader(path_params)
     query_args = _params_reader(query_params)
 
+    # The runtime of the app last served: an app's runtime is set once, when it is
+    # assembled, and reading it through the app's state costs more than the rest of
+    # the parameter work together.
+    last: list[Any] = [None, None]
+
     async def handle(request: Request) -> Response:
-        runtime = runtime_of(request.app)
+        app = request.scope["app"]
+        if app is last[0]:
+            runtime = last[1]
+        else:
+            runtime = runtime_of(app)
+            last[:] = [app, runtime]
         values: dict[str, Any] = {name: part(runtime) for name, part in parts if name}
         errors: list[Any] = []
         # FastAPI's order: the body is read first (malformed JSON refuses the request

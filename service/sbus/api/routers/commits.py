@@ -129,7 +129,7 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
         idem=idempotency(
-            request, agent, session, body.model_dump() | {"expected_version": expected}
+            request, agent, session, lambda: body.model_dump() | {"expected_version": expected}
         ),
         mandate=body.mandate,
         context=body.context,
@@ -176,7 +176,7 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         writes=writes,
         read_set=_read_items(body.read_set),
         rationale=body.rationale,
-        idem=idempotency(request, agent, session, body.model_dump() | {"writes": prints}),
+        idem=idempotency(request, agent, session, lambda: body.model_dump() | {"writes": prints}),
         mandate=body.mandate,
         context=body.context,
     )
@@ -199,7 +199,7 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
         read_set=_read_items(body.read_set),
         rationale=None,
         idem=idempotency(
-            request, agent, session, body.model_dump() | {"expected_version": expected}
+            request, agent, session, lambda: body.model_dump() | {"expected_version": expected}
         ),
         mandate=body.mandate,
         context=body.context,

@@ -60,7 +60,7 @@ async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> 
         content=body.content,
         goal_tag=body.goal_tag,
         require_mandate=body.policy.require_mandate,
-        idem=idempotency(request, agent, "", body.model_dump()),
+        idem=idempotency(request, agent, "", body.model_dump),
     )
     return outcome_response(await bus.execute(caller_of(request, agent), command))
 
@@ -203,7 +203,7 @@ async def delete_shard(
         writes=(WriteOp(key, expected, "delete"),),
         read_set=(),
         rationale="delete",
-        idem=idempotency(request, agent, session, fingerprint_body),
+        idem=idempotency(request, agent, session, lambda: fingerprint_body),
         mandate=mandate,
         context=context,
     )
