@@ -18,6 +18,7 @@ import fastapi.routing
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.dependencies.utils import request_params_to_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -294,3 +295,22 @@ async def test_solver_counter_sees_the_framework(monkeypatch: pytest.MonkeyPatch
         async with app_client() as c:
             await c.get("/shard/nothing")
     assert calls[0] == 1
+
+
+async def test_an_inclusion_dependency_keeps_fastapis_handler() -> None:
+    """A hot endpoint included with a dependency of the inclusion's own is not lean: the
+    lean handler would skip that dependency, so FastAPI's handler serves it and runs it
+    (here first, before the endpoint's own parts fail for want of a runtime)."""
+    ran: list[str] = []
+
+    async def marker() -> None:
+        ran.append("marker")
+
+    router = APIRouter(route_class=WireRoute)
+    router.add_api_route("/shard/{key:path}", shards.read_shard, methods=["GET"])
+    app = FastAPI()
+    app.include_router(router, dependencies=[Depends(marker)])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+        await c.get("/shard/k")
+    assert ran == ["marker"]

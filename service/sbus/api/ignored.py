@@ -16,6 +16,7 @@ import types
 from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar, TypeGuard, Union, get_args, get_origin
 
+import fastapi.routing
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from pydantic import BaseModel
@@ -150,8 +151,20 @@ class WireRoute(ExactRoute):
     def get_route_handler(self) -> Handler:
         # A hot route (``sbus.api.lean``) skips FastAPI's dependency solver; its
         # parameters and errors are FastAPI's, so the record is the same.
-        lean = lean_handler(self.dependant, self._embed_body_fields) if self.lean_path else None
+        lean = lean_handler(*self._effective()) if self.lean_path else None
         return self._recorded(lean or super().get_route_handler())
+
+    def _effective(self) -> tuple[Dependant, bool]:
+        """The dependant the handler is built for. Recent FastAPI builds an included
+        route's handler under the inclusion's context, whose dependant also holds the
+        dependencies given to ``include_router``: the lean handler must see those (it
+        refuses any it does not reproduce, so FastAPI's handler then runs them). Older
+        FastAPI copies the route at inclusion, with them in its own dependant."""
+        holder = getattr(fastapi.routing, "_effective_route_context_var", None)
+        context = holder.get() if holder is not None else None
+        if context is not None and getattr(context, "original_route", None) is self:
+            return context.dependant, context._embed_body_fields
+        return self.dependant, self._embed_body_fields
 
     def _recorded(self, handler: Handler) -> Handler:
         field = self.body_field
