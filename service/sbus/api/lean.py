@@ -25,7 +25,7 @@ import types
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Annotated, Any, TypeVar, Union, cast, get_args, get_origin
 
-from fastapi import Request, params
+from fastapi import HTTPException, Request, params
 from fastapi._compat import ModelField, get_missing_field_error
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import request_body_to_args, request_params_to_args
@@ -203,14 +203,16 @@ def _plain(dependant: Dependant) -> bool:
 async def read_body(request: Request) -> Any:
     """The request body as FastAPI reads it for a JSON body parameter: nothing sent is
     undefined, a JSON media type is decoded (``Request.json``, cached on the request),
-    anything else stays bytes; a decoding error is its ``json_invalid`` error."""
-    raw = await request.body()
-    if not raw:
-        return _UNDEFINED
-    media = request.headers.get("content-type")
-    if not media or not _is_json(media):
-        return raw
+    anything else stays bytes; a decoding error is its ``json_invalid`` error, and any
+    other failure to read or decode (nesting past the recursion limit, a body the
+    decoder takes for UTF-16) its 400, never a 500."""
     try:
+        raw = await request.body()
+        if not raw:
+            return _UNDEFINED
+        media = request.headers.get("content-type")
+        if not media or not _is_json(media):
+            return raw
         return await request.json()
     except json.JSONDecodeError as exc:
         raise RequestValidationError(
@@ -225,6 +227,10 @@ async def read_body(request: Request) -> Any:
             ],
             body=exc.doc,
         ) from exc
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(400, "There was an error parsing the body") from exc
 
 
 def _is_json(media: str) -> bool:
