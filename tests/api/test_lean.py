@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from starlette.datastructures import QueryParams
 
 from sbus.api import lean
+from sbus.api.deps import get_settings
 from sbus.api.ignored import WireRoute
 from sbus.api.routers import commits, mandates, sessions, shards, stats
 from sbus.api.runtime import runtime_of
@@ -71,10 +73,19 @@ def framework_handlers() -> Iterator[None]:
         WireRoute.lean_path = True
 
 
+def _settings(**overrides: Any) -> Settings:
+    options: dict[str, Any] = {"store": "memory://", "admin_enabled": True, "test_hooks": True}
+    return Settings(**(options | overrides))
+
+
 @asynccontextmanager
 async def app_client(**overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    options: dict[str, Any] = {"store": "memory://", "admin_enabled": True, "test_hooks": True}
-    app = create_app(Settings(**(options | overrides)))
+    async with serve(create_app(_settings(**overrides))) as c:
+        yield c
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with LifespanManager(app) as manager:
         for _ in range(500):
             if runtime_of(app).ready:
@@ -367,3 +378,60 @@ async def test_an_inclusion_dependency_keeps_fastapis_handler() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         await c.get("/shard/k")
     assert ran == ["marker"]
+
+
+async def test_a_dependency_override_is_honoured() -> None:
+    """An app that overrides a dependency (as tests do with ``dependency_overrides``) is
+    served by FastAPI's handler, which applies the override: the lean handler would read
+    the runtime's settings and ignore it."""
+    app = create_app(_settings())
+
+    async def strict() -> Settings:
+        return _settings(require_agent_id=True)
+
+    async with serve(app) as c:
+        assert (await c.post("/shard", json={"key": "k", "content": "0"})).status_code == 201
+        assert (await c.get("/shard/k")).status_code == 200
+        app.dependency_overrides[get_settings] = strict
+        r = await c.get("/shard/k")
+        assert (r.status_code, r.json().get("error")) == (400, "AgentRequired")
+        r = await c.post("/read", json={"keys": ["k"]})
+        assert (r.status_code, r.json().get("error")) == (400, "AgentRequired")
+        app.dependency_overrides.clear()
+        assert (await c.get("/shard/k")).status_code == 200
+
+
+async def _read_without_agent(c: httpx.AsyncClient, times: int) -> set[int]:
+    answers = await asyncio.gather(*(c.get("/shard/k") for _ in range(times)))
+    return {r.status_code for r in answers}
+
+
+async def test_two_apps_keep_their_own_runtime() -> None:
+    """Two apps in one process, requests interleaved and concurrent: each request is
+    served from its own app's runtime (one app requires an agent id, the other not)."""
+    strict, lax = create_app(_settings(require_agent_id=True)), create_app(_settings())
+    async with serve(strict) as s, serve(lax) as x:
+        for c in (s, x):
+            assert (await c.post("/shard", json={"key": "k", "content": "0"})).status_code == 201
+        for _ in range(3):
+            assert (await s.get("/shard/k")).status_code == 400
+            assert (await x.get("/shard/k")).status_code == 200
+        both = await asyncio.gather(_read_without_agent(s, 50), _read_without_agent(x, 50))
+        assert list(both) == [{400}, {200}]
+
+
+def test_two_apps_in_two_threads_keep_their_own_runtime() -> None:
+    """The same with each app on its own event loop in its own thread."""
+
+    async def hammer(app: FastAPI) -> set[int]:
+        async with serve(app) as c:
+            assert (await c.post("/shard", json={"key": "k", "content": "0"})).status_code == 201
+            seen: set[int] = set()
+            for _ in range(20):
+                seen |= await _read_without_agent(c, 10)
+            return seen
+
+    apps = [create_app(_settings(require_agent_id=True)), create_app(_settings())]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda app: asyncio.run(hammer(app)), apps))
+    assert results == [{400}, {200}]

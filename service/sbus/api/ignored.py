@@ -150,21 +150,31 @@ class WireRoute(ExactRoute):
 
     def get_route_handler(self) -> Handler:
         # A hot route (``sbus.api.lean``) skips FastAPI's dependency solver; its
-        # parameters and errors are FastAPI's, so the record is the same.
-        lean = lean_handler(*self._effective()) if self.lean_path else None
-        return self._recorded(lean or super().get_route_handler())
+        # parameters and errors are FastAPI's, so the record is the same. FastAPI's
+        # handler stays at hand for an app that overrides a dependency.
+        framework = super().get_route_handler()
+        if not self.lean_path:
+            return self._recorded(framework)
+        dependant, embed, overrides = self._effective()
+        lean = lean_handler(dependant, embed, overrides=overrides, fallback=framework)
+        return self._recorded(lean or framework)
 
-    def _effective(self) -> tuple[Dependant, bool]:
-        """The dependant the handler is built for. Recent FastAPI builds an included
-        route's handler under the inclusion's context, whose dependant also holds the
-        dependencies given to ``include_router``: the lean handler must see those (it
-        refuses any it does not reproduce, so FastAPI's handler then runs them). Older
-        FastAPI copies the route at inclusion, with them in its own dependant."""
+    def _effective(self) -> tuple[Dependant, bool, Any]:
+        """The dependant the handler is built for and its overrides provider. Recent
+        FastAPI builds an included route's handler under the inclusion's context, whose
+        dependant also holds the dependencies given to ``include_router``: the lean
+        handler must see those (it refuses any it does not reproduce, so FastAPI's
+        handler then runs them). Older FastAPI copies the route at inclusion, with them
+        in its own dependant."""
         holder = getattr(fastapi.routing, "_effective_route_context_var", None)
         context = holder.get() if holder is not None else None
         if context is not None and getattr(context, "original_route", None) is self:
-            return context.dependant, context._embed_body_fields
-        return self.dependant, self._embed_body_fields
+            return (
+                context.dependant,
+                context._embed_body_fields,
+                context.dependency_overrides_provider,
+            )
+        return self.dependant, self._embed_body_fields, self.dependency_overrides_provider
 
     def _recorded(self, handler: Handler) -> Handler:
         field = self.body_field

@@ -58,9 +58,19 @@ def hot(endpoint: F) -> F:
     return endpoint
 
 
-def lean_handler(dependant: Dependant, embed_body_fields: bool) -> Handler | None:
+def lean_handler(
+    dependant: Dependant,
+    embed_body_fields: bool,
+    *,
+    overrides: Any = None,
+    fallback: Handler | None = None,
+) -> Handler | None:
     """The lean handler of a :func:`hot` endpoint, or None for any other (or one whose
-    signature needs what the lean handler does not do: FastAPI's own handler serves it)."""
+    signature needs what the lean handler does not do: FastAPI's own handler serves it).
+
+    ``overrides`` is the route's dependency-overrides provider (the app): while its
+    ``dependency_overrides`` is not empty, ``fallback`` (FastAPI's handler) answers
+    instead, since the runtime parts read here directly would ignore an override."""
     call = dependant.call
     if call is None or not getattr(call, _MARK, False) or not _plain(dependant):
         return None
@@ -78,6 +88,8 @@ def lean_handler(dependant: Dependant, embed_body_fields: bool) -> Handler | Non
     last: list[Any] = [None, None]
 
     async def handle(request: Request) -> Response:
+        if fallback is not None and getattr(overrides, "dependency_overrides", None):
+            return await fallback(request)
         app = request.scope["app"]
         if app is last[0]:
             runtime = last[1]
