@@ -32,6 +32,8 @@ from sbus.api.routers import commits, mandates, sessions, shards, stats
 from sbus.api.runtime import runtime_of
 from sbus.bootstrap import create_app
 from sbus.config import Settings
+from sbus.core.rights import Scope
+from sbus.security.tokens import Issuer
 
 HOT = {("GET", "/shard/{key:path}"), ("POST", "/commit"), ("POST", "/commit/v2")}
 HOT |= {("POST", "/read")}
@@ -254,10 +256,12 @@ BULK: list[Step] = [
 ]
 
 
-async def _run(steps: list[Step]) -> list[tuple[int, dict[str, str], str]]:
-    async with app_client() as c:
+async def _run(
+    steps: list[Step], creator: dict[str, str] | None = None, **overrides: Any
+) -> list[tuple[int, dict[str, str], str]]:
+    async with app_client(**overrides) as c:
         for body in ({"key": "k", "content": "0"}, {"key": "r", "content": "r"}):
-            assert (await c.post("/shard", json=body)).status_code == 201
+            assert (await c.post("/shard", json=body, headers=creator)).status_code == 201
         answers = []
         for method, path, options in steps:
             r = await c.request(method, path, **options)
@@ -435,3 +439,55 @@ def test_two_apps_in_two_threads_keep_their_own_runtime() -> None:
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda app: asyncio.run(hammer(app)), apps))
     assert results == [{400}, {200}]
+
+
+TOKEN_MODE: dict[str, Any] = {"auth": "token", "secret": "t" * 32, "admin_enabled": False}
+
+
+def _bearer(agent: str, *scopes: tuple[str, str]) -> dict[str, str]:
+    """A token the token-mode apps of one comparison all accept (same secret)."""
+    issuer = Issuer.from_settings(_settings(**TOKEN_MODE))
+    value, _ = issuer.issue(agent, [Scope.of(p, *rights.split(",")) for p, rights in scopes], 600)
+    return {"Authorization": f"Bearer {value}"}
+
+
+def _token_steps() -> list[Step]:
+    writer = _bearer("A", ("k", "read,write"))
+    reader = _bearer("R", ("**", "read"))
+    forged = {"Authorization": writer["Authorization"][:-4] + "AAAA"}
+    good = _commit(agent_id=None)
+    return [
+        ("GET", "/shard/k", {"headers": writer}),
+        ("GET", "/shard/r", {"headers": writer}),
+        ("GET", "/shard/k", {}),
+        ("GET", "/shard/k", {"headers": forged}),
+        ("GET", "/shard/k", {"headers": writer, "params": {"agent_id": "B"}}),
+        ("GET", "/shard/k", {"headers": {**writer, "X-Agent-Id": "A"}}),
+        ("GET", "/shard/k", {"headers": reader, "params": {"record": "false"}}),
+        ("POST", "/read", _json({"keys": ["k", "r"]}, **writer)),
+        ("POST", "/read", _json({"keys": ["k", "r"]}, **reader)),
+        ("POST", "/read", _json({"keys": ["k"]})),
+        ("POST", "/commit/v2", _json(good | {"key": "r"}, **writer)),
+        ("POST", "/commit/v2", _json(good, **reader)),
+        ("POST", "/commit/v2", _json(good, **forged)),
+        ("POST", "/commit/v2", _json(good | {"agent_id": "B"}, **writer)),
+        ("POST", "/commit/v2", _raw("{")),
+        ("POST", "/commit/v2", {"content": b"{", "headers": _raw("")["headers"] | writer}),
+        ("POST", "/commit/v2", _json(good | {"expected_version": "x"})),
+        ("POST", "/commit/v2", _json(good | {"expected_version": "x"}, **writer)),
+        ("POST", "/commit/v2", _json(good, **writer)),
+        ("POST", "/commit", _json(good, **writer)),
+    ]
+
+
+async def test_lean_answers_as_fastapi_in_token_mode() -> None:
+    """The same comparison in token mode: the gate's 401s, the rights' 403s and the
+    agent checks are the same with and without the lean handler."""
+    steps = _token_steps()
+    creator = _bearer("root", ("**", "read,write,create"))
+    lean_answers = await _run(steps, creator, **TOKEN_MODE)
+    with framework_handlers():
+        framework_answers = await _run(steps, creator, **TOKEN_MODE)
+    for step, got, want in zip(steps, lean_answers, framework_answers, strict=True):
+        assert got == want, step
+    assert {status for status, _, _ in lean_answers} == {200, 400, 401, 403, 409, 422}
