@@ -15,6 +15,10 @@ refusal is the same 4xx with the same ``errors`` list; the body is read and deco
 exactly as FastAPI does (``Request.json``, cached on the request, where the ignored-fields
 record finds it). The endpoint then runs unchanged: it builds the Caller and the command
 and calls ``Bus.execute`` like every route.
+
+What it reproduces (the body rules, the error shapes, the inclusion context) is the
+FastAPI release pinned in pyproject.toml; its internals imported here fail the import,
+and so the start, if they move.
 """
 
 from __future__ import annotations
