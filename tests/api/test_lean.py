@@ -498,3 +498,30 @@ async def test_lean_answers_as_fastapi_in_token_mode() -> None:
     for step, got, want in zip(steps, lean_answers, framework_answers, strict=True):
         assert got == want, step
     assert {status for status, _, _ in lean_answers} == {200, 400, 401, 403, 409, 422, 429}
+
+
+async def _contended() -> tuple[str, list[int], list[int]]:
+    async with app_client() as c:
+        document = (await c.get("/openapi.json")).text
+        assert (await c.post("/shard", json={"key": "hot", "content": "0"})).status_code == 201
+        commits = [
+            c.post("/commit/v2", json=_commit(key="hot", delta=str(i), agent_id=f"a{i}"))
+            for i in range(40)
+        ]
+        reads = [c.get("/shard/hot", params={"agent_id": f"r{i}"}) for i in range(40)]
+        reads += [c.post("/read", json={"keys": ["hot"], "agent_id": f"b{i}"}) for i in range(40)]
+        answers = await asyncio.gather(*commits, *reads)
+        statuses = [r.status_code for r in answers]
+        return document, sorted(statuses[:40]), sorted(statuses[40:])
+
+
+async def test_concurrent_requests_and_the_document_are_fastapis() -> None:
+    """Many concurrent commits at one version and reads on one app: one commit wins,
+    every other is 409, every read 200, as with FastAPI's handler; the OpenAPI document
+    is the same byte for byte."""
+    lean_run = await _contended()
+    with framework_handlers():
+        framework_run = await _contended()
+    assert lean_run == framework_run
+    assert lean_run[1] == [200] + [409] * 39
+    assert lean_run[2] == [200] * 80
