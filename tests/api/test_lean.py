@@ -28,6 +28,7 @@ from starlette.datastructures import QueryParams
 from sbus.api import lean
 from sbus.api.deps import get_settings
 from sbus.api.ignored import WireRoute
+from sbus.api.middleware import query_problem
 from sbus.api.routers import commits, mandates, sessions, shards, stats
 from sbus.api.runtime import runtime_of
 from sbus.bootstrap import create_app
@@ -155,6 +156,11 @@ READS: list[Step] = [
     ("GET", "/shard/" + "k" * 20000, {}),
     ("GET", "/shard/k?record=false&record=maybe", {}),
     ("GET", "/shard/k?agent_id&record", {}),
+    ("GET", "/shard/k?=x&&agent_id=A&Agent_Id=B", {}),
+    ("GET", "/shard/k?record=TRUE&agent_id=A%20B", {}),
+    ("GET", "/shard/k?record=on&session_id=%C3%A9", {}),
+    ("GET", "/shard/k?agent_id=%FF", {}),
+    ("GET", "/shard/k", _raw("{")),
 ]
 
 COMMITS: list[Step] = [
@@ -274,9 +280,12 @@ async def _run(
 
 def _solved(step: Step) -> bool:
     """Whether FastAPI's handler reaches its solver: a trailing slash or another method
-    reaches no route, the gate refuses a POST without a JSON media type, and a body the
-    decoder refuses is refused before solving (a GET's body is never read)."""
+    reaches no route, the gate refuses a query that is not UTF-8 and a POST without a
+    JSON media type, and a body the decoder refuses is refused before solving (a GET's
+    body is never read)."""
     method, path, options = step
+    if query_problem(path.partition("?")[2].encode()):
+        return False
     if method == "GET":
         return path.startswith("/shard/") and not path.endswith("/")
     if method != "POST" or path.split("?")[0] not in ("/commit", "/commit/v2", "/read"):
