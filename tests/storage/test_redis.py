@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -64,6 +66,29 @@ async def store(make_store: Callable[..., Awaitable[RedisStore]]) -> RedisStore:
     return await make_store()
 
 
+_COMMAND = re.compile(rb"\*\d+\r\n\$\d+\r\n([A-Za-z]+)\r\n")
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first command of every write to a Redis connection in this process, one per
+    round trip (a MULTI pipeline is one write, named MULTI)."""
+    writes: list[str] = []
+    original = AbstractConnection.send_packed_command
+
+    async def recording(
+        self: AbstractConnection, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        data = command.encode() if isinstance(command, str) else command
+        head = data if isinstance(data, bytes) else b"".join(data)
+        match = _COMMAND.match(head)
+        writes.append(match.group(1).decode().upper() if match else "?")
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", recording)
+    return writes
+
+
 def create(key: str, content: str = "v0") -> CreateOp:
     return CreateOp(key, content, "", False, "", new_commit_id())
 
@@ -89,6 +114,7 @@ async def assert_chain(store: RedisStore, key: str) -> None:
     for before, entry in zip([None, *entries], entries, strict=False):
         if before is not None:
             assert entry.prev_hash == before.hash
+            assert entry.committed_ms >= before.committed_ms, (before, entry)
         elif entry.version == 0:
             assert entry.prev_hash == GENESIS
         digest = entry_hash(
@@ -369,37 +395,57 @@ class TestConcurrency:
 
 class TestHeadMoved:
     async def _race(
-        self, store: RedisStore, other: RedisStore, monkeypatch: pytest.MonkeyPatch, txn: Txn
+        self,
+        store: RedisStore,
+        monkeypatch: pytest.MonkeyPatch,
+        txn: Txn,
+        interlude: Callable[[], Awaitable[Any]],
     ) -> tuple[Any, int]:
-        """Apply ``txn`` on ``store`` while ``other`` commits to "k" between the
-        head read and the script, once; returns (outcome or error, head reads)."""
-        original = store._snapshot
+        """Apply ``txn`` on ``store``, running ``interlude`` once between hashing the
+        new entries and sending the commit script; returns (outcome or error, commit
+        scripts sent)."""
+        original = store._eval
         calls = 0
 
-        async def snapshot(*commands: Any) -> Any:
+        async def racing(name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
             nonlocal calls
-            calls += 1
-            result = await original(*commands)
-            if calls == 1:
-                version = (await other.read("k", None, "", False)).version
-                await other.apply(commit("k", version, "interloper", agent="I"))
-            return result
+            if name == "commit":
+                calls += 1
+                if calls == 1:
+                    await interlude()
+            return await original(name, keys, args)
 
-        monkeypatch.setattr(store, "_snapshot", snapshot)
+        monkeypatch.setattr(store, "_eval", racing)
         try:
             return await store.apply(txn), calls
         except e.SBusError as exc:
             return exc, calls
+        finally:
+            monkeypatch.setattr(store, "_eval", original)
+
+    @staticmethod
+    def interloper(other: RedisStore) -> Callable[[], Awaitable[Any]]:
+        async def commit_k() -> None:
+            version = (await other.read("k", None, "", False)).version
+            await other.apply(commit("k", version, "interloper", agent="I"))
+
+        return commit_k
 
     async def test_admitted_commit_retries_and_rehashes(
-        self, make_store: Callable[..., Awaitable[RedisStore]], monkeypatch: pytest.MonkeyPatch
+        self,
+        make_store: Callable[..., Awaitable[RedisStore]],
+        monkeypatch: pytest.MonkeyPatch,
+        sent: list[str],
     ) -> None:
         store, other = await make_store(), await make_store()
         await store.create(create("k", "zero"))
         await store.apply(commit("k", 0, "one"))
         rollback = commit("k", None, agent="R", kind="rollback", op="rollback", target=0)
-        out, calls = await self._race(store, other, monkeypatch, rollback)
+        sent.clear()
+        out, calls = await self._race(store, monkeypatch, rollback, self.interloper(other))
         assert calls == 2  # the head moved: rehashed against the new head and retried
+        # a rollback reads its source entry with the heads, on every attempt
+        assert sent.count("MULTI") == 2 + 1  # + the interloper's own
         assert out.status == 200 and out.body["version"] == 3 and out.body["content"] == "zero"
         assert out.body["attempt_count"] == 3
         await assert_chain(store, "k")
@@ -411,32 +457,47 @@ class TestHeadMoved:
     ) -> None:
         store, other = await make_store(), await make_store()
         await store.create(create("k"))
-        out, calls = await self._race(store, other, monkeypatch, commit("k", 0, "mine"))
+        out, calls = await self._race(
+            store, monkeypatch, commit("k", 0, "mine"), self.interloper(other)
+        )
         assert calls == 1  # decided at once: no retry needed to reject
         assert isinstance(out, e.VersionMismatch)
         assert out.fields == {"key": "k", "expected": 0, "found": 1}
         await assert_chain(store, "k")
 
-    async def test_clock_skew_retries(
-        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    async def test_moved_head_retries_on_the_rows_the_script_answers(
+        self,
+        make_store: Callable[..., Awaitable[RedisStore]],
+        monkeypatch: pytest.MonkeyPatch,
+        sent: list[str],
     ) -> None:
-        """advance-clock between the head read and the script: the entry is rehashed
-        with the new store time, so committed_at never lies."""
+        """A commit without an expected version whose head moved after it was hashed:
+        the RETRY answer carries the current row and clock, so the second attempt is
+        hashed against them without reading them first."""
+        store, other = await make_store(), await make_store()
         await store.create(create("k"))
-        original = store._snapshot
-        calls = 0
-
-        async def snapshot(*commands: Any) -> Any:
-            nonlocal calls
-            calls += 1
-            result = await original(*commands)
-            if calls == 1:
-                await store.advance_clock(60_000)
-            return result
-
-        monkeypatch.setattr(store, "_snapshot", snapshot)
-        await store.apply(commit("k", 0, "later"))
+        await store.read("k", "A", "", True)
+        sent.clear()
+        blind = commit("k", None, "blind", agent="B", session="b")
+        out, calls = await self._race(store, monkeypatch, blind, self.interloper(other))
         assert calls == 2
+        assert out.status == 200 and out.body["new_version"] == 2
+        assert "MULTI" not in sent[sent.index("EVALSHA", 2) :]  # after the interloper's commit
+        await assert_chain(store, "k")
+
+    async def test_clock_skew_retries(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch, sent: list[str]
+    ) -> None:
+        """advance-clock between the hashing and the script: the entry is rehashed
+        with the store time the script answers, so committed_at never lies."""
+        await store.create(create("k"))
+        await store.read("k", "A", "", True)
+        sent.clear()
+        out, calls = await self._race(
+            store, monkeypatch, commit("k", 0, "later"), lambda: store.advance_clock(60_000)
+        )
+        assert calls == 2 and out.status == 200
+        assert sent == ["EVALSHA", "EVALSHA", "EVALSHA"]  # advance, commit, commit again
         entry = (await store.history("k", None, 1))[0]
         assert abs(entry.committed_ms - await store.now_ms()) < 5_000
         await assert_chain(store, "k")
@@ -456,6 +517,112 @@ class TestHeadMoved:
         assert again.replayed and again.body == first.body and again.etag == first.etag
         record = await store.idempotent("R", "idem-1")
         assert record is not None and record.body == first.body
+
+
+class TestRoundTrips:
+    """One script call per request: a commit hashes its entries against the heads and
+    the store clock that the previous script replies showed this process."""
+
+    async def test_read_then_commit_is_one_round_trip_each(
+        self, store: RedisStore, sent: list[str]
+    ) -> None:
+        await store.create(create("k"))
+        sent.clear()
+        shard = await store.read("k", "A", "s", True)
+        out = await store.apply(commit("k", shard.version, "one", agent="A", session="s"))
+        assert out.body is not None and out.body["new_version"] == 1
+        again = await store.read("k", "A", "s", True)
+        await store.apply(
+            commit("k", again.version, "two", agent="A", session="s", idem=IdemRef("A", "i", "f"))
+        )
+        assert sent == ["EVALSHA"] * 4
+        await assert_chain(store, "k")
+        record = await store.idempotent("A", "i")
+        assert record is not None and record.body is not None
+        assert record.body["new_version"] == 2
+
+    async def test_bulk_read_then_multi_commit_is_one_round_trip_each(
+        self, store: RedisStore, sent: list[str]
+    ) -> None:
+        await store.create(create("a"))
+        await store.create(create("b"))
+        sent.clear()
+        rows = await store.read_many(["a", "b"], "A", "s", True)
+        txn = commit_txn(
+            op="multi",
+            agent_id="A",
+            session_id="s",
+            writes=[
+                WriteOp("a", rows["a"].version, "commit", "A1", 0),
+                WriteOp("b", rows["b"].version, "delete", "", 0),
+            ],
+            read_set=[],
+            rationale=None,
+            idem=None,
+        )
+        out = await store.apply(txn)
+        assert out.body is not None
+        assert [r["new_version"] for r in out.body["results"]] == [1, 1]
+        assert sent == ["EVALSHA", "EVALSHA"]
+        await assert_chain(store, "a")
+        await assert_chain(store, "b")
+
+    async def test_a_head_never_seen_is_read_first(
+        self, make_store: Callable[..., Awaitable[RedisStore]], sent: list[str]
+    ) -> None:
+        store, fresh = await make_store(), await make_store()
+        await store.create(create("k"))
+        sent.clear()
+        out = await fresh.apply(commit("k", 0, "one"))
+        assert out.body is not None and out.body["new_version"] == 1
+        assert sent == ["MULTI", "EVALSHA"]
+        await assert_chain(store, "k")
+
+    async def test_a_stale_head_costs_one_retry_not_a_read(
+        self, make_store: Callable[..., Awaitable[RedisStore]], sent: list[str]
+    ) -> None:
+        """Another replica moved the head this one remembers: the script answers RETRY
+        with the current row, and the second attempt lands."""
+        store, other = await make_store(), await make_store()
+        await store.create(create("k"))
+        await store.read("k", "A", "", True)
+        await other.apply(commit("k", 0, "elsewhere", agent="O"))
+        sent.clear()
+        out = await store.apply(commit("k", 1, "here", agent="B"))
+        assert out.body is not None and out.body["new_version"] == 2
+        assert sent == ["EVALSHA", "EVALSHA"]
+        await assert_chain(store, "k")
+
+    async def test_a_reset_namespace_is_not_a_stale_head_forever(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        """Versions start again after another replica's reset: the head remembered here
+        is newer than the store's, and must still give way to it."""
+        store, other = await make_store(), await make_store()
+        await store.create(create("k"))
+        await store.apply(commit("k", 0, "one"))
+        await store.apply(commit("k", 1, "two"))
+        await other.reset_all()
+        await other.create(create("k", "again"))
+        out = await store.apply(commit("k", 0, "after reset"))
+        assert out.body is not None and out.body["new_version"] == 1
+        await assert_chain(store, "k")
+
+    async def test_committed_at_never_precedes_the_head(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        """A process whose clock estimate trails another's still stamps its entry no
+        earlier than the head it follows."""
+        store, other = await make_store(), await make_store()
+        await store.create(create("k"))
+        await store.read("k", "A", "", True)
+        await other.advance_clock(2_000)  # other's entries are 2 s ahead of store's estimate
+        await other.apply(commit("k", 0, "ahead", agent="O"))
+        await store.read("k", None, "", False)  # the head, but no new clock reading
+        await store.apply(commit("k", 1, "behind", agent="B"))
+        newest, older = await store.history("k", None, 2)
+        assert newest.version == 2 and newest.committed_ms >= older.committed_ms
+        await assert_chain(store, "k")
 
 
 class TestSessions:

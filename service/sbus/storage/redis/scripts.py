@@ -19,8 +19,11 @@ Conventions shared with :mod:`sbus.storage.redis.store`:
   script back when it fails midway.
 - Replies are arrays whose first element is a tag: ``OK``, ``ERR`` (code, then field
   name/value pairs), ``REPLAY`` (the idempotency record under the request's key;
-  nothing was written), ``RETRY`` (a head the caller hashed against moved; nothing was
-  written) or ``NOTFOUND``/``EXISTS``.
+  nothing was written), ``RETRY`` (a head the caller hashed against moved, or its clock
+  reading is too far off; nothing was written; the commit script adds its clock and the
+  written rows as they are) or ``NOTFOUND``/``EXISTS``. The read, bulk read, create and
+  commit scripts also answer their clock reading, which the caller carries forward to
+  stamp its next commit (:mod:`sbus.storage.redis.heads`).
 
 Shard hash fields: ``id content version goal mand created updated ac cc del head
 hmin hbytes`` (``hmin`` is the oldest retained history version, ``hbytes`` the bytes
@@ -182,6 +185,7 @@ local META, SHARD, HIST, LIVE, ALL, IKEY, IIDX = unpack(KEYS)
 local P = cjson.decode(ARGV[1])
 local content = ARGV[2]
 local now, real = clock(META)
+local t = now  -- this script's clock reading, returned: the caller's estimate follows it
 if math.abs(now - P.now) > P.skew then return {'RETRY', 'clock'} end
 if P.idem then
   local replay = idem_check(IKEY, now)
@@ -211,13 +215,14 @@ redis.call('ZADD', LIVE, 0, P.key)
 redis.call('ZADD', ALL, 0, P.key)
 local r = load(SHARD)
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, r) end
-return {'OK', row_reply(P.key, r)}
+return {'OK', row_reply(P.key, r), t}
 """
 
 # ---------------------------------------------------------------------------------
 # read (recorded GET)
 # KEYS: meta, shard, dlt, dlv, sessions index
 # ARGV: ttl, max_entries, key, session member
+# Reply: {'OK', row, content, store ms} or {'NOTFOUND'}
 READ = r"""
 local META, SHARD, DLT, DLV, SESSIONS = unpack(KEYS)
 local ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -225,7 +230,7 @@ local r = load(SHARD)
 if not r then return {'NOTFOUND'} end
 local now = clock(META)
 record_read(DLT, DLV, SESSIONS, ARGV[4], ARGV[3], r.version, now, ttl, max)
-return {'OK', row_reply(ARGV[3], r), redis.call('HGET', SHARD, 'content')}
+return {'OK', row_reply(ARGV[3], r), redis.call('HGET', SHARD, 'content'), now}
 """
 
 # ---------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ return {'OK', row_reply(ARGV[3], r), redis.call('HGET', SHARD, 'content')}
 # read script would one key at a time (rules.record_reads).
 # KEYS: meta, dlt, dlv, sessions index, then one shard key per ARGV key
 # ARGV: ttl, max_entries, session member, then the keys
-# Reply: {'OK', rows}; rows[i] is {row_reply, content}, or false for a missing key.
+# Reply: {'OK', rows, store ms}; rows[i] is {row_reply, content}, or false for a missing key.
 READ_MANY = r"""
 local META, DLT, DLV, SESSIONS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, max, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
@@ -249,7 +254,7 @@ for i = 4, #ARGV do
     rows[#rows + 1] = false
   end
 end
-return {'OK', rows}
+return {'OK', rows, now}
 """
 
 # ---------------------------------------------------------------------------------
@@ -320,21 +325,16 @@ return {'OK'}
 #   writes: [{k, exp?, kind, t, hv, hh, m, h, z, id?, goal?, mand?}], reads: [[k, v]],
 #   idem?}  (id, goal, mand: a create's row fields; mand is the policy it asks for)
 # ARGV[1 + i]: the content of write i (commit and create writes; '' otherwise)
+# Reply: {'OK', rows, store ms}, {'ERR', ...}, {'REPLAY', ...} or {'RETRY', reason,
+#   store ms, rows}: rows[i] is write i's row (row_reply) as it is now, false if absent,
+#   so the caller can rehash against it without reading it first.
 COMMIT = r"""
 local META, COUNTERS, DLT, DLV, SESSIONS, LIVE, IKEY, IIDX, ALL =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local P = cjson.decode(ARGV[1])
 local W, nw = P.writes, #P.writes
 local now, real = clock(META)
--- The chain hashes cover committed_at = P.now, read from this store's clock just
--- before; a caller that stalled (or an advance-clock in between) must redo them.
-if math.abs(now - P.now) > P.skew then return {'RETRY', 'clock'} end
-now = P.now
-
-if P.idem then
-  local replay = idem_check(IKEY, now)
-  if replay then return replay end
-end
+local t = now  -- this script's clock reading, returned: the caller's estimate follows it
 
 local shards = {}     -- key -> row (false when absent), loaded once
 local function shard(key, skey)
@@ -344,6 +344,25 @@ local function shard(key, skey)
     shards[key] = r
   end
   return r
+end
+-- Nothing written: the caller rehashes against these rows and this clock.
+local function retry(reason)
+  local rows = {}
+  for i = 1, nw do
+    local r = shard(W[i].k, KEYS[8 + 2 * i])
+    rows[i] = r and row_reply(W[i].k, r) or false
+  end
+  return {'RETRY', reason, t, rows}
+end
+
+-- The chain hashes cover committed_at = P.now, the caller's reading of this store's
+-- clock; a caller that stalled (or an advance-clock in between) must redo them.
+if math.abs(now - P.now) > P.skew then return retry('clock') end
+now = P.now
+
+if P.idem then
+  local replay = idem_check(IKEY, now)
+  if replay then return replay end
 end
 -- guarded: the written keys their own precondition guards (rules.decide, 9c): an
 -- expected version, or a create's "not live"
@@ -477,7 +496,7 @@ for i = 1, nw do
 end
 -- The commit is admitted, but a written head is not the one its new history
 -- entry was hashed against: write nothing, the caller rehashes and retries.
-if moved then return {'RETRY', 'head'} end
+if moved then return retry('head') end
 
 -- 9g. apply
 counters.total_commits = 1
@@ -527,7 +546,7 @@ redis.call('HSET', DLV, '#last', s(now))
 redis.call('ZADD', SESSIONS, 0, P.member)
 if P.mref then redis.call('HSET', P.mkey, P.mref.jti, s(P.mref['until'])) end
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, last) end
-return {'OK', rows}
+return {'OK', rows, t}
 """
 
 # ---------------------------------------------------------------------------------

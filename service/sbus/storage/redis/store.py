@@ -15,17 +15,22 @@ Design
   all of them live in one Redis Cluster slot and every script is single-slot. The
   layout is in docs/redis.md.
 - **History hash chain**: Redis Lua has no SHA-256, so the chain hash of a new entry
-  is computed here. One pipelined ``MULTI`` read fetches the store clock (``TIME``
-  plus offset) and, for each written key, its head (version, head hash) and, for a
-  rollback, the source entry; the entries are hashed against those heads with
-  ``committed_at`` = that clock reading, and handed to the script. The script checks
-  that its own clock is within :data:`CLOCK_SKEW_MS` of that reading and then decides
-  exactly as ``decide`` would against the CURRENT state. Only if the commit is
-  admitted and some written head is not the one it was hashed against does it write
-  nothing and answer ``RETRY``; a moved head usually means the commit fails anyway
-  (VersionMismatch against the old expected version), and then it is simply decided
-  and answered. Retries are bounded (:data:`MAX_RACES`), then 503 ``not_applied``.
-  Creates use the same scheme against the tombstone (or absence) they hashed.
+  is computed here, against each written key's head (version, head hash) and with
+  ``committed_at`` = a store-clock reading. Every script reply carries the rows it
+  touched and the script's clock; :mod:`sbus.storage.redis.heads` remembers them, so
+  a commit after a read (the usual cycle) is hashed against what that read showed
+  and sent at once: ONE round trip. Only a head this process never saw, or a
+  rollback (its source entry), is read first, in one pipelined ``MULTI`` with
+  ``TIME`` and the clock offset. ``committed_at`` is never before the head's own
+  time. The script checks that its own clock is within :data:`CLOCK_SKEW_MS` of the
+  ``committed_at`` it was given and then decides exactly as ``decide`` would against
+  the CURRENT state. Only if the commit is admitted and some written head is not the
+  one it was hashed against does it write nothing and answer ``RETRY`` with the
+  current rows and its clock, against which the next attempt is hashed; a moved head
+  usually means the commit fails anyway (VersionMismatch against the old expected
+  version), and then it is simply decided and answered. Retries are bounded
+  (:data:`MAX_RACES`), then 503 ``not_applied``. Creates are hashed against the
+  tombstone (or absence) read with the clock and checked the same way.
 - **Idempotency records** are hashes with a store-clock expiry field, expired by
   Redis through ``PEXPIREAT`` at the matching real time and indexed in a sorted set
   for purge and reset. The recorded body is rendered here before the script runs
@@ -93,6 +98,7 @@ from sbus.core.types import (
     Txn,
     WriteOp,
 )
+from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
 from sbus.storage.redis.scripts import SCRIPTS, Script
 from sbus.storage.urls import redact_url
 
@@ -119,10 +125,13 @@ SHARD_FIELDS = (
     "content",
 )
 # What a commit reads before hashing: the head, and the rest of the predicted row.
-HEAD_FIELDS = ("version", "head", "id", "goal", "mand", "created", "ac", "cc")
+HEAD_FIELDS = ("version", "head", "id", "goal", "mand", "created", "updated", "ac", "cc")
 COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
 # Errors that Redis answers before a script runs: nothing was applied.
 _NOT_RUN = ("OOM", "READONLY", "BUSY", "LOADING", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN")
+# What a commit hashes against: the store ms, each written key's head in write order
+# (None: absent) and each rollback's source content by key.
+_Basis = tuple[int, list[Head | None], dict[str, str]]
 
 
 def _depth(version: int, hmin: int) -> int:
@@ -172,6 +181,8 @@ class RedisStore:
         self.k_idem_index = f"{tag}:idem"  # sorted set of agent\0key by expiry
         self._pool: BlockingConnectionPool | None = None
         self._client: Redis | None = None
+        self._heads = Heads()  # what this process last saw: see heads.py
+        self._clock = StoreClock()
 
     # key names ---------------------------------------------------------------------
     def k_shard(self, key: str) -> str:
@@ -351,6 +362,7 @@ class RedisStore:
 
     async def advance_clock(self, ms: int, cap_ms: int = MAX_OFFSET_MS) -> int:
         tag, offset = await self._eval("advance_clock", [self.k_meta], [ms, cap_ms])
+        self._clock.forget()  # the next commit reads the clock again rather than retry
         if tag == "ERR":
             raise offset_refused(int(offset), ms, cap_ms)
         return int(offset)
@@ -487,6 +499,9 @@ class RedisStore:
                 ],
                 [orjson.dumps(payload).decode(), op.content],
             )
+            if reply[0] == "OK":
+                self._clock.saw(int(reply[2]))
+                self._heads.saw(op.key, head_of(_row_shard(reply[1], "")))
             if reply[0] != "RETRY":
                 return reply[0], reply
         raise StoreUnavailable("create kept racing concurrent writers", outcome="not_applied")
@@ -524,6 +539,7 @@ class RedisStore:
             if reply[0] == "NOTFOUND":
                 raise ShardNotFound(key)
             shard = _row_shard(reply[1], reply[2])
+            self._clock.saw(int(reply[3]))
         else:
             try:
                 row = await self._redis().hmget(self.k_shard(key), list(SHARD_FIELDS))
@@ -532,6 +548,7 @@ class RedisStore:
             if row[0] is None:
                 raise ShardNotFound(key)
             shard = _hash_shard(key, row)
+        self._heads.saw_shard(shard)
         if shard.deleted:
             raise ShardDeleted(key, shard.version)
         return shard
@@ -552,9 +569,11 @@ class RedisStore:
                     *keys,
                 ],
             )
+            self._clock.saw(int(reply[2]))
             for key, row in zip(keys, reply[1], strict=True):
                 if row is not None:
-                    found[key] = _row_shard(row[0], row[1])
+                    found[key] = shard = _row_shard(row[0], row[1])
+                    self._heads.saw_shard(shard)
             return found
         # Unrecorded: one MULTI of HMGETs, so the rows are one snapshot, as in a script.
         try:
@@ -566,7 +585,8 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
         for key, row in zip(keys, rows, strict=True):
             if row[0] is not None:
-                found[key] = _hash_shard(key, row)
+                found[key] = shard = _hash_shard(key, row)
+                self._heads.saw_shard(shard)
         return found
 
     async def list_keys(self, prefix: str, after: str | None, limit: int) -> list[str]:
@@ -602,32 +622,70 @@ class RedisStore:
             keys += (self.k_shard(w.key), self.k_hist(w.key))
         keys += [self.k_shard(r.key) for r in reads]
         contents = [w.content if w.kind in ("commit", "create") else "" for w in writes]
+        basis = self._remembered(writes)
         for attempt in range(MAX_RACES):
             if attempt:
                 await asyncio.sleep(random.random() * RACE_BACKOFF_S * attempt)
-            payload, predicted = await self._commit_payload(txn, writes)
+            if basis is None:
+                basis = await self._read_heads(writes)
+            payload, predicted = self._commit_payload(txn, writes, basis)
             payload["reads"] = [[r.key, r.version_at_read] for r in reads]
             payload["member"] = self.member(txn.agent_id, txn.session_id)
             reply = await self._eval("commit", keys, [orjson.dumps(payload).decode(), *contents])
             tag = reply[0]
             if tag == "RETRY":
+                basis = self._retry_basis(writes, int(reply[2]), reply[3])
                 continue
             if tag == "REPLAY":
                 assert txn.idem is not None  # a script replays only a request with a key
                 return replay(self._idem_record(reply[1:]), txn.idem.fingerprint)
             if tag == "ERR":
                 raise self._error(reply, txn.agent_id)
-            post = {row[0]: _row_shard(row, predicted[row[0]].content) for row in reply[1]}
+            self._clock.saw(int(reply[2]))
+            post = {}
+            for row in reply[1]:
+                shard = _row_shard(row, predicted[row[0]].content)
+                self._heads.saw_shard(shard)
+                post[shard.key] = shard
             return rules.render(txn, post)
         raise StoreUnavailable("commit kept racing concurrent writers", outcome="not_applied")
 
-    async def _commit_payload(
-        self, txn: Txn, writes: list[WriteOp]
-    ) -> tuple[dict[str, Any], dict[str, Shard]]:
-        """Read the heads (and rollback sources) and hash the new history entries
-        against them; returns the script payload and the predicted post rows."""
-        rollbacks = [w for w in writes if w.kind == "rollback"]
+    def _remembered(self, writes: list[WriteOp]) -> _Basis | None:
+        """The heads this process last saw and its store-clock estimate, or None when
+        it has not seen one of them (or no clock yet), or a write is a rollback (its
+        source entry is read with the heads)."""
+        now = self._clock.now()
+        if now is None:
+            return None
+        heads: list[Head | None] = []
+        for w in writes:
+            head = self._heads.get(w.key)
+            if head is None or w.kind == "rollback":
+                return None
+            heads.append(head)
+        return now, heads, {}
 
+    def _retry_basis(self, writes: list[WriteOp], now: int, rows: Sequence[Any]) -> _Basis | None:
+        """The basis a RETRY answer hands back: the script's clock and the written rows
+        as they are (None: absent). Remembered too. None for a rollback: its source
+        entry is read again with the heads."""
+        self._clock.saw(now)
+        heads: list[Head | None] = []
+        for w, row in zip(writes, rows, strict=True):
+            if row is None:
+                heads.append(None)
+                continue
+            head = head_of(_row_shard(row, ""))
+            self._heads.saw(w.key, head)
+            heads.append(head)
+        if any(w.kind == "rollback" for w in writes):
+            return None
+        return now, heads, {}
+
+    async def _read_heads(self, writes: list[WriteOp]) -> _Basis:
+        """The store clock, every written head and each rollback's source content, in
+        one MULTI round trip (when this process has not seen them)."""
+        rollbacks = [w for w in writes if w.kind == "rollback"]
         commands: list[tuple[str, ...]] = [
             ("HMGET", self.k_shard(w.key), *HEAD_FIELDS) for w in writes
         ]
@@ -636,21 +694,56 @@ class RedisStore:
             for w in rollbacks
         ]
         now, res = await self._snapshot(*commands)
-        committed_at = rfc3339(now)
+        self._clock.saw(now)
         sources: dict[str, str] = {}
         for i, w in enumerate(rollbacks):
             meta_json, content = res[len(writes) + i]
             if meta_json is not None and not orjson.loads(meta_json)["deleted"]:
                 sources[w.key] = content or ""
+        heads: list[Head | None] = []
+        for i in range(len(writes)):
+            version, head, id_, goal, mand, created, updated, ac, cc = res[i]
+            if version is None:
+                heads.append(None)
+                continue
+            heads.append(
+                Head(
+                    int(version),
+                    head,
+                    id_,
+                    goal,
+                    mand == "1",
+                    int(created),
+                    int(updated),
+                    int(ac),
+                    int(cc),
+                )
+            )
+        return now, heads, sources
+
+    def _commit_payload(
+        self, txn: Txn, writes: list[WriteOp], basis: _Basis
+    ) -> tuple[dict[str, Any], dict[str, Shard]]:
+        """Hash the new history entries against the heads of ``basis``; returns the
+        script payload and the predicted post rows. ``committed_at`` is the basis's
+        clock, but never before a written head's own: the chain's times do not go
+        back even when this process's clock estimate trails another's."""
+        now, heads, sources = basis
+        for h in heads:
+            if h is not None and h.updated > now:
+                now = h.updated
+        committed_at = rfc3339(now)
         out: list[dict[str, Any]] = []
         predicted: dict[str, Shard] = {}
-        for i, w in enumerate(writes):
-            version_s, head, id_, goal, mand, created, ac, cc = res[i]
-            hv = int(version_s) if version_s is not None else -1
-            prev = head or GENESIS
+        for w, h in zip(writes, heads, strict=True):
+            hv = h.version if h is not None else -1
+            prev = h.head if h is not None else GENESIS
             version = hv + 1
             deleted = w.kind == "delete"
             rationale = txn.rationale
+            id_, goal, mand, created = "", "", False, 0
+            if h is not None:
+                id_, goal, mand, created = h.id, h.goal, h.mand, h.created
             if w.kind == "rollback":
                 content = sources.get(w.key, "")
                 rationale = f"rollback to {w.target_version}"
@@ -658,8 +751,7 @@ class RedisStore:
                 # rules.create_shard's row over the tombstone (or absence) read here
                 content, rationale = w.content, "create"
                 id_, goal, created = content_id(content), w.goal_tag, now
-                required = rules.created_require_mandate(w.require_mandate, mand == "1")
-                mand = "1" if required else "0"
+                mand = rules.created_require_mandate(w.require_mandate, mand)
             elif deleted:
                 content, rationale = "", "delete"
             else:
@@ -694,7 +786,7 @@ class RedisStore:
                 "kind": w.kind,
                 "t": w.target_version,
                 "hv": hv,
-                "hh": head or "",
+                "hh": h.head if h is not None else "",
                 "m": _with_hash(meta, digest),
                 "h": digest,
                 "z": size,
@@ -704,17 +796,18 @@ class RedisStore:
             if w.kind == "create":
                 entry.update(id=id_, goal=w.goal_tag, mand=w.require_mandate)
             out.append(entry)
+            fresh = w.kind == "create"
             predicted[w.key] = Shard(
                 w.key,
-                id_ or "",
+                id_,
                 content,
                 version,
-                goal or "",
-                mand == "1",
-                int(created or 0),
+                goal,
+                mand,
+                created,
                 now,
-                0 if w.kind == "create" else int(ac or 0) + 1,
-                0 if w.kind == "create" else int(cc or 0),
+                0 if fresh or h is None else h.ac + 1,
+                0 if fresh or h is None else h.cc,
                 deleted,
                 digest,
                 0,
@@ -911,6 +1004,7 @@ class RedisStore:
             self.k_meta,
         ]
         cleared, first = 0, "1"
+        self._heads.clear()  # versions start again: a remembered head would only retry
         while True:
             try:
                 n, more = await self._eval("reset_all", keys, [self.tag, self.reset_batch, first])
