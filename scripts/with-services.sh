@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a command with throwaway PostgreSQL and Redis servers on free loopback ports
-# (and etcd installed for the load tests' peer comparison, which starts its own).
+# (and etcd installed for the load tests' peer comparison, which starts its own, and
+# Chromium for the browser tests).
 #
 #   scripts/with-services.sh .venv/bin/pytest ...
 #
@@ -17,11 +18,21 @@ command -v redis-server >/dev/null 2>&1 || need_install+=(redis-server)
 # etcd is only a peer the load tests compare against (loadtest/peers.py), installed here
 # with the others so one apt run serves the whole suite.
 command -v etcd >/dev/null 2>&1 || need_install+=(etcd-server)
-if [ ${#need_install[@]} -gt 0 ]; then
-  echo "with-services: installing ${need_install[*]}" >&2
+# The browser tests (tests/browser) drive Debian's Chromium through Playwright; it is
+# installed without its recommends (printing, sound and power daemons a headless
+# browser has no use for), with the fonts the screenshots are drawn in.
+browser=()
+command -v chromium >/dev/null 2>&1 || browser=(chromium fonts-liberation)
+if [ ${#need_install[@]} -gt 0 ] || [ ${#browser[@]} -gt 0 ]; then
+  echo "with-services: installing ${need_install[*]} ${browser[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
-  apt-get install -y -qq "${need_install[@]}" >/dev/null
+  if [ ${#need_install[@]} -gt 0 ]; then
+    apt-get install -y -qq "${need_install[@]}" >/dev/null
+  fi
+  if [ ${#browser[@]} -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null
+  fi
   PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 fi
 # Debian's package starts a system Redis on 6379 where it can; ours is separate.

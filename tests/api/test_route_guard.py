@@ -7,7 +7,8 @@ table row for a route that is gone fails it too. Each route is called three ways
 answer compared with its row:
 
 - without a token: 401 ``Unauthorized``, except the routes protocol.md section 5.1 names
-  public (``/livez``, ``/version``, ``/admin/health``, ``/openapi.json``, ``/docs``);
+  public (``/livez``, ``/version``, ``/admin/health``, ``/openapi.json``, and the browser
+  pages ``/docs`` with their assets);
 - with a valid token that holds no scopes at all: the routes that need a right answer 403
   ``CapabilityDenied`` naming the key and right (protocol.md section 5.3, errors.md), and
   the state of the bus is unchanged afterwards; the routes any valid token may call
@@ -58,18 +59,24 @@ ROOT = "root"
 # Stands for the calling agent in a request body.
 ME = "<caller>"
 
+# The one shard of the seeded bus (version 1); NEW is a key nobody created.
+KEY = "k"
+
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 HTML = "text/html"
 TEXT = "text/plain"
+SCRIPT = "text/javascript"
 
 
 @dataclass(frozen=True)
 class Call:
-    """A minimal well-formed request: path parameters are filled with :data:`KEY`."""
+    """A minimal well-formed request: path parameters are filled with :data:`KEY`, or
+    with ``param`` where given."""
 
     body: Any = None
     query: Mapping[str, str | int] = field(default_factory=dict)
+    param: str = KEY
 
 
 @dataclass(frozen=True)
@@ -89,8 +96,6 @@ class Row:
     granted: int  # the status with every right
 
 
-# The one shard of the seeded bus (version 1), and a key nobody created.
-KEY = "k"
 NEW = "new"
 
 UNAUTHORIZED = Answer(401, "Unauthorized", PROBLEM)
@@ -111,11 +116,6 @@ def public(answer: Answer) -> tuple[Answer, Answer]:
     return answer, answer
 
 
-def page(media: str) -> tuple[Answer, Answer]:
-    """A documentation page outside the public list: it needs a token, any token."""
-    return UNAUTHORIZED, Answer(200, media=media)
-
-
 def row(call: Call, answers: tuple[Answer, Answer], granted: int = 200) -> Row:
     return Row(call, answers[0], answers[1], granted)
 
@@ -130,6 +130,7 @@ def any_token(answer: Answer) -> tuple[Answer, Answer]:
 
 
 GET = Call()
+DOCS_ASSET = Call(param="swagger-init.js")
 OK = Answer(200)
 HEALTH = Answer(200, fields={"status": "ok"})
 
@@ -142,13 +143,11 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/admin/health"): row(GET, public(HEALTH)),
     ("GET", "/openapi.json"): row(GET, public(Answer(200, fields={"openapi": "3.1.0"}))),
     ("HEAD", "/openapi.json"): row(GET, public(Answer(200))),
+    # The browser pages and their assets (sbus.api.assets): public, like the document.
     ("GET", "/docs"): row(GET, public(Answer(200, media=HTML))),
     ("HEAD", "/docs"): row(GET, public(Answer(200, media=HTML))),
-    # FastAPI's other pages are not public: any valid token.
-    ("GET", "/redoc"): row(GET, page(HTML)),
-    ("HEAD", "/redoc"): row(GET, page(HTML)),
-    ("GET", "/docs/oauth2-redirect"): row(GET, page(HTML)),
-    ("HEAD", "/docs/oauth2-redirect"): row(GET, page(HTML)),
+    ("GET", "/docs/{name}"): row(DOCS_ASSET, public(Answer(200, media=SCRIPT))),
+    ("HEAD", "/docs/{name}"): row(DOCS_ASSET, public(Answer(200, media=SCRIPT))),
     # Any valid token (protocol.md section 5.3).
     ("GET", "/stats"): row(GET, any_token(Answer(200, fields={"total_shards": 1}))),
     ("GET", "/metrics"): row(GET, any_token(Answer(200, media=TEXT))),
@@ -322,8 +321,8 @@ async def seeded_bus(
             yield client
 
 
-def filled(path: str) -> str:
-    return re.sub(r"\{[^}]*\}", KEY, path)
+def filled(path: str, param: str = KEY) -> str:
+    return re.sub(r"\{[^}]*\}", param, path)
 
 
 def with_caller(body: Any, agent: str) -> Any:
@@ -346,7 +345,7 @@ async def send(
     call = TABLE[route].call
     body = None if call.body is None else with_caller(call.body, agent)
     return await client.request(
-        method, filled(path), json=body, params=dict(call.query), headers=headers
+        method, filled(path, call.param), json=body, params=dict(call.query), headers=headers
     )
 
 

@@ -17,7 +17,7 @@ from sbus.api.browser import Cors, OriginPolicy, listed
 from sbus.api.ignored import HEADER as IGNORED_FIELDS
 from sbus.api.ignored import IgnoredFieldsHeader
 from sbus.api.middleware import Gate
-from sbus.api.routers import admin, commits, mandates, sessions, shards, stats
+from sbus.api.routers import admin, commits, mandates, pages, sessions, shards, stats
 from sbus.api.runtime import Runtime
 from sbus.telemetry.metrics import Timing
 
@@ -46,10 +46,13 @@ def assemble(runtime: Runtime) -> FastAPI:
         # A trailing slash is a 404 like any unknown path: no redirect (whose Location
         # would echo the Host header) and no empty body.
         redirect_slashes=False,
+        # /docs is served from the package (sbus.api.routers.pages), not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     problems.install(app)
-    for module in (shards, commits, sessions, mandates, admin, stats):
+    for module in (shards, commits, sessions, mandates, admin, stats, pages):
         app.include_router(module.router)
     app.add_middleware(IgnoredFieldsHeader)
     openapi.install(app)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
+from sbus.api import assets
 from sbus.core.rights import Identity, Principal, open_capabilities
 from sbus.core.types import Revocation
 from sbus.security import TokenExpired, TokenInvalid, TokenRevoked
 from sbus.security.tokens import MAX_TOKEN_LENGTH, Claims, Verifier
 
 # Never authenticated: liveness and readiness probes, the server's version (a client asks
-# before it has a token to send), and the API description.
-PUBLIC = frozenset({"/livez", "/admin/health", "/version", "/openapi.json", "/docs"})
+# before it has a token to send), the API description, and the browser pages and their
+# assets (sbus.api.assets), which hold no data.
+PUBLIC = frozenset({"/livez", "/admin/health", "/version", "/openapi.json"})
 PRINCIPAL = "principal"
 BEARER = b"bearer "
 
@@ -76,7 +78,7 @@ class Authenticator:
         :class:`TokenInvalid` / ``TokenExpired`` / :class:`TokenRevoked`."""
         if self.verifier is None:
             return self.open_identity
-        if path in PUBLIC:
+        if path in PUBLIC or assets.is_public(path):
             return None
         claims: Claims = self.verifier.verify(bearer_token(authorization))
         if self.revoked is None:

@@ -18,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sbus.api import assets
 from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
 from sbus.api.browser import OriginPolicy
 from sbus.api.problems import problem_response
@@ -27,8 +28,9 @@ from sbus.core import errors as e
 # longer one is past any body cap anyway, and refused as invalid).
 CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 
-# Routes that answer while the store is still connecting.
-UNGATED = frozenset({"/livez", "/admin/health", "/version", "/metrics", "/openapi.json", "/docs"})
+# Routes that answer while the store is still connecting, with the browser pages and
+# their assets (sbus.api.assets).
+UNGATED = frozenset({"/livez", "/admin/health", "/version", "/metrics", "/openapi.json"})
 
 
 def query_problem(raw: bytes) -> str | None:
@@ -98,7 +100,7 @@ class Gate:
             if problem:
                 return e.ValidationFailed(problem, loc=["query"])
         path: str = scope["path"]
-        if path not in UNGATED and not self.is_ready():
+        if path not in UNGATED and not assets.is_public(path) and not self.is_ready():
             return e.StoreUnavailable("the store is not ready yet", outcome="not_applied")
         method = scope["method"]
         if method in ("POST", "PUT", "PATCH", "DELETE"):
