@@ -62,6 +62,8 @@ UNDOCUMENTED = {
     ("get", "/openapi.json"),
     ("get", "/docs"),
     ("get", "/docs/{name}"),
+    ("get", "/ui"),
+    ("get", "/ui/{name}"),
 }
 
 

@@ -8,7 +8,7 @@ answer compared with its row:
 
 - without a token: 401 ``Unauthorized``, except the routes protocol.md section 5.1 names
   public (``/livez``, ``/version``, ``/admin/health``, ``/openapi.json``, and the browser
-  pages ``/docs`` with their assets);
+  pages ``/docs`` and ``/ui`` with their assets);
 - with a valid token that holds no scopes at all: the routes that need a right answer 403
   ``CapabilityDenied`` naming the key and right (protocol.md section 5.3, errors.md), and
   the state of the bus is unchanged afterwards; the routes any valid token may call
@@ -131,6 +131,7 @@ def any_token(answer: Answer) -> tuple[Answer, Answer]:
 
 GET = Call()
 DOCS_ASSET = Call(param="swagger-init.js")
+UI_ASSET = Call(param="dashboard.js")
 OK = Answer(200)
 HEALTH = Answer(200, fields={"status": "ok"})
 
@@ -148,6 +149,10 @@ TABLE: dict[tuple[str, str], Row] = {
     ("HEAD", "/docs"): row(GET, public(Answer(200, media=HTML))),
     ("GET", "/docs/{name}"): row(DOCS_ASSET, public(Answer(200, media=SCRIPT))),
     ("HEAD", "/docs/{name}"): row(DOCS_ASSET, public(Answer(200, media=SCRIPT))),
+    ("GET", "/ui"): row(GET, public(Answer(200, media=HTML))),
+    ("HEAD", "/ui"): row(GET, public(Answer(200, media=HTML))),
+    ("GET", "/ui/{name}"): row(UI_ASSET, public(Answer(200, media=SCRIPT))),
+    ("HEAD", "/ui/{name}"): row(UI_ASSET, public(Answer(200, media=SCRIPT))),
     # Any valid token (protocol.md section 5.3).
     ("GET", "/stats"): row(GET, any_token(Answer(200, fields={"total_shards": 1}))),
     ("GET", "/metrics"): row(GET, any_token(Answer(200, media=TEXT))),

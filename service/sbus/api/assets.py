@@ -1,10 +1,11 @@
 """The files the bus serves to browsers, shipped inside the package under ``static/``:
 the API page ``/docs`` (Swagger UI, vendored from the ``swagger-ui-dist`` release named in
-``static/swagger-ui/package.json``, with its licence).
+``static/swagger-ui/package.json``, with its licence) and the dashboard ``/ui`` (plain
+HTML, CSS and JavaScript modules: no build step).
 
 Nothing is fetched from another host, at build time or at run time, so both pages work
 on a machine without a network. Every page and asset is public in token mode, like
-``/openapi.json``: they hold no data.
+``/openapi.json``: they hold no data, and the dashboard asks for a token itself.
 
 A file is read from the package once per process and kept (they are immutable package
 data); it is served with a content ``ETag`` and ``Cache-Control: no-cache``, so a browser
@@ -24,6 +25,7 @@ CSS = "text/css; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 
 DOCS = "/docs"
+UI = "/ui"
 
 # URL name under its page -> file under static/. A name not listed is 404.
 DOCS_ASSETS = {
@@ -31,11 +33,25 @@ DOCS_ASSETS = {
     "swagger-ui.css": ("swagger-ui/swagger-ui.css", CSS),
     "swagger-init.js": ("docs/swagger-init.js", JS),
 }
-PAGES = {DOCS: "docs/index.html"}
+UI_ASSETS = {
+    name: (f"ui/{name}", CSS if name.endswith(".css") else JS)
+    for name in (
+        "dashboard.css",
+        "dashboard.js",
+        "api.js",
+        "stream.js",
+        "activity.js",
+        "readsets.js",
+        "history.js",
+        "diff.js",
+        "view.js",
+    )
+}
+PAGES = {DOCS: "docs/index.html", UI: "ui/index.html"}
 
 # One path segment under a page: what the asset routes can match. The authenticator
 # lets these through without a token; the route answers 404 for a name not listed.
-_ASSET_PATH = re.compile(r"/docs/[A-Za-z0-9][A-Za-z0-9._-]*")
+_ASSET_PATH = re.compile(r"/(?:docs|ui)/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # The pages load only their own files and call only their own origin. Swagger UI sets
 # style attributes and draws icons from data: URLs.
@@ -43,6 +59,8 @@ CSP = {
     DOCS: "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'",
+    UI: "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
 }
 
 

@@ -1,6 +1,6 @@
-"""The browser pages: ``/docs`` (Swagger UI over ``/openapi.json``) and its assets,
-served from the package (``sbus.api.assets``). None of them is in the OpenAPI document,
-and none needs a token.
+"""The browser pages: ``/docs`` (Swagger UI over ``/openapi.json``) and ``/ui`` (the
+dashboard), and their assets, all served from the package (``sbus.api.assets``). None of
+them is in the OpenAPI document, and none needs a token (the dashboard asks for one).
 
 ReDoc and Swagger UI's OAuth2 redirect page, which FastAPI adds by default, are not
 served: the bus has no OAuth2 flow (a bearer token is pasted into the Authorize dialog),
@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from sbus.api import assets
+from sbus.api.runtime import runtime_of
 from sbus.core import errors as e
 
 router = APIRouter(include_in_schema=False)
@@ -47,3 +48,28 @@ async def docs_page(request: Request) -> Response:
 @router.api_route(assets.DOCS + "/{name}", methods=["GET", "HEAD"])
 async def docs_asset(request: Request, name: str) -> Response:
     return _served(request, _asset(assets.DOCS_ASSETS, assets.DOCS, name))
+
+
+@router.api_route(assets.UI, methods=["GET", "HEAD"])
+async def ui_page(request: Request) -> Response:
+    """The dashboard, told in its ``<meta>`` tags what it cannot learn without a refused
+    request (each of which a browser logs as an error): the mode, whether admin is on,
+    and whether this bus serves the change stream."""
+    settings = runtime_of(request.app).settings
+    token_mode = settings.auth_mode == "token"
+    # Open mode: SBUS_ADMIN_ENABLED decides; token mode: the token's scopes do.
+    admin = b"token" if token_mode else b"on" if settings.admin_enabled else b"off"
+    streams = any(getattr(route, "path", None) == "/watch" for route in request.app.routes)
+    template = assets.load(assets.PAGES[assets.UI], assets.HTML)
+    body = (
+        template.body.replace(b"%AUTH%", b"token" if token_mode else b"open")
+        .replace(b"%ADMIN%", admin)
+        .replace(b"%WATCH%", b"on" if streams else b"off")
+    )
+    page = assets.Asset(body, template.media, assets.etag_of(body))
+    return _served(request, page, assets.CSP[assets.UI])
+
+
+@router.api_route(assets.UI + "/{name}", methods=["GET", "HEAD"])
+async def ui_asset(request: Request, name: str) -> Response:
+    return _served(request, _asset(assets.UI_ASSETS, assets.UI, name))
