@@ -27,6 +27,7 @@ from sbus.core.engine import commit_txn, new_commit_id
 from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, Txn, WriteOp
 from sbus.storage.factory import open_store
 from sbus.storage.redis import RedisStore
+from sbus.storage.redis.lanes import Lanes
 from tests import backends
 
 REDIS_URL = os.environ.get("SBUS_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
@@ -189,13 +190,18 @@ class TestDriver:
 
         assert hiredis.__version__
         await store.create(create("k"))
-        assert store._pool is not None
-        conn = await store._pool.get_connection()  # type: ignore[no-untyped-call]
+        assert store._lanes is not None and store._pool is not None
+        conn = await store._lanes.take()  # what every script runs on
         try:
-            await conn.connect()
             assert type(conn._parser) is _AsyncHiredisParser
         finally:
-            await store._pool.release(conn)
+            store._lanes.give_back(conn)
+        other = await store._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await other.connect()  # the rest: pipelines, HMGET, CONFIG
+            assert type(other._parser) is _AsyncHiredisParser
+        finally:
+            await store._pool.release(other)
 
 
 class TestLayout:
@@ -269,35 +275,35 @@ class TestScripts:
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         await store.create(create("k"))
-        assert store._pool is not None
-        pool = store._pool
-        original = pool.get_connection
+        assert store._lanes is not None
+        lanes = store._lanes
+        original = lanes.take
 
-        async def broken(*args: Any, **kwargs: Any) -> Any:
+        async def broken() -> Any:
             """A connection that delivers EVALSHA, then breaks before the reply."""
-            conn = await original(*args, **kwargs)  # type: ignore[no-untyped-call]
-            send, read = conn.send_command, conn.read_response
-            sent: list[Any] = []
+            conn = await original()
+            send, read = conn.send_packed_command, conn.read_response
+            sent: list[bytes] = []
 
-            async def send_command(*cmd: Any, **kw: Any) -> Any:
-                sent.append(cmd[0])
-                return await send(*cmd, **kw)
+            async def send_packed_command(command: bytes, *a: Any, **kw: Any) -> Any:
+                sent.append(command)
+                return await send(command, *a, **kw)
 
             async def read_response(*a: Any, **kw: Any) -> Any:
                 reply = await read(*a, **kw)
-                if sent and sent[-1] == "EVALSHA":
+                if sent and b"EVALSHA" in sent[-1][:32]:
                     raise RedisConnectionError("Connection reset by peer")
                 return reply
 
-            monkeypatch.setattr(conn, "send_command", send_command)
+            monkeypatch.setattr(conn, "send_packed_command", send_packed_command)
             monkeypatch.setattr(conn, "read_response", read_response)
             return conn
 
-        monkeypatch.setattr(pool, "get_connection", broken)
+        monkeypatch.setattr(lanes, "take", broken)
         with pytest.raises(e.StoreUnavailable) as info:
             await store.apply(commit("k", 0, "maybe"))
         assert info.value.fields["outcome"] == "unknown"
-        monkeypatch.setattr(pool, "get_connection", original)
+        monkeypatch.setattr(lanes, "take", original)
         # the command did reach Redis: the commit landed; an idempotent retry finds out
         assert (await store.read("k", None, "", False)).version == 1
 
@@ -305,15 +311,63 @@ class TestScripts:
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         await store.create(create("k"))
-        assert store._pool is not None
+        assert store._lanes is not None
 
         async def refused(*_: Any, **__: Any) -> Any:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
 
-        monkeypatch.setattr(store._pool, "get_connection", refused)
+        monkeypatch.setattr(store._lanes, "take", refused)
         with pytest.raises(e.StoreUnavailable) as info:
             await store.apply(commit("k", 0, "no"))
         assert info.value.fields["outcome"] == "not_applied"
+
+    async def test_a_script_past_its_deadline_is_unknown_and_its_connection_dropped(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """One deadline covers send and reply (the connections carry no socket timeout
+        of their own): past it, a writing script's outcome is unknown, and the
+        connection, whose reply may still come, is not used again."""
+        await store.create(create("k"))
+        assert store._lanes is not None
+        lanes = store._lanes
+        original = lanes.take
+        taken: list[Any] = []
+
+        async def stalled() -> Any:
+            conn = await original()
+            taken.append(conn)
+
+            async def read_response(*_: Any, **__: Any) -> Any:
+                await asyncio.sleep(3600)  # a reply that never comes
+
+            monkeypatch.setattr(conn, "read_response", read_response)
+            return conn
+
+        monkeypatch.setattr(lanes, "take", stalled)
+        monkeypatch.setattr("sbus.storage.redis.store.SCRIPT_TIMEOUT_S", 0.05)
+        with pytest.raises(e.StoreUnavailable) as info:
+            await store.apply(commit("k", 0, "late"))
+        assert info.value.fields["outcome"] == "unknown"
+        assert not taken[0].is_connected
+        monkeypatch.undo()
+        assert (await store.read("k", "A", "", True)).version == 1  # it did land
+
+    async def test_all_connections_busy_is_not_applied(
+        self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        assert store._pool is not None
+        lanes = Lanes(store._pool, 1, 0.05, 5)
+        monkeypatch.setattr(store, "_lanes", lanes)
+        held = await lanes.take()
+        try:
+            with pytest.raises(e.StoreUnavailable) as info:
+                await store.create(create("k"))
+            assert info.value.fields["outcome"] == "not_applied"
+            assert "busy" in info.value.detail
+        finally:
+            lanes.give_back(held)
+        assert (await store.create(create("k"))).status == 201
+        await lanes.close()
 
 
 class TestConcurrency:
@@ -572,6 +626,7 @@ class TestRoundTrips:
     ) -> None:
         store, fresh = await make_store(), await make_store()
         await store.create(create("k"))
+        await fresh.now_ms()  # its script connection is open (a handshake is not the commit's)
         sent.clear()
         out = await fresh.apply(commit("k", 0, "one"))
         assert out.body is not None and out.body["new_version"] == 1

@@ -37,6 +37,9 @@ Design
   (it is fully determined by the heads the script verifies), except the counters a
   concurrent rejection may move (``attempt_count``, ``conflict_count``,
   ``delta_log_depth``), which the script records beside it and a replay patches in.
+- **Connections**: scripts run on :mod:`sbus.storage.redis.lanes` (packed by hiredis,
+  one deadline of :data:`SCRIPT_TIMEOUT_S` over send and reply); everything else
+  (pipelines, plain reads, CONFIG) on redis-py's pool.
 - **Failures**: ``maxmemory-policy`` other than ``noeviction`` refuses to start, and
   makes :meth:`RedisStore.check` (every few seconds) report the store misconfigured
   (eviction would silently drop DeliveryLog entries and idempotency records).
@@ -56,6 +59,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
+from hiredis import pack_command
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -99,6 +103,7 @@ from sbus.core.types import (
     WriteOp,
 )
 from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
+from sbus.storage.redis.lanes import Lanes, LanesBusy
 from sbus.storage.redis.scripts import SCRIPTS, Script
 from sbus.storage.urls import redact_url
 
@@ -108,6 +113,9 @@ CLOCK_SKEW_MS = 5_000  # how far a script's clock may be from the hashed committ
 MAX_RACES = 16  # commit retries when a written head moved under the hashes
 RACE_BACKOFF_S = 0.002  # times the attempt number, jittered: lets a hot key's writers pass
 PURGE_BATCH = 500
+MAX_CONNECTIONS = 64  # per process for scripts, and as many for the other commands
+POOL_WAIT_S = 10  # for a free connection, then 503 not_applied
+SCRIPT_TIMEOUT_S = 5  # one script call, send to reply; then the outcome is unknown
 RESET_BATCH = 5000  # keep under Lua's unpack limit (~8000 arguments)
 SHARD_FIELDS = (
     "version",
@@ -132,6 +140,14 @@ _NOT_RUN = ("OOM", "READONLY", "BUSY", "LOADING", "NOREPLICAS", "MASTERDOWN", "C
 # What a commit hashes against: the store ms, each written key's head in write order
 # (None: absent) and each rollback's source content by key.
 _Basis = tuple[int, list[Head | None], dict[str, str]]
+
+
+def _packed(*command: str | int) -> bytes:
+    """One command in RESP, packed in C (redis-py's asyncio connection packs in Python,
+    argument by argument, whether hiredis is installed or not)."""
+    # hiredis's stub types the tuple as one element; it takes any number
+    packed: bytes = pack_command(command)  # type: ignore[arg-type]
+    return packed
 
 
 def _depth(version: int, hmin: int) -> int:
@@ -181,6 +197,7 @@ class RedisStore:
         self.k_idem_index = f"{tag}:idem"  # sorted set of agent\0key by expiry
         self._pool: BlockingConnectionPool | None = None
         self._client: Redis | None = None
+        self._lanes: Lanes | None = None
         self._heads = Heads()  # what this process last saw: see heads.py
         self._clock = StoreClock()
 
@@ -211,8 +228,8 @@ class RedisStore:
         pool = BlockingConnectionPool.from_url(
             self.url,
             decode_responses=True,
-            max_connections=64,
-            timeout=10,
+            max_connections=MAX_CONNECTIONS,
+            timeout=POOL_WAIT_S,
             socket_connect_timeout=5,
         )
         client = Redis(connection_pool=pool)
@@ -228,6 +245,7 @@ class RedisStore:
             log.error("%s", problem)
             raise StoreMisconfigured(problem)
         self._pool, self._client = pool, client
+        self._lanes = Lanes(pool, MAX_CONNECTIONS, POOL_WAIT_S, SCRIPT_TIMEOUT_S)
 
     async def _check_server(self, client: Redis) -> str | None:
         """Why this server must not be used, or None; sets ``durable`` and loads the
@@ -285,8 +303,10 @@ class RedisStore:
         return None
 
     async def close(self) -> None:
-        client, pool = self._client, self._pool
-        self._client = self._pool = None
+        client, pool, lanes = self._client, self._pool, self._lanes
+        self._client = self._pool = self._lanes = None
+        if lanes is not None:
+            await lanes.close()
         if client is not None:
             await client.aclose()
         if pool is not None:
@@ -305,41 +325,51 @@ class RedisStore:
 
     # running scripts and reads -------------------------------------------------------
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """Run one script on a connection of its own: EVALSHA, and EVAL on NOSCRIPT.
+        """Run one script on a connection of its own: EVALSHA, and EVAL on NOSCRIPT,
+        packed by hiredis, sent and answered within :data:`SCRIPT_TIMEOUT_S`.
 
         Never resent after a broken connection: once the command may have reached
         the server the outcome is ``unknown`` for a writing script."""
         script: Script = SCRIPTS[name]
-        pool = self._pool
-        if pool is None:
+        lanes = self._lanes
+        if lanes is None:
             raise StoreUnavailable("the Redis store is not started")
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:
+            conn = await lanes.take()
+        except (LanesBusy, RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        clean = False  # a connection whose exchange did not finish is never reused
         try:
-            try:
-                await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return await conn.read_response()
-            except NoScriptError:
-                await conn.send_command("EVAL", script.source, len(keys), *keys, *args)
-                return await conn.read_response()
+            async with asyncio.timeout(SCRIPT_TIMEOUT_S):
+                try:
+                    await conn.send_packed_command(
+                        _packed("EVALSHA", script.sha, len(keys), *keys, *args),
+                        check_health=False,
+                    )
+                    reply = await conn.read_response()
+                except NoScriptError:
+                    await conn.send_packed_command(
+                        _packed("EVAL", script.source, len(keys), *keys, *args),
+                        check_health=False,
+                    )
+                    reply = await conn.read_response()
+            clean = True
+            return reply
         except ResponseError as exc:
+            clean = True  # Redis answered in full: the connection is fine
             message = str(exc)
             ran = not message.startswith(_NOT_RUN)
             outcome: StoreOutcome = "unknown" if ran and script.writes else "not_applied"
             log.error("Redis script %s failed: %s", name, message)
             raise StoreUnavailable(f"Redis refused {name}: {message}", outcome=outcome) from exc
-        except (RedisError, OSError) as exc:
-            await conn.disconnect()
+        except (RedisError, OSError) as exc:  # TimeoutError included: the deadline passed
             lost: StoreOutcome = "unknown" if script.writes else "not_applied"
-            raise StoreUnavailable(f"Redis connection lost: {exc}", outcome=lost) from exc
-        except BaseException:
-            # Cancelled with a reply pending: the connection cannot be reused.
-            await conn.disconnect()
-            raise
+            raise StoreUnavailable(f"Redis connection lost: {exc!r}", outcome=lost) from exc
         finally:
-            await pool.release(conn)
+            # Cancelled, timed out or broken with a reply pending: start afresh next time.
+            if not clean:
+                await conn.disconnect()
+            lanes.give_back(conn)
 
     async def _snapshot(self, *commands: Sequence[str]) -> tuple[int, list[Any]]:
         """The store clock and the answers to ``commands``, read in one MULTI/EXEC
