@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sbus.core.audit import DEFAULT_MAX_ROWS, DEFAULT_TTL_S
 from sbus.core.engine import EngineLimits
 from sbus.core.types import Limits, RateLimit
 
@@ -60,6 +61,9 @@ class Settings(BaseSettings):
     history_depth: int = Field(1000, ge=1)
     history_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
     idempotency_ttl: int = Field(86_400, ge=1)
+    # The audit log (sbus.core.audit): seconds kept (0 = no age limit), and a row cap.
+    audit_ttl: int = Field(DEFAULT_TTL_S, ge=0)
+    audit_max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1)
     require_agent_id: bool = False
     test_hooks: bool = False
     # With test_hooks: every worker but the first of `sbus serve --workers N` waits this
@@ -110,6 +114,8 @@ class Settings(BaseSettings):
             history_depth=self.history_depth,
             history_max_bytes=self.history_max_bytes,
             idempotency_ttl_ms=self.idempotency_ttl * 1000,
+            audit_ttl_ms=self.audit_ttl * 1000,
+            audit_max_rows=self.audit_max_rows,
         )
 
     def engine_limits(self) -> EngineLimits:

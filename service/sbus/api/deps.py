@@ -101,7 +101,9 @@ def caller_of(request: Request, agent: str | None, session: str = "") -> Caller:
     """The engine's view of this request: the principal's rights and the agent and
     session the request resolved to."""
     principal = principal_of(request)
-    return Caller(agent, session, principal.capabilities, bool(principal.agent))
+    # Claims carry the token's jti (the audit log names it); open mode's Identity none.
+    jti = getattr(principal, "jti", None)
+    return Caller(agent, session, principal.capabilities, bool(principal.agent), jti)
 
 
 def public_caller(request: Request) -> Caller:
@@ -120,7 +122,7 @@ def admitted(kind: type[Command[Any]]) -> Any:
     route refuses a caller without the right whatever it sent (403, never 422)."""
 
     async def admit(request: Request) -> None:
-        runtime_of(request.app).bus.admit(caller_of(request, None), kind)
+        await runtime_of(request.app).bus.admitted(caller_of(request, None), kind)
 
     return Depends(admit)
 

@@ -165,6 +165,27 @@ class DeliveryLogOut(BaseModel):
     next_after: str | None
 
 
+class AuditEntryOut(BaseModel):
+    id: int = Field(description="The entry's cursor: ids only grow, in write order")
+    at: int = Field(description="Store-clock milliseconds of the (first) event")
+    kind: str = Field(
+        description="token_issue, token_revoke, mandate_issue, mandate_consume, config, "
+        "reset, session_reset, admin or denied"
+    )
+    agent: str = Field(description="Who acted (empty: no agent named, as in open mode)")
+    details: dict[str, Any] = Field(
+        description="What the kind records (protocol.md section 2.13); count for an "
+        "aggregated entry"
+    )
+
+
+class AuditOut(BaseModel):
+    entries: list[AuditEntryOut]
+    next_after: int | None = Field(
+        description="Pass as after= for the next page; null when this page is the last"
+    )
+
+
 class ClockOut(BaseModel):
     offset_ms: int
     now_ms: int

@@ -86,6 +86,7 @@ RIGHTS: dict[type[c.Command[Any]], Callable[[Any], Needs]] = {
     c.InjectStale: lambda cmd: ADMIN,
     c.AdminCreate: lambda cmd: Needs(((cmd.key, Right.CREATE),), admin=True),
     c.AdvanceClock: lambda cmd: ADMIN,
+    c.ReadAudit: lambda cmd: ADMIN,
 }
 
 
@@ -103,6 +104,7 @@ ADMIN_ONLY: frozenset[type[c.Command[Any]]] = frozenset(
         c.InjectStale,
         c.AdminCreate,
         c.AdvanceClock,
+        c.ReadAudit,
     }
 )
 

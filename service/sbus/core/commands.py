@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from sbus.core.audit import AuditEntry
 from sbus.core.ports import IssuedToken, MandateGrant
 from sbus.core.rights import Capabilities, Scope
 from sbus.core.types import (
@@ -36,12 +37,14 @@ class Caller:
     """The principal of one request. ``agent`` is the one agent the request acts as
     (None: it named none, which some reads allow); ``session`` the resolved session id
     ("" for the default session). ``token_bound``: the agent is the token's subject
-    (token mode), not a name the request chose (open mode)."""
+    (token mode), not a name the request chose (open mode). ``token_id``: the jti of the
+    request's token (token mode), which the audit log names."""
 
     agent: str | None
     session: str
     capabilities: Capabilities
     token_bound: bool
+    token_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,14 @@ class AdminCreate(Command[Shard | None]):
     content: str
     goal_tag: str
     require_mandate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAudit(Command[list[AuditEntry]]):
+    """GET /admin/audit: up to ``limit`` entries after the id ``after``, oldest first."""
+
+    after: int | None
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@ one ``BEGIN IMMEDIATE`` transaction on its writer thread), hands this module a
 :class:`Section` over it and gets the answer back. The order of the step lives here
 alone: the idempotency re-check, loading the rows, :func:`sbus.core.rules.decide`,
 persisting its effects (counters always; on success the rows, their history, the
-committer's read-your-writes entries and the consumed mandate), the answer
+committer's read-your-writes entries and the consumed mandate with its audit entry),
+the answer
 (:func:`sbus.core.rules.render`) and its idempotency record.
 
 The Section is synchronous because both stores run the whole step without yielding:
@@ -23,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Protocol
 
-from sbus.core import rules
+from sbus.core import audit, rules
 from sbus.core.errors import ShardAlreadyExists
 from sbus.core.idempotency import recorded, replay
 from sbus.core.types import (
@@ -93,6 +94,9 @@ class Section(Protocol):
     def consume(self, mandate: MandateRef) -> None:
         """Record the mandate's jti as consumed until its retention deadline."""
 
+    def audit(self, event: audit.AuditEvent, now_ms: int) -> None:
+        """Append an audit entry (the Store Protocol's ``audit``, in this section)."""
+
 
 def _replayed(section: Section, idem: IdemRef, now_ms: int) -> Outcome | None:
     return replay(section.idem_record(idem.agent_id, idem.key, now_ms), idem.fingerprint)
@@ -157,6 +161,7 @@ def apply(section: Section, txn: Txn, *, now_ms: int, ori_enabled: bool, limits:
     )
     if fx.consume is not None:
         section.consume(fx.consume)
+        section.audit(audit.consumed(txn), now_ms)
     outcome = rules.render(txn, post)
     if idem is not None:
         _record(section, idem, outcome, now_ms, limits)

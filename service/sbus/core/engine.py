@@ -13,14 +13,16 @@ then the store.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from sbus.core import audit, revocation
 from sbus.core import commands as c
 from sbus.core import errors as e
-from sbus.core import revocation
+from sbus.core.audit import AuditEntry, AuditEvent, AuditKind
 from sbus.core.authz import Needs, admit, check_keys, check_up_front, needs_of
 from sbus.core.errors import (
     DeltaTooLarge,
@@ -52,6 +54,7 @@ from sbus.core.types import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("sbus")
 # A use case: (caller, command, what the rights table says it needs) -> its answer.
 Handler = Callable[[c.Caller, Any, Needs], Awaitable[Any]]
 
@@ -146,6 +149,7 @@ class Bus:
             c.InjectStale: self._inject_stale,
             c.AdminCreate: self._admin_create,
             c.AdvanceClock: self._advance_clock,
+            c.ReadAudit: self._read_audit,
         }
 
     @property
@@ -174,6 +178,16 @@ class Bus:
         admin right, acting for another agent). ``execute`` checks everything again."""
         admit(caller, command)
 
+    async def admitted(
+        self, caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]
+    ) -> None:
+        """:meth:`admit`, with a CapabilityDenied counted in the audit log."""
+        try:
+            admit(caller, command)
+        except e.CapabilityDenied as refusal:
+            await self._note_denial(caller, refusal)
+            raise
+
     def execute(self, caller: c.Caller, command: c.Command[T]) -> Awaitable[T]:
         """Run ``command`` for ``caller``: ``await bus.execute(caller, command)``. The
         rights rule is looked up first: a command type with none is refused (403
@@ -184,11 +198,47 @@ class Bus:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise e.CapabilityDenied(f"{type(command).__name__} is not a use case: refused")
-        check_up_front(caller, needs)
-        if not command.changes_state:
-            # Reads and the other commands: the rights before the store (protocol.md §4).
-            check_keys(caller, needs)
+        try:
+            check_up_front(caller, needs)
+            if not command.changes_state:
+                # Reads and the other commands: the rights before the store (protocol.md §4).
+                check_keys(caller, needs)
+        except e.CapabilityDenied as refusal:
+            return self._refuse(caller, refusal)
         return cast(Awaitable[T], handler(caller, command, needs))
+
+    # ---- the audit log -------------------------------------------------------
+
+    async def _refuse(self, caller: c.Caller, refusal: e.CapabilityDenied) -> Any:
+        await self._note_denial(caller, refusal)
+        raise refusal
+
+    async def _note_denial(self, caller: c.Caller, refusal: e.CapabilityDenied) -> None:
+        """Count a refusal in the audit log (one entry per agent, key and minute). The
+        refusal is the answer whatever happens here: a store that cannot count it only
+        costs the entry."""
+        key, right = refusal.fields.get("key", ""), refusal.fields.get("right", "")
+        try:
+            await self.store.audit(audit.denied(caller.agent or "", str(key), str(right)))
+        except e.StoreUnavailable as exc:
+            log.warning("audit entry of a refusal lost: %s", exc.detail)
+
+    async def _audit(self, caller: c.Caller, kind: AuditKind, details: dict[str, Any]) -> None:
+        """One entry for an action the caller took (by the token ``via_token``)."""
+        if caller.token_id is not None:
+            details["via_token"] = caller.token_id
+        await self.store.audit(AuditEvent(kind, caller.agent or "", details))
+
+    async def _admin_use(self, caller: c.Caller, op: str) -> None:
+        await self.store.audit(audit.admin_use(caller.agent or "", op, caller.token_id))
+
+    async def _check_keys(self, caller: c.Caller, needs: Needs) -> None:
+        """Step 8 of a state change, a refusal counted in the audit log."""
+        try:
+            check_keys(caller, needs)
+        except e.CapabilityDenied as refusal:
+            await self._note_denial(caller, refusal)
+            raise
 
     async def _throttle(self, agent_id: str) -> None:
         """Step 5: 429 RateLimited with Retry-After when the agent's bucket is empty."""
@@ -255,15 +305,17 @@ class Bus:
         if replayed is not None:
             return replayed
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
-        check_keys(caller, needs)
+        await self._check_keys(caller, needs)
         return await self.store.create(_create_op(cmd, agent, cmd.idem))
 
     async def _admin_create(
         self, caller: c.Caller, cmd: c.AdminCreate, needs: Needs
     ) -> Shard | None:
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
-        check_keys(caller, needs)
-        return await self.store.admin_create(_create_op(cmd, caller.agent or "", None))
+        await self._check_keys(caller, needs)
+        created = await self.store.admin_create(_create_op(cmd, caller.agent or "", None))
+        await self._admin_use(caller, "admin_create")
+        return created
 
     async def _submit(self, caller: c.Caller, cmd: c.Submit, needs: Needs) -> Outcome:
         """Commit, multi-commit, rollback or delete. A presented mandate is verified
@@ -298,7 +350,11 @@ class Bus:
             limit = self.limits.max_rationale
             self._check_text("rationale", cmd.rationale, limit, "SBUS_MAX_RATIONALE")
         self._check_read_set(cmd.read_set)
-        check_keys(caller, needs)
+        try:
+            check_keys(caller, needs)
+        except e.CapabilityDenied as refusal:  # inline: no extra coroutine per commit
+            await self._note_denial(caller, refusal)
+            raise
         mandate = None
         if cmd.mandate is not None:
             mandate = await self._verify_mandate(agent, cmd)
@@ -402,6 +458,7 @@ class Bus:
 
     async def _reset_session(self, caller: c.Caller, cmd: c.ResetSession, needs: Needs) -> None:
         await self.store.reset_session(cmd.agent, caller.session)
+        await self._audit(caller, "session_reset", {"agent": cmd.agent, "session": caller.session})
 
     async def _register(self, caller: c.Caller, cmd: c.Register, needs: Needs) -> RegisterResult:
         assert needs.filter is not None and caller.agent is not None
@@ -428,26 +485,52 @@ class Bus:
         assert caller.agent is not None
         issuer = Identity(caller.agent, caller.capabilities)
         now = await self.store.now_ms()
-        return self.mandates.issue_mandate(
-            issuer, cmd.holder, cmd.keys, cmd.context, cmd.ttl_s, now_ms=now
-        )
+        try:
+            token, grant = self.mandates.issue_mandate(
+                issuer, cmd.holder, cmd.keys, cmd.context, cmd.ttl_s, now_ms=now
+            )
+        except e.CapabilityDenied as refusal:
+            await self._note_denial(caller, refusal)
+            raise
+        # Written before the mandate is handed out: none exists without its entry.
+        details = {
+            "mandate_id": grant.jti,
+            "holder": cmd.holder,
+            "keys": list(cmd.keys),
+            "expires_at": grant.expires_at_ms,
+        }
+        await self._audit(caller, "mandate_issue", details)
+        return token, grant
 
     async def _issue_token(
         self, caller: c.Caller, cmd: c.IssueToken, needs: Needs
     ) -> tuple[str, IssuedToken]:
         if self.tokens is None:
             raise e.StoreUnavailable("the signing keys are not installed yet")
-        return self.tokens.issue(cmd.agent, cmd.scopes, cmd.ttl_s)
+        token, claims = self.tokens.issue(cmd.agent, cmd.scopes, cmd.ttl_s)
+        # Written before the token is handed out: none exists without its entry.
+        details = {
+            "token_id": claims.jti,
+            "subject": cmd.agent,
+            "scopes": [scope.to_json() for scope in cmd.scopes],
+            "expires_at": claims.expires_at * 1000,
+        }
+        await self._audit(caller, "token_issue", details)
+        return token, claims
 
     async def _revoke_token(self, caller: c.Caller, cmd: c.RevokeToken, needs: Needs) -> int:
-        return await revocation.revoke_token(
+        until = await revocation.revoke_token(
             self.store, cmd.jti, cmd.exp, leeway_s=cmd.leeway_s, max_ttl_s=cmd.max_ttl_s
         )
+        await self._audit(caller, "token_revoke", {"token_id": cmd.jti, "until": until})
+        return until
 
     # ---- admin ---------------------------------------------------------------
 
     async def _reset_all(self, caller: c.Caller, cmd: c.ResetAll, needs: Needs) -> int:
-        return await self.store.reset_all()
+        cleared = await self.store.reset_all()
+        await self._audit(caller, "reset", {"shards": cleared})
+        return cleared
 
     async def _stats(self, caller: c.Caller, cmd: c.ReadStats, needs: Needs) -> StoreStats:
         return await self.store.stats()
@@ -457,15 +540,19 @@ class Bus:
 
     async def _set_config(self, caller: c.Caller, cmd: c.SetConfig, needs: Needs) -> StoreStats:
         await self.store.set_ori(cmd.ori_enabled)
+        await self._audit(caller, "config", {"ori_enabled": cmd.ori_enabled})
         return await self.store.stats()
 
     async def _dump_delivery_log(
         self, caller: c.Caller, cmd: c.DumpDeliveryLog, needs: Needs
     ) -> tuple[DLDump, str | None]:
-        return await self.store.dump_delivery_log(cmd.after, cmd.limit)
+        dump = await self.store.dump_delivery_log(cmd.after, cmd.limit)
+        await self._admin_use(caller, "delivery_log")
+        return dump
 
     async def _inject_stale(self, caller: c.Caller, cmd: c.InjectStale, needs: Needs) -> None:
         await self.store.inject_stale(cmd.agent, caller.session, cmd.key, cmd.version)
+        await self._admin_use(caller, "inject_stale")
 
     async def _advance_clock(
         self, caller: c.Caller, cmd: c.AdvanceClock, needs: Needs
@@ -473,7 +560,15 @@ class Bus:
         if not cmd.enabled:
             raise e.RouteNotFound("test hooks are disabled; set SBUS_TEST_HOOKS=1")
         offset = await self.store.advance_clock(cmd.ms, cmd.cap_ms)
+        await self._admin_use(caller, "advance_clock")
         return offset, await self.store.now_ms()
+
+    async def _read_audit(
+        self, caller: c.Caller, cmd: c.ReadAudit, needs: Needs
+    ) -> list[AuditEntry]:
+        entries = await self.store.audit_log(cmd.after, cmd.limit)
+        await self._admin_use(caller, "audit")
+        return entries
 
 
 def commit_txn(

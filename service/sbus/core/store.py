@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from sbus.core.audit import AuditEntry, AuditEvent
 from sbus.core.clock import MAX_OFFSET_MS
 from sbus.core.types import (
     CreateOp,
@@ -89,8 +90,9 @@ class Store(Protocol):
     async def apply(self, txn: Txn) -> Outcome:
         """The commit protocol (protocol.md §4 step 9) for commit, multi, rollback and
         delete, decided by :func:`sbus.core.rules.decide`. A verified mandate
-        (``txn.mandate``) is consumed in the same step: of N concurrent commits carrying
-        one mandate, across any number of replicas, exactly one succeeds. Persists counters even on
+        (``txn.mandate``) is consumed in the same step, which also writes its audit entry
+        (:func:`sbus.core.audit.consumed`): of N concurrent commits carrying one mandate,
+        across any number of replicas, exactly one succeeds. Persists counters even on
         rejection and nothing else then. Replays a recorded idempotent outcome with
         the same fingerprint. Raises the rejection's SBusError, or IdempotencyKeyReused."""
 
@@ -128,7 +130,18 @@ class Store(Protocol):
 
     async def purge(self) -> int:
         """Delete expired state (DL entries, sessions past their marker, idempotency
-        records); returns how many rows went. Called periodically by every replica."""
+        records, audit entries past ``audit_ttl_ms`` and the oldest beyond
+        ``audit_max_rows``); returns how many rows went. Called periodically by every
+        replica."""
+
+    async def audit(self, event: AuditEvent) -> None:
+        """Append ``event`` to the audit log at the store clock's now, under the next id.
+        With a ``group``: add one to the count of the entry of that group in the same
+        store-clock minute (:func:`sbus.core.audit.group_key`) if there is one, else
+        append it with count 1. One atomic step; entries survive ``reset_all``."""
+
+    async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
+        """Up to ``limit`` entries with an id above ``after``, in ascending id order."""
 
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:
         """Retained entries newest first. Raises ShardNotFound for a key never created."""
@@ -140,7 +153,7 @@ class Store(Protocol):
     async def reset_all(self) -> int:
         """Delete every shard, tombstone, history entry, DL session, counter and
         idempotency record, and set the test clock offset back to 0; keep
-        ``ori_enabled`` and revocations. Returns the number of shards removed."""
+        ``ori_enabled``, revocations and the audit log. Returns the number of shards removed."""
 
     async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         """Live DL entries as ``{agent: {session: {key: {version, age_secs}}}}`` for up to

@@ -232,3 +232,5 @@ class Limits:
     history_depth: int = 1000
     history_max_bytes: int = 16 * 1024 * 1024
     idempotency_ttl_ms: int = 86_400_000
+    audit_ttl_ms: int = 30 * 86_400_000  # 0 = entries kept whatever their age
+    audit_max_rows: int = 100_000

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection, Mapping
 
-from sbus.core import commit, rules
+from sbus.core import audit, commit, rules
+from sbus.core.audit import AuditEntry, AuditEvent
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import ShardDeleted, ShardNotFound, ValidationFailed
 from sbus.core.types import (
@@ -52,6 +53,7 @@ class MemoryStore:
         self._ori = True
         self._offset_ms = 0
         self._secret: bytes | None = None  # open mode's signing secret, for this process
+        self._audit = _AuditLog()  # kept by reset_all
         self.limits = limits or Limits()
         self._section = _Section(self)
 
@@ -224,7 +226,16 @@ class MemoryStore:
                 if until <= now:
                     del table[jti]
                     gone += 1
-        return gone
+        limits = self.limits
+        return gone + self._audit.purge(
+            audit.retention_cutoff(now, limits.audit_ttl_ms), limits.audit_max_rows
+        )
+
+    async def audit(self, event: AuditEvent) -> None:
+        self._audit.write(event, self._now())
+
+    async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
+        return self._audit.page(after, limit)
 
     async def take_token(self, agent_id: str, rate: RateLimit) -> int:
         now = self._now()
@@ -363,3 +374,51 @@ class _Section:
 
     def consume(self, mandate: MandateRef) -> None:
         self._store._consumed[mandate.jti] = mandate.retain_until_ms
+
+    def audit(self, event: AuditEvent, now_ms: int) -> None:
+        self._store._audit.write(event, now_ms)
+
+
+class _AuditLog:
+    """The audit log in insertion (= id) order, and the aggregated entries by group key."""
+
+    __slots__ = ("_entries", "_groups", "_last_id")
+
+    def __init__(self) -> None:
+        self._entries: dict[int, AuditEntry] = {}
+        self._groups: dict[str, int] = {}  # group key -> entry id
+        self._last_id = 0
+
+    def write(self, event: AuditEvent, now_ms: int) -> None:
+        key = None if event.group is None else audit.group_key(event.group, now_ms)
+        if key is not None and key in self._groups:
+            found = self._entries[self._groups[key]]
+            self._entries[found.id] = found._replace(events=found.events + 1)
+            return
+        self._last_id += 1
+        entry = AuditEntry(self._last_id, now_ms, event.kind, event.agent, dict(event.details))
+        self._entries[entry.id] = entry
+        if key is not None:
+            self._groups[key] = entry.id
+
+    def page(self, after: int | None, limit: int) -> list[AuditEntry]:
+        out: list[AuditEntry] = []
+        for entry_id, entry in self._entries.items():
+            if after is None or entry_id > after:
+                out.append(entry)
+                if len(out) == limit:
+                    break
+        return out
+
+    def purge(self, cutoff: int | None, max_rows: int) -> int:
+        gone = [
+            entry_id
+            for n, (entry_id, entry) in enumerate(self._entries.items())
+            if (cutoff is not None and entry.at <= cutoff) or n < len(self._entries) - max_rows
+        ]
+        for entry_id in gone:
+            del self._entries[entry_id]
+        if gone:
+            dropped = set(gone)
+            self._groups = {k: i for k, i in self._groups.items() if i not in dropped}
+        return len(gone)

@@ -17,6 +17,7 @@ from sbus.api.openapi import errs
 from sbus.api.render import json_response
 from sbus.api.schemas import (
     AlreadyExistsOut,
+    AuditOut,
     ClockOut,
     ConfigOut,
     DeliveryLogOut,
@@ -39,6 +40,7 @@ from sbus.api.wire import (
     TokenBody,
 )
 from sbus.core import commands as c
+from sbus.core.audit import MAX_PAGE
 from sbus.core.clock import offset_cap_ms, rfc3339
 from sbus.core.rights import Scope
 from sbus.core.rules import shard_body
@@ -108,6 +110,30 @@ async def delivery_log(
             "total_agents": len(sessions),
             "total_deliveries": total,
             "next_after": next_after,
+        }
+    )
+
+
+@router.get(
+    "/audit",
+    dependencies=[admitted(c.ReadAudit)],
+    response_model=AuditOut,
+    responses=errs(403, 422),
+    summary="The audit log, oldest first, paged by entry id",
+)
+async def audit_log(
+    request: Request,
+    bus: BusDep,
+    limit: Annotated[QueryInt, Query(ge=1, le=MAX_PAGE)] = 100,
+    after: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
+) -> Response:
+    # One more than asked shows whether a next page exists.
+    entries = await bus.execute(caller_of(request, None), c.ReadAudit(after, limit + 1))
+    page = entries[:limit]
+    return json_response(
+        {
+            "entries": [entry.to_json() for entry in page],
+            "next_after": page[-1].id if len(entries) > limit else None,
         }
     )
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from sbus.storage.redis import audit_lua
+
 PRELUDE = r"""
 local function s(n) return string.format('%d', n) end
 
@@ -803,5 +805,8 @@ SCRIPTS: dict[str, Script] = {
         _script("history", HISTORY, writes=False),
         _script("stats", STATS, writes=False),
         _script("dump_dl", DUMP_DL, writes=False),
+        _script("audit", audit_lua.WRITE),
+        _script("audit_purge", audit_lua.PURGE),
+        _script("audit_page", audit_lua.PAGE, writes=False),
     )
 }

@@ -63,7 +63,8 @@ from hiredis import pack_command
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from sbus.core import rules
+from sbus.core import audit, rules
+from sbus.core.audit import AuditEntry, AuditEvent
 from sbus.core.chain import GENESIS, content_id, entry_hash
 from sbus.core.clock import MAX_OFFSET_MS, offset_refused, rfc3339
 from sbus.core.errors import (
@@ -195,6 +196,7 @@ class RedisStore:
         self.k_all = f"{tag}:shards"  # sorted set (lex) of every key, tombstones too
         self.k_sessions = f"{tag}:sessions"  # sorted set (lex) of agent\0session
         self.k_idem_index = f"{tag}:idem"  # sorted set of agent\0key by expiry
+        self.k_audit_ids = f"{tag}:audit:ids"  # the audit log (storage/redis/audit_lua.py)
         self._pool: BlockingConnectionPool | None = None
         self._client: Redis | None = None
         self._lanes: Lanes | None = None
@@ -959,7 +961,35 @@ class RedisStore:
             if not more:
                 break
         n, _ = await self._eval("purge", keys, ["mandates", ttl, self.tag, "", PURGE_BATCH])
-        return gone + int(n)
+        return gone + int(n) + await self._purge_audit()
+
+    async def _purge_audit(self) -> int:
+        tag, limits = self.tag, self.limits
+        keys = [self.k_meta, self.k_audit_ids, f"{tag}:audit:at", f"{tag}:audit:groups"]
+        gone = 0
+        while True:
+            n, more = await self._eval(
+                "audit_purge",
+                keys,
+                [tag, limits.audit_ttl_ms, limits.audit_max_rows, PURGE_BATCH],
+            )
+            gone += int(n)
+            if not int(more):
+                return gone
+
+    async def audit(self, event: AuditEvent) -> None:
+        await self._eval(
+            "audit",
+            [self.k_meta],
+            [self.tag, event.kind, event.agent, audit.encode(event.details), event.group or ""],
+        )
+
+    async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
+        rows = await self._eval("audit_page", [self.k_audit_ids], [self.tag, after or 0, limit])
+        return [
+            AuditEntry(int(i), int(at), kind, agent, audit.decode(details), int(count))
+            for i, at, kind, agent, details, count in rows
+        ]
 
     # history, counters, admin -----------------------------------------------------------------
     async def history(self, key: str, before: int | None, limit: int) -> list[HistoryEntry]:

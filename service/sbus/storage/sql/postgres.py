@@ -31,7 +31,8 @@ import orjson
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sbus.core import rules
+from sbus.core import audit, rules
+from sbus.core.audit import AuditEntry, AuditEvent
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset
 from sbus.core.errors import (
     SBusError,
@@ -61,6 +62,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
+from sbus.storage.sql import audit_sql
 from sbus.storage.sql.migrate import current_revision, head_revision
 
 log = logging.getLogger("sbus.storage.postgres")
@@ -673,6 +675,9 @@ class PostgresStore:
             }
             if fx.consume is not None:
                 payload["consume"] = [fx.consume.jti, fx.consume.retain_until_ms]
+                # Its audit entry, in this transaction: it commits with the commit or not
+                # at all (one round trip more, for mandate commits only).
+                await conn.execute(AUDIT_INSERT, *audit_sql.insert_params(audit.consumed(txn), now))
             # Only a rollback's body (a ShardResponse) shows the retained depth, which
             # trimming inside the apply call decides; other bodies render up front so the
             # idempotency record rides in the same call.
@@ -919,9 +924,30 @@ class PostgresStore:
                 "DELETE FROM sbus_revocations WHERE until_ms <= $1",
             ):
                 tags.append(await conn.execute(sql, now))
+            cutoff = audit.retention_cutoff(now, self.limits.audit_ttl_ms)
+            if cutoff is not None:
+                tags.append(await conn.execute(audit_sql.numbered(audit_sql.EXPIRED), cutoff))
+            tags.append(
+                await conn.execute(
+                    audit_sql.numbered(audit_sql.OVER_CAP), self.limits.audit_max_rows
+                )
+            )
             return sum(int(tag.split()[-1]) for tag in tags)
 
         return await self._run(body)
+
+    async def audit(self, event: AuditEvent) -> None:
+        # One statement on the store clock, its own transaction: the unique group key
+        # makes concurrent aggregated events of one minute add to one entry.
+        async with self._conn() as conn:
+            await conn.execute(
+                AUDIT_NOW_INSERT, event.kind, event.agent, audit.encode(event.details), event.group
+            )
+
+    async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(audit_sql.numbered(audit_sql.PAGE), after or 0, limit)
+        return audit_sql.entries([list(r) for r in rows])
 
     async def take_token(self, agent_id: str, rate: RateLimit) -> int:
         """One statement (its own transaction): the row lock serializes an agent's
@@ -1033,6 +1059,17 @@ class PostgresStore:
             return cleared
 
         return await self._run(body)
+
+
+AUDIT_INSERT = audit_sql.numbered(audit_sql.INSERT)
+# audit_sql.INSERT with the time and the group key made from sbus_now_ms() in the
+# statement (audit.group_key: the group, '|', the store-clock minute).
+AUDIT_NOW_INSERT = (
+    "INSERT INTO sbus_audit (at_ms, kind, agent, details, grp, count) "
+    "SELECT now.ms, $1, $2, $3, $4::text || '|' || (now.ms / 60000)::text, 1 "
+    "FROM (SELECT sbus_now_ms() AS ms) AS now "
+    "ON CONFLICT (grp) DO UPDATE SET count = sbus_audit.count + 1"
+)
 
 
 def _idem_record(row: list[Any]) -> IdemRecord:

@@ -136,6 +136,26 @@ rate_buckets = Table(
     Column("updated_ms", BigInteger, nullable=False),
 )
 
+# The audit log (sbus.core.audit): ids only grow (SQLite's AUTOINCREMENT never reuses
+# one, so a paging cursor stays valid after a purge); an aggregated entry has a group
+# key (its group and store-clock minute), unique, and counts its events.
+audit = Table(
+    "sbus_audit",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("agent", Text, nullable=False),
+    Column("details", Text, nullable=False),  # a JSON object
+    Column("grp", Text, nullable=True),
+    Column("count", BigInteger, nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("sbus_audit_at", audit.c.at_ms)
+Index("sbus_audit_grp", audit.c.grp, unique=True)
+
 # PostgreSQL's schema: the tables above, the open-mode signing secret that every replica
 # reads (SQLite keeps it in a key file beside the database instead), and the PL/pgSQL
 # functions the store calls (and sbus_lock_run, which they call), as (name, identity

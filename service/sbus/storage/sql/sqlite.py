@@ -21,7 +21,8 @@ from sqlalchemy import create_engine, event, pool
 from sqlalchemy.engine import Connection as SAConnection
 from sqlalchemy.exc import SQLAlchemyError
 
-from sbus.core import commit, rules
+from sbus.core import audit, commit, rules
+from sbus.core.audit import AuditEntry, AuditEvent
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import (
     ShardDeleted,
@@ -47,7 +48,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
-from sbus.storage.sql import keyfile
+from sbus.storage.sql import audit_sql, keyfile
 from sbus.storage.sql.migrate import upgrade_to_head
 from sbus.storage.sql.writer import Writer
 
@@ -576,9 +577,20 @@ class SQLiteStore:
             gone += conn.exec_driver_sql(
                 "DELETE FROM sbus_revocations WHERE until_ms <= ?", (now,)
             ).rowcount
-            return int(gone)
+            return int(gone) + _purge_audit(conn, now, self.limits)
 
         result: int = await self._call(run)
+        return result
+
+    async def audit(self, event: AuditEvent) -> None:
+        await self._call(lambda c: _write_audit(c, event, self._now(c)))
+
+    async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
+        def run(conn: Db) -> list[AuditEntry]:
+            rows = conn.exec_driver_sql(audit_sql.PAGE, (after or 0, limit)).fetchall()
+            return audit_sql.entries(rows)
+
+        result: list[AuditEntry] = await self._call(run, write=False)
         return result
 
     async def take_token(self, agent_id: str, rate: RateLimit) -> int:
@@ -680,6 +692,19 @@ class SQLiteStore:
 
         result: int = await self._call(run)
         return result
+
+
+def _write_audit(conn: Db, event: AuditEvent, now_ms: int) -> None:
+    conn.exec_driver_sql(audit_sql.INSERT, audit_sql.insert_params(event, now_ms))
+
+
+def _purge_audit(conn: Db, now_ms: int, limits: Limits) -> int:
+    gone = 0
+    cutoff = audit.retention_cutoff(now_ms, limits.audit_ttl_ms)
+    if cutoff is not None:
+        gone += conn.exec_driver_sql(audit_sql.EXPIRED, (cutoff,)).rowcount
+    gone += conn.exec_driver_sql(audit_sql.OVER_CAP, (limits.audit_max_rows,)).rowcount
+    return int(gone)
 
 
 def _entry(row: Any) -> HistoryEntry:
@@ -839,3 +864,6 @@ class _Section:
             "INSERT OR REPLACE INTO sbus_consumed_mandates (jti, retain_until_ms) VALUES (?, ?)",
             (mandate.jti, mandate.retain_until_ms),
         )
+
+    def audit(self, event: AuditEvent, now_ms: int) -> None:
+        _write_audit(self._conn, event, now_ms)
