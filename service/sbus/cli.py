@@ -424,6 +424,7 @@ def token_revoke(
     import json
 
     from sbus.core import revocation
+    from sbus.core.audit import AuditEvent
     from sbus.core.clock import rfc3339
     from sbus.core.errors import StoreUnavailable, ValidationFailed
     from sbus.security.inspection import revocation_target
@@ -440,13 +441,17 @@ def token_revoke(
     async def run() -> int:
         try:
             await target.start()
-            return await revocation.revoke_token(
+            until = await revocation.revoke_token(
                 target,
                 jti,
                 exp if exp is not None else token_exp,
                 leeway_s=settings.clock_leeway,
                 max_ttl_s=settings.token_max_ttl,
             )
+            # The audit log names no agent: whoever holds the store's credentials did it.
+            details = {"token_id": jti, "until": until, "via": "cli"}
+            await target.audit(AuditEvent("token_revoke", "", details))
+            return until
         finally:
             await target.close()
 
@@ -457,6 +462,101 @@ def token_revoke(
     except StoreUnavailable as exc:
         fail(exc.detail, EXIT_FAILED)
     typer.echo(json.dumps({"revoked": True, "jti": jti, "until": rfc3339(until_ms)}))
+
+
+def _audit_over_http(url: str, token: str | None, after: int | None, limit: int) -> Any:
+    """GET /admin/audit of a running bus; one ``sbus:`` line for any failure."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    query = {"limit": str(limit)} | ({} if after is None else {"after": str(after)})
+    target = f"{url.rstrip('/')}/admin/audit?{urllib.parse.urlencode(query)}"
+    if not target.startswith(("http://", "https://")):
+        fail(f"--url {url!r}: expected http://HOST:PORT or https://...")
+    request = urllib.request.Request(target, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            problem = json.loads(exc.read())
+            said = f"{problem.get('error', '')}: {problem.get('detail', '')}"
+        except ValueError:
+            said = exc.reason
+        fail(f"{url} answered {exc.code} {said}", EXIT_FAILED)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        fail(f"cannot reach {url}: {getattr(exc, 'reason', exc)}", EXIT_FAILED)
+
+
+def _audit_from_store(settings: Settings, after: int | None, limit: int) -> Any:
+    """The configured store's audit log, read directly (no server needed)."""
+    import asyncio
+
+    from sbus.core.audit import page_json
+    from sbus.core.errors import StoreUnavailable
+
+    if settings.store.startswith("memory"):
+        fail("the memory store lives inside one sbus serve; use --url to ask that server")
+    target = open_configured_store(settings)
+
+    async def run() -> Any:
+        try:
+            await target.start()
+            return page_json(await target.audit_log(after, limit + 1), limit)
+        finally:
+            await target.close()
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        fail(exc.detail, EXIT_FAILED)
+
+
+@app.command("audit")
+def audit_log(
+    url: Annotated[
+        str | None,
+        typer.Option(help="Ask a running bus (GET /admin/audit) instead of reading the store"),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(help="Bearer token with the admin right, for --url (default SBUS_TOKEN)"),
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="Store URL (SBUS_STORE)")] = None,
+    after: Annotated[
+        int | None, typer.Option(min=0, help="Only entries with a greater id (a cursor)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Entries per page")] = 100,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the page as GET /admin/audit answers it")
+    ] = False,
+) -> None:
+    """Print the audit log, oldest first: one page of at most --limit entries after the
+    cursor --after. Reads the configured store (SBUS_STORE or --store) directly, or with
+    --url asks a running bus, which needs a token with the admin right in token mode.
+    A following page starts at the printed next_after."""
+    import json
+
+    from sbus.core.clock import rfc3339
+
+    if url is not None:
+        page = _audit_over_http(url, token or os.environ.get("SBUS_TOKEN"), after, limit)
+    else:
+        settings = load_settings() if store is None else load_settings(store=store)
+        page = _audit_from_store(settings, after, limit)
+    if json_:
+        typer.echo(json.dumps(page))
+        return
+    for entry in page["entries"]:
+        details = json.dumps(entry["details"], separators=(",", ":"))
+        at = rfc3339(entry["at"])
+        typer.echo(f"{entry['id']}\t{at}\t{entry['kind']}\t{entry['agent'] or '-'}\t{details}")
+    if page["next_after"] is not None:
+        typer.echo(f"sbus: more entries: --after {page['next_after']}", err=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

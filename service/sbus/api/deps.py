@@ -106,6 +106,12 @@ def caller_of(request: Request, agent: str | None, session: str = "") -> Caller:
     return Caller(agent, session, principal.capabilities, bool(principal.agent), jti)
 
 
+def token_caller(request: Request) -> Caller:
+    """The caller of a route whose request names no agent (the admin routes): the
+    token's agent in token mode, so the audit log can name it; none in open mode."""
+    return caller_of(request, token_agent(request))
+
+
 def public_caller(request: Request) -> Caller:
     """The caller of a route that answers without a token (token mode, :data:`PUBLIC`
     routes such as /admin/health): the principal if the gate found one, else nobody,
@@ -122,7 +128,7 @@ def admitted(kind: type[Command[Any]]) -> Any:
     route refuses a caller without the right whatever it sent (403, never 422)."""
 
     async def admit(request: Request) -> None:
-        await runtime_of(request.app).bus.admitted(caller_of(request, None), kind)
+        await runtime_of(request.app).bus.admitted(token_caller(request), kind)
 
     return Depends(admit)
 

@@ -80,6 +80,16 @@ class AuditEntry(NamedTuple):
         }
 
 
+def page_json(entries: list[AuditEntry], limit: int) -> dict[str, Any]:
+    """The answer of GET /admin/audit (and ``sbus audit --json``) from up to ``limit + 1``
+    entries: one more than a page shows whether another page follows."""
+    page = entries[:limit]
+    return {
+        "entries": [entry.to_json() for entry in page],
+        "next_after": page[-1].id if len(entries) > limit else None,
+    }
+
+
 def group_of(*parts: str) -> str:
     """An aggregate's name: its parts as a JSON array, which no two different part
     lists share."""

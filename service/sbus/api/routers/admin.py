@@ -11,7 +11,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, SettingsDep, admitted, agent_of, caller_of, session_of
+from sbus.api.deps import (
+    BusDep,
+    SettingsDep,
+    admitted,
+    agent_of,
+    caller_of,
+    session_of,
+    token_caller,
+)
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.render import json_response
@@ -40,7 +48,7 @@ from sbus.api.wire import (
     TokenBody,
 )
 from sbus.core import commands as c
-from sbus.core.audit import MAX_PAGE
+from sbus.core.audit import MAX_PAGE, page_json
 from sbus.core.clock import offset_cap_ms, rfc3339
 from sbus.core.rights import Scope
 from sbus.core.rules import shard_body
@@ -57,7 +65,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], route_class=WireRoute)
     summary="Delete all state except ori_enabled",
 )
 async def reset(request: Request, bus: BusDep, _body: OptionalNoFields = NO_FIELDS) -> Response:
-    return json_response({"cleared": await bus.execute(caller_of(request, None), c.ResetAll())})
+    return json_response({"cleared": await bus.execute(token_caller(request), c.ResetAll())})
 
 
 def _config_body(stats: StoreStats) -> dict[str, object]:
@@ -71,7 +79,7 @@ def _config_body(stats: StoreStats) -> dict[str, object]:
 
 @router.get("/config", response_model=ConfigOut, summary="The ORI flag and view counters")
 async def get_config(request: Request, bus: BusDep) -> Response:
-    return json_response(_config_body(await bus.execute(caller_of(request, None), c.GetConfig())))
+    return json_response(_config_body(await bus.execute(token_caller(request), c.GetConfig())))
 
 
 @router.post(
@@ -82,7 +90,7 @@ async def get_config(request: Request, bus: BusDep) -> Response:
     summary="Turn ORI on or off (kept in the store)",
 )
 async def set_config(body: ConfigBody, request: Request, bus: BusDep) -> Response:
-    stats = await bus.execute(caller_of(request, None), c.SetConfig(body.ori_enabled))
+    stats = await bus.execute(token_caller(request), c.SetConfig(body.ori_enabled))
     return json_response(_config_body(stats))
 
 
@@ -100,7 +108,7 @@ async def delivery_log(
     after: Annotated[Text | None, Query(max_length=256)] = None,
 ) -> Response:
     command = c.DumpDeliveryLog(after, limit)
-    sessions, next_after = await bus.execute(caller_of(request, None), command)
+    sessions, next_after = await bus.execute(token_caller(request), command)
     agents = {agent: by_session[""] for agent, by_session in sessions.items() if "" in by_session}
     total = sum(len(entries) for by_session in sessions.values() for entries in by_session.values())
     return json_response(
@@ -128,14 +136,8 @@ async def audit_log(
     after: Annotated[QueryInt | None, Query(ge=0, le=2**53 - 1)] = None,
 ) -> Response:
     # One more than asked shows whether a next page exists.
-    entries = await bus.execute(caller_of(request, None), c.ReadAudit(after, limit + 1))
-    page = entries[:limit]
-    return json_response(
-        {
-            "entries": [entry.to_json() for entry in page],
-            "next_after": page[-1].id if len(entries) > limit else None,
-        }
-    )
+    entries = await bus.execute(token_caller(request), c.ReadAudit(after, limit + 1))
+    return json_response(page_json(entries, limit))
 
 
 @router.post(
@@ -187,7 +189,7 @@ async def advance_clock(
 ) -> Response:
     token_ttl = settings.token_max_ttl if settings.auth_mode == "token" else None
     command = c.AdvanceClock(body.ms, offset_cap_ms(token_ttl), enabled=settings.test_hooks)
-    offset, now = await bus.execute(caller_of(request, None), command)
+    offset, now = await bus.execute(token_caller(request), command)
     return json_response({"offset_ms": offset, "now_ms": now})
 
 
@@ -205,7 +207,7 @@ async def issue_token(body: TokenBody, request: Request, bus: BusDep) -> Respons
         for i, scope in enumerate(body.scopes)
     )
     command = c.IssueToken(body.agent, scopes, body.ttl_s)
-    token, claims = await bus.execute(caller_of(request, None), command)
+    token, claims = await bus.execute(token_caller(request), command)
     return json_response(
         {
             "token": token,
@@ -230,5 +232,5 @@ async def revoke_token(
     command = c.RevokeToken(
         body.jti, body.exp, leeway_s=settings.clock_leeway, max_ttl_s=settings.token_max_ttl
     )
-    until_ms = await bus.execute(caller_of(request, None), command)
+    until_ms = await bus.execute(token_caller(request), command)
     return json_response({"revoked": True, "jti": body.jti, "until": rfc3339(until_ms)})

@@ -18,6 +18,7 @@ from sbus.api.deps import (
     if_match,
     require_agent,
     session_of,
+    token_caller,
 )
 from sbus.api.ignored import WireRoute
 from sbus.api.lean import hot
@@ -225,7 +226,7 @@ async def history(
 ) -> Response:
     # History reveals every retained version's content, so it needs the read right; it
     # records nothing in the DeliveryLog (protocol.md §3).
-    caller = caller_of(request, None)
+    caller = token_caller(request)
     entries = await bus.execute(caller, c.History(key, before, limit))
     return json_response(
         {
