@@ -1,4 +1,4 @@
-"""The audit log (sbus.core.audit, protocol.md section 2.13).
+"""The audit log (sbus.core.audit, protocol.md section 2.12).
 
 One row per audited action, or per (group, store-clock minute) for aggregated events
 (capability refusals, admin reads), whose ``count`` grows instead. Ids only grow, so a

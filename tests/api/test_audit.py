@@ -1,4 +1,4 @@
-"""The audit log (protocol.md section 2.13) on every store: one entry per audited
+"""The audit log (protocol.md section 2.12) on every store: one entry per audited
 action with its fields, refusals counted in one entry per (agent, key, minute), a
 mandate's consumption written with its commit and never without it, retention by age
 and by row count on the store clock, paging by id, and GET /admin/audit for the admin
@@ -89,7 +89,7 @@ async def test_each_audited_action_writes_one_entry(make_client: AppFactory) -> 
         201,
     )
     ok(await c.post("/admin/tokens/revoke", json={"jti": issued["jti"]}, headers=admin))
-    body = {"holder": "A", "keys": ["pay/*"], "context": {"order": 7}, "ttl_s": 60}
+    body: dict[str, Any] = {"holder": "A", "keys": ["pay/*"], "context": {"order": 7}, "ttl_s": 60}
     mandate = ok(await c.post("/mandates", json=body, headers=g), 201)
     paid = {"key": "pay/1", "delta": "paid", "mandate": mandate["mandate"], "context": {"order": 7}}
     # A commit refused in the atomic step consumes nothing and writes no entry...

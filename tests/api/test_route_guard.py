@@ -228,6 +228,7 @@ TABLE: dict[tuple[str, str], Row] = {
     ("POST", "/admin/reset"): guarded(Call({}), ADMIN_DENIED),
     ("POST", "/admin/config"): guarded(Call({"ori_enabled": False}), ADMIN_DENIED),
     ("GET", "/admin/delivery-log"): guarded(GET, ADMIN_DENIED),
+    ("GET", "/admin/audit"): guarded(Call(query={"limit": 10}), ADMIN_DENIED),
     ("POST", "/admin/inject-stale"): guarded(
         Call({"agent_id": ROOT, "key": KEY, "stale_version": 0}), ADMIN_DENIED
     ),

@@ -95,7 +95,7 @@ def test_every_command_has_a_rule_and_a_use_case() -> None:
         for kind in vars(c).values()
         if isinstance(kind, type) and issubclass(kind, c.Command) and kind is not c.Command
     }
-    assert len(kinds) == 19
+    assert len(kinds) == 20
     assert kinds == set(RIGHTS)
     assert kinds == set(bus._handlers)
 
@@ -153,6 +153,7 @@ CASES: list[tuple[c.Command[Any], Needs]] = [
     (c.InjectStale("b", "k", 0), ADMIN),
     (c.AdminCreate("k", "x", "", False), Needs((("k", C),), admin=True)),
     (c.AdvanceClock(1, 10, enabled=True), ADMIN),
+    (c.ReadAudit(None, 10), ADMIN),
 ]
 
 
@@ -169,22 +170,29 @@ def test_admin_only_lists_exactly_the_types_that_always_need_admin() -> None:
     assert {type(command) for command, needs in CASES if needs.admin} == ADMIN_ONLY
 
 
-def test_admit_refuses_on_the_caller_alone() -> None:
+async def test_admit_refuses_on_the_caller_alone() -> None:
     bus = Bus(MemoryStore())
     with pytest.raises(e.CapabilityDenied) as info:
-        bus.admit(caller(Scope.of("**", "read")), c.InjectStale)
+        await bus.admit(caller(Scope.of("**", "read")), c.InjectStale)
     assert info.value.fields == {"key": "**", "right": "admin"}
     with pytest.raises(e.AdminDisabled):
-        bus.admit(caller(token_bound=False), c.ResetAll)
+        await bus.admit(caller(token_bound=False), c.ResetAll)
     with pytest.raises(e.CapabilityDenied):
-        bus.admit(ROOT, WipeEverything)
-    bus.admit(caller(Scope.of("**", "admin")), c.AdminCreate)
-    bus.admit(NOBODY, c.GetConfig)
-    bus.admit(NOBODY, c.Submit)
+        await bus.admit(ROOT, WipeEverything)
+    await bus.admit(caller(Scope.of("**", "admin")), c.AdminCreate)
+    await bus.admit(NOBODY, c.GetConfig)
+    await bus.admit(NOBODY, c.Submit)
     # Given a command, what it needs up front: here acting for another agent.
     with pytest.raises(e.AgentMismatch):
-        bus.admit(caller(agent="a"), c.ResetSession("b"))
-    bus.admit(caller(agent="a"), c.ResetSession("a"))
+        await bus.admit(caller(agent="a"), c.ResetSession("b"))
+    await bus.admit(caller(agent="a"), c.ResetSession("a"))
+    # Each CapabilityDenied is counted in the audit log (agent, key, minute); the other
+    # refusals are not capability denials.
+    denied = [(x.agent, x.details, x.events) for x in await bus.store.audit_log(None, 10)]
+    assert denied == [
+        ("a", {"key": "**", "right": "admin"}, 1),
+        ("root", {"key": "", "right": "admin"}, 1),
+    ]
 
 
 def test_only_state_changes_check_keys_late() -> None:

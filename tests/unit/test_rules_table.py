@@ -35,6 +35,9 @@ RULES = [
     "Rate-limit bucket",
     "Revocation",
     "Purge",
+    "Audit entry, aggregated per group and minute",
+    "Mandate consumption's audit entry",
+    "Audit retention (age and row cap)",
     "Clock offset",
 ]
 # Where a short Python name is looked up, in order.

@@ -128,7 +128,7 @@ def admitted(kind: type[Command[Any]]) -> Any:
     route refuses a caller without the right whatever it sent (403, never 422)."""
 
     async def admit(request: Request) -> None:
-        await runtime_of(request.app).bus.admitted(token_caller(request), kind)
+        await runtime_of(request.app).bus.admit(token_caller(request), kind)
 
     return Depends(admit)
 

@@ -174,7 +174,7 @@ class AuditEntryOut(BaseModel):
     )
     agent: str = Field(description="Who acted (empty: no agent named, as in open mode)")
     details: dict[str, Any] = Field(
-        description="What the kind records (protocol.md section 2.13); count for an "
+        description="What the kind records (protocol.md section 2.12); count for an "
         "aggregated entry"
     )
 

@@ -1,4 +1,4 @@
-"""The audit log (protocol.md section 2.13): who did what, kept in the store.
+"""The audit log (protocol.md section 2.12): who did what, kept in the store.
 
 Every replica writes to the one store, so the log is the deployment's, not a process's.
 The engine writes an entry for each audited action (:class:`AuditEvent`); the store

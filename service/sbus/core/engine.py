@@ -172,16 +172,11 @@ class Bus:
         :data:`sbus.core.authz.RIGHTS`: without one every call is refused."""
         self._handlers[kind] = handler
 
-    def admit(self, caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]) -> None:
+    async def admit(self, caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]) -> None:
         """Refuse ``caller`` a command (or any command of a type) before the rest of its
         request is parsed (``sbus.core.authz.admit``: an admin-only type without the
-        admin right, acting for another agent). ``execute`` checks everything again."""
-        admit(caller, command)
-
-    async def admitted(
-        self, caller: c.Caller, command: c.Command[Any] | type[c.Command[Any]]
-    ) -> None:
-        """:meth:`admit`, with a CapabilityDenied counted in the audit log."""
+        admin right, acting for another agent), a CapabilityDenied counted in the audit
+        log. ``execute`` checks everything again."""
         try:
             admit(caller, command)
         except e.CapabilityDenied as refusal:

@@ -39,7 +39,7 @@ async def reset_session(body: SessionBody, request: Request, bus: BusDep) -> Res
         agent = body.agent_id
         command = c.ResetSession(agent)
         acting = agent_of(request)
-        await bus.admitted(caller_of(request, acting), command)
+        await bus.admit(caller_of(request, acting), command)
         caller = caller_of(request, acting, session_of(request, body.session_id))
     else:
         agent = require_agent(request, body.agent_id)

@@ -325,7 +325,9 @@ return {'OK'}
 #       then per explicit read-set entry its shard key
 # ARGV[1]: JSON {now, skew, ttl, op, mandate, member, prefix, max_depth, max_bytes,
 #   writes: [{k, exp?, kind, t, hv, hh, m, h, z, id?, goal?, mand?}], reads: [[k, v]],
-#   idem?}  (id, goal, mand: a create's row fields; mand is the policy it asks for)
+#   idem?, mref?}  (id, goal, mand: a create's row fields; mand is the policy it asks
+#   for; mref {jti, exp, until, audit: [tag, agent, details JSON]}: a verified mandate
+#   and the audit entry its consumption writes)
 # ARGV[1 + i]: the content of write i (commit and create writes; '' otherwise)
 # Reply: {'OK', rows, store ms}, {'ERR', ...}, {'REPLAY', ...} or {'RETRY', reason,
 #   store ms, rows}: rows[i] is write i's row (row_reply) as it is now, false if absent,
@@ -546,7 +548,12 @@ for i = 1, nw do
 end
 redis.call('HSET', DLV, '#last', s(now))
 redis.call('ZADD', SESSIONS, 0, P.member)
-if P.mref then redis.call('HSET', P.mkey, P.mref.jti, s(P.mref['until'])) end
+if P.mref then
+  redis.call('HSET', P.mkey, P.mref.jti, s(P.mref['until']))
+  -- the consumption's audit entry, in this same script: it exists iff the commit does
+  local a = P.mref.audit
+  audit_append(a[1], now, 'mandate_consume', a[2], a[3], '')
+end
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, last) end
 return {'OK', rows, t}
 """
@@ -793,7 +800,7 @@ SCRIPTS: dict[str, Script] = {
         _script("register", REGISTER),
         _script("inject", INJECT),
         _script("reset_session", RESET_SESSION),
-        _script("commit", COMMIT),
+        _script("commit", audit_lua.HELPER + COMMIT),
         _script("purge", PURGE),
         _script("reset_all", RESET_ALL),
         _script("advance_clock", ADVANCE_CLOCK),

@@ -860,6 +860,8 @@ class RedisStore:
                 "jti": txn.mandate.jti,
                 "exp": txn.mandate.expires_ms,
                 "until": txn.mandate.retain_until_ms,
+                # written by the script with the consumption (audit_lua.HELPER)
+                "audit": [self.tag, txn.agent_id, audit.encode(audit.consumed(txn).details)],
             }
         if txn.idem is not None:
             outcome = rules.render(txn, predicted)
