@@ -89,8 +89,8 @@ async def test_each_audited_action_writes_one_entry(make_client: AppFactory) -> 
         201,
     )
     ok(await c.post("/admin/tokens/revoke", json={"jti": issued["jti"]}, headers=admin))
-    body: dict[str, Any] = {"holder": "A", "keys": ["pay/*"], "context": {"order": 7}, "ttl_s": 60}
-    mandate = ok(await c.post("/mandates", json=body, headers=g), 201)
+    grant: dict[str, Any] = {"holder": "A", "keys": ["pay/*"], "context": {"order": 7}, "ttl_s": 60}
+    mandate = ok(await c.post("/mandates", json=grant, headers=g), 201)
     paid = {"key": "pay/1", "delta": "paid", "mandate": mandate["mandate"], "context": {"order": 7}}
     # A commit refused in the atomic step consumes nothing and writes no entry...
     stale = await c.post("/commit/v2", json={**paid, "expected_version": 5}, headers=a)
