@@ -8,7 +8,8 @@ host but loopback are refused and recorded (:class:`Tab`), so a page that would 
 network fails its test instead of passing on a machine that has one. Console errors and
 uncaught exceptions are recorded too.
 
-The pages are served by a real ``sbus serve`` process (``tests.concurrency.conftest``).
+The pages are served by real ``sbus serve`` processes (``tests.concurrency.conftest``),
+shared by every browser test (:class:`Buses`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -104,12 +106,34 @@ def tab(browser: Browser) -> Iterator[Tab]:
         context.close()
 
 
-@pytest.fixture(scope="module")
-def open_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One ``sbus serve`` over SQLite in open mode with the admin routes on."""
-    root: Path = tmp_path_factory.mktemp("browser-bus")
+SECRET = "browser-test-secret-of-32-bytes!"
+
+
+@dataclass(frozen=True)
+class Buses:
+    open: Server  # open mode, admin on
+    closed: Server  # open mode, admin off
+    token: Server  # token mode, with SECRET
+
+
+@pytest.fixture(scope="session")
+def buses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buses]:
+    """Three ``sbus serve`` processes over SQLite, started at once and shared by the
+    browser tests, which use keys and agents of their own."""
+    root: Path = tmp_path_factory.mktemp("browser-buses")
     group = ServerGroup(root / "logs")
+    envs = [
+        {},
+        {"SBUS_ADMIN_ENABLED": "0"},
+        {"SBUS_AUTH": "token", "SBUS_SECRET": SECRET, "SBUS_ADMIN_ENABLED": "0"},
+    ]
     try:
-        yield group.start(sqlite_url(root))
+        with ThreadPoolExecutor(len(envs)) as pool:
+            started = [
+                pool.submit(group.start, sqlite_url(root, f"bus-{i}.db"), env)
+                for i, env in enumerate(envs)
+            ]
+            servers = [future.result() for future in started]
+        yield Buses(*servers)
     finally:
         group.fail_on(group.stop_all())

@@ -1,6 +1,6 @@
 """The dashboard ``/ui`` in a real browser, against real ``sbus serve`` processes over
 SQLite: an open bus with the admin routes on, one with them off, and one in token mode.
-Each test uses keys and agents of its own, so they share the module's buses.
+Each test uses keys and agents of its own, so they share the buses.
 
 Every page is loaded with requests to other hosts refused (``Tab``); a test that expects
 no refused request from the bus asserts ``tab.clean()`` (no console error: a browser logs
@@ -8,51 +8,16 @@ every 4xx it receives as one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-
 import httpx
-import pytest
 from playwright.sync_api import Locator, Page, expect
 
 from sbus.config import Settings
 from sbus.core.rights import ALL_RIGHTS, Right, Scope
 from sbus.security.tokens import Issuer
-from tests.browser.conftest import Tab
-from tests.concurrency.conftest import Server, ServerGroup, sqlite_url
+from tests.browser.conftest import SECRET, Buses, Tab
+from tests.concurrency.conftest import Server
 
-SECRET = "browser-test-secret-of-32-bytes!"
 JSON = {"Content-Type": "application/json"}
-
-
-@dataclass(frozen=True)
-class Buses:
-    open: Server  # open mode, admin on
-    closed: Server  # open mode, admin off
-    token: Server  # token mode
-
-
-@pytest.fixture(scope="module")
-def buses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buses]:
-    root: Path = tmp_path_factory.mktemp("dashboard")
-    group = ServerGroup(root / "logs")
-    envs = [
-        {},
-        {"SBUS_ADMIN_ENABLED": "0"},
-        {"SBUS_AUTH": "token", "SBUS_SECRET": SECRET, "SBUS_ADMIN_ENABLED": "0"},
-    ]
-    try:
-        with ThreadPoolExecutor(len(envs)) as pool:
-            started = [
-                pool.submit(group.start, sqlite_url(root, f"bus-{i}.db"), env)
-                for i, env in enumerate(envs)
-            ]
-            servers = [future.result() for future in started]
-        yield Buses(*servers)
-    finally:
-        group.fail_on(group.stop_all())
 
 
 def client(server: Server, token: str | None = None) -> httpx.Client:
