@@ -55,7 +55,7 @@ export class ApiError extends Error {
 export function url(path, query) {
   const target = new URL(path, document.baseURI);
   for (const [name, value] of Object.entries(query || {})) {
-    if (value !== undefined && value !== null && value !== "") target.searchParams.set(name, value);
+    if (value !== undefined && value !== null) target.searchParams.set(name, value);
   }
   return target;
 }

@@ -57,8 +57,15 @@ class Dashboard {
     const token = tokenMode() ? claims(storedToken()) : null;
     $("who").textContent = token ? `agent ${token.sub ?? "?"}` : "open mode";
     $("sign-out").hidden = !tokenMode();
+    // /ui?prefix=doc/ opens the page watching that prefix (a bookmark keeps it).
+    $("prefix").value = new URLSearchParams(location.search).get("prefix") || "";
     $("prefix-form").addEventListener("submit", (event) => {
       event.preventDefault();
+      const address = new URL(location.href);
+      const prefix = $("prefix").value.trim();
+      if (prefix) address.searchParams.set("prefix", prefix);
+      else address.searchParams.delete("prefix");
+      history.replaceState(null, "", address);
       this.startWatch();
     });
     $("readsets-refresh").addEventListener("click", () => this.readSets.load());

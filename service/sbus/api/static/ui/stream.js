@@ -27,6 +27,8 @@ export class EventParser {
     this.buffer += text;
     let end;
     while ((end = this.buffer.search(/\r\n|\r|\n/)) >= 0) {
+      // A CR that ends the chunk may be the first half of a CRLF: wait for the rest.
+      if (end === this.buffer.length - 1 && this.buffer[end] === "\r") break;
       const line = this.buffer.slice(0, end);
       const width = this.buffer.startsWith("\r\n", end) ? 2 : 1;
       this.buffer = this.buffer.slice(end + width);
@@ -36,7 +38,9 @@ export class EventParser {
 
   line(line) {
     if (line === "") {
-      if (this.data.length || this.event) {
+      // A block with only an id still moves the cursor (the bus ends a stream that way
+      // at shutdown, so that the client resumes where it stopped).
+      if (this.data.length || this.event || this.id !== null) {
         this.onEvent({ event: this.event || "message", data: this.data.join("\n"), id: this.id });
       }
       this.reset();
@@ -103,7 +107,8 @@ export class Watch {
   async once() {
     this.controller = new AbortController();
     this.onState("connecting");
-    const query = { prefix: this.prefix, include: this.conflicts ? "conflicts" : "" };
+    // An empty prefix is sent as such: every key.
+    const query = { prefix: this.prefix, include: this.conflicts ? "conflicts" : undefined };
     const extra = { Accept: "text/event-stream" };
     if (this.cursor) extra["Last-Event-ID"] = this.cursor;
     const response = await fetch(url("watch", query), {
@@ -140,7 +145,8 @@ export class Watch {
 
   message({ event, data, id }) {
     if (event === "reset") {
-      this.cursor = null;
+      // The cursor was too old; the reset's id, where present, is the live edge.
+      this.cursor = id || null;
       let reason = "";
       try {
         reason = JSON.parse(data).reason || "";
@@ -151,6 +157,7 @@ export class Watch {
       return;
     }
     if (id) this.cursor = id;
+    if (!data) return;
     let change;
     try {
       change = JSON.parse(data);
