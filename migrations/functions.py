@@ -6,12 +6,16 @@ Changing a function is a new file ``<name>.v<N+1>.sql`` and a new migration that
 installs it; that migration's downgrade reinstalls ``v<N>``. A released file never
 changes: a database migrated before the edit would keep the old body while a fresh
 one got the new, so tests/storage/test_migrations.py pins each file's digest.
+
+A migration that retires a function names it in ``DROPPED`` (name -> the version its
+downgrade reinstalls, the one deployed before it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
+from types import ModuleType
 
 from alembic import op
 
@@ -48,3 +52,14 @@ def drop(functions: Mapping[str, int]) -> None:
     """Drop functions a migration created, newest first."""
     for name in reversed(list(functions)):
         op.execute(f"DROP FUNCTION IF EXISTS {name} CASCADE")
+
+
+def deployed_versions(migrations: Iterable[ModuleType]) -> dict[str, int]:
+    """The version of each function deployed once ``migrations`` (oldest first) have run:
+    each one's ``FUNCTIONS`` over those before it, less the names it ``DROPPED``."""
+    versions: dict[str, int] = {}
+    for migration in migrations:
+        versions.update(getattr(migration, "FUNCTIONS", {}))
+        for name in getattr(migration, "DROPPED", {}):
+            versions.pop(name, None)
+    return versions

@@ -40,7 +40,7 @@ from sbus.storage.sql.postgres import (
     RETRYABLE,
     PostgresStore,
     _Final,
-    _Rejection,
+    _Refusal,
 )
 
 T = TypeVar("T")
@@ -169,11 +169,6 @@ class SerializablePostgresStore(PostgresStore):
                 await conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
                 try:
                     result = await body(_UnlockedConnection(conn, attempt))
-                except _Rejection as rejection:
-                    committing = True
-                    await conn.execute("COMMIT")
-                    await self._add_counters(conn, attempt)
-                    raise rejection.error from None
                 except BaseException:
                     with contextlib.suppress(Exception):
                         await conn.execute("ROLLBACK")
@@ -196,6 +191,10 @@ class SerializablePostgresStore(PostgresStore):
                         if isinstance(exc, asyncpg.UniqueViolationError):
                             raise _Conflict(str(exc)) from exc
                         raise
+                    if isinstance(result, _Refusal):
+                        # Its counter deltas after the transaction, as a commit's.
+                        await self._add_counters(conn, attempt)
+                        raise result.error
                     value = result.value
                 else:
                     await conn.execute("COMMIT")

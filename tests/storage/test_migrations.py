@@ -22,7 +22,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sbus_migrations.functions import SQL_DIR, function_sql
+from sbus_migrations.functions import SQL_DIR, deployed_versions, function_sql
 from sqlalchemy import MetaData, create_engine, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -32,7 +32,7 @@ from sbus.storage.sql.postgres import asyncpg_dsn
 from sbus.storage.sql.schema import POSTGRES_FUNCTIONS, metadata, postgres_metadata
 from tests import backends
 
-HEAD = "0007"
+HEAD = "0008"
 FUNCTIONS_SQL = """
 SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -49,10 +49,12 @@ RELEASED = {
     "sbus_lock_run.v1.sql": "1cc013a6ec7dc81af3ab9dc2bac6167d",
     "sbus_mandate_consumed.v1.sql": "3940f026b09556d44156ce71c6e67eab",
     "sbus_now_ms.v1.sql": "193f065e272188555cb7d0a342c05c41",
+    "sbus_now_ms.v2.sql": "caaf774cefe825a64fce6f21aa08f0b3",
     "sbus_read.v1.sql": "3257ba106d9a1e743e9542ee1c6edfa9",
     "sbus_txn_apply.v1.sql": "b3ad4b3840e664db3b8b32a66642f002",
     "sbus_txn_apply.v2.sql": "747ac423dcf52cde12779f73400f0d45",
     "sbus_txn_load.v1.sql": "cda92b491920d4693de7734e0677ed0f",
+    "sbus_txn_load.v2.sql": "292df03673b8852336ce329e5a2f388c",
 }
 DEFINITIONS_SQL = """
 SELECT p.proname, pg_get_functiondef(p.oid)
@@ -87,12 +89,12 @@ def revision(connection: Any) -> str | None:
 
 
 def installed_functions(target: str) -> dict[str, int]:
-    """The version of each function the migrations from base up to ``target`` install:
-    each migration's ``FUNCTIONS`` (name -> version) over those before it."""
+    """The version of each function the migrations from base up to ``target`` leave
+    deployed: each migration's ``FUNCTIONS`` (name -> version) over those before it, less
+    those it ``DROPPED``."""
     script = ScriptDirectory.from_config(alembic_config())
-    versions: dict[str, int] = {}
-    for step in reversed(list(script.iterate_revisions(target, "base"))):
-        versions.update(getattr(step.module, "FUNCTIONS", {}))
+    steps = reversed(list(script.iterate_revisions(target, "base")))
+    versions: dict[str, int] = deployed_versions(step.module for step in steps)
     return versions
 
 
@@ -229,8 +231,7 @@ def test_the_store_calls_only_declared_functions() -> None:
     source = Path(sbus.storage.sql.postgres.__file__).read_text()
     called = set(re.findall(r"\b(sbus_[a-z_]+)\(", source))
     declared = {name for name, _, _ in POSTGRES_FUNCTIONS}
-    # every declared function but the lock helper, which only the functions call
-    assert called == declared - {"sbus_lock_run"}
+    assert called == declared
 
 
 async def test_postgres_downgrades_step_by_step_to_nothing_and_back(pg_url: str) -> None:
@@ -256,3 +257,5 @@ async def test_postgres_upgrades_step_by_step_to_the_files_each_revision_names(
         assert await run(pg_url, partial(deployed_as_files, target=newer)) == {}, newer
     assert installed_functions("0004")["sbus_txn_apply"] == 1
     assert installed_functions(HEAD)["sbus_txn_apply"] == 2
+    assert installed_functions("0007")["sbus_lock_run"] == 1
+    assert "sbus_lock_run" not in installed_functions("0008")

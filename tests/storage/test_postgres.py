@@ -259,3 +259,74 @@ async def test_a_cancelled_commit_leaves_no_open_transaction(raw: asyncpg.Connec
         assert stuck == 0
     finally:
         await store.close()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every message the store sends through asyncpg's query methods, by its start: one
+    entry per round trip (each method waits for its answer)."""
+    log: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        real = getattr(asyncpg.Connection, name)
+
+        async def spy(self: asyncpg.Connection, query: str, *args: object, _real=real) -> object:  # type: ignore[no-untyped-def]
+            log.append(query)
+            return await _real(self, query, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, name, spy)
+    return log
+
+
+async def test_a_commit_and_a_refusal_each_take_three_round_trips(
+    pg: PostgresStore, raw: asyncpg.Connection, sent: list[str]
+) -> None:
+    """BEGIN, the load, then the effects with COMMIT in one message: also for a refused
+    commit, whose counter writes ride with its COMMIT."""
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    sent.clear()
+    out = await pg.apply(commit("new"))
+    assert out.body is not None and out.body["new_version"] == 1
+    assert [q.split("(")[0] for q in sent] == [
+        "BEGIN ISOLATION LEVEL READ COMMITTED",
+        "SELECT sbus_txn_load",
+        "SELECT sbus_txn_apply",
+    ]
+    assert sent[-1].endswith(";\nCOMMIT")
+    sent.clear()
+    with pytest.raises(e.VersionMismatch):
+        await pg.apply(commit("stale"))  # from version 0 again
+    assert [q.split("(")[0] for q in sent] == [
+        "BEGIN ISOLATION LEVEL READ COMMITTED",
+        "SELECT sbus_txn_load",
+        "SELECT sbus_txn_apply",
+    ]
+    assert sent[-1].endswith(";\nCOMMIT")
+    stats = (await pg.stats()).counters
+    assert (stats.total_commits, stats.total_conflicts) == (1, 1)
+    assert await raw.fetchval("SELECT conflict_count FROM sbus_shards WHERE key = 'k'") == 1
+
+
+async def test_a_refusal_whose_counters_fail_is_not_applied(pg: PostgresStore) -> None:
+    """The refusal's counter writes travel as the statement sent with COMMIT: if it
+    fails, nothing lands and the answer is not_applied, not the refusal."""
+    await pg.create(CreateOp("k", "v0", "", False, "", new_commit_id()))
+    await pg.apply(commit("new"))
+    with apply_sends(pg, "SELECT 1/0"), pytest.raises(e.StoreUnavailable) as info:
+        await pg.apply(commit("stale"))
+    assert info.value.fields["outcome"] == "not_applied"
+    assert (await pg.stats()).counters.total_conflicts == 0
+
+
+async def test_hot_path_functions_keep_their_plans(
+    pg: PostgresStore, raw: asyncpg.Connection
+) -> None:
+    """No function of the store is LANGUAGE sql, whose body PostgreSQL plans again on every
+    call from a new transaction (each read and commit is one); the load forces generic
+    plans, which its array-parameter statements would otherwise be planned afresh for."""
+    rows = await raw.fetch(
+        "SELECT p.proname, l.lanname, p.proconfig FROM pg_proc p "
+        "JOIN pg_language l ON l.oid = p.prolang WHERE p.proname LIKE 'sbus\\_%'"
+    )
+    assert {r["proname"]: r["lanname"] for r in rows if r["lanname"] != "plpgsql"} == {}
+    config = {r["proname"]: r["proconfig"] for r in rows}
+    assert config["sbus_txn_load"] == ["plan_cache_mode=force_generic_plan"]

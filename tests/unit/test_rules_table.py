@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from alembic.script import ScriptDirectory
+from sbus_migrations.functions import deployed_versions
 
 from sbus.storage.redis import scripts
 from sbus.storage.sql.migrate import alembic_config, head_revision
@@ -78,9 +79,8 @@ def deployed_files() -> set[str]:
     """The function files the migrations up to the newest deploy: each function at the
     version the last migration naming it installs."""
     script = ScriptDirectory.from_config(alembic_config())
-    versions: dict[str, int] = {}
-    for step in reversed(list(script.iterate_revisions(head_revision(), "base"))):
-        versions.update(getattr(step.module, "FUNCTIONS", {}))
+    steps = reversed(list(script.iterate_revisions(head_revision(), "base")))
+    versions = deployed_versions(step.module for step in steps)
     return {f"{name}.v{version}.sql" for name, version in versions.items()}
 
 

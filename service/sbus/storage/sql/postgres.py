@@ -313,7 +313,8 @@ class PostgresStore:
 
         ``body`` may return :class:`_Final`: its last statement is then sent together
         with the COMMIT, in one simple-query message (one round trip fewer; if the
-        statement fails, PostgreSQL skips the COMMIT and the transaction rolls back)."""
+        statement fails, PostgreSQL skips the COMMIT and the transaction rolls back).
+        A :class:`_Refusal` is a :class:`_Final` whose error is raised once it committed."""
         for attempt in range(4):
             committing = False
             try:
@@ -321,11 +322,6 @@ class PostgresStore:
                     await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     try:
                         result = await body(conn)
-                    except _Rejection as rejection:
-                        # A rejection's counter writes land: commit, then answer.
-                        committing = True
-                        await conn.execute("COMMIT")
-                        raise rejection.error from None
                     except BaseException:
                         with contextlib.suppress(Exception):
                             await conn.execute("ROLLBACK")
@@ -343,6 +339,8 @@ class PostgresStore:
                             with contextlib.suppress(Exception):
                                 await conn.execute("ROLLBACK")
                             raise
+                        if isinstance(result, _Refusal):
+                            raise result.error
                         return result.value
                     await conn.execute("COMMIT")
                     return result
@@ -653,14 +651,13 @@ class PostgresStore:
                 mandate_consumed=consumed,
             )
             if fx.error is not None:
-                await self._apply_effects(
-                    conn,
-                    {
-                        "counters": fx.counters,
-                        "bumps": [[k, a, c] for k, (a, c) in fx.bumps.items()],
-                    },
-                )
-                raise _Rejection(fx.error)
+                # A refusal's counter writes land: they ride with the COMMIT, then the
+                # error is answered.
+                refusal = {
+                    "counters": fx.counters,
+                    "bumps": [[k, a, c] for k, (a, c) in fx.bumps.items()],
+                }
+                return _Refusal(fx.error, self._apply_statement(refusal))
             payload: dict[str, Any] = {
                 "counters": fx.counters,
                 "shards": [_shard_json(s) for s in fx.shards],
@@ -1109,10 +1106,12 @@ def _dollar_quoted(text: str) -> str:
     return f"{tag}{text}{tag}"
 
 
-class _Rejection(SBusError):
-    """A decided rejection: its counter writes were made in the transaction, which must
-    COMMIT before the error is raised to the caller."""
+class _Refusal(_Final[Any]):
+    """A decided refusal: its counter writes travel with the COMMIT like any
+    :class:`_Final` statement, and ``error`` is raised once they committed."""
 
-    def __init__(self, error: SBusError) -> None:
-        super().__init__(error.detail)
+    __slots__ = ("error",)
+
+    def __init__(self, error: SBusError, statement: str) -> None:
+        super().__init__(None, statement)
         self.error = error

@@ -158,9 +158,8 @@ Index("sbus_audit_grp", audit.c.grp, unique=True)
 
 # PostgreSQL's schema: the tables above, the open-mode signing secret that every replica
 # reads (SQLite keeps it in a key file beside the database instead), and the PL/pgSQL
-# functions the store calls (and sbus_lock_run, which they call), as (name, identity
-# arguments, result type). tests/storage/test_migrations.py holds a migrated database to
-# all three.
+# functions the store calls, as (name, identity arguments, result type).
+# tests/storage/test_migrations.py holds a migrated database to all three.
 postgres_metadata = MetaData()
 for _table in metadata.tables.values():
     _table.to_metadata(postgres_metadata)
@@ -175,7 +174,6 @@ secrets = Table(
 POSTGRES_FUNCTIONS = frozenset(
     {
         ("sbus_now_ms", "", "bigint"),
-        ("sbus_lock_run", "p_keys text[], p_write boolean", "void"),
         (
             "sbus_txn_load",
             "p_agent text, p_session text, p_writes text[], p_reads text[], "
