@@ -59,5 +59,5 @@ async def test_the_app_pool_has_the_configured_size(
             await asyncio.sleep(0.01)
         store = runtime_of(app).bus.store
         assert isinstance(store, PostgresStore)
-        assert store._engine is not None
-        assert store._engine.pool.size() == size  # type: ignore[attr-defined]
+        assert store._pool is not None
+        assert store._pool.size == size

@@ -1,4 +1,4 @@
-"""The PostgreSQL store: SQLAlchemy 2 Core (engine, pool, Alembic) over asyncpg.
+"""The PostgreSQL store: asyncpg, with SQLAlchemy 2 Core and Alembic for the schema.
 
 A commit is one READ COMMITTED transaction of two server-side calls (migration 0002):
 ``sbus_txn_load`` locks the session row, then every written key FOR UPDATE and every
@@ -12,8 +12,9 @@ of the read set, so a 64-entry read set costs about what a 1-entry one does. Dea
 Counters are split over 16 slots per name (each commit adds to a random slot), so no
 single hot row serializes every commit; readers sum the slots.
 
-The hot path talks to the asyncpg connection under SQLAlchemy's pooled connection
-directly: SQLAlchemy's async adaptation costs more per statement than the statement.
+Every use takes an asyncpg connection from a fixed pool of its own (sql.pgpool):
+SQLAlchemy's async adaptation and its pool's checkout cost more per statement than the
+statement.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 import orjson
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from sbus.core import audit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
@@ -64,6 +65,7 @@ from sbus.core.types import (
 )
 from sbus.storage.sql import audit_sql
 from sbus.storage.sql.migrate import current_revision, head_revision
+from sbus.storage.sql.pgpool import PgPool, PoolExhausted
 
 log = logging.getLogger("sbus.storage.postgres")
 
@@ -81,6 +83,12 @@ CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
 )
+
+
+# Every connection: statements that hang are cut after 30 s, and no JIT compilation (its
+# start-up cost exceeds what the short statements of the bus could gain).
+CONNECT_ARGS: dict[str, Any] = {"command_timeout": 30, "server_settings": {"jit": "off"}}
+POOL_TIMEOUT_S = 10.0  # a request waits this long for a free connection, then 503
 
 
 class SchemaOutOfDate(StoreMisconfigured):
@@ -183,41 +191,35 @@ class PostgresStore:
         )
         self.limits = limits or Limits()
         self._pool_size = pool_size
-        self._engine: AsyncEngine | None = None
+        self._pool: PgPool | None = None
         self.durable = False  # until the server says so (start, check)
         self._durability: tuple[str, ...] | None = None
 
     # lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._engine is not None:
+        if self._pool is not None:
             return
-        engine = create_async_engine(
-            self.url,
-            # A fixed pool: overflow connections closed on return made the bus open
-            # and close a backend per burst (143 sessions in 4 s under the benchmark).
-            pool_size=self._pool_size,
-            max_overflow=0,
-            pool_timeout=10,
-            pool_pre_ping=False,
-            pool_reset_on_return=None,  # every use closes its own transaction
-            connect_args={"command_timeout": 30, "server_settings": {"jit": "off"}},
-        )
+        # SQLAlchemy (Alembic) reads the schema's revision once, on a connection of its
+        # own; every use after that takes a connection from the pool below.
+        engine = create_async_engine(self.url, poolclass=NullPool, connect_args=CONNECT_ARGS)
         try:
             async with engine.connect() as conn:
                 current = await conn.run_sync(current_revision)
                 settings = (await conn.exec_driver_sql(DURABILITY_SQL)).one()
         except Exception as exc:
-            await engine.dispose()
             raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+        finally:
+            await engine.dispose()
         head = head_revision()
         if current != head:
-            await engine.dispose()
             raise SchemaOutOfDate(
                 f"database schema is at {current or 'nothing'}, this release needs {head}: "
                 "run `sbus migrate`"
             )
         self._note_durability(tuple(str(value) for value in settings))
-        self._engine = engine
+        # A fixed pool: connections opened and closed per burst made the bus open and
+        # close a backend per request under the benchmark (143 sessions in 4 s).
+        self._pool = PgPool(asyncpg_dsn(self.url), self._pool_size, POOL_TIMEOUT_S, **CONNECT_ARGS)
 
     async def check(self) -> None:
         async with self._conn() as conn:
@@ -257,54 +259,48 @@ class PostgresStore:
             await engine.dispose()
 
     async def close(self) -> None:
-        if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection's asyncpg driver connection. Driver failures inside the
-        block become StoreUnavailable; a dead connection (the server restarted or went
-        away) is invalidated and the pool replaced, so the next request reconnects
-        instead of drawing another stale connection."""
-        engine = self._engine
-        if engine is None:
+        """A pooled connection. Driver failures inside the block become
+        StoreUnavailable; a dead connection (the server restarted or went away) is
+        closed together with the idle ones, so the next request opens a fresh connection
+        instead of drawing another stale one."""
+        pool = self._pool
+        if pool is None:
             raise StoreUnavailable("the PostgreSQL store is not started")
         try:
-            sa_conn = await engine.connect()
-        except (*CONNECTION_ERRORS, SQLAlchemyError, asyncpg.PostgresError) as exc:
-            # e.g. refused, or "the database system is starting up" wrapped by SQLAlchemy
+            conn = await pool.acquire()
+        except PoolExhausted as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            # e.g. refused, or "the database system is starting up"
             raise StoreUnavailable(f"cannot get a PostgreSQL connection: {exc}") from exc
-        driver: asyncpg.Connection | None = None
+        # Kept for the next use unless it failed on its socket or the use was cancelled
+        # mid-flight; the pool closes, rather than keeps, one left inside a transaction
+        # (a use that could not roll back), so no later use runs inside it.
+        reuse = False
         try:
-            raw = await sa_conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
-            yield driver
+            yield conn
+            reuse = True
         except SBusError:
+            reuse = True
             raise
         except RETRYABLE:
+            reuse = True
             raise  # _run retries these
         except CONNECTION_ERRORS as exc:
-            with contextlib.suppress(Exception):
-                await sa_conn.invalidate()
-            with contextlib.suppress(Exception):
-                await engine.dispose(close=False)
+            pool.discard_idle()
             raise StoreUnavailable(f"PostgreSQL connection failed: {exc}") from exc
-        except (asyncpg.PostgresError, SQLAlchemyError) as exc:
+        except asyncpg.PostgresError as exc:
+            reuse = True
             log.exception("PostgreSQL error")
             raise StoreUnavailable(f"PostgreSQL error: {exc}") from exc
         finally:
-            if driver is not None and not driver.is_closed() and driver.is_in_transaction():
-                # A use that could not roll back (a request cancelled mid-flight): never
-                # pool its transaction and its locks for a later use. Closing the socket
-                # ends the transaction once the statement in flight finishes; asyncpg
-                # tracks the server's transaction status, so knowing costs no round trip.
-                driver.terminate()
-                with contextlib.suppress(Exception):
-                    await sa_conn.invalidate()
-            with contextlib.suppress(Exception):
-                await sa_conn.close()
+            pool.release(conn, reuse)
 
     async def _run(self, body: Callable[[asyncpg.Connection], Awaitable[T | _Final[T]]]) -> T:
         """Run ``body`` in one READ COMMITTED transaction, retrying deadlocks and
@@ -1076,8 +1072,7 @@ def _idem_record(row: list[Any]) -> IdemRecord:
 
 
 def _json(value: Any) -> Any:
-    """jsonb arrives decoded when SQLAlchemy's asyncpg dialect installed its codec on
-    the connection, and as text otherwise."""
+    """jsonb as asyncpg hands it over without a codec (text), or already decoded."""
     return orjson.loads(value) if isinstance(value, str | bytes) else value
 
 
