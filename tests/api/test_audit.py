@@ -261,3 +261,28 @@ async def test_only_the_admin_right_reads_the_log(make_client: AppFactory) -> No
     assert (body["key"], body["right"]) == ("**", "admin")
     _, open_c = await make_client(admin_enabled=False)
     problem(await open_c.get("/admin/audit"), 403, "AdminDisabled")
+
+
+async def test_concurrent_commits_with_one_mandate_leave_one_consumption(
+    make_client: AppFactory,
+) -> None:
+    app, c = await token_app(make_client)
+    admin, _ = root(app)
+    for i in range(8):
+        body = {"key": f"pay/{i}", "content": "v0", "policy": {"require_mandate": True}}
+        ok(await c.post("/shard", json=body, headers=admin), 201)
+    g, _ = bearer(app, "G", "pay/*", "mandate")
+    a, _ = bearer(app, "A", "**", "read", "write")
+    grant: dict[str, Any] = {"holder": "A", "keys": ["pay/*"], "context": {}, "ttl_s": 60}
+    mandate = ok(await c.post("/mandates", json=grant, headers=g), 201)
+    bodies = [
+        {"key": f"pay/{i}", "expected_version": 0, "delta": "paid", "mandate": mandate["mandate"]}
+        for i in range(8)
+    ]
+    answers = await asyncio.gather(*(c.post("/commit/v2", json=b, headers=a) for b in bodies))
+    landed = [r.json()["commit_id"] for r in answers if r.status_code == 200]
+    assert len(landed) == 1
+    for refused in (r for r in answers if r.status_code != 200):
+        problem(refused, 409, "MandateConsumed")
+    consumed = [e for e in await entries(c, admin) if e["kind"] == "mandate_consume"]
+    assert [e["details"]["commit_id"] for e in consumed] == landed

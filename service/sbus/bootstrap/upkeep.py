@@ -12,7 +12,8 @@ the first check that passes makes it ready again. ``durable`` (``/stats``
 nothing here: every request already reports that on its own.
 
 **Purge** once a minute. Expiry never depends on it (every read of the DeliveryLog
-filters by age); it only bounds storage.
+filters by age); it only bounds storage, the audit log's included (``SBUS_AUDIT_TTL`` and
+``SBUS_AUDIT_MAX_ROWS`` on the store clock).
 """
 
 from __future__ import annotations
