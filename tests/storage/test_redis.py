@@ -679,6 +679,21 @@ class TestRoundTrips:
         assert newest.version == 2 and newest.committed_ms >= older.committed_ms
         await assert_chain(store, "k")
 
+    async def test_a_head_from_a_clock_since_stepped_back_does_not_block_commits(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        """The store clock went back a minute (an NTP step) after the head was written:
+        the commit is stamped with the clock, not the head's future time, which the
+        script would refuse as skewed on every retry."""
+        await store.create(create("k"))
+        ahead = await store.now_ms() + 60_000
+        await raw.hset(store.k_shard("k"), "updated", str(ahead))
+        await store.read("k", "A", "", True)  # remembers the head, future time included
+        out = await store.apply(commit("k", 0, "after the step"))
+        assert out.body is not None and out.body["new_version"] == 1
+        entry = (await store.history("k", None, 1))[0]
+        assert abs(entry.committed_ms - await store.now_ms()) < 5_000
+
 
 class TestSessions:
     async def test_dl_entries_are_a_sorted_set_by_served_time(

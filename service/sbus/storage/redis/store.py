@@ -22,13 +22,14 @@ Design
   and sent at once: ONE round trip. Only a head this process never saw, or a
   rollback (its source entry), is read first, in one pipelined ``MULTI`` with
   ``TIME`` and the clock offset. ``committed_at`` is never before the head's own
-  time. The script checks that its own clock is within :data:`CLOCK_SKEW_MS` of the
-  ``committed_at`` it was given and then decides exactly as ``decide`` would against
-  the CURRENT state. Only if the commit is admitted and some written head is not the
-  one it was hashed against does it write nothing and answer ``RETRY`` with the
-  current rows and its clock, against which the next attempt is hashed; a moved head
-  usually means the commit fails anyway (VersionMismatch against the old expected
-  version), and then it is simply decided and answered. Retries are bounded
+  time (unless the head is far ahead: a clock that stepped back). The script checks
+  that its own clock is within :data:`CLOCK_SKEW_MS` of the ``committed_at`` it was
+  given and then decides exactly as ``decide`` would against the CURRENT state. Only
+  if the commit is admitted and some written head is not the one it was hashed
+  against does it write nothing and answer ``RETRY`` with the current rows and its
+  clock, against which the next attempt is hashed; a moved head usually means the
+  commit fails anyway (VersionMismatch against the old expected version), and then
+  it is simply decided and answered. Retries are bounded
   (:data:`MAX_RACES`), then 503 ``not_applied``. Creates are hashed against the
   tombstone (or absence) read with the clock and checked the same way.
 - **Idempotency records** are hashes with a store-clock expiry field, expired by
@@ -758,12 +759,17 @@ class RedisStore:
     ) -> tuple[dict[str, Any], dict[str, Shard]]:
         """Hash the new history entries against the heads of ``basis``; returns the
         script payload and the predicted post rows. ``committed_at`` is the basis's
-        clock, but never before a written head's own: the chain's times do not go
-        back even when this process's clock estimate trails another's."""
-        now, heads, sources = basis
+        clock, but never before a written head's own (up to half the skew allowed):
+        the chain's times do not go back when this process's clock estimate trails
+        another's."""
+        clock, heads, sources = basis
+        now = clock
         for h in heads:
             if h is not None and h.updated > now:
                 now = h.updated
+        # ... within reason: a head far ahead means the store's clock stepped back (an
+        # NTP step); the script would refuse that committed_at for ever, so the clock wins.
+        now = min(now, clock + CLOCK_SKEW_MS // 2)
         committed_at = rfc3339(now)
         out: list[dict[str, Any]] = []
         predicted: dict[str, Shard] = {}
