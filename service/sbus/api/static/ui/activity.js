@@ -60,8 +60,9 @@ export class Activity {
     const at = change.committed_at ? new Date(change.committed_at) : new Date();
     let detail;
     if (conflict) {
-      const stale = Array.isArray(change.stale_keys) && change.stale_keys.length
-        ? ` (stale: ${change.stale_keys.join(", ")})` : "";
+      const keys = Array.isArray(change.stale_keys)
+        ? change.stale_keys.map((k) => (k && typeof k === "object" ? k.key : k)) : [];
+      const stale = keys.length ? ` (stale: ${keys.join(", ")})` : "";
       detail = `${change.error ?? "refused"}${stale}`;
     } else {
       detail = change.commit_id ? `commit ${String(change.commit_id).slice(0, 12)}` : "";
