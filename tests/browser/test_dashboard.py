@@ -175,6 +175,7 @@ def test_token_mode_asks_for_a_token_and_shows_only_what_it_may_read(
     open_ui(page, buses.token)
     expect(page.locator("#token-panel")).to_be_visible()
     expect(page.locator("#panels")).to_be_hidden()
+    expect(page.locator("#prefix-form")).to_be_hidden()
 
     page.fill("#token", "not-a-token")
     page.click("#token-form button[type=submit]")

@@ -57,6 +57,7 @@ class Dashboard {
     const token = tokenMode() ? claims(storedToken()) : null;
     $("who").textContent = token ? `agent ${token.sub ?? "?"}` : "open mode";
     $("sign-out").hidden = !tokenMode();
+    $("prefix-form").hidden = meta("watch") !== "on";
     // /ui?prefix=doc/ opens the page watching that prefix (a bookmark keeps it).
     $("prefix").value = new URLSearchParams(location.search).get("prefix") || "";
     $("prefix-form").addEventListener("submit", (event) => {
