@@ -57,6 +57,13 @@ SHARD_COLUMNS = (
     "attempt_count, conflict_count, deleted, head_hash, hist_min_version, hist_bytes"
 )
 COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
+LOAD_SQL = f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key = ?"
+SESSION_SQL = (
+    "SELECT s.overflowed, s.last_served_ms, e.key, e.version, e.served_ms "
+    "FROM sbus_dl_sessions AS s LEFT JOIN sbus_dl_entries AS e "
+    "ON e.agent_id = s.agent_id AND e.session_id = s.session_id "
+    "WHERE s.agent_id = ? AND s.session_id = ?"
+)
 
 
 T = TypeVar("T")
@@ -82,15 +89,27 @@ class Db:
     driver connection directly, because SQLAlchemy's per-statement overhead measured
     2.6x the statement itself on this path (141 us against 55 us for a key lookup).
     The method name mirrors ``Connection.exec_driver_sql``.
+
+    It also keeps ``sbus_meta`` (the ORI flag and the clock offset), which nearly every
+    operation needs and which almost never changes: :meth:`meta` reads the table again
+    only when ``PRAGMA data_version`` says another connection (another worker or
+    process on the file) committed since it was read, checked once per batch, and after
+    this connection wrote it (:meth:`forget_meta`). In a writing batch the check comes
+    after ``BEGIN IMMEDIATE``, so nobody else can commit until the batch ends; a
+    read-only batch's operations were all queued before it began, so reading the
+    flags once for all of them answers each as of a moment during its request.
     """
 
-    __slots__ = ("_owner", "_raw")
+    __slots__ = ("_meta", "_owner", "_raw", "_version", "_version_checked")
 
     def __init__(self, owner: SAConnection) -> None:
         self._owner = owner  # keeps the engine's connection (and pool) alive
         raw = owner.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         self._raw = raw
+        self._meta: tuple[bool, int] | None = None
+        self._version: int | None = None
+        self._version_checked = False
 
     def exec_driver_sql(self, sql: str, params: Any = ()) -> Cursor:
         cursor = self._raw.cursor(Cursor)
@@ -99,6 +118,37 @@ class Db:
         else:
             cursor.execute(sql, params)
         return cursor
+
+    # the writer's batch (sbus.storage.sql.writer.Connection) ---------------------------
+    def begin(self, write: bool) -> None:
+        self._version_checked = False
+        if write:
+            self._raw.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self._raw.execute("COMMIT")
+
+    def rollback(self) -> None:
+        self._meta = None  # it may hold what the batch wrote
+        self._raw.execute("ROLLBACK")
+
+    def meta(self) -> tuple[bool, int]:
+        """(ORI enabled, clock offset in ms) as stored."""
+        if not self._version_checked:
+            version = self.exec_driver_sql("PRAGMA data_version").one()[0]
+            if version != self._version:
+                self._version, self._meta = version, None
+            self._version_checked = True
+        if self._meta is None:
+            rows: dict[str, int] = dict(
+                self.exec_driver_sql("SELECT name, value FROM sbus_meta").fetchall()
+            )
+            self._meta = bool(rows.get("ori_enabled", 1)), int(rows.get("clock_offset_ms", 0))
+        return self._meta
+
+    def forget_meta(self) -> None:
+        """This connection wrote ``sbus_meta`` (its own writes leave data_version alone)."""
+        self._meta = None
 
     def close(self) -> None:
         self._owner.close()
@@ -218,13 +268,10 @@ class SQLiteStore:
     # clock and flags ---------------------------------------------------------------------
     @staticmethod
     def _meta(conn: Db) -> tuple[bool, int]:
-        rows: dict[str, int] = dict(
-            conn.exec_driver_sql("SELECT name, value FROM sbus_meta").fetchall()
-        )
-        return bool(rows.get("ori_enabled", 1)), int(rows.get("clock_offset_ms", 0))
+        return conn.meta()
 
     def _now(self, conn: Db) -> int:
-        return wall_ms() + self._meta(conn)[1]
+        return wall_ms() + conn.meta()[1]
 
     async def now_ms(self) -> int:
         result: int = await self._call(self._now, write=False)
@@ -237,38 +284,30 @@ class SQLiteStore:
             conn.exec_driver_sql(
                 "UPDATE sbus_meta SET value = ? WHERE name = 'clock_offset_ms'", (offset,)
             )
+            conn.forget_meta()
             return offset
 
         result: int = await self._call(op)
         return result
 
     async def set_ori(self, enabled: bool) -> None:
-        await self._call(
-            lambda c: c.exec_driver_sql(
+        def op(conn: Db) -> None:
+            conn.exec_driver_sql(
                 "UPDATE sbus_meta SET value = ? WHERE name = 'ori_enabled'", (int(enabled),)
             )
-        )
+            conn.forget_meta()
+
+        await self._call(op)
 
     # rows --------------------------------------------------------------------------------
     @staticmethod
     def _load(conn: Db, key: str) -> Shard | None:
-        row = conn.exec_driver_sql(
-            f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key = ?", (key,)
-        ).fetchone()
+        row = conn.exec_driver_sql(LOAD_SQL, (key,)).fetchone()
         return _shard(row) if row is not None else None
 
     @staticmethod
     def _load_many(conn: Db, keys: list[str]) -> dict[str, Shard | None]:
-        found: dict[str, Shard | None] = dict.fromkeys(keys)
-        # SQLite allows 32766 host parameters; chunk well below that.
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for row in conn.exec_driver_sql(
-                f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key IN ({marks})", tuple(chunk)
-            ):
-                found[row[0]] = _shard(row)
-        return found
+        return {k: None if r is None else _shard(r) for k, r in _rows(conn, keys).items()}
 
     # idempotency ---------------------------------------------------------------------------
     @staticmethod
@@ -308,21 +347,15 @@ class SQLiteStore:
     @staticmethod
     def _session(conn: Db, agent_id: str, session_id: str) -> SessionView:
         view = SessionView()
-        row = conn.exec_driver_sql(
-            "SELECT overflowed, last_served_ms FROM sbus_dl_sessions "
-            "WHERE agent_id = ? AND session_id = ?",
-            (agent_id, session_id),
-        ).fetchone()
-        if row is None:
+        # One statement: the session row with its entries (none when there is no row).
+        rows = conn.exec_driver_sql(SESSION_SQL, (agent_id, session_id)).fetchall()
+        if not rows:
             return view
-        view.overflowed = bool(row[0])
-        view.last_served_ms = row[1]
-        for key, version, served in conn.exec_driver_sql(
-            "SELECT key, version, served_ms FROM sbus_dl_entries "
-            "WHERE agent_id = ? AND session_id = ?",
-            (agent_id, session_id),
-        ):
-            view.entries[key] = DLEntry(version, served)
+        view.overflowed = bool(rows[0][0])
+        view.last_served_ms = rows[0][1]
+        for _, _, key, version, served in rows:
+            if key is not None:
+                view.entries[key] = DLEntry(version, served)
         return view
 
     @staticmethod
@@ -688,6 +721,7 @@ class SQLiteStore:
             ):
                 conn.exec_driver_sql(f"DELETE FROM {table}")
             conn.exec_driver_sql("UPDATE sbus_meta SET value = 0 WHERE name = 'clock_offset_ms'")
+            conn.forget_meta()
             return cleared
 
         result: int = await self._call(run)
@@ -707,6 +741,23 @@ def _purge_audit(conn: Db, now_ms: int, limits: Limits) -> int:
     return int(gone)
 
 
+def _rows(conn: Db, keys: list[str]) -> dict[str, Any]:
+    """The stored rows of ``keys`` (SHARD_COLUMNS), None for a missing key."""
+    found: dict[str, Any] = dict.fromkeys(keys)
+    if len(keys) == 1:
+        found[keys[0]] = conn.exec_driver_sql(LOAD_SQL, (keys[0],)).fetchone()
+        return found
+    # SQLite allows 32766 host parameters; chunk well below that.
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.exec_driver_sql(
+            f"SELECT {SHARD_COLUMNS} FROM sbus_shards WHERE key IN ({marks})", tuple(chunk)
+        ):
+            found[row[0]] = row
+    return found
+
+
 def _entry(row: Any) -> HistoryEntry:
     key, version, agent, committed, content, deleted, rationale, commit_id, prev, digest = row
     return HistoryEntry(
@@ -718,11 +769,14 @@ class _Section:
     """The commit skeleton's port (:class:`sbus.core.commit.Section`) over one open
     ``BEGIN IMMEDIATE`` transaction, on the writer thread."""
 
-    __slots__ = ("_conn", "_limits")
+    __slots__ = ("_conn", "_hist", "_limits")
 
     def __init__(self, conn: Db, limits: Limits) -> None:
         self._conn = conn
         self._limits = limits
+        # (hist_min_version, hist_bytes) of the rows rows() loaded, which write_shard
+        # needs and the Shard does not carry; taken once, so a second write reads again.
+        self._hist: dict[str, tuple[int, int] | None] = {}
 
     def idem_record(self, agent_id: str, key: str, now_ms: int) -> IdemRecord | None:
         return SQLiteStore._idem_get(self._conn, agent_id, key, now_ms)
@@ -752,7 +806,11 @@ class _Section:
         return SQLiteStore._session(self._conn, agent_id, session_id)
 
     def rows(self, keys: Collection[str]) -> Mapping[str, Shard | None]:
-        return SQLiteStore._load_many(self._conn, list(keys))
+        out: dict[str, Shard | None] = {}
+        for key, row in _rows(self._conn, list(keys)).items():
+            self._hist[key] = None if row is None else (row[12], row[13])
+            out[key] = None if row is None else _shard(row)
+        return out
 
     def history_entry(self, key: str, version: int) -> HistoryEntry | None:
         row = self._conn.exec_driver_sql(
@@ -787,9 +845,12 @@ class _Section:
     def write_shard(self, shard: Shard, entry: HistoryEntry) -> Shard:
         conn = self._conn
         size = rules.entry_bytes(entry)
-        row = conn.exec_driver_sql(
-            "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
-        ).fetchone()
+        if shard.key in self._hist:
+            row = self._hist.pop(shard.key)
+        else:
+            row = conn.exec_driver_sql(
+                "SELECT hist_min_version, hist_bytes FROM sbus_shards WHERE key = ?", (shard.key,)
+            ).fetchone()
         hist_min, hist_bytes = (entry.version, 0) if row is None else (row[0], row[1])
         hist_bytes += size
         conn.exec_driver_sql(

@@ -14,6 +14,12 @@ rejection persists (counters); those writes commit with the batch, as they would
 have on their own. One thread also means no in-process lock contention; other
 processes on the same file are held off by ``BEGIN IMMEDIATE`` and
 ``busy_timeout``.
+
+The connection opens and ends each batch itself (:class:`Connection`), so it can keep
+per-batch state. The answers of a batch go back to the event loop in one
+``call_soon_threadsafe`` per loop rather than one per operation: each of those calls
+wakes the loop through its self-pipe, and the futures are settled in queue order
+either way.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sbus.core.errors import SBusError, StoreUnavailable
 
@@ -32,12 +38,28 @@ log = logging.getLogger("sbus.storage.sqlite")
 T = TypeVar("T")
 Op = Callable[[Any], Any]
 _Item = tuple[Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool]
+_Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+class Connection(Protocol):
+    """What the writer needs of the connection ``connect`` returns."""
+
+    def begin(self, write: bool) -> None:
+        """Start a batch: ``BEGIN IMMEDIATE`` when it writes; autocommit otherwise."""
+
+    def commit(self) -> None:
+        """End a writing batch durably."""
+
+    def rollback(self) -> None:
+        """Undo a writing batch that failed."""
+
+    def close(self) -> None: ...
 
 
 class Writer:
     def __init__(
         self,
-        connect: Callable[[], Any],
+        connect: Callable[[], Connection],
         *,
         is_store_error: Callable[[BaseException], bool],
         max_batch: int = 64,
@@ -99,23 +121,22 @@ class Writer:
         finally:
             conn.close()
 
-    def _run_batch(self, conn: Any, batch: list[_Item]) -> None:
+    def _run_batch(self, conn: Connection, batch: list[_Item]) -> None:
         results: list[tuple[_Item, Any, BaseException | None]] = []
         writes = any(item[3] for item in batch)
         try:
-            if writes:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.begin(writes)
             for item in batch:
                 try:
                     results.append((item, item[0](conn), None))
                 except SBusError as exc:
                     results.append((item, None, exc))
             if writes:
-                conn.exec_driver_sql("COMMIT")
+                conn.commit()
         except BaseException as exc:
             if writes:
                 try:
-                    conn.exec_driver_sql("ROLLBACK")
+                    conn.rollback()
                 except BaseException:
                     log.debug("rollback after failure also failed", exc_info=True)
             if self._is_store_error(exc):
@@ -127,14 +148,18 @@ class Writer:
                 log.exception("unexpected error in SQLite batch of %d", len(batch))
                 failure = StoreUnavailable("internal store error", outcome="not_applied")
             results = [(item, None, failure) for item in batch]
+        answers: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
         for (_, loop, future, _), value, error in results:
-            loop.call_soon_threadsafe(_settle, future, value, error)
+            answers.setdefault(loop, []).append((future, value, error))
+        for loop, settled in answers.items():
+            loop.call_soon_threadsafe(_settle, settled)
 
 
-def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+def _settle(answers: list[_Answer]) -> None:
+    for future, value, error in answers:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
