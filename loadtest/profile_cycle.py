@@ -55,6 +55,7 @@ from asgi_lifespan import LifespanManager
 
 from bench import cpu_seconds, free_port, loadavg, prepare_store, sbus_command, store_server_pids
 from sbus.bootstrap import create_app
+from sbus.bootstrap.lifecycle import FrozenOnceReady
 from sbus.config import Settings
 
 JSON = {"Content-Type": "application/json"}
@@ -168,6 +169,7 @@ class InprocResult:
     loop_ms: float  # unprofiled, the event-loop thread, per cycle
     gc_ms: float  # unprofiled, the cyclic garbage collector, per cycle
     gc_runs: Counter[int]  # collections per generation during the unprofiled run
+    frozen: int  # objects gc.freeze() took out of the collector's generations (0: none)
     layers: dict[str, float]  # own seconds per layer under the profiler, whole run
     profiled_s: float
     calls_per_cycle: float
@@ -204,19 +206,28 @@ def gc_clock() -> Iterator[GcClock]:
 
 
 @contextlib.asynccontextmanager
-async def running_app(store_url: str) -> AsyncIterator[httpx.AsyncClient]:
+async def running_app(store_url: str, freeze: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """The app as a ``sbus serve`` worker runs it: with ``freeze``, what start-up built is
+    frozen once the store is ready (FrozenOnceReady), and unfrozen when the run ends."""
     app = create_app(Settings(store=store_url))
-    async with LifespanManager(app) as manager:
-        runtime = app.state.runtime
-        for _ in range(1000):  # the store connects in the background; 10 s at most
-            if runtime.ready:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            raise SystemExit(f"profile: the {store_url} store never became ready")
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            yield client
+    runtime = app.state.runtime
+    if freeze:
+        runtime.lifecycle = FrozenOnceReady(runtime.lifecycle)
+    try:
+        async with LifespanManager(app) as manager:
+            for _ in range(1000):  # the store connects in the background; 10 s at most
+                if runtime.ready and (gc.get_freeze_count() or not freeze):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise SystemExit(f"profile: the {store_url} store never became ready")
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://localhost"
+            ) as client:
+                yield client
+    finally:
+        gc.unfreeze()
 
 
 async def _cycle(client: httpx.AsyncClient, key: str, agent: str, version: int) -> int:
@@ -228,8 +239,10 @@ async def _cycle(client: httpx.AsyncClient, key: str, agent: str, version: int) 
     return version + 1
 
 
-async def _inproc(store_url: str, label: str, cycles: int, warmup: int, top: int) -> InprocResult:
-    async with running_app(store_url) as client:
+async def _inproc(
+    store_url: str, label: str, cycles: int, warmup: int, top: int, freeze: bool = True
+) -> InprocResult:
+    async with running_app(store_url, freeze) as client:
         # A fresh key per run: PostgreSQL and Redis keep what earlier runs wrote.
         key = f"profile/{os.getpid()}/{time.monotonic_ns()}"
         created = await client.post("/shard", json={"key": key, "content": "0"}, headers=JSON)
@@ -237,6 +250,7 @@ async def _inproc(store_url: str, label: str, cycles: int, warmup: int, top: int
         version = 0
         for _ in range(warmup):
             version = await _cycle(client, key, "A", version)
+        frozen = gc.get_freeze_count()
         with gc_clock() as in_gc:
             cpu0, loop0 = time.process_time(), time.thread_time()
             for _ in range(cycles):
@@ -269,6 +283,7 @@ async def _inproc(store_url: str, label: str, cycles: int, warmup: int, top: int
         loop_ms=loop_ms,
         gc_ms=in_gc.seconds / cycles * 1000,
         gc_runs=in_gc.runs,
+        frozen=frozen,
         layers=layers,
         profiled_s=sum(layers.values()),
         calls_per_cycle=calls / cycles,
@@ -289,7 +304,10 @@ def print_inproc(res: InprocResult) -> None:
         f"{res.calls_per_cycle:.0f} Python calls per cycle"
     )
     runs = ", ".join(f"gen{g} x{n}" for g, n in sorted(res.gc_runs.items())) or "none"
-    print(f"garbage collector: {res.gc_ms:.3f} ms per cycle ({runs})")
+    print(
+        f"garbage collector: {res.gc_ms:.3f} ms per cycle ({runs}; "
+        f"{res.frozen} start-up objects frozen)"
+    )
     harness = res.layers["ASGI test client (httpx)"]
     server = res.profiled_s - harness
     print(
@@ -775,6 +793,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200, help="in process: unmeasured first")
     parser.add_argument("--top", type=int, default=15, help="functions listed per ranking")
     parser.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="in process: freeze start-up's objects once ready, as sbus serve does",
+    )
+    parser.add_argument(
         "--requests", type=int, default=200, help="services: GETs and commits counted"
     )
     parser.add_argument("--seconds", type=float, default=8.0, help="services: closed loop length")
@@ -804,7 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if store in ("postgres", "redis"):
                     prepare_store(url)
-                res = asyncio.run(_inproc(url, store, args.cycles, args.warmup, args.top))
+                res = asyncio.run(
+                    _inproc(url, store, args.cycles, args.warmup, args.top, args.gc_freeze)
+                )
             print_inproc(res)
     if "services" in parts:
         for store in (s for s in stores if s in ("postgres", "redis")):

@@ -102,11 +102,16 @@ def _root(
 
 
 def _factory() -> object:
-    """uvicorn's app factory for multi-worker runs: each worker builds its own app
-    from the environment."""
+    """uvicorn's app factory: each worker builds its own app from the environment, and
+    freezes what start-up built once its store is ready (FrozenOnceReady)."""
+    from sbus.api.runtime import runtime_of
     from sbus.bootstrap import create_app
+    from sbus.bootstrap.lifecycle import FrozenOnceReady
 
-    return create_app(Settings())
+    app = create_app(Settings())
+    runtime = runtime_of(app)
+    runtime.lifecycle = FrozenOnceReady(runtime.lifecycle)
+    return app
 
 
 def _preflight(settings: Settings) -> None:

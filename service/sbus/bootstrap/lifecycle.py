@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 
-from sbus.api.runtime import Runtime
+from sbus.api.runtime import Lifecycle, Runtime
 from sbus.bootstrap import signers, upkeep
 from sbus.core.errors import StoreUnavailable
 from sbus.core.store import Store
@@ -26,6 +27,7 @@ log = logging.getLogger("sbus")
 
 FIRST_RETRY_S = 0.1
 MAX_RETRY_S = 5.0
+READY_POLL_S = 0.05
 
 
 class StoreLifecycle:
@@ -75,3 +77,42 @@ class StoreLifecycle:
             log.info("ready: the %s store answers (worker %d)", self.store.backend, os.getpid())
             break
         await upkeep.run(runtime, self.store)
+
+
+class FrozenOnceReady:
+    """``sbus serve``'s lifecycle in each worker: ``inner``'s, plus, the first time the
+    worker is ready, one full collection and ``gc.freeze()``.
+
+    By then the imports, the app, its routes and schemas and the store's connection
+    (its engine, the migrations) exist and live as long as the process: about 120,000
+    objects that every full collection would traverse again (about 90 ms on the
+    development machine, a pause for every request in flight). Frozen, they leave the
+    collector's generations, and a full collection traverses only what was made since.
+    Only the serve path does this: a process that builds many apps (the tests) would
+    keep every frozen one for good."""
+
+    def __init__(self, inner: Lifecycle) -> None:
+        self.inner = inner
+        self._waiting: asyncio.Task[None] | None = None
+
+    async def start(self, runtime: Runtime) -> None:
+        await self.inner.start(runtime)
+        self._waiting = asyncio.create_task(self._freeze_when_ready(runtime))
+
+    async def stop(self, runtime: Runtime) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._waiting
+            self._waiting = None
+        await self.inner.stop(runtime)
+
+    @staticmethod
+    async def _freeze_when_ready(runtime: Runtime) -> None:
+        # Readiness is a flag the store's connection sets (and may clear and set
+        # again); a look every 50 ms until the first time is all this needs.
+        while not runtime.ready:  # noqa: ASYNC110
+            await asyncio.sleep(READY_POLL_S)
+        gc.collect()
+        gc.freeze()
+        log.debug("froze %d start-up objects (worker %d)", gc.get_freeze_count(), os.getpid())
