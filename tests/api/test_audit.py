@@ -10,7 +10,6 @@ import asyncio
 from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from sbus.api.runtime import runtime_of
@@ -235,23 +234,25 @@ async def test_paging_by_id(make_client: AppFactory) -> None:
     assert ok(await c.get("/admin/audit", params={"after": 2**53 - 1}))["entries"] == []
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        {"after": "-1"},
-        {"after": "x"},
-        {"after": "1.5"},
-        {"after": str(2**53)},
-        {"limit": "0"},
-        {"limit": "1001"},
-        {"limit": ""},
-    ],
-)
-async def test_a_bad_cursor_or_limit_is_422(make_client: AppFactory, query: dict[str, str]) -> None:
-    _, c = await make_client()
+BAD_QUERIES = [
+    {"after": "-1"},
+    {"after": "x"},
+    {"after": "1.5"},
+    {"after": str(2**53)},
+    {"limit": "0"},
+    {"limit": "1001"},
+    {"limit": ""},
+]
+
+
+async def test_a_bad_cursor_or_limit_is_422(make_client: AppFactory) -> None:
+    app, c = await make_client()
     ok(await c.post("/admin/config", json={"ori_enabled": False}))
-    problem(await c.get("/admin/audit", params=query), 422, "ValidationError")
-    assert [e["kind"] for e in (await entries(c, {}))][:1] == ["config"]
+    for query in BAD_QUERIES:
+        problem(await c.get("/admin/audit", params=query), 422, "ValidationError")
+    # refused before it ran: no read of the log was counted
+    kinds = [e.kind for e in await runtime_of(app).bus.store.audit_log(None, 10)]
+    assert kinds == ["config"]
 
 
 async def test_only_the_admin_right_reads_the_log(make_client: AppFactory) -> None:
