@@ -27,7 +27,7 @@ ALLOW_SKIP = os.environ.get("SBUS_TEST_ALLOW_SKIP", "") == "1"
 TABLES = (
     "sbus_shards, sbus_history, sbus_dl_entries, sbus_dl_sessions, sbus_counters, "
     "sbus_idempotency, sbus_consumed_mandates, sbus_revocations, sbus_rate_buckets, "
-    "sbus_secrets, sbus_audit"
+    "sbus_secrets, sbus_audit, sbus_changes, sbus_conflicts"
 )
 
 

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     body_timeout: float = Field(30.0, gt=0, le=3600)
     keepalive_timeout: int = Field(5, ge=1, le=3600)
     max_connections: int = Field(512, ge=1)
+    # The change stream, GET /watch (protocol.md section 3.11).
+    watch_retention: int = Field(3600, ge=1)
+    watch_max_changes: int = Field(1_000_000, ge=1)
+    watch_conflicts: int = Field(1000, ge=0)
+    watch_poll_ms: int = Field(250, ge=10, le=60_000)
+    watch_heartbeat: float = Field(15.0, gt=0, le=3600)
+    watch_send_timeout: float = Field(10.0, gt=0, le=3600)
 
     @property
     def auth_mode(self) -> AuthMode:
@@ -116,6 +123,9 @@ class Settings(BaseSettings):
             idempotency_ttl_ms=self.idempotency_ttl * 1000,
             audit_ttl_ms=self.audit_ttl * 1000,
             audit_max_rows=self.audit_max_rows,
+            change_retention_ms=self.watch_retention * 1000,
+            change_max=self.watch_max_changes,
+            conflict_ring=self.watch_conflicts,
         )
 
     def engine_limits(self) -> EngineLimits:

@@ -45,6 +45,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 
+from sbus.api import closing
 from sbus.bootstrap import create_app
 from sbus.config import Settings
 
@@ -67,6 +68,7 @@ PROBLEM = "application/problem+json"
 HTML = "text/html"
 TEXT = "text/plain"
 SCRIPT = "text/javascript"
+EVENTS = "text/event-stream"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Call:
     body: Any = None
     query: Mapping[str, str | int] = field(default_factory=dict)
     param: str = KEY
+    # A stream that never ends (GET /watch): only its status and headers are compared;
+    # the request is sent with the worker shutting down, which ends the stream at once.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,11 @@ TABLE: dict[tuple[str, str], Row] = {
                 exact=True,
             )
         ),
+    ),
+    # Filtered by the read right (the admin right for include=conflicts): an empty
+    # stream (headers only).
+    ("GET", "/watch"): row(
+        Call(query={"prefix": "k"}, stream=True), any_token(Answer(200, media=EVENTS))
     ),
     # The read right.
     ("GET", "/shard/{key}"): guarded(GET, denied("read")),
@@ -350,9 +360,14 @@ async def send(
     method, path = route
     call = TABLE[route].call
     body = None if call.body is None else with_caller(call.body, agent)
-    return await client.request(
-        method, filled(path, call.param), json=body, params=dict(call.query), headers=headers
-    )
+    if call.stream:
+        closing.begin()
+    try:
+        return await client.request(
+            method, filled(path, call.param), json=body, params=dict(call.query), headers=headers
+        )
+    finally:
+        closing.event().clear()
 
 
 def mismatch(r: httpx.Response, want: Answer, method: str) -> str | None:

@@ -32,7 +32,7 @@ from sbus.storage.sql.postgres import asyncpg_dsn
 from sbus.storage.sql.schema import POSTGRES_FUNCTIONS, metadata, postgres_metadata
 from tests import backends
 
-HEAD = "0008"
+HEAD = "0009"
 FUNCTIONS_SQL = """
 SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid)
   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace

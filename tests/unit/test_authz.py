@@ -129,6 +129,7 @@ CASES: list[tuple[c.Command[Any], Needs]] = [
     (c.ReadShard("k", record=True), Needs((("k", R),))),
     (c.ReadShards(("a", "b"), record=False), Needs((("a", R), ("b", R)))),
     (c.ListShards("p/", None, 10, content=True), READABLE),
+    (c.Watch("p/", None, conflicts=False), READABLE),
     (c.History("k", None, 100), Needs((("k", R),))),
     (
         c.Submit("commit", (WriteOp("k", 3, "commit", "x"),), (ReadItem("r", 1),), None, None),
@@ -160,6 +161,12 @@ CASES: list[tuple[c.Command[Any], Needs]] = [
 @pytest.mark.parametrize(("command", "needs"), CASES, ids=lambda v: type(v).__name__)
 def test_the_rights_each_command_needs(command: c.Command[Any], needs: Needs) -> None:
     assert needs_of(command) == needs
+
+
+def test_watching_conflicts_needs_admin_too() -> None:
+    """Watch is not admin-only: the conflict ring is (GET /watch?include=conflicts)."""
+    assert needs_of(c.Watch("p/", "s1", conflicts=True)) == Needs(admin=True, filter=R)
+    assert c.Watch not in ADMIN_ONLY
 
 
 def test_the_cases_cover_every_command_type() -> None:

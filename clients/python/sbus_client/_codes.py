@@ -21,6 +21,7 @@ __all__ = [
     "FieldTooLarge",
     "HostNotAllowed",
     "IdempotencyKeyReused",
+    "InvalidCursor",
     "InvalidPrecondition",
     "KeyConfigError",
     "MalformedJSON",
@@ -156,6 +157,13 @@ class IdempotencyKeyReused(SBusError, ValueError):
 
     CODE = "IdempotencyKeyReused"
     STATUS = 422
+
+
+class InvalidCursor(SBusError, ValueError):
+    """HTTP 400 ``InvalidCursor`` (docs/errors.md)."""
+
+    CODE = "InvalidCursor"
+    STATUS = 400
 
 
 class InvalidPrecondition(SBusError, ValueError):
@@ -443,6 +451,7 @@ BY_CODE: dict[str, type[SBusError]] = {
     "FieldTooLarge": FieldTooLarge,
     "HostNotAllowed": HostNotAllowed,
     "IdempotencyKeyReused": IdempotencyKeyReused,
+    "InvalidCursor": InvalidCursor,
     "InvalidPrecondition": InvalidPrecondition,
     "KeyConfigError": KeyConfigError,
     "MalformedJSON": MalformedJSON,

@@ -17,7 +17,7 @@ from sbus.api.browser import Cors, OriginPolicy, listed
 from sbus.api.ignored import HEADER as IGNORED_FIELDS
 from sbus.api.ignored import IgnoredFieldsHeader
 from sbus.api.middleware import Gate
-from sbus.api.routers import admin, commits, mandates, pages, sessions, shards, stats
+from sbus.api.routers import admin, commits, mandates, pages, sessions, shards, stats, watch
 from sbus.api.runtime import Runtime
 from sbus.telemetry.metrics import Timing
 
@@ -52,7 +52,7 @@ def assemble(runtime: Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     problems.install(app)
-    for module in (shards, commits, sessions, mandates, admin, stats, pages):
+    for module in (shards, commits, sessions, mandates, admin, stats, pages, watch):
         app.include_router(module.router)
     app.add_middleware(IgnoredFieldsHeader)
     openapi.install(app)

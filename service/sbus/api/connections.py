@@ -35,6 +35,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from sbus.api import closing
 from sbus.api.problems import MEDIA_TYPE, problem_body
 from sbus.config import Settings
 from sbus.core.errors import RequestTimeout
@@ -116,6 +117,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().connection_made(transport)
         self._arm(partial=False)
+
+    def shutdown(self) -> None:
+        # uvicorn's graceful shutdown begins: end the change streams, which would hold
+        # it up until its timeout (sbus.api.closing).
+        closing.begin()
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -37,6 +37,7 @@ STATUS: dict[type[e.SBusError], int] = {
     e.MalformedJSON: 400,
     e.InvalidPrecondition: 400,
     e.AgentRequired: 400,
+    e.InvalidCursor: 400,
     e.RequestError: 400,
     e.AgentMismatch: 403,
     e.AdminDisabled: 403,

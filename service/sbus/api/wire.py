@@ -13,7 +13,7 @@ from fastapi import Body
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from sbus.core.keys import MAX_INT, json_problem, key_problem, text_problem
+from sbus.core.keys import MAX_INT, json_problem, key_problem, prefix_problem, text_problem
 
 
 def _text(value: str) -> str:
@@ -27,6 +27,13 @@ def _key(value: str) -> str:
     problem = key_problem(value)
     if problem:
         raise PydanticCustomError("invalid_key", problem)
+    return value
+
+
+def _prefix(value: str) -> str:
+    problem = prefix_problem(value)
+    if problem:
+        raise PydanticCustomError("invalid_prefix", problem)
     return value
 
 
@@ -53,6 +60,7 @@ def _json_object(value: dict[str, Any]) -> dict[str, Any]:
 
 Text = Annotated[str, AfterValidator(_text)]
 Key = Annotated[str, AfterValidator(_key)]
+KeyPrefix = Annotated[str, AfterValidator(_prefix)]
 AgentId = Annotated[str, AfterValidator(_identifier("agent"))]
 SessionId = Annotated[str, AfterValidator(_identifier("session"))]
 Version = Annotated[int, Field(ge=0, le=MAX_INT)]

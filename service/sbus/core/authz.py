@@ -67,6 +67,9 @@ RIGHTS: dict[type[c.Command[Any]], Callable[[Any], Needs]] = {
     c.ReadShard: lambda cmd: Needs(((cmd.key, Right.READ),)),
     c.ReadShards: lambda cmd: Needs(tuple((key, Right.READ) for key in cmd.keys)),
     c.ListShards: lambda cmd: READABLE,
+    # Only the changes of keys the caller may read; the conflict ring (other agents'
+    # refusals) is an admin's.
+    c.Watch: lambda cmd: Needs(admin=cmd.conflicts, filter=Right.READ),
     # History reveals every retained version's content.
     c.History: lambda cmd: Needs(((cmd.key, Right.READ),)),
     c.Submit: _submit,

@@ -28,6 +28,7 @@ from sbus.core.types import (
     TxnOp,
     WriteOp,
 )
+from sbus.core.watch import Feed
 
 R = TypeVar("R", covariant=True)
 
@@ -132,6 +133,17 @@ class Submit(Command[Outcome]):
     idem: IdemRef | None
     mandate: str | None = None
     context: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watch(Command[Feed]):
+    """GET /watch: a reader of the changes of keys under ``prefix`` the caller may read,
+    after ``after`` (a stream cursor; None: from now). ``conflicts`` adds the conflict
+    ring and needs the admin right."""
+
+    prefix: str
+    after: str | None
+    conflicts: bool
 
 
 # ---- sessions --------------------------------------------------------------------

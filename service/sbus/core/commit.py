@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping
 from typing import Protocol
 
 from sbus.core import audit, rules
+from sbus.core.changes import Change, changes_of, created
 from sbus.core.errors import ShardAlreadyExists
 from sbus.core.idempotency import recorded, replay
 from sbus.core.types import (
@@ -97,6 +98,9 @@ class Section(Protocol):
     def audit(self, event: audit.AuditEvent, now_ms: int) -> None:
         """Append an audit entry (the Store Protocol's ``audit``, in this section)."""
 
+    def log_change(self, change: Change) -> None:
+        """Append ``change`` to the store's change log (sbus.core.changes)."""
+
 
 def _replayed(section: Section, idem: IdemRef, now_ms: int) -> Outcome | None:
     return replay(section.idem_record(idem.agent_id, idem.key, now_ms), idem.fingerprint)
@@ -150,6 +154,8 @@ def apply(section: Section, txn: Txn, *, now_ms: int, ori_enabled: bool, limits:
     post: dict[str, Shard] = {}
     for shard, entry in zip(fx.shards, fx.history, strict=True):
         post[shard.key] = section.write_shard(shard, entry)
+    for change in changes_of(txn, fx.history):
+        section.log_change(change)
     section.write_session(
         txn.agent_id,
         txn.session_id,
@@ -192,4 +198,6 @@ def create_row(section: Section, op: CreateOp, *, now_ms: int) -> Shard | None:
     if existing is not None and not existing.deleted:
         return None
     shard, entry = rules.create_shard(op, existing, now_ms)
-    return section.write_shard(shard, entry)
+    written = section.write_shard(shard, entry)
+    section.log_change(created(entry))
+    return written

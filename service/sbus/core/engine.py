@@ -24,6 +24,7 @@ from sbus.core import commands as c
 from sbus.core import errors as e
 from sbus.core.audit import AuditEntry, AuditEvent, AuditKind
 from sbus.core.authz import Needs, admit, check_keys, check_up_front, needs_of
+from sbus.core.changes import CursorExpired, conflict_of
 from sbus.core.errors import (
     DeltaTooLarge,
     FieldTooLarge,
@@ -52,6 +53,7 @@ from sbus.core.types import (
     TxnOp,
     WriteOp,
 )
+from sbus.core.watch import Feed, Pulse, split_cursor, valid_cursor_text
 
 T = TypeVar("T")
 log = logging.getLogger("sbus")
@@ -129,11 +131,14 @@ class Bus:
         # signs with the store's secret, known once the store answers).
         self.tokens = tokens
         self.mandates = mandates
+        # Wakes this process's change-stream watchers after each state change.
+        self.pulse = Pulse()
         self._handlers: dict[type[c.Command[Any]], Handler] = {
             c.CreateShard: self._create,
             c.ReadShard: self._read,
             c.ReadShards: self._read_many,
             c.ListShards: self._list,
+            c.Watch: self._watch,
             c.History: self._history,
             c.Submit: self._submit,
             c.ResetSession: self._reset_session,
@@ -301,7 +306,9 @@ class Bus:
             return replayed
         self._check_create(cmd.key, cmd.content, cmd.goal_tag)
         await self._check_keys(caller, needs)
-        return await self.store.create(_create_op(cmd, agent, cmd.idem))
+        outcome = await self.store.create(_create_op(cmd, agent, cmd.idem))
+        self.pulse.fire()
+        return outcome
 
     async def _admin_create(
         self, caller: c.Caller, cmd: c.AdminCreate, needs: Needs
@@ -310,6 +317,7 @@ class Bus:
         await self._check_keys(caller, needs)
         created = await self.store.admin_create(_create_op(cmd, caller.agent or "", None))
         await self._admin_use(caller, "admin_create")
+        self.pulse.fire()
         return created
 
     async def _submit(self, caller: c.Caller, cmd: c.Submit, needs: Needs) -> Outcome:
@@ -365,7 +373,25 @@ class Bus:
             has_mandate=cmd.mandate is not None,
             mandate=mandate,
         )
-        return await self.store.apply(txn)
+        try:
+            outcome = await self.store.apply(txn)
+        except (e.VersionMismatch, e.CrossShardStale) as refusal:
+            await self._note_conflict(txn, refusal)
+            raise
+        self.pulse.fire()
+        return outcome
+
+    async def _note_conflict(self, txn: Txn, refusal: e.SBusError) -> None:
+        """Put a conflict in the store's ring (GET /watch?include=conflicts), after the
+        refusal: a ring that cannot be written costs the refusal nothing."""
+        conflict = conflict_of(txn, refusal)
+        if conflict is None or self.store.limits.conflict_ring <= 0:
+            return
+        try:
+            await self.store.record_conflict(conflict)
+        except e.StoreUnavailable:
+            return
+        self.pulse.fire()
 
     async def _verify_mandate(self, agent: str, cmd: c.Submit) -> MandateRef:
         """Step 9a's checks that need no stored state (404 MandateNotFound, 410
@@ -393,6 +419,42 @@ class Bus:
         self, caller: c.Caller, cmd: c.ReadShards, needs: Needs
     ) -> dict[str, Shard]:
         return await self.store.read_many(list(cmd.keys), caller.agent, caller.session, cmd.record)
+
+    async def _watch(self, caller: c.Caller, cmd: c.Watch, needs: Needs) -> Feed:
+        """A reader from ``cmd.after`` (checked now: a bad cursor is refused before the
+        stream starts; one too old opens an ``expired`` feed at the live edge)."""
+        store = self.store
+        changes: str | None = None
+        conflicts: str | None = None
+        if cmd.after is not None:
+            if not valid_cursor_text(cmd.after):
+                raise e.InvalidCursor("Last-Event-ID is not a change-stream cursor")
+            changes, conflicts = split_cursor(cmd.after)
+        expired = False
+        if changes is not None:
+            try:
+                await store.changes_after(changes, cmd.prefix, 0)
+            except CursorExpired:
+                expired = True
+        if expired or changes is None:
+            changes = await store.change_head()
+        if cmd.conflicts:
+            if conflicts is not None:
+                await store.conflicts_after(conflicts, 0)  # InvalidCursor
+            else:
+                conflicts = await store.conflict_head()
+        else:
+            conflicts = None
+        caps = caller.capabilities
+        return Feed(
+            store,
+            self.pulse,
+            prefix=cmd.prefix,
+            readable=lambda key: caps.allows(Right.READ, key),
+            changes=changes,
+            conflicts=conflicts,
+            expired=expired,
+        )
 
     async def _history(self, caller: c.Caller, cmd: c.History, needs: Needs) -> list[HistoryEntry]:
         return await self.store.history(cmd.key, cmd.before, cmd.limit)

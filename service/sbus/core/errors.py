@@ -8,7 +8,7 @@ statuses; everything below the API raises these classes and nothing else.
     SBusError
     ├── RequestError            the request itself is unacceptable (4xx before the store)
     │   ├── MalformedJSON, UnsupportedMediaType, RequestTooLarge, RequestTimeout
-│   ├── ValidationFailed (InvalidPattern: a scope or mandate-key pattern)
+    │   ├── ValidationFailed (InvalidPattern: a scope or mandate-key pattern), InvalidCursor
     │   ├── AmbiguousField, PreconditionConflict, PreconditionRequired, InvalidPrecondition
     │   ├── DeltaTooLarge, FieldTooLarge, ReadSetTooLarge, TooManyWrites, AgentRequired
     │   ├── IdempotencyKeyReused, RouteNotFound, MethodNotAllowed, RateLimited
@@ -91,6 +91,13 @@ class InvalidPattern(ValidationFailed):
 
     code = "ValidationError"
     title = "Invalid key pattern"
+
+
+class InvalidCursor(RequestError):
+    """A ``Last-Event-ID`` (or SDK cursor) that is not a cursor of this store's change log."""
+
+    code = "InvalidCursor"
+    title = "Not a change-stream cursor"
 
 
 class AmbiguousField(RequestError):

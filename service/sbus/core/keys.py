@@ -29,6 +29,19 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+_PREFIX = re.compile(r"[A-Za-z0-9._:@/-]+")
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot start any shard key (a watched prefix), or None: 1 to
+    MAX_KEY_LENGTH characters of the key alphabet and '/', not starting with '/'."""
+    if not 1 <= len(prefix) <= MAX_KEY_LENGTH:
+        return f"prefix must be 1-{MAX_KEY_LENGTH} characters"
+    if not _PREFIX.fullmatch(prefix) or prefix.startswith("/") or "//" in prefix:
+        return "prefix must start a valid key: A-Z a-z 0-9 . _ : @ - and single '/'"
+    return None
+
+
 def text_problem(value: str) -> str | None:
     """Why ``value`` is not acceptable text: U+0000 or a lone surrogate."""
     if "\x00" in value:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sbus.core.audit import AuditEntry, AuditEvent
+from sbus.core.changes import ChangePage, Conflict, ConflictPage
 from sbus.core.clock import MAX_OFFSET_MS
 from sbus.core.types import (
     CreateOp,
@@ -158,3 +159,29 @@ class Store(Protocol):
     async def dump_delivery_log(self, after: str | None, limit: int) -> tuple[DLDump, str | None]:
         """Live DL entries as ``{agent: {session: {key: {version, age_secs}}}}`` for up to
         ``limit`` agents after ``after``; returns the next cursor."""
+
+    # the change log (sbus.core.changes; protocol.md section 3.11) ----------------------
+    # ``create``, ``admin_create`` and ``apply`` append one Change per version they
+    # write, in their atomic step: a change is in the log exactly when its commit is.
+
+    async def change_head(self) -> str:
+        """A cursor after every change committed so far (the live edge)."""
+
+    async def changes_after(self, cursor: str, prefix: str, limit: int) -> ChangePage:
+        """Up to ``limit`` changes committed after ``cursor``, in commit order per key
+        (every replica reads the same order), those of keys starting with ``prefix``
+        returned; the page's cursor resumes after all it scanned. Raises InvalidCursor
+        when ``cursor`` is not one of this store's, CursorExpired when a change after
+        it is no longer retained (``purge`` trims by ``Limits.change_retention_ms`` and
+        ``Limits.change_max``)."""
+
+    async def record_conflict(self, conflict: Conflict) -> None:
+        """Append to the conflict ring, keeping its newest ``Limits.conflict_ring``."""
+
+    async def conflict_head(self) -> str:
+        """A cursor after every conflict recorded so far."""
+
+    async def conflicts_after(self, cursor: str, limit: int) -> ConflictPage:
+        """Up to ``limit`` conflicts recorded after ``cursor``, oldest first; those the
+        ring has dropped are skipped (the ring is a bounded sample, never a reset).
+        Raises InvalidCursor."""

@@ -234,3 +234,6 @@ class Limits:
     idempotency_ttl_ms: int = 86_400_000
     audit_ttl_ms: int = 30 * 86_400_000  # 0 = entries kept whatever their age
     audit_max_rows: int = 100_000
+    change_retention_ms: int = 3_600_000  # the change log, by age (SBUS_WATCH_RETENTION)
+    change_max: int = 1_000_000  # and by count (SBUS_WATCH_MAX_CHANGES)
+    conflict_ring: int = 1000  # conflicts kept for ?include=conflicts (SBUS_WATCH_CONFLICTS)

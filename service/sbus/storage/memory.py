@@ -11,6 +11,15 @@ from collections.abc import Collection, Mapping
 
 from sbus.core import audit, commit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
+from sbus.core.changes import (
+    Change,
+    ChangeEvent,
+    ChangePage,
+    Conflict,
+    ConflictEvent,
+    ConflictPage,
+    CursorExpired,
+)
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import ShardDeleted, ShardNotFound, ValidationFailed
 from sbus.core.types import (
@@ -31,6 +40,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
+from sbus.storage.inprocess_log import SeqLog
 
 SessionKey = tuple[str, str]
 
@@ -55,6 +65,8 @@ class MemoryStore:
         self._secret: bytes | None = None  # open mode's signing secret, for this process
         self._audit = _AuditLog()  # kept by reset_all
         self.limits = limits or Limits()
+        self._changes: SeqLog[Change] = SeqLog()
+        self._conflicts: SeqLog[Conflict] = SeqLog(max(1, self.limits.conflict_ring))
         self._section = _Section(self)
 
     # lifecycle -----------------------------------------------------------------
@@ -227,6 +239,7 @@ class MemoryStore:
                     del table[jti]
                     gone += 1
         limits = self.limits
+        gone += self._trim_changes(now)
         return gone + self._audit.purge(
             audit.retention_cutoff(now, limits.audit_ttl_ms), limits.audit_max_rows
         )
@@ -236,6 +249,46 @@ class MemoryStore:
 
     async def audit_log(self, after: int | None, limit: int) -> list[AuditEntry]:
         return self._audit.page(after, limit)
+
+    def _trim_changes(self, now: int) -> int:
+        log, limits = self._changes, self.limits
+        cutoff = now - limits.change_retention_ms
+        gone = 0
+        while (oldest := log.oldest()) is not None and (
+            len(log) > limits.change_max or oldest.committed_ms < cutoff
+        ):
+            log.drop_oldest()
+            gone += 1
+        return gone
+
+    # the change log ------------------------------------------------------------------
+    async def change_head(self) -> str:
+        return self._changes.head()
+
+    async def changes_after(self, cursor: str, prefix: str, limit: int) -> ChangePage:
+        log = self._changes
+        seq = log.position(cursor)
+        if seq + 1 < log.first:
+            raise CursorExpired(cursor)
+        found = log.after(seq, limit)
+        events = [ChangeEvent(ch, log.cursor(n)) for n, ch in found if ch.key.startswith(prefix)]
+        return ChangePage(events, log.cursor(found[-1][0]) if found else cursor)
+
+    async def record_conflict(self, conflict: Conflict) -> None:
+        self._conflicts.append(conflict)
+
+    async def conflict_head(self) -> str:
+        return self._conflicts.head()
+
+    async def conflicts_after(self, cursor: str, limit: int) -> ConflictPage:
+        ring = self._conflicts
+        try:
+            seq = ring.position(cursor)
+        except CursorExpired:
+            seq = 0  # another process's ring: everything this one holds is new
+        found = ring.after(seq, limit)
+        events = [ConflictEvent(c, ring.cursor(n)) for n, c in found]
+        return ConflictPage(events, ring.cursor(found[-1][0]) if found else ring.cursor(seq))
 
     async def take_token(self, agent_id: str, rate: RateLimit) -> int:
         now = self._now()
@@ -377,6 +430,9 @@ class _Section:
 
     def audit(self, event: AuditEvent, now_ms: int) -> None:
         self._store._audit.write(event, now_ms)
+
+    def log_change(self, change: Change) -> None:
+        self._store._changes.append(change)
 
 
 class _AuditLog:

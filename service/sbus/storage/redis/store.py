@@ -104,6 +104,7 @@ from sbus.core.types import (
     Txn,
     WriteOp,
 )
+from sbus.storage.changes_pending import NoChangeLog
 from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
 from sbus.storage.redis.lanes import Lanes, LanesBusy
 from sbus.storage.redis.scripts import SCRIPTS, Script
@@ -176,7 +177,7 @@ def _row_shard(row: Sequence[Any], content: str) -> Shard:
     )
 
 
-class RedisStore:
+class RedisStore(NoChangeLog):
     backend = "redis"
 
     def __init__(self, url: str, limits: Limits | None = None, namespace: str = "sbus") -> None:

@@ -63,6 +63,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
+from sbus.storage.changes_pending import NoChangeLog
 from sbus.storage.sql import audit_sql
 from sbus.storage.sql.migrate import current_revision, head_revision
 from sbus.storage.sql.pgpool import PgPool, PoolExhausted
@@ -182,7 +183,7 @@ def asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
-class PostgresStore:
+class PostgresStore(NoChangeLog):
     backend = "postgres"
 
     def __init__(self, url: str, limits: Limits | None = None, pool_size: int = 32) -> None:

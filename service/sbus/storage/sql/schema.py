@@ -155,6 +155,36 @@ audit = Table(
 )
 Index("sbus_audit_at", audit.c.at_ms)
 Index("sbus_audit_grp", audit.c.grp, unique=True)
+# The change log (sbus.core.changes): one row per committed version, appended in the
+# commit's transaction. ``seq`` never repeats (SQLite: AUTOINCREMENT, even after the
+# newest rows are purged; PostgreSQL: a sequence); on SQLite, whose writers are
+# serialized, it is commit order. PostgreSQL adds ``xid`` (postgres_metadata below).
+SEQ = BigInteger().with_variant(Integer, "sqlite")
+changes = Table(
+    "sbus_changes",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("op", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("commit_id", Text, nullable=False),
+    Column("committed_ms", BigInteger, nullable=False),
+    sqlite_autoincrement=True,
+)
+Index("sbus_changes_age", changes.c.committed_ms)
+
+# The conflict ring: the newest refused-for-conflict commits (``stale_keys`` as JSON).
+conflicts = Table(
+    "sbus_conflicts",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False),
+    Column("agent_id", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("stale_keys", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
 
 # PostgreSQL's schema: the tables above, the open-mode signing secret that every replica
 # reads (SQLite keeps it in a key file beside the database instead), and the PL/pgSQL
@@ -163,6 +193,13 @@ Index("sbus_audit_grp", audit.c.grp, unique=True)
 postgres_metadata = MetaData()
 for _table in metadata.tables.values():
     _table.to_metadata(postgres_metadata)
+
+# The committing transaction's id (pg_current_xact_id() as bigint): a reader delivers
+# a change once its transaction is visible in the reader's snapshot (postgres.py says
+# why that, not ``seq``, gives commit order).
+_pg_changes = postgres_metadata.tables["sbus_changes"]
+_pg_changes.append_column(Column("xid", BigInteger, nullable=False))
+Index("sbus_changes_xid", _pg_changes.c.xid)
 
 secrets = Table(
     "sbus_secrets",

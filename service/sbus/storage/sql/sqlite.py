@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sbus.core import audit, commit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
+from sbus.core.changes import Change, ChangePage, Conflict, ConflictPage, CursorExpired
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset, wall_ms
 from sbus.core.errors import (
     ShardDeleted,
@@ -48,7 +49,7 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
-from sbus.storage.sql import audit_sql, keyfile
+from sbus.storage.sql import audit_sql, keyfile, sqlite_changes
 from sbus.storage.sql.migrate import upgrade_to_head
 from sbus.storage.sql.writer import Writer
 
@@ -610,6 +611,7 @@ class SQLiteStore:
             gone += conn.exec_driver_sql(
                 "DELETE FROM sbus_revocations WHERE until_ms <= ?", (now,)
             ).rowcount
+            gone += sqlite_changes.purge(conn, now, self.limits)
             return int(gone) + _purge_audit(conn, now, self.limits)
 
         result: int = await self._call(run)
@@ -725,6 +727,34 @@ class SQLiteStore:
             return cleared
 
         result: int = await self._call(run)
+        return result
+
+    # the change log (sbus.storage.sql.sqlite_changes) --------------------------------------
+    async def change_head(self) -> str:
+        result: str = await self._call(sqlite_changes.head, write=False)
+        return result
+
+    async def changes_after(self, cursor: str, prefix: str, limit: int) -> ChangePage:
+        sqlite_changes.parse(cursor)  # InvalidCursor before the writer thread
+        result: ChangePage | None = await self._call(
+            lambda c: sqlite_changes.after(c, cursor, prefix, limit), write=False
+        )
+        if result is None:
+            raise CursorExpired(cursor)
+        return result
+
+    async def record_conflict(self, conflict: Conflict) -> None:
+        ring = max(1, self.limits.conflict_ring)
+        await self._call(lambda c: sqlite_changes.record_conflict(c, conflict, ring))
+
+    async def conflict_head(self) -> str:
+        result: str = await self._call(sqlite_changes.conflict_head, write=False)
+        return result
+
+    async def conflicts_after(self, cursor: str, limit: int) -> ConflictPage:
+        result: ConflictPage = await self._call(
+            lambda c: sqlite_changes.conflicts_after(c, cursor, limit), write=False
+        )
         return result
 
 
@@ -928,3 +958,6 @@ class _Section:
 
     def audit(self, event: AuditEvent, now_ms: int) -> None:
         _write_audit(self._conn, event, now_ms)
+
+    def log_change(self, change: Change) -> None:
+        sqlite_changes.append(self._conn, change)

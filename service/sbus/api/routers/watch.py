@@ -1,0 +1,59 @@
+"""The change stream: ``GET /watch`` (protocol.md section 3.11)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from starlette.responses import Response
+
+from sbus.api.deps import BusDep, SettingsDep, caller_of
+from sbus.api.ignored import WireRoute
+from sbus.api.openapi import errs
+from sbus.api.sse import MEDIA_TYPE, EventStream
+from sbus.api.wire import KeyPrefix
+from sbus.core import commands as c
+
+router = APIRouter(tags=["watch"], route_class=WireRoute)
+
+STREAM_DOC = (
+    "Server-Sent Events. First a comment `: subscribed <cursor>`; then per committed "
+    "version of a matching key an event with `id: <cursor>` and `data: {key, version, op, "
+    "agent_id, commit_id, committed_at}` (`op`: create, commit, rollback or delete); with "
+    '`include=conflicts`, `event: conflict` with `data: {key, op: "conflict", agent_id, '
+    "error, stale_keys}`; `: heartbeat` comments; `event: reset` with data "
+    '`{"reason": "cursor_expired"}` when Last-Event-ID is too old to resume.'
+)
+
+
+@router.get(
+    "/watch",
+    response_class=Response,
+    responses={
+        200: {"content": {MEDIA_TYPE: {"schema": {"type": "string"}}}, "description": STREAM_DOC},
+        **errs(400, 403, 422),
+    },
+    summary="Stream the committed versions of keys under a prefix (Server-Sent Events)",
+)
+async def watch(
+    request: Request,
+    bus: BusDep,
+    settings: SettingsDep,
+    prefix: Annotated[KeyPrefix, Query(description="Watch the keys starting with this")],
+    include: Annotated[
+        Literal["conflicts"] | None,
+        Query(description="conflicts: also refused commits (admin right)"),
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", description="Resume after this event's cursor"),
+    ] = None,
+) -> Response:
+    command = c.Watch(prefix, last_event_id, conflicts=include == "conflicts")
+    feed = await bus.execute(caller_of(request, None), command)
+    return EventStream(
+        feed,
+        poll_s=settings.watch_poll_ms / 1000,
+        heartbeat_s=settings.watch_heartbeat,
+        send_timeout_s=settings.watch_send_timeout,
+    )
