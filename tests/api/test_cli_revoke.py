@@ -51,6 +51,11 @@ async def test_cli_revocation_is_seen_by_the_running_bus(
 
     problem(await c.get("/shard/plan/a", headers=auth(a_token)), 401, "TokenRevoked")
     ok(await c.get("/shard/plan/a", headers=other))
+    # the audit log has it, by the CLI (no agent: whoever holds the store's credentials)
+    logged = await runtime_of(app).bus.store.audit_log(None, 100)
+    revokes = [e.details for e in logged if e.kind == "token_revoke" and e.agent == ""]
+    assert [(d["token_id"], d["via"]) for d in revokes] == [(claims.jti, "cli")]
+    assert rfc3339(revokes[0]["until"]) == answer["until"]
 
 
 async def test_cli_revoke_of_an_unreachable_store_fails_in_one_line() -> None:
