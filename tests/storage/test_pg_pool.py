@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from sbus.api.runtime import runtime_of
 from sbus.bootstrap import create_app
 from sbus.config import PG_CONNECTION_BUDGET, Settings
+from sbus.core import errors as e
 from sbus.storage.sql.postgres import PostgresStore
 from tests import backends
 
@@ -61,3 +62,40 @@ async def test_the_app_pool_has_the_configured_size(
         assert isinstance(store, PostgresStore)
         assert store._pool is not None
         assert store._pool.size == size
+
+
+async def test_a_request_that_finds_the_pool_busy_waits_then_is_not_applied(
+    pg_ready: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A use that finds every connection taken waits for one up to the pool's timeout
+    (shortened here), then fails as 503 not_applied."""
+    monkeypatch.setattr("sbus.storage.sql.postgres.POOL_TIMEOUT_S", 0.2)
+    store = PostgresStore(backends.POSTGRES_URL, pool_size=1)
+    await store.start()
+    try:
+        async with store._conn():
+            with pytest.raises(e.StoreUnavailable) as info:
+                await store.ping()
+        assert info.value.fields["outcome"] == "not_applied"
+        assert "pool of 1" in info.value.detail
+        await store.ping()  # the connection came back
+    finally:
+        await store.close()
+
+
+async def test_a_waiting_request_gets_the_connection_given_back(pg_ready: None) -> None:
+    """A use waiting for a connection takes the one given back (within the default
+    timeout): the pool reuses it rather than opening another."""
+    store = PostgresStore(backends.POSTGRES_URL, pool_size=1)
+    await store.start()
+    try:
+        async with store._conn() as held:
+            pid = held.get_server_pid()
+            waiting = asyncio.create_task(store.ping())
+            await asyncio.sleep(0)
+            assert not waiting.done()
+        await asyncio.wait_for(waiting, 30)
+        async with store._conn() as again:
+            assert again.get_server_pid() == pid
+    finally:
+        await store.close()
