@@ -27,12 +27,6 @@ from tests.sse import Served, open_stream, serve
 SECRET = "w" * 32
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
 def settings(kind: str, tmp_path: Path, **overrides: Any) -> Settings:
     options: dict[str, Any] = {"store": store_url(kind, tmp_path), "admin_enabled": True}
     options.update(overrides)

@@ -232,6 +232,7 @@ class TestLayout:
             *store.k_dl("agent-1", "s1"),
             *store.k_dl("B", ""),
             store.k_idem("agent-1", "i1"),
+            store.k_changes,  # the change log (one stream entry per version)
         }
         assert set(keys) == expected
         # the idempotency record expires on its own (PEXPIREAT), the rest does not
@@ -773,7 +774,9 @@ class TestResetInBatches:
         assert (stats.total_shards, stats.counters.total_commits, stats.dl_agents) == (0, 0, 0)
         assert await store.list_keys("", None, 100) == []
         leftovers = [k async for k in raw.scan_iter(match=store.tag + "*")]
-        assert sorted(leftovers) == sorted([store.k_meta, f"{store.tag}:rv:jti-1"]), leftovers
+        # the change log is kept, as on every store (protocol.md section 3.11)
+        kept = [store.k_meta, f"{store.tag}:rv:jti-1", store.k_changes]
+        assert sorted(leftovers) == sorted(kept), leftovers
         assert (await store.revocation("jti-1")).revoked
         assert (await store.create(create("k00"))).body["version"] == 0  # type: ignore[index]
 

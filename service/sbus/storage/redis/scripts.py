@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from sbus.storage.redis import audit_lua
+from sbus.storage.redis import audit_lua, changes_lua
 
 PRELUDE = r"""
 local function s(n) return string.format('%d', n) end
@@ -215,6 +215,7 @@ redis.call('HSET', SHARD, 'id', P.id, 'content', content, 'version', s(version),
   'ac', '0', 'cc', '0', 'del', '0', 'head', P.h, 'hmin', s(hmin), 'hbytes', s(hbytes))
 redis.call('ZADD', LIVE, 0, P.key)
 redis.call('ZADD', ALL, 0, P.key)
+log_change(P.ch, P.key, version, 'create', now)
 local r = load(SHARD)
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, r) end
 return {'OK', row_reply(P.key, r), t}
@@ -545,6 +546,7 @@ for i = 1, nw do
   redis.call('HSET', DLV, w.k, s(version))
   last = load(skey)
   rows[i] = row_reply(w.k, last)
+  log_change(P.ch, w.k, version, w.kind, now)
 end
 redis.call('HSET', DLV, '#last', s(now))
 redis.call('ZADD', SESSIONS, 0, P.member)
@@ -794,13 +796,13 @@ return wait
 SCRIPTS: dict[str, Script] = {
     s.name: s
     for s in (
-        _script("create", CREATE),
+        _script("create", changes_lua.HELPER + CREATE),
         _script("read", READ),
         _script("read_many", READ_MANY),
         _script("register", REGISTER),
         _script("inject", INJECT),
         _script("reset_session", RESET_SESSION),
-        _script("commit", audit_lua.HELPER + COMMIT),
+        _script("commit", audit_lua.HELPER + changes_lua.HELPER + COMMIT),
         _script("purge", PURGE),
         _script("reset_all", RESET_ALL),
         _script("advance_clock", ADVANCE_CLOCK),
@@ -813,6 +815,9 @@ SCRIPTS: dict[str, Script] = {
         _script("stats", STATS, writes=False),
         _script("dump_dl", DUMP_DL, writes=False),
         _script("audit", audit_lua.WRITE),
+        _script("changes", changes_lua.READ, writes=False),
+        _script("trim_changes", changes_lua.TRIM),
+        _script("conflict", changes_lua.CONFLICT),
         _script("audit_purge", audit_lua.PURGE),
         _script("audit_page", audit_lua.PAGE, writes=False),
     )

@@ -104,7 +104,7 @@ from sbus.core.types import (
     Txn,
     WriteOp,
 )
-from sbus.storage.changes_pending import NoChangeLog
+from sbus.storage.redis.changes import RedisChangeLog
 from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
 from sbus.storage.redis.lanes import Lanes, LanesBusy
 from sbus.storage.redis.scripts import SCRIPTS, Script
@@ -177,7 +177,7 @@ def _row_shard(row: Sequence[Any], content: str) -> Shard:
     )
 
 
-class RedisStore(NoChangeLog):
+class RedisStore(RedisChangeLog):
     backend = "redis"
 
     def __init__(self, url: str, limits: Limits | None = None, namespace: str = "sbus") -> None:
@@ -198,6 +198,9 @@ class RedisStore(NoChangeLog):
         self.k_all = f"{tag}:shards"  # sorted set (lex) of every key, tombstones too
         self.k_sessions = f"{tag}:sessions"  # sorted set (lex) of agent\0session
         self.k_idem_index = f"{tag}:idem"  # sorted set of agent\0key by expiry
+        self.k_changes = f"{tag}:changes"  # the change log (storage/redis/changes_lua.py)
+        self.k_changes_floor = f"{tag}:changes:floor"
+        self.k_conflicts = f"{tag}:conflicts"
         self.k_audit_ids = f"{tag}:audit:ids"  # the audit log (storage/redis/audit_lua.py)
         self._pool: BlockingConnectionPool | None = None
         self._client: Redis | None = None
@@ -498,6 +501,7 @@ class RedisStore(NoChangeLog):
                 "max_depth": self.limits.history_depth,
                 "max_bytes": self.limits.history_max_bytes,
                 "admin": admin,
+                "ch": self.change_payload(op.agent_id, op.commit_id),
             }
             if op.idem is not None:
                 predicted = Shard(
@@ -857,6 +861,7 @@ class RedisStore(NoChangeLog):
             "ttl": self.limits.session_ttl_ms,
             "mandate": txn.has_mandate,
             "mkey": f"{self.tag}:mandates",
+            "ch": self.change_payload(txn.agent_id, txn.commit_id),
             "prefix": f"{self.tag}:s:",
             "max_depth": self.limits.history_depth,
             "max_bytes": self.limits.history_max_bytes,
@@ -970,7 +975,7 @@ class RedisStore(NoChangeLog):
             if not more:
                 break
         n, _ = await self._eval("purge", keys, ["mandates", ttl, self.tag, "", PURGE_BATCH])
-        return gone + int(n) + await self._purge_audit()
+        return gone + int(n) + await self._purge_audit() + await self.trim_changes()
 
     async def _purge_audit(self) -> int:
         tag, limits = self.tag, self.limits
