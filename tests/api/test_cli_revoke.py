@@ -40,7 +40,8 @@ async def test_cli_revocation_is_seen_by_the_running_bus(
     claims = verifier(app).verify(a_token)
 
     argument = a_token if by == "token" else claims.jti
-    result = await revoke(argument, "--store", store_url(store_kind, tmp_path))
+    # A jti is base64url and may begin with "-": "--" ends the options, as users must too.
+    result = await revoke("--store", store_url(store_kind, tmp_path), "--", argument)
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert (answer["revoked"], answer["jti"]) == (True, claims.jti)
