@@ -41,6 +41,7 @@ KINDS = (
     "INSERT INTO sbus_counters",
     "INSERT INTO sbus_history",
     "INSERT OR REPLACE INTO sbus_shards",
+    "INSERT INTO sbus_changes",
 )
 
 
@@ -99,6 +100,7 @@ async def test_a_recorded_get_and_a_commit_run_these_statements(
         # no look-up of the row's history bookkeeping: LOAD read it
         "INSERT INTO sbus_history",
         "INSERT OR REPLACE INTO sbus_shards",
+        "INSERT INTO sbus_changes",  # GET /watch's change log
         PUT_ENTRY,
         PUT_SESSION,
         COMMIT,
