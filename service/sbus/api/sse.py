@@ -126,6 +126,11 @@ class EventStream(Response):
             except StoreUnavailable as exc:
                 await write(f": store unavailable ({exc.detail})\nid: {feed.cursor}\n\n")
                 return
+            except Exception:
+                # A bug must not leave the client without its cursor.
+                log.exception("change stream failed at %s", feed.cursor)
+                await write(f": internal error\nid: {feed.cursor}\n\n")
+                return
             if events:
                 await write("".join(event_text(ev) for ev in events))
                 quiet_since = loop.time()

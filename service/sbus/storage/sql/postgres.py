@@ -34,6 +34,7 @@ from sqlalchemy.pool import NullPool
 
 from sbus.core import audit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
+from sbus.core.changes import changes_of, created
 from sbus.core.clock import MAX_OFFSET_MS, advanced_offset
 from sbus.core.errors import (
     SBusError,
@@ -63,9 +64,10 @@ from sbus.core.types import (
     StoreStats,
     Txn,
 )
-from sbus.storage.changes_pending import NoChangeLog
 from sbus.storage.sql import audit_sql
 from sbus.storage.sql.migrate import current_revision, head_revision
+from sbus.storage.sql.pg_changes import INSERT as CHANGES_INSERT
+from sbus.storage.sql.pg_changes import PostgresChangeLog, rows_json
 from sbus.storage.sql.pgpool import PgPool, PoolExhausted
 
 log = logging.getLogger("sbus.storage.postgres")
@@ -183,7 +185,7 @@ def asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
-class PostgresStore(NoChangeLog):
+class PostgresStore(PostgresChangeLog):
     backend = "postgres"
 
     def __init__(self, url: str, limits: Limits | None = None, pool_size: int = 32) -> None:
@@ -445,6 +447,8 @@ class PostgresStore(NoChangeLog):
         mins = await self._apply_effects(
             conn, {"shards": [_shard_json(shard)], "history": [_entry_json(entry)]}
         )
+        # its change, in this transaction, under the key's lock (pg_changes says why)
+        await conn.execute(CHANGES_INSERT.format(rows="$1"), rows_json([created(entry)]))
         return _with_depth(shard, mins[op.key])
 
     async def create(self, op: CreateOp) -> Outcome:
@@ -667,6 +671,7 @@ class PostgresStore(NoChangeLog):
                 "last_served": now,
                 "now": now,
             }
+            changes = changes_of(txn, fx.history)
             if fx.consume is not None:
                 payload["consume"] = [fx.consume.jti, fx.consume.retain_until_ms]
                 # Its audit entry, in this transaction: it commits with the commit or not
@@ -678,8 +683,11 @@ class PostgresStore(NoChangeLog):
             if txn.op != "rollback":
                 outcome = rules.render(txn, {s.key: s for s in fx.shards})
                 payload["idem"] = self._idem_json(txn.idem, outcome, now)
-                # The apply call rides with the COMMIT (its answer is not needed here).
-                return _Final(outcome, self._apply_statement(payload))
+                # The apply call rides with the COMMIT (its answer is not needed here),
+                # and the changes with it, under the keys' locks (pg_changes says why).
+                log = CHANGES_INSERT.format(rows=_dollar_quoted(rows_json(changes)))
+                return _Final(outcome, self._apply_statement(payload) + ";\n" + log)
+            await conn.execute(CHANGES_INSERT.format(rows="$1"), rows_json(changes))
             mins = await self._apply_effects(conn, payload)
             outcome = rules.render(txn, {s.key: _with_depth(s, mins[s.key]) for s in fx.shards})
             idem = self._idem_json(txn.idem, outcome, now)
@@ -926,7 +934,8 @@ class PostgresStore(NoChangeLog):
                     audit_sql.numbered(audit_sql.OVER_CAP), self.limits.audit_max_rows
                 )
             )
-            return sum(int(tag.split()[-1]) for tag in tags)
+            gone = await self.trim_changes(conn, now)
+            return gone + sum(int(tag.split()[-1]) for tag in tags)
 
         return await self._run(body)
 
