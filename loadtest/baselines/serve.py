@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from sbus.cli import log_config, scratch_dirs
+    from sbus.cli import scratch_dirs
     from sbus.config import Settings
+    from sbus.telemetry.logs import log_config
 
     want = "postgres" if args.kind == "serializable" else "redis"
     if not args.store.startswith(want):
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             workers=args.workers,
-            log_config=log_config(args.log_level, access),
+            log_config=log_config(args.log_level, "text", access),
             log_level=None,
             access_log=access,
             timeout_graceful_shutdown=10,

@@ -7,7 +7,6 @@ ends with one ``sbus: ...`` line on stderr and a non-zero status, never a traceb
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import shutil
@@ -146,19 +145,6 @@ def _preflight(settings: Settings) -> None:
         fail(f"SBUS_STORE {redact_url(settings.store)} cannot be used: {exc}")
 
 
-def log_config(level: str, access_log: bool) -> dict[str, Any]:
-    """uvicorn's logging configuration plus the ``sbus`` loggers, all at ``level``;
-    access lines (stdout) whenever they are on, whatever the level."""
-    from uvicorn.config import LOGGING_CONFIG
-
-    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
-    loggers = config["loggers"]
-    loggers["uvicorn"]["level"] = loggers["uvicorn.error"]["level"] = level.upper()
-    loggers["uvicorn.access"]["level"] = "INFO" if access_log else "WARNING"
-    loggers["sbus"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
-    return config
-
-
 @contextmanager
 def scratch_dirs(count: int) -> Iterator[None]:
     """The directories a multi-worker server shares (the Prometheus multiprocess
@@ -205,6 +191,7 @@ def serve(
 
     from sbus.bootstrap import startup_problem
     from sbus.storage.urls import redact_url
+    from sbus.telemetry.logs import log_config
 
     overrides: dict[str, object] = {
         "host": host,
@@ -237,7 +224,7 @@ def serve(
             host=settings.host,
             port=settings.port,
             workers=count,
-            log_config=log_config(settings.log_level, settings.access_log),
+            log_config=log_config(settings.log_level, settings.log_format, settings.access_log),
             log_level=None,
             access_log=settings.access_log,
             timeout_graceful_shutdown=10,

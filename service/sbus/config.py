@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     rate_limit: str = ""
     # Operations (docs/configuration.md): what `sbus serve` logs.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = "json"
     access_log: bool = False
     pg_pool_size: int | None = Field(None, ge=1, le=1000)
     # Slow and idle clients (sbus.api.connections), per worker process.

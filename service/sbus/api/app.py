@@ -19,7 +19,8 @@ from sbus.api.ignored import IgnoredFieldsHeader
 from sbus.api.middleware import Gate
 from sbus.api.routers import admin, commits, mandates, pages, sessions, shards, stats, watch
 from sbus.api.runtime import Runtime
-from sbus.telemetry.metrics import Timing
+from sbus.telemetry.exchange import HEADER as REQUEST_ID
+from sbus.telemetry.requests import Observe
 
 
 def assemble(runtime: Runtime) -> FastAPI:
@@ -56,9 +57,10 @@ def assemble(runtime: Runtime) -> FastAPI:
         app.include_router(module.router)
     app.add_middleware(IgnoredFieldsHeader)
     openapi.install(app)
-    # Each add_middleware wraps the ones before: Timing(Cors(Gate(app))). Timing sees every
-    # response; CORS runs outside the gate, so a preflight needs no token and the gate's
-    # rejections carry CORS headers too.
+    # Each add_middleware wraps the ones before: Observe(Cors(Gate(app))). Observe sees
+    # every request and response (request id, latency, log line, server span); CORS runs
+    # outside the gate, so a preflight needs no token and the gate's rejections carry
+    # CORS headers too.
     app.add_middleware(
         Gate,
         max_body=settings.max_body,
@@ -66,6 +68,7 @@ def assemble(runtime: Runtime) -> FastAPI:
         is_ready=lambda: runtime.ready,
         authenticator=runtime.authenticator,
         body_timeout=settings.body_timeout,
+        tracer=runtime.bus.tracer,
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -73,7 +76,13 @@ def assemble(runtime: Runtime) -> FastAPI:
             allow_origins=listed(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],
-            expose_headers=["ETag", "Idempotent-Replayed", "Retry-After", IGNORED_FIELDS],
+            expose_headers=[
+                "ETag",
+                "Idempotent-Replayed",
+                "Retry-After",
+                IGNORED_FIELDS,
+                REQUEST_ID,
+            ],
         )
-    app.add_middleware(Timing, metrics=runtime.metrics)
+    app.add_middleware(Observe, metrics=runtime.metrics, tracing=runtime.tracing)
     return app

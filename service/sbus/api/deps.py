@@ -25,6 +25,7 @@ from sbus.core.keys import json_problem, text_problem
 from sbus.core.rights import Capabilities, Principal
 from sbus.core.types import IdemRef
 from sbus.security import TokenInvalid
+from sbus.telemetry.exchange import note_caller
 
 AGENT_HEADERS = ("x-agent-id", "x-sbus-agent-id")
 NOBODY = Caller(None, "", Capabilities(), token_bound=False)
@@ -101,6 +102,7 @@ def caller_of(request: Request, agent: str | None, session: str = "") -> Caller:
     """The engine's view of this request: the principal's rights and the agent and
     session the request resolved to."""
     principal = principal_of(request)
+    note_caller(request.scope, agent, session)
     # Claims carry the token's jti (the audit log names it); open mode's Identity none.
     jti = getattr(principal, "jti", None)
     return Caller(agent, session, principal.capabilities, bool(principal.agent), jti)

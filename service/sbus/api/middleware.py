@@ -23,6 +23,8 @@ from sbus.api.auth import PRINCIPAL, Authenticator, sent_bearer
 from sbus.api.browser import OriginPolicy
 from sbus.api.problems import problem_response
 from sbus.core import errors as e
+from sbus.core.tracing import AUTH, Tracer
+from sbus.telemetry.exchange import note_outcome
 
 # A Content-Length we read: ASCII digits, short enough that int() cannot refuse it (a
 # longer one is past any body cap anyway, and refused as invalid).
@@ -53,6 +55,7 @@ class Gate:
         is_ready: Callable[[], bool],
         authenticator: Authenticator,
         body_timeout: float | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.app = app
         self.max_body = max_body
@@ -61,26 +64,19 @@ class Gate:
         self.origins = origins
         self.is_ready = is_ready
         self.authenticator = authenticator
+        self.tracer = tracer  # None: tracing is off
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.authenticator.token_mode:
-            authorization = [v for k, v in scope["headers"] if k == b"authorization"]
-            try:
-                principal = await self.authenticator.authenticate(scope["path"], authorization)
-            except e.SBusError as exc:
-                # TokenInvalid (401), or StoreUnavailable from the revocation lookup: this
-                # runs outside the app's exception handlers, so every refusal is rendered
-                # here (a store outage is 503 with Retry-After, not a bare 500).
-                response = problem_response(exc, token_sent=sent_bearer(authorization))
-                await response(scope, receive, send)
-                return
+        if self.tracer is None:
+            admitted = await self._authenticate(scope, receive, send)
         else:
-            principal = self.authenticator.open_identity
-        if principal is not None:
-            scope.setdefault("state", {})[PRINCIPAL] = principal
+            with self.tracer.phase(AUTH):
+                admitted = await self._authenticate(scope, receive, send)
+        if not admitted:
+            return
         problem = self._precheck(scope)
         if problem is not None:
             await self._reject(problem, scope, receive, send)
@@ -89,6 +85,27 @@ class Gate:
             await self.app(scope, receive, send)
             return
         await self._with_capped_body(scope, receive, send)
+
+    async def _authenticate(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Step 1: the request's principal into the scope state, or False once the
+        refusal has been sent."""
+        if self.authenticator.token_mode:
+            authorization = [v for k, v in scope["headers"] if k == b"authorization"]
+            try:
+                principal = await self.authenticator.authenticate(scope["path"], authorization)
+            except e.SBusError as exc:
+                # TokenInvalid (401), or StoreUnavailable from the revocation lookup: this
+                # runs outside the app's exception handlers, so every refusal is rendered
+                # here (a store outage is 503 with Retry-After, not a bare 500).
+                note_outcome(scope, exc.code)
+                response = problem_response(exc, token_sent=sent_bearer(authorization))
+                await response(scope, receive, send)
+                return False
+        else:
+            principal = self.authenticator.open_identity
+        if principal is not None:
+            scope.setdefault("state", {})[PRINCIPAL] = principal
+        return True
 
     def _precheck(self, scope: Scope) -> e.SBusError | None:
         if self.origins is not None:
@@ -128,6 +145,7 @@ class Gate:
     async def _reject(
         self, problem: e.SBusError, scope: Scope, receive: Receive, send: Send
     ) -> None:
+        note_outcome(scope, problem.code)
         response = problem_response(problem)
         await response(scope, receive, send)
 

@@ -27,6 +27,7 @@ from sbus.security import (
     TokenInvalid,
     TokenRevoked,
 )
+from sbus.telemetry.exchange import note_outcome
 
 PROBLEM_TYPE = "https://sbus.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -157,15 +158,20 @@ def validation_problem(exc: RequestValidationError) -> e.SBusError:
 
 
 def install(app: FastAPI) -> None:
-    async def on_sbus(_: Request, exc: Exception) -> Response:
+    # Each handler also reports the error code as the request's outcome (its log line
+    # and span, sbus.telemetry.requests).
+    async def on_sbus(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, e.SBusError)
+        note_outcome(request.scope, exc.code)
         return problem_response(exc)
 
-    async def on_validation(_: Request, exc: Exception) -> Response:
+    async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return problem_response(validation_problem(exc))
+        err = validation_problem(exc)
+        note_outcome(request.scope, err.code)
+        return problem_response(err)
 
-    async def on_http(_: Request, exc: Exception) -> Response:
+    async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         # Starlette raises these for unknown routes and methods, FastAPI for a body it
         # cannot read; the body cap is the gate's (it answers RequestTooLarge itself).
@@ -179,6 +185,7 @@ def install(app: FastAPI) -> None:
         else:
             # Anything else keeps its own status, in the body as on the wire.
             err = e.RequestError(str(exc.detail))
+            note_outcome(request.scope, err.code)
             return Response(
                 orjson.dumps(problem_body(err, exc.status_code)),
                 status_code=exc.status_code,

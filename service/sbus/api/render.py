@@ -6,8 +6,10 @@ from typing import Any
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Scope
 
 from sbus.core.types import Outcome
+from sbus.telemetry.exchange import COMMITTED, REPLAYED, note_outcome
 
 
 def json_response(body: Any, status: int = 200, etag: int | None = None) -> Response:
@@ -17,7 +19,10 @@ def json_response(body: Any, status: int = 200, etag: int | None = None) -> Resp
     )
 
 
-def outcome_response(outcome: Outcome) -> Response:
+def outcome_response(outcome: Outcome, scope: Scope) -> Response:
+    """A state change's answer; ``scope`` (the request's) learns whether it committed
+    or replayed (its log line and span, sbus.telemetry.requests)."""
+    note_outcome(scope, REPLAYED if outcome.replayed else COMMITTED)
     headers: dict[str, str] = {}
     if outcome.etag is not None:
         headers["ETag"] = f'"{outcome.etag}"'

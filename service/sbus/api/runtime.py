@@ -9,7 +9,7 @@ port, which the app's lifespan starts and stops: the API never sees a store.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from starlette.applications import Starlette
 
@@ -19,6 +19,9 @@ from sbus.config import Settings
 from sbus.core.engine import Bus
 from sbus.core.errors import StoreMisconfigured, StoreUnavailable
 from sbus.telemetry.metrics import Metrics
+
+if TYPE_CHECKING:
+    from sbus.telemetry.tracing import Tracing
 
 NOT_CONNECTED = "store not connected yet"
 
@@ -62,6 +65,8 @@ class Runtime:
     readiness: WorkerReadiness
     lifecycle: Lifecycle
     no_issuer_reason: str | None = None
+    # OpenTelemetry, when OTEL_TRACES_EXPORTER turns it on (also the engine's tracer).
+    tracing: Tracing | None = None
     ready: bool = False
     # Why not ready: the operator's words (open mode, the log) and the public ones.
     not_ready_reason: str | None = NOT_CONNECTED
@@ -71,7 +76,12 @@ class Runtime:
         await self.lifecycle.start(self)
 
     async def stop(self) -> None:
-        await self.lifecycle.stop(self)
+        try:
+            await self.lifecycle.stop(self)
+        finally:
+            if self.tracing is not None:
+                # Export what is still queued (the console exporter prints it now).
+                self.tracing.shutdown()
 
     def mark_ready(self) -> None:
         self.ready = True

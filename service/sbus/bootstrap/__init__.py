@@ -29,6 +29,7 @@ from sbus.security.keys import configured as keys_configured
 from sbus.security.keys import token_mode_problem
 from sbus.security.tokens import Verifier
 from sbus.storage.factory import open_store
+from sbus.telemetry import tracing as otel
 from sbus.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -43,13 +44,20 @@ def startup_problem(settings: Settings) -> str | None:
     problem = settings.own_problem()
     if problem is None and settings.auth_mode == "token":
         problem = token_mode_problem(settings)
-    return problem
+    return problem or otel.problem()
 
 
-def create_app(settings: Settings | None = None, store: Store | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    store: Store | None = None,
+    *,
+    tracing: otel.Tracing | None = None,
+) -> FastAPI:
     """The app for ``settings`` (default: the environment) over ``store`` (default: the
-    one ``settings.store`` names). Token mode without usable keys raises
-    :class:`~sbus.security.KeyConfigError` before any store is opened."""
+    one ``settings.store`` names), traced into ``tracing`` (default: what the
+    ``OTEL_*`` variables configure, none unless ``OTEL_TRACES_EXPORTER`` is set). Token
+    mode without usable keys raises :class:`~sbus.security.KeyConfigError` before any
+    store is opened."""
     settings = settings or Settings()
     keys, no_keys = signers.configured_keys(settings)
     token_mode = settings.auth_mode == "token"
@@ -60,13 +68,19 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     # agent id is self-declared, so a per-agent bucket would limit nothing.
     rate = RateLimit.parse(settings.rate_limit) if token_mode else None
     verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
+    tracing = tracing or otel.Tracing.from_environment()
+    # Traced, the engine and the token check reach the store through its spans; the
+    # lifecycle (connect, upkeep, close) reaches it directly.
+    traced = store if tracing is None else tracing.traced_store(store)
+    bus = Bus(traced, settings.engine_limits(), rate=rate)
+    bus.tracer = tracing
     runtime = Runtime(
         settings=settings,
-        bus=Bus(store, settings.engine_limits(), rate=rate),
+        bus=bus,
         # Every request's token is checked against the store's revocation list, so a
         # revocation made through any replica is refused by every replica at once.
         authenticator=Authenticator(
-            verifier=verifier, admin_enabled=settings.admin_enabled, revoked=store.revocation
+            verifier=verifier, admin_enabled=settings.admin_enabled, revoked=traced.revocation
         ),
         metrics=Metrics(),
         readiness=WorkerReadiness(settings.ready_dir, settings.worker_count()),
@@ -78,6 +92,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
             store, keys_from_store=not token_mode and not keys_configured(settings)
         ),
         no_issuer_reason=no_keys,
+        tracing=tracing,
     )
     signers.install(runtime, keys)
     return assemble(runtime)

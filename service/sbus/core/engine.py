@@ -22,6 +22,7 @@ from typing import Any, TypeVar, cast
 from sbus.core import audit, revocation
 from sbus.core import commands as c
 from sbus.core import errors as e
+from sbus.core import tracing as tr
 from sbus.core.audit import AuditEntry, AuditEvent, AuditKind
 from sbus.core.authz import Needs, admit, check_keys, check_up_front, needs_of
 from sbus.core.changes import CursorExpired, conflict_of
@@ -37,6 +38,7 @@ from sbus.core.patterns import scan_prefixes
 from sbus.core.ports import IssuedToken, MandateGrant, MandateSigner, TokenIssuer
 from sbus.core.rights import ADMIN_PATTERN, Capabilities, Identity, Right
 from sbus.core.store import Store
+from sbus.core.tracing import Tracer
 from sbus.core.types import (
     CreateOp,
     DLDump,
@@ -112,6 +114,32 @@ def _create_op(cmd: c.CreateShard | c.AdminCreate, agent: str, idem: IdemRef | N
     )
 
 
+def _committer(caller: c.Caller) -> str:
+    """The agent a state change is made by: required in every mode."""
+    if not caller.agent:
+        raise e.ValidationFailed(
+            "agent_id is required (body field, query parameter or X-Agent-Id header)",
+            loc=["body", "agent_id"],
+        )
+    return caller.agent
+
+
+def _submit_txn(caller: c.Caller, agent: str, cmd: c.Submit, mandate: MandateRef | None) -> Txn:
+    """The store operation of a submit whose checks before the store have passed."""
+    return Txn(
+        op=cmd.op,
+        agent_id=agent,
+        session_id=caller.session,
+        writes=cmd.writes,
+        read_set=cmd.read_set,
+        rationale=cmd.rationale,
+        commit_id=new_commit_id(),
+        idem=cmd.idem,
+        has_mandate=cmd.mandate is not None,
+        mandate=mandate,
+    )
+
+
 class Bus:
     def __init__(
         self,
@@ -133,6 +161,9 @@ class Bus:
         self.mandates = mandates
         # Wakes this process's change-stream watchers after each state change.
         self.pulse = Pulse()
+        # Tracing (sbus.core.tracing): None while it is off, which is all an untraced
+        # request checks.
+        self.tracer: Tracer | None = None
         self._handlers: dict[type[c.Command[Any]], Handler] = {
             c.CreateShard: self._create,
             c.ReadShard: self._read,
@@ -205,7 +236,19 @@ class Bus:
                 check_keys(caller, needs)
         except e.CapabilityDenied as refusal:
             return self._refuse(caller, refusal)
+        if self.tracer is not None:
+            return cast(Awaitable[T], self._traced(self.tracer, caller, command, needs, handler))
         return cast(Awaitable[T], handler(caller, command, needs))
+
+    async def _traced(
+        self, tracer: Tracer, caller: c.Caller, command: Any, needs: Needs, handler: Handler
+    ) -> Any:
+        try:
+            if isinstance(command, c.Submit):
+                return await self._submit_traced(tracer, caller, command, needs)
+            return await handler(caller, command, needs)
+        finally:
+            tracer.finished()
 
     # ---- the audit log -------------------------------------------------------
 
@@ -323,18 +366,69 @@ class Bus:
     async def _submit(self, caller: c.Caller, cmd: c.Submit, needs: Needs) -> Outcome:
         """Commit, multi-commit, rollback or delete. A presented mandate is verified
         after idempotency, limits and capabilities, as the first part of step 9a; the
-        store finishes 9a (expiry on its clock, consume-once)."""
-        agent = caller.agent
-        if not agent:
-            raise e.ValidationFailed(
-                "agent_id is required (body field, query parameter or X-Agent-Id header)",
-                loc=["body", "agent_id"],
-            )
+        store finishes 9a (expiry on its clock, consume-once). :meth:`_submit_traced`
+        runs the same steps, each in its span."""
+        agent = _committer(caller)
         await self._throttle(agent)
         if cmd.idem is not None:
             replayed = await self._replay(cmd.idem)
             if replayed is not None:
                 return replayed
+        self._check_submit(cmd)
+        try:
+            check_keys(caller, needs)
+        except e.CapabilityDenied as refusal:  # inline: no extra coroutine per commit
+            await self._note_denial(caller, refusal)
+            raise
+        mandate = None
+        if cmd.mandate is not None:
+            mandate = await self._verify_mandate(agent, cmd)
+        return await self._apply(_submit_txn(caller, agent, cmd, mandate))
+
+    async def _submit_traced(
+        self, tracer: Tracer, caller: c.Caller, cmd: c.Submit, needs: Needs
+    ) -> Outcome:
+        """:meth:`_submit` with a span per step (``sbus.core.tracing``), and the
+        command's keys on the request's span; a stale read set or a version mismatch
+        names its keys there too. Only a traced request comes here, so an untraced one
+        pays for none of it; tests/telemetry holds both to the same answers."""
+        agent = _committer(caller)
+        tracer.annotate(
+            {
+                tr.OP: cmd.op,
+                tr.KEYS_WRITTEN: [w.key for w in cmd.writes],
+                tr.READ_SET_SIZE: len(cmd.read_set),
+            }
+        )
+        if self.rate is not None:
+            with tracer.phase(tr.RATE_LIMIT):
+                await self._throttle(agent)
+        if cmd.idem is not None:
+            with tracer.phase(tr.IDEMPOTENCY):
+                replayed = await self._replay(cmd.idem)
+            if replayed is not None:
+                return replayed
+        with tracer.phase(tr.LIMITS):
+            self._check_submit(cmd)
+        with tracer.phase(tr.CAPABILITIES):
+            await self._check_keys(caller, needs)
+        mandate = None
+        if cmd.mandate is not None:
+            with tracer.phase(tr.MANDATE):
+                mandate = await self._verify_mandate(agent, cmd)
+        with tracer.phase(tr.ATOMIC):
+            try:
+                return await self._apply(_submit_txn(caller, agent, cmd, mandate))
+            except e.CrossShardStale as exc:
+                stale = exc.fields.get("stale_keys", [])
+                tracer.annotate({tr.STALE_KEYS: [str(item["key"]) for item in stale]})
+                raise
+            except e.VersionMismatch as exc:
+                tracer.annotate({tr.CONFLICT_KEY: str(exc.fields["key"])})
+                raise
+
+    def _check_submit(self, cmd: c.Submit) -> None:
+        """Step 7: the sizes of a commit's writes, rationale and read set."""
         if len(cmd.writes) > self.limits.max_txn_keys:
             raise TooManyWrites(
                 f"{len(cmd.writes)} writes, max {self.limits.max_txn_keys}",
@@ -353,26 +447,10 @@ class Bus:
             limit = self.limits.max_rationale
             self._check_text("rationale", cmd.rationale, limit, "SBUS_MAX_RATIONALE")
         self._check_read_set(cmd.read_set)
-        try:
-            check_keys(caller, needs)
-        except e.CapabilityDenied as refusal:  # inline: no extra coroutine per commit
-            await self._note_denial(caller, refusal)
-            raise
-        mandate = None
-        if cmd.mandate is not None:
-            mandate = await self._verify_mandate(agent, cmd)
-        txn = Txn(
-            op=cmd.op,
-            agent_id=agent,
-            session_id=caller.session,
-            writes=cmd.writes,
-            read_set=cmd.read_set,
-            rationale=cmd.rationale,
-            commit_id=new_commit_id(),
-            idem=cmd.idem,
-            has_mandate=cmd.mandate is not None,
-            mandate=mandate,
-        )
+
+    async def _apply(self, txn: Txn) -> Outcome:
+        """Step 9: the one atomic store call; a conflict goes to the store's ring, a
+        change wakes this process's watchers."""
         try:
             outcome = await self.store.apply(txn)
         except (e.VersionMismatch, e.CrossShardStale) as refusal:

@@ -1,1 +1,1 @@
-"""Metrics and logging setup."""
+"""Metrics, request ids and logs, and tracing (OpenTelemetry, when it is on)."""

@@ -1,15 +1,14 @@
 """Prometheus metrics: request-latency histograms per route (multiprocess-safe when
-``PROMETHEUS_MULTIPROC_DIR`` is set, as ``sbus serve --workers N`` does) and the
-store's counters rendered at scrape time, so every replica reports the same numbers."""
+``PROMETHEUS_MULTIPROC_DIR`` is set, as ``sbus serve --workers N`` does; observed by
+``sbus.telemetry.requests``) and the store's counters rendered at scrape time, so every
+replica reports the same numbers."""
 
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sbus.core.types import StoreStats
 
@@ -61,34 +60,3 @@ class Metrics:
             for name, kind, help_, value in lines
         )
         return text.encode() + histograms
-
-
-class Timing:
-    """Observes request latency; the route label is the matched template, never the
-    raw path, so label cardinality stays bounded."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.metrics.latency.labels(scope["method"], template, str(status)).observe(
-                time.perf_counter() - started
-            )

@@ -134,7 +134,9 @@ async def _commit(body: CommitBody, request: Request, bus: BusDep) -> Response:
         mandate=body.mandate,
         context=body.context,
     )
-    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
+    return outcome_response(
+        await bus.execute(caller_of(request, agent, session), command), request.scope
+    )
 
 
 @router.post(
@@ -180,7 +182,9 @@ async def commit_multi(body: MultiCommitBody, request: Request, bus: BusDep) -> 
         mandate=body.mandate,
         context=body.context,
     )
-    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
+    return outcome_response(
+        await bus.execute(caller_of(request, agent, session), command), request.scope
+    )
 
 
 @router.post(
@@ -204,4 +208,6 @@ async def rollback(body: RollbackBody, request: Request, bus: BusDep) -> Respons
         mandate=body.mandate,
         context=body.context,
     )
-    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
+    return outcome_response(
+        await bus.execute(caller_of(request, agent, session), command), request.scope
+    )

@@ -63,7 +63,7 @@ async def create_shard(body: CreateShardBody, request: Request, bus: BusDep) -> 
         require_mandate=body.policy.require_mandate,
         idem=idempotency(request, agent, "", body.model_dump),
     )
-    return outcome_response(await bus.execute(caller_of(request, agent), command))
+    return outcome_response(await bus.execute(caller_of(request, agent), command), request.scope)
 
 
 @router.get(
@@ -208,7 +208,9 @@ async def delete_shard(
         mandate=mandate,
         context=context,
     )
-    return outcome_response(await bus.execute(caller_of(request, agent, session), command))
+    return outcome_response(
+        await bus.execute(caller_of(request, agent, session), command), request.scope
+    )
 
 
 @router.get(
