@@ -8,12 +8,17 @@ an older checkout's ``service/`` folder, and compare the per-run ratios, never a
 numbers across runs:
 
     .venv/bin/python loadtest/app_cycle.py --cycles 3000 --label new
+
+``--log json`` (or ``text``) configures logging as ``sbus serve`` does at the default
+level, so every request writes its log line (to stderr: redirect it); the default,
+``off``, leaves logging unconfigured (warnings only), so no request line is built.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging.config
 import time
 
 import httpx
@@ -95,7 +100,14 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=3000, help="measured cycles")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured cycles first")
     parser.add_argument("--label", default="", help="printed before the figure")
+    parser.add_argument(
+        "--log", choices=["off", "json", "text"], default="off", help="the request log"
+    )
     args = parser.parse_args()
+    if args.log != "off":
+        from sbus.telemetry.logs import log_config
+
+        logging.config.dictConfig(log_config("info", args.log, False))
     ms, app_ms = asyncio.run(measure(args.cycles, args.warmup))
     print(f"{args.label} {ms:.3f} ms CPU per GET+commit cycle, {app_ms:.3f} ms in the app".strip())
 

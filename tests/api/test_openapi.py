@@ -364,7 +364,8 @@ def test_429_with_retry_after_on_rate_limited_routes_in_token_mode() -> None:
         responses = operation["responses"]
         if (method, path) in RATE_LIMITED:
             limited = responses["429"]
-            assert set(limited["headers"]) == {"Retry-After", "SBus-Ignored-Fields"}, (method, path)
+            expected = {"Retry-After", "SBus-Ignored-Fields", "X-Request-Id"}
+            assert set(limited["headers"]) == expected, (method, path)
             assert limited["content"]["application/problem+json"]["schema"] == PROBLEM_REF
         else:
             assert "429" not in responses, (method, path)
@@ -384,6 +385,22 @@ def test_success_responses_declare_etag_and_replay_headers() -> None:
             assert replayed == ("Idempotency-Key" in expected), (method, path)
     store_down = _operation(document, "post", "/commit")["responses"]["503"]
     assert "Retry-After" in store_down["headers"]
+
+
+@pytest.mark.parametrize("mode", ["open", "token"])
+def test_every_operation_takes_and_every_response_returns_a_request_id(mode: str) -> None:
+    """X-Request-Id is read on every route and sent on every response, problems too
+    (sbus.telemetry.exchange)."""
+    document = _built() if mode == "open" else _token_document()
+    for method, path, operation in _operations(document):
+        assert "X-Request-Id" in _header_names(operation), (method, path)
+        for status, response in operation["responses"].items():
+            header = response.get("headers", {}).get("X-Request-Id")
+            assert header is not None and header["schema"] == {"type": "string"}, (
+                method,
+                path,
+                status,
+            )
 
 
 BODYLESS = [("delete", "/shard/{key}"), ("post", "/admin/reset")]

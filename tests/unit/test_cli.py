@@ -64,6 +64,7 @@ def test_version_option_and_command() -> None:
         ("SBUS_WORKERS", "0", "SBUS_WORKERS: Input should be greater than or equal to 1"),
         ("SBUS_AUTH", "bogus", "SBUS_AUTH: Input should be 'open' or 'token'"),
         ("SBUS_LOG_LEVEL", "loud", "SBUS_LOG_LEVEL: Input should be 'critical'"),
+        ("SBUS_LOG_FORMAT", "xml", "SBUS_LOG_FORMAT: Input should be 'json' or 'text'"),
         ("SBUS_RATE_LIMIT", "fast", "fast"),
     ],
 )

@@ -50,6 +50,11 @@ def assemble(runtime: Runtime) -> FastAPI:
         # /docs is served from the package (sbus.api.routers.pages), not from a CDN.
         docs_url=None,
         redoc_url=None,
+        # The bus traces with its own provider (sbus.telemetry.tracing, one span tree
+        # for the lean and the FastAPI handlers alike): FastAPI's built-in telemetry
+        # stays off, so it neither adds a second server span when a global provider is
+        # set nor looks the global providers up on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     app.state.runtime = runtime
     problems.install(app)

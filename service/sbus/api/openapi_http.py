@@ -1,7 +1,8 @@
 """What the OpenAPI document cannot learn from the handlers' signatures: the headers the
 handlers read from the raw request (identity, session, preconditions, idempotency,
-mandates), the response headers they set (ETag, Idempotent-Replayed, Retry-After,
-SBus-Ignored-Fields), the bearer scheme of token mode and 429 on rate-limited routes.
+mandates; X-Request-Id on every route), the response headers they set (ETag,
+Idempotent-Replayed, Retry-After, SBus-Ignored-Fields, X-Request-Id), the bearer scheme
+of token mode and 429 on rate-limited routes.
 (The routes that read no field declare an optional body, ``wire.NoFields``, in their
 signatures: without one, generated clients and Swagger's "Try it out" would send no
 ``Content-Type: application/json`` and get 415.)
@@ -68,6 +69,17 @@ HEADERS: dict[str, dict[str, Any]] = {
             }
         },
     },
+}
+
+# Every route reads it (sbus.telemetry.exchange) and every response carries it.
+REQUEST_ID = "X-Request-Id"
+_REQUEST_ID_DOC = (
+    "The request's id in the bus's log line and trace (docs/observability.md): the one "
+    "sent if it is 1-128 printable ASCII characters, else a new one."
+)
+HEADERS[REQUEST_ID] = {
+    "description": _REQUEST_ID_DOC,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[ -~]+$"},
 }
 
 _AGENT = ("X-Agent-Id", "X-SBus-Agent-Id")
@@ -141,6 +153,7 @@ RESPONSE_HEADERS: dict[str, dict[str, Any]] = {
         "description": "Seconds to wait before retrying (429, and 503 StoreUnavailable).",
         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_INT},
     },
+    REQUEST_ID: {"description": _REQUEST_ID_DOC, "schema": {"type": "string"}},
     "SBus-Ignored-Fields": {
         "description": "What the request sent but the bus ignored (unknown), comma-separated: "
         "query parameters marked with `?`, then body fields as paths, e.g. "
@@ -188,7 +201,7 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
             responses: dict[str, dict[str, Any]] = operation.setdefault("responses", {})
             if token_mode and path in public:
                 operation["security"] = []  # no token needed: no lock in Swagger UI
-            _add_parameters(operation, REQUEST_HEADERS.get(route, ()))
+            _add_parameters(operation, (*REQUEST_HEADERS.get(route, ()), REQUEST_ID))
             for status, response in responses.items():
                 code = int(status)
                 if code < 300 and route in ETAG_ROUTES:
@@ -201,7 +214,9 @@ def declare(schema: dict[str, Any], *, token_mode: bool, public: frozenset[str])
                 elif code == 503 and path != "/admin/health":  # health: a plain status body
                     _add_response_header(response, "Retry-After")
                 _add_response_header(response, "SBus-Ignored-Fields")
+                _add_response_header(response, REQUEST_ID)
             if token_mode and route in RATE_LIMITED:
                 limited = responses.setdefault("429", {"description": RATE_LIMITED_DESCRIPTION})
                 _add_response_header(limited, "Retry-After")
                 _add_response_header(limited, "SBus-Ignored-Fields")
+                _add_response_header(limited, REQUEST_ID)

@@ -191,6 +191,7 @@ def install(app: FastAPI) -> None:
                 status_code=exc.status_code,
                 media_type=MEDIA_TYPE,
             )
+        note_outcome(request.scope, err.code)
         return problem_response(err)
 
     app.add_exception_handler(e.SBusError, on_sbus)

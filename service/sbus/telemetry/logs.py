@@ -6,6 +6,13 @@ format ``SBUS_LOG_FORMAT`` names (docs/observability.md).
   milliseconds), ``level``, ``logger``, ``msg``, then a request line's fields.
 - ``text``: uvicorn's own lines (``INFO:     ...``); a request line reads
   ``INFO:     POST /commit 200 committed 1.234 ms agent=A session=S request_id=...``.
+
+A request line is the one log line every request pays for, so ``sbus serve`` gives the
+``sbus.request`` logger a :class:`RequestLineHandler`, which the middleware hands the
+line's fields directly (:func:`direct_handler`): the same line as a log record would
+give, without making one (a record, the caller lookup and the handler chain cost about
+three times the write itself). Any other logging setup (an embedding application's, the
+test suite's) gets an ordinary record.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ REQUEST_LOGGER = "sbus.request"
 FIELDS = "sbus"
 
 
-def _timestamp(record: logging.LogRecord) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{seconds}.{int(record.msecs):03d}Z"
+def _timestamp(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int((created - int(created)) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +40,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": _timestamp(record),
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -43,6 +50,14 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+    @staticmethod
+    def request_line(fields: dict[str, Any], created: float) -> str:
+        """What :meth:`format` makes of a request line's record."""
+        line = {"ts": _timestamp(created), "level": "info", "logger": REQUEST_LOGGER}
+        line["msg"] = "request"
+        line.update(fields)
         return orjson.dumps(line, default=str).decode()
 
 
@@ -73,12 +88,58 @@ class TextFormatter(logging.Formatter):
             text = f"{text}\n{self.formatException(record.exc_info)}"
         return text
 
+    @staticmethod
+    def request_line(fields: dict[str, Any], created: float) -> str:
+        """What :meth:`format` makes of a request line's record."""
+        return f"INFO:     {request_text(fields)}"
+
+
+class RequestLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The ``sbus.request`` handler of ``sbus serve``: writes request lines handed to
+    :meth:`write_fields` as its formatter would format their records."""
+
+    def write_fields(self, fields: dict[str, Any]) -> None:
+        formatter = self.formatter
+        if not isinstance(formatter, JsonFormatter | TextFormatter):
+            self.handle(_record(fields))
+            return
+        line = formatter.request_line(fields, time.time()) + self.terminator
+        self.acquire()
+        try:
+            self.stream.write(line)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's rule: a failed write never fails the request
+            self.handleError(_record(fields))
+        finally:
+            self.release()
+
+
+def _record(fields: dict[str, Any]) -> logging.LogRecord:
+    record = logging.makeLogRecord(
+        {"name": REQUEST_LOGGER, "levelno": logging.INFO, "levelname": "INFO", "msg": "request"}
+    )
+    setattr(record, FIELDS, fields)
+    return record
+
+
+def direct_handler(logger: logging.Logger) -> RequestLineHandler | None:
+    """``logger``'s :class:`RequestLineHandler` when it is all that handles its INFO
+    records (no filter, no propagation, no other handler), else None."""
+    handlers = logger.handlers
+    if len(handlers) != 1 or logger.propagate or logger.filters:
+        return None
+    handler = handlers[0]
+    if type(handler) is not RequestLineHandler or handler.filters:
+        return None
+    return handler if handler.level <= logging.INFO else None
+
 
 def log_config(level: str, fmt: LogFormat, access_log: bool) -> dict[str, Any]:
     """uvicorn's logging configuration plus the ``sbus`` loggers, all at ``level``;
     access lines (stdout) whenever they are on, whatever the level. ``json`` puts every
     handler on :class:`JsonFormatter`; ``text`` keeps uvicorn's formatters and gives
-    request lines :class:`TextFormatter`."""
+    request lines :class:`TextFormatter`. Request lines go to stderr through a
+    :class:`RequestLineHandler`."""
     from uvicorn.config import LOGGING_CONFIG
 
     config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
@@ -91,9 +152,12 @@ def log_config(level: str, fmt: LogFormat, access_log: bool) -> dict[str, Any]:
     if fmt == "json":
         for name in list(formatters):
             formatters[name] = {"()": JsonFormatter}
-        return config
-    formatters["sbus_request"] = {"()": TextFormatter}
-    handlers["sbus_request"] = {**handlers["default"], "formatter": "sbus_request"}
+    formatters["sbus_request"] = {"()": JsonFormatter if fmt == "json" else TextFormatter}
+    handlers["sbus_request"] = {
+        **handlers["default"],
+        "class": f"{__name__}.RequestLineHandler",
+        "formatter": "sbus_request",
+    }
     loggers[REQUEST_LOGGER] = {
         "handlers": ["sbus_request"],
         "level": level.upper(),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sbus.telemetry.exchange import HEADER, SCOPE_KEY, Exchange, request_id
-from sbus.telemetry.logs import FIELDS, REQUEST_LOGGER
+from sbus.telemetry.logs import FIELDS, REQUEST_LOGGER, direct_handler
 from sbus.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -101,7 +101,11 @@ class Observe:
         }
         if trace_id is not None:
             fields["trace_id"] = trace_id
-        _log.info("request", extra={FIELDS: fields})
+        handler = direct_handler(_log)
+        if handler is not None:
+            handler.write_fields(fields)
+        else:
+            _log.info("request", extra={FIELDS: fields})
 
 
 def _template(scope: Scope) -> str:
