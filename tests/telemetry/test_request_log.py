@@ -265,7 +265,7 @@ def test_the_direct_handler_writes_what_the_formatter_would(
     """``sbus serve``'s request handler skips the log record, not the format: its line
     equals the formatter's line for the same record (the time aside)."""
     stream = io.StringIO()
-    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.25)
+    monkeypatch.setattr("sbus.telemetry.logs.time.time", lambda: 1_700_000_000.25)
     handler = logs.RequestLineHandler(stream)
     handler.setFormatter(logs.JsonFormatter() if fmt == "json" else logs.TextFormatter())
     logger = logging.Logger("sbus.request.test")  # not registered: no global state

@@ -35,6 +35,7 @@ from sbus_client._models import (
 )
 from sbus_client._retry import TransportRetry
 from sbus_client._sync import DEFAULT_URL
+from sbus_client._trace import with_trace_context
 from sbus_client._transactional import AsyncTransactional, OnRetry, TxnPolicy
 from sbus_client._wire import Op, Reply, Sleep, Step
 
@@ -61,7 +62,10 @@ async def drive(http: httpx.AsyncClient, base_url: str, op: Op[T], first: Step |
             continue
         try:
             reply = await http.request(
-                step.method, base_url + step.target, headers=step.headers, content=step.body
+                step.method,
+                base_url + step.target,
+                headers=with_trace_context(step.headers),
+                content=step.body,
             )
         except httpx.TransportError as exc:
             reply = exc

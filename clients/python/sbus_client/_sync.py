@@ -35,6 +35,7 @@ from sbus_client._models import (
     Shard,
 )
 from sbus_client._retry import TransportRetry
+from sbus_client._trace import with_trace_context
 from sbus_client._transactional import OnRetry, Transactional, TxnPolicy
 from sbus_client._wire import Op, Reply, Sleep, Step
 
@@ -63,7 +64,10 @@ def drive(http: httpx.Client, base_url: str, op: Op[T], first: Step | None = Non
             continue
         try:
             reply = http.request(
-                step.method, base_url + step.target, headers=step.headers, content=step.body
+                step.method,
+                base_url + step.target,
+                headers=with_trace_context(step.headers),
+                content=step.body,
             )
         except httpx.TransportError as exc:
             reply = exc
