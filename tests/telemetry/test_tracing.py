@@ -171,7 +171,8 @@ async def test_a_stale_read_names_its_keys_and_the_refusing_step(
             ("sbus.auth", []),
             ("sbus.limits", []),
             ("sbus.capabilities", []),
-            ("sbus.atomic", [("store.apply", [])]),
+            # the refusal, then its entry in the conflict ring (GET /watch?include=conflicts)
+            ("sbus.atomic", [("store.apply", []), ("store.record_conflict", [])]),
             ("sbus.render", []),
         ]
     }
