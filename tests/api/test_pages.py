@@ -117,14 +117,12 @@ async def test_the_dashboard_is_told_the_mode(
     settings: dict[str, Any], expected: dict[str, str]
 ) -> None:
     """What the page cannot ask without a refused request: in open mode whether admin
-    is on; in token mode the token's scopes decide. And whether /watch is served."""
+    is on; in token mode the token's scopes decide."""
     app = create_app(Settings(store="memory://", **settings))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
         page = (await c.get("/ui")).text
     assert {name: meta(page, name) for name in expected} == expected
-    served = any(getattr(route, "path", None) == "/watch" for route in app.routes)
-    assert meta(page, "watch") == ("on" if served else "off")
     assert "%" not in page
 
 

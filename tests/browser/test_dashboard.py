@@ -8,6 +8,9 @@ every 4xx it receives as one)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 from playwright.sync_api import Locator, Page, expect
 
@@ -18,6 +21,8 @@ from tests.browser.conftest import SECRET, Buses, Tab
 from tests.concurrency.conftest import Server
 
 JSON = {"Content-Type": "application/json"}
+# SBUS_SCREENSHOT_DIR=docs/img refreshes the screenshots docs/dashboard.md shows.
+SCREENSHOTS = os.environ.get("SBUS_SCREENSHOT_DIR")
 
 
 def client(server: Server, token: str | None = None) -> httpx.Client:
@@ -58,6 +63,11 @@ def open_ui(page: Page, server: Server) -> None:
     expect(page.locator("#stream-status")).not_to_have_attribute("data-state", "idle")
 
 
+def screenshot(page: Page, name: str) -> None:
+    if SCREENSHOTS:
+        page.screenshot(path=Path(SCREENSHOTS) / name, full_page=True)
+
+
 def cells(row: Locator) -> list[str]:
     return row.locator("td").all_inner_texts()
 
@@ -69,15 +79,16 @@ def show_history(page: Page, key: str) -> list[str]:
     return page.locator("#diff span").all_inner_texts()
 
 
-def test_the_dashboard_loads_clean_and_says_the_stream_is_unavailable(
-    tab: Tab, buses: Buses
-) -> None:
-    """Until the bus serves GET /watch the page says so, and asks for nothing it lacks."""
+def test_the_dashboard_loads_clean_and_goes_live(tab: Tab, buses: Buses) -> None:
+    """Every key is watched (no prefix), with conflicts: admin is on."""
     with client(buses.open) as c:
         create(c, "load/a", "x")
     open_ui(tab.page, buses.open)
-    expect(tab.page.locator("#stream-status")).to_have_text("stream unavailable")
-    expect(tab.page.locator("#stream-note")).to_contain_text("Change stream unavailable")
+    status = tab.page.locator("#stream-status")
+    expect(status).to_have_attribute("data-state", "live")
+    expect(status).to_have_text("live")
+    expect(tab.page.locator("#stream-note")).to_be_hidden()
+    expect(tab.page.locator("#prefix-form")).to_be_visible()
     expect(tab.page.locator("#known-keys option[value='load/a']")).to_have_count(1)
     expect(tab.page.locator("#readsets-note")).to_be_hidden()
     tab.clean()
@@ -157,6 +168,9 @@ def test_read_sets_mark_stale_entries(tab: Tab, buses: Buses) -> None:
 def test_without_admin_the_admin_panels_say_so(tab: Tab, buses: Buses) -> None:
     page = tab.page
     open_ui(page, buses.closed)
+    expect(page.locator("#stream-status")).to_have_attribute("data-state", "live")
+    expect(page.locator("#stream-note")).to_contain_text("AdminDisabled")
+    expect(page.locator("#stream-note")).to_contain_text("conflicts are not shown")
     expect(page.locator("#readsets-note")).to_contain_text("AdminDisabled")
     expect(page.locator("#readsets-note")).to_contain_text("SBUS_ADMIN_ENABLED=1")
     expect(page.locator("#readsets tbody tr")).to_have_count(0)
@@ -202,3 +216,85 @@ def test_token_mode_asks_for_a_token_and_shows_only_what_it_may_read(
     page.click("#sign-out")
     expect(page.locator("#token-panel")).to_be_visible()
     assert tab.foreign == []
+
+
+def commit_refused(c: httpx.Client, key: str, version: int, agent: str, read: str) -> str:
+    """A commit of ``key`` naming ``read`` at version 0 in its read set, which has moved."""
+    body = {
+        "key": key,
+        "expected_version": version,
+        "delta": "late",
+        "agent_id": agent,
+        "read_set": [{"key": read, "version_at_read": 0}],
+    }
+    r = c.post("/commit", json=body)
+    assert r.status_code == 409, r.text
+    error: str = r.json()["error"]
+    return error
+
+
+def watching(page: Page, server: Server, prefix: str) -> None:
+    page.goto(f"{server.base_url}/ui?prefix={prefix}")
+    expect(page.locator("#stream-status")).to_have_attribute("data-state", "live")
+
+
+def test_commits_and_conflicts_appear_live(tab: Tab, buses: Buses) -> None:
+    """lou commits a key lia has read; lia's commit over her stale read is refused.
+    The commit and the conflict each show within 2 seconds of the bus answering, in
+    the feed and in the key and agent tables, and lia's read set turns stale."""
+    with client(buses.open) as c:
+        create(c, "live/plan", '{"goal": "ship", "steps": ["build"]}')
+        create(c, "live/code", "print(1)")
+        read(c, "live/plan", "lia")
+        read(c, "live/code", "lia")
+    page = tab.page
+    watching(page, buses.open, "live/")
+    lia_plan = page.locator("#readsets tr[data-key='live/plan']", has_text="lia")
+    expect(lia_plan).to_have_class("fresh")
+
+    with client(buses.open) as c:
+        commit(c, "live/plan", 0, '{"goal": "ship", "steps": ["build", "test"]}', "lou")
+    change = page.locator("#feed tr.change[data-key='live/plan']")
+    expect(change).to_have_count(1, timeout=2000)
+    assert cells(change)[1:5] == ["commit", "live/plan", "1", "lou"]
+    expect(lia_plan).to_have_class("stale")
+
+    with client(buses.open) as c:
+        assert commit_refused(c, "live/code", 0, "lia", "live/plan") == "CrossShardStale"
+    conflict = page.locator("#feed tr.conflict[data-key='live/code']")
+    expect(conflict).to_have_count(1, timeout=2000)
+    assert cells(conflict)[1:] == [
+        "conflict",
+        "live/code",
+        "",
+        "lia",
+        "CrossShardStale (stale: live/plan)",
+    ]
+    expect(page.locator("#keys tr", has_text="live/code")).to_have_class("has-conflicts")
+    assert cells(page.locator("#keys tr", has_text="live/plan"))[2:] == ["1", "0", "1", "lou"]
+    assert cells(page.locator("#agents tr", has_text="lia")) == ["lia", "0", "1", "live/code"]
+
+    change.locator("button.key").click()
+    expect(page.locator("#diff-title")).to_have_text("live/plan: v0 → v1")
+    expect(page.locator("#diff .add")).to_have_text(['+     "build",', '+     "test"'])
+    screenshot(page, "dashboard.png")
+    tab.clean()
+
+
+def test_token_mode_streams_only_readable_keys(tab: Tab, buses: Buses) -> None:
+    root = mint("root", Scope("**", ALL_RIGHTS))
+    with client(buses.token, root) as c:
+        create(c, "t/pub/a", "a0")
+        create(c, "t/secret/b", "b0")
+    page = tab.page
+    page.goto(f"{buses.token.base_url}/ui?prefix=t/")
+    page.fill("#token", mint("dave", Scope.of("t/pub/**", Right.READ.value)))
+    page.click("#token-form button[type=submit]")
+    expect(page.locator("#stream-status")).to_have_attribute("data-state", "live")
+    # Committed in this order: had the secret one been sent, it would be listed first.
+    with client(buses.token, root) as c:
+        commit(c, "t/secret/b", 0, "b1", "root")
+        commit(c, "t/pub/a", 0, "a1", "root")
+    expect(page.locator("#feed tr.change[data-key='t/pub/a']")).to_have_count(1)
+    expect(page.locator("#feed tr.change")).to_have_count(1)
+    tab.clean()

@@ -33,10 +33,13 @@ _PREFIX = re.compile(r"[A-Za-z0-9._:@/-]+")
 
 
 def prefix_problem(prefix: str) -> str | None:
-    """Why ``prefix`` cannot start any shard key (a watched prefix), or None: 1 to
-    MAX_KEY_LENGTH characters of the key alphabet and '/', not starting with '/'."""
-    if not 1 <= len(prefix) <= MAX_KEY_LENGTH:
-        return f"prefix must be 1-{MAX_KEY_LENGTH} characters"
+    """Why ``prefix`` cannot start any shard key (a watched prefix), or None: empty (every
+    key), or up to MAX_KEY_LENGTH characters of the key alphabet and '/', not starting
+    with '/'."""
+    if prefix == "":
+        return None
+    if len(prefix) > MAX_KEY_LENGTH:
+        return f"prefix must be at most {MAX_KEY_LENGTH} characters"
     if not _PREFIX.fullmatch(prefix) or prefix.startswith("/") or "//" in prefix:
         return "prefix must start a valid key: A-Z a-z 0-9 . _ : @ - and single '/'"
     return None

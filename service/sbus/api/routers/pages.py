@@ -53,18 +53,15 @@ async def docs_asset(request: Request, name: str) -> Response:
 @router.api_route(assets.UI, methods=["GET", "HEAD"])
 async def ui_page(request: Request) -> Response:
     """The dashboard, told in its ``<meta>`` tags what it cannot learn without a refused
-    request (each of which a browser logs as an error): the mode, whether admin is on,
-    and whether this bus serves the change stream."""
+    request (each of which a browser logs as an error): the mode and whether admin is
+    on."""
     settings = runtime_of(request.app).settings
     token_mode = settings.auth_mode == "token"
     # Open mode: SBUS_ADMIN_ENABLED decides; token mode: the token's scopes do.
     admin = b"token" if token_mode else b"on" if settings.admin_enabled else b"off"
-    streams = any(getattr(route, "path", None) == "/watch" for route in request.app.routes)
     template = assets.load(assets.PAGES[assets.UI], assets.HTML)
-    body = (
-        template.body.replace(b"%AUTH%", b"token" if token_mode else b"open")
-        .replace(b"%ADMIN%", admin)
-        .replace(b"%WATCH%", b"on" if streams else b"off")
+    body = template.body.replace(b"%AUTH%", b"token" if token_mode else b"open").replace(
+        b"%ADMIN%", admin
     )
     page = assets.Asset(body, template.media, assets.etag_of(body))
     return _served(request, page, assets.CSP[assets.UI])

@@ -39,7 +39,10 @@ async def watch(
     request: Request,
     bus: BusDep,
     settings: SettingsDep,
-    prefix: Annotated[KeyPrefix, Query(description="Watch the keys starting with this")],
+    # Absent or empty: every key (the dashboard's default view).
+    prefix: Annotated[
+        KeyPrefix, Query(description="Watch the keys starting with this (absent: every key)")
+    ] = "",
     include: Annotated[
         Literal["conflicts"] | None,
         Query(description="conflicts: also refused commits (admin right)"),

@@ -3,7 +3,7 @@
 // Plain modules, no build step; everything is drawn with textContent, never as HTML,
 // since keys, agents and contents are whatever the agents sent.
 
-import { adminHeld, claims, get, meta, storeToken, storedToken, tokenMode } from "./api.js";
+import { adminHeld, claims, get, storeToken, storedToken, tokenMode } from "./api.js";
 import { Activity } from "./activity.js";
 import { History } from "./history.js";
 import { ReadSets } from "./readsets.js";
@@ -57,7 +57,7 @@ class Dashboard {
     const token = tokenMode() ? claims(storedToken()) : null;
     $("who").textContent = token ? `agent ${token.sub ?? "?"}` : "open mode";
     $("sign-out").hidden = !tokenMode();
-    $("prefix-form").hidden = meta("watch") !== "on";
+    $("prefix-form").hidden = false;
     // /ui?prefix=doc/ opens the page watching that prefix (a bookmark keeps it).
     $("prefix").value = new URLSearchParams(location.search).get("prefix") || "";
     $("prefix-form").addEventListener("submit", (event) => {
@@ -91,14 +91,9 @@ class Dashboard {
 
   startWatch() {
     if (this.watch) this.watch.stop();
-    if (meta("watch") !== "on") {
-      setStatus("off", "stream unavailable");
-      note($("stream-note"), "Change stream unavailable: this bus does not serve GET /watch, " +
-        "so nothing appears here live. The history and read sets still work.");
-      return;
-    }
     const admin = adminHeld();
-    note($("stream-note"), admin ? "" : `${ADMIN_OFF}: conflicts are not shown, commits are.`);
+    const quiet = admin ? "" : `${ADMIN_OFF}: conflicts are not shown, commits are.`;
+    note($("stream-note"), quiet);
     const prefix = $("prefix").value.trim();
     this.watch = new Watch({
       prefix,
@@ -114,12 +109,25 @@ class Dashboard {
         this.activity.marker(`stream restarted (${reason || "reset"}): changes in between are not shown`);
       },
       onState: (state, detail) => {
-        if (state === "live") setStatus("live", prefix ? `live: ${prefix}*` : "live");
-        else if (state === "connecting") setStatus("connecting", "connecting");
-        else if (state === "retrying") setStatus("retrying", "reconnecting");
-        else if (state === "refused") {
-          setStatus("off", `stream refused: ${detail.code}`);
-          note($("stream-note"), `The change stream was refused: ${detail.message}`);
+        switch (state) {
+          case "live":
+            setStatus("live", prefix ? `live: ${prefix}*` : "live");
+            note($("stream-note"), quiet);
+            break;
+          case "connecting":
+            setStatus("connecting", "connecting");
+            break;
+          case "retrying":
+            setStatus("retrying", "reconnecting");
+            // A stream the bus cannot serve yet (503) says why; a dropped one just resumes.
+            if (detail) note($("stream-note"), `Change stream unavailable, retrying: ${detail.message}`);
+            break;
+          case "refused":
+            setStatus("off", `stream refused: ${detail.code}`);
+            note($("stream-note"), `The change stream was refused: ${detail.message}`);
+            break;
+          default:
+            break;
         }
       },
     });

@@ -62,7 +62,8 @@ export class EventParser {
 
 // Watches `prefix` until stop(). Callbacks: onChange(change) for each event's data,
 // onReset(reason), onState(state, detail) with state one of "connecting", "live",
-// "retrying", "refused" (detail: the ApiError; no retry) and "stopped".
+// "retrying" (detail: the 503's ApiError, or null after a dropped stream), "refused"
+// (detail: the ApiError; no retry) and "stopped".
 export class Watch {
   constructor({ prefix, conflicts, onChange, onReset, onState }) {
     this.prefix = prefix;
@@ -74,6 +75,7 @@ export class Watch {
     this.controller = null;
     this.stopped = false;
     this.failures = 0;
+    this.error = null; // the 503 that ended the last attempt, if it was one
   }
 
   start() {
@@ -98,7 +100,7 @@ export class Watch {
       if (this.stopped || !retry) return;
       const wait = RETRY_MS[Math.min(this.failures, RETRY_MS.length - 1)];
       this.failures++;
-      this.onState("retrying", wait);
+      this.onState("retrying", this.error);
       await new Promise((resolve) => setTimeout(resolve, wait));
     }
   }
@@ -124,8 +126,10 @@ export class Watch {
         this.onState("refused", error);
         return false;
       }
+      this.error = error;
       return true;
     }
+    this.error = null;
     const parser = new EventParser(
       (message) => this.message(message),
       (comment) => {
