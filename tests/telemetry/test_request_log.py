@@ -12,8 +12,10 @@ import logging
 import re
 from typing import Any
 
+import httpx
 import pytest
 
+from sbus.api.runtime import runtime_of
 from sbus.telemetry import logs
 from sbus.telemetry.exchange import MAX_REQUEST_ID, request_id
 from tests.telemetry.helpers import PATHS, build, serve
@@ -283,3 +285,28 @@ def test_the_direct_handler_writes_what_the_formatter_would(
     logger.propagate = False
     logger.addFilter(lambda record: True)
     assert logs.direct_handler(logger) is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_an_unexpected_exception_is_a_problem_with_the_request_id(
+    path: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug answers 500 InternalError as problem+json, still with the request's id (the
+    answer is sent from outside every middleware), and its log line says so."""
+    caplog.set_level(logging.INFO, logger=logs.REQUEST_LOGGER)
+    app = build(path)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async with serve(app):
+        monkeypatch.setattr(runtime_of(app).bus.store, "read", broken)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as raw:
+            r = await raw.get("/shard/k?agent_id=A", headers={"X-Request-Id": "bug-1"})
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"] == "InternalError"
+    [line] = [line for line in _lines(caplog) if line["request_id"] == "bug-1"]
+    assert (line["status"], line["outcome"]) == (500, "InternalError")

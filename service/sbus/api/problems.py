@@ -27,7 +27,8 @@ from sbus.security import (
     TokenInvalid,
     TokenRevoked,
 )
-from sbus.telemetry.exchange import note_outcome
+from sbus.telemetry.exchange import HEADER as REQUEST_ID
+from sbus.telemetry.exchange import note_outcome, request_id_of
 
 PROBLEM_TYPE = "https://sbus.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -76,6 +77,7 @@ STATUS: dict[type[e.SBusError], int] = {
     e.PreconditionRequired: 428,
     e.RateLimited: 429,
     KeyConfigError: 500,  # refused at startup; never expected while serving
+    e.InternalError: 500,
     e.StoreUnavailable: 503,
     # A verify-only replica: the request is fine, another replica (with
     # SBUS_SIGNING_KEY) can serve it. No Retry-After: retrying here cannot help.
@@ -194,6 +196,18 @@ def install(app: FastAPI) -> None:
         note_outcome(request.scope, err.code)
         return problem_response(err)
 
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette answers with this from outside every middleware (and then re-raises,
+        # so the server logs the traceback): the request id is set here.
+        err = e.InternalError("the bus failed to answer; its log has the details")
+        note_outcome(request.scope, err.code)
+        response = problem_response(err)
+        found = request_id_of(request.scope)
+        if found is not None:
+            response.headers[REQUEST_ID] = found
+        return response
+
     app.add_exception_handler(e.SBusError, on_sbus)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

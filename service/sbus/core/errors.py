@@ -17,8 +17,10 @@ statuses; everything below the API raises these classes and nothing else.
     │   ├── ShardNotFound, ShardDeleted, ShardAlreadyExists, VersionNotFound
     │   ├── VersionMismatch, CrossShardStale, SessionExpired
     │   └── MandateRequired, MandateNotFound, MandateExpired, MandateConsumed
-    └── StoreUnavailable        the store could not be reached or gave up (503)
-        └── StoreMisconfigured  reachable but unusable: old schema, Redis eviction on
+    ├── StoreUnavailable        the store could not be reached or gave up (503)
+    │   └── StoreMisconfigured  reachable but unusable: old schema, Redis eviction on
+    └── InternalError           a fault of the bus itself (500): never raised, the answer
+                                to an exception nothing else handled
 """
 
 from __future__ import annotations
@@ -348,3 +350,11 @@ class StoreMisconfigured(StoreUnavailable):
     until an operator fixes the store."""
 
     code = "StoreUnavailable"
+
+
+class InternalError(SBusError):
+    """The answer to an exception no other handler took: a bug. Its detail says no more
+    than that; the server's log has the traceback under the request's id."""
+
+    code = "InternalError"
+    title = "Internal error"

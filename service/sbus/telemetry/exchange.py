@@ -29,6 +29,8 @@ REPLAYED = "replayed"
 OK = "ok"
 # A refusal that named no error code (none of the service's own do).
 ERROR = "error"
+# An exception nothing handled (the answer is 500 InternalError).
+INTERNAL = "InternalError"
 
 _PREFIX = os.urandom(8).hex()
 _counter = itertools.count()
@@ -86,6 +88,12 @@ def note_caller(scope: MutableMapping[str, Any], agent: str | None, session: str
     if exchange is not None and agent is not None:
         exchange.agent = agent
         exchange.session = session
+
+
+def request_id_of(scope: MutableMapping[str, Any]) -> str | None:
+    """The request's id, if the middleware gave it one."""
+    exchange = scope.get(SCOPE_KEY)
+    return None if exchange is None else str(exchange.request_id)
 
 
 def note_outcome(scope: MutableMapping[str, Any], outcome: str) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sbus.telemetry.exchange import HEADER, SCOPE_KEY, Exchange, request_id
+from sbus.telemetry.exchange import HEADER, INTERNAL, SCOPE_KEY, Exchange, request_id
 from sbus.telemetry.logs import FIELDS, REQUEST_LOGGER, direct_handler
 from sbus.telemetry.metrics import Metrics
 
@@ -60,6 +60,10 @@ class Observe:
         if tracing is None:
             try:
                 await self.app(scope, receive, send_observed)
+            except Exception:
+                # Answered 500 InternalError from outside this middleware.
+                exchange.outcome = INTERNAL
+                raise
             finally:
                 self._report(scope, exchange, status, time.perf_counter() - started, None)
             return
@@ -69,6 +73,8 @@ class Observe:
             await self.app(scope, receive, send_observed)
         except BaseException as exc:
             failure = exc
+            if isinstance(exc, Exception):
+                exchange.outcome = INTERNAL
             raise
         finally:
             template = _template(scope)
