@@ -44,6 +44,14 @@ async def baseline(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     else:
         store = WatchRedisStore(backends.REDIS_URL, Limits())
     await store.start()
+    if kind == "redis":
+        # The store's own reads and scripts run outside redis-py's pool, which therefore
+        # starts with one connection: the first racer would take it and finish before the
+        # others had connected, and no two WATCH transactions would ever overlap. Open one
+        # per racer up front, as the PostgreSQL baseline's pool_size does.
+        taken = [await store._pool.get_connection() for _ in range(RACERS)]
+        for conn in taken:
+            await store._pool.release(conn)
     yield store
     await store.close()
 
