@@ -117,14 +117,16 @@ class Served:
     app: FastAPI
     client: httpx.AsyncClient
     server: uvicorn.Server
+    port: int
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Served]:
-    """``create_app(settings)`` behind uvicorn on a free loopback port, ready."""
+async def serve(settings: Settings, port: int | None = None) -> AsyncIterator[Served]:
+    """``create_app(settings)`` behind uvicorn on ``port`` (default: a free loopback
+    port), ready."""
     app = create_app(settings)
     closing.event().clear()  # an earlier server's shutdown in this event loop
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -145,7 +147,7 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=PATIENCE_S
         ) as client:
-            yield Served(app, client, server)
+            yield Served(app, client, server, port)
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):

@@ -26,6 +26,7 @@ from sbus_client._retry import TransportRetry
 from sbus_client._sync import Bus, Session
 from sbus_client._transactional import AsyncTransactional, Transactional
 from sbus_client._version import __version__
+from sbus_client._watch import WatchEvent, WatchReset
 
 __all__ = [
     "AsyncBus",
@@ -48,6 +49,8 @@ __all__ = [
     "TransportRetry",
     "UnknownClientError",
     "UnknownServerError",
+    "WatchEvent",
+    "WatchReset",
     "__version__",
 ]
 __all__ += _codes.__all__

@@ -8,7 +8,7 @@ import asyncio
 import builtins
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -37,6 +37,7 @@ from sbus_client._retry import TransportRetry
 from sbus_client._sync import DEFAULT_URL
 from sbus_client._trace import with_trace_context
 from sbus_client._transactional import AsyncTransactional, OnRetry, TxnPolicy
+from sbus_client._watch import WatchEvent, async_watch
 from sbus_client._wire import Op, Reply, Sleep, Step
 
 log = logging.getLogger("sbus_client")
@@ -168,6 +169,28 @@ class AsyncBus:
             except httpx.TransportError:
                 return  # not reachable yet: the operation itself will say so; ask again later
             self._version_checked = True
+
+    async def watch(
+        self, prefix: str, *, after: str | None = None, conflicts: bool = False
+    ) -> AsyncIterator[WatchEvent]:
+        """The versions committed to keys starting with ``prefix``, as they commit
+        (``GET /watch``): from now, or after the cursor ``after`` (an event's
+        ``cursor``). Reconnects by itself and resumes where it stopped; raises
+        :class:`~sbus_client.WatchReset` when the bus no longer holds what came after
+        the cursor. ``conflicts=True`` (admin) adds refused commits (``op ==
+        "conflict"``)."""
+        events = async_watch(
+            self._http,
+            self._core.base_url,
+            self._core._bearer,
+            prefix,
+            after=after,
+            conflicts=conflicts,
+            attempts=self._core.retry.attempts,
+            sleep=asyncio.sleep,
+        )
+        async for event in events:
+            yield event
 
     async def server_version(self) -> ServerVersion | None:
         """What GET /version reported (asked once per Bus), None if the bus is older."""

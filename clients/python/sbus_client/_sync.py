@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -37,6 +37,7 @@ from sbus_client._models import (
 from sbus_client._retry import TransportRetry
 from sbus_client._trace import with_trace_context
 from sbus_client._transactional import OnRetry, Transactional, TxnPolicy
+from sbus_client._watch import WatchEvent, sync_watch
 from sbus_client._wire import Op, Reply, Sleep, Step
 
 log = logging.getLogger("sbus_client")
@@ -145,6 +146,26 @@ class Bus:
         """What GET /version reported (asked once per Bus), None if the bus is older."""
         self._check_version()
         return self._server_version
+
+    def watch(
+        self, prefix: str, *, after: str | None = None, conflicts: bool = False
+    ) -> Iterator[WatchEvent]:
+        """The versions committed to keys starting with ``prefix``, as they commit
+        (``GET /watch``): from now, or after the cursor ``after`` (an event's
+        ``cursor``). Reconnects by itself and resumes where it stopped; raises
+        :class:`~sbus_client.WatchReset` when the bus no longer holds what came after
+        the cursor. ``conflicts=True`` (admin) adds refused commits (``op ==
+        "conflict"``). Iterate in a thread of its own: it blocks until the next event."""
+        return sync_watch(
+            self._http,
+            self._core.base_url,
+            self._core._bearer,
+            prefix,
+            after=after,
+            conflicts=conflicts,
+            attempts=self._core.retry.attempts,
+            sleep=time.sleep,
+        )
 
     def session(
         self, agent_id: str | None = None, session_id: str | None = None, *, keep: bool = False
