@@ -371,3 +371,14 @@ async def _post(app: Any, path: str, body: dict[str, Any]) -> int:
         transport=httpx.ASGITransport(app=app), base_url="http://localhost"
     ) as client:
         return (await client.post(path, json=body)).status_code
+
+
+def test_the_openapi_document_describes_the_stream() -> None:
+    document = create_app(Settings(store="memory://")).openapi()
+    operation = document["paths"]["/watch"]["get"]
+    assert list(operation["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert {"400", "403", "422"} <= set(operation["responses"])
+    params = {(p["in"], p["name"]): p for p in operation["parameters"]}
+    assert ("query", "prefix") in params  # absent or empty: every key
+    assert ("query", "include") in params
+    assert ("header", "Last-Event-ID") in params

@@ -27,6 +27,7 @@ NOT_IN_CHILD = ["tests/storage/test_backend_gate.py", "tests/storage/test_servic
 # any other module (a new one that needs a server, say) makes the test name it.
 NEED_A_SERVER = {
     "test_audit_store.py",
+    "test_change_log.py",
     "test_conformance.py",
     "test_migrations.py",
     "test_pg_pool.py",
