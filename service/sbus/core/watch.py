@@ -25,6 +25,9 @@ from sbus.core.store import Store
 
 PAGE = 256  # changes (and conflicts) read per poll
 SEPARATOR = "~"
+# A PostgreSQL cursor holds two database snapshots, each listing the transactions in
+# progress when it was taken (up to max_connections of them, ~21 characters each).
+MAX_CURSOR = 16384
 
 
 class Pulse:
@@ -94,9 +97,12 @@ def split_cursor(cursor: str) -> tuple[str, str | None]:
 
 
 def valid_cursor_text(cursor: str) -> bool:
-    """What any cursor is made of: 1-512 printable ASCII characters without spaces."""
+    """What any cursor is made of: 1 to MAX_CURSOR printable ASCII characters, no spaces."""
     return (
-        0 < len(cursor) <= 512 and cursor.isascii() and cursor.isprintable() and " " not in cursor
+        0 < len(cursor) <= MAX_CURSOR
+        and cursor.isascii()
+        and cursor.isprintable()
+        and " " not in cursor
     )
 
 
