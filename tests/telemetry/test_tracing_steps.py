@@ -5,6 +5,9 @@ one, and tracing being off: no tracer, no wrapped store, no spans."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -164,3 +167,23 @@ def test_an_unknown_exporter_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -
     problem = startup_problem(Settings(store="memory://"))
     assert problem is not None and problem.startswith("OTEL_TRACES_EXPORTER: "), problem
     assert "carrier-pigeon" in problem
+
+
+def test_off_the_sdk_is_not_even_imported() -> None:
+    """A worker without OTEL_TRACES_EXPORTER never loads the OpenTelemetry SDK (its
+    imports cost each worker about a tenth of a second at start)."""
+    code = (
+        "import sys\n"
+        "from sbus.bootstrap import create_app, startup_problem\n"
+        "from sbus.config import Settings\n"
+        "settings = Settings(store='memory://')\n"
+        "assert startup_problem(settings) is None\n"
+        "create_app(settings)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -218,3 +218,13 @@ def test_revoke_refuses_bad_input_in_one_line() -> None:
     assert "not a JWT" in line
     line = one_line_error(run("token", "revoke", "j1", "--store", "memory://"))
     assert "POST /admin/tokens/revoke" in line
+
+
+def test_an_unknown_trace_exporter_stops_serve_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "carrier-pigeon")
+    monkeypatch.setenv("SBUS_STORE", f"sqlite:///{tmp_path / 'x.db'}")
+    line = one_line_error(run("serve"))
+    assert line.startswith("sbus: OTEL_TRACES_EXPORTER: "), line
+    assert "carrier-pigeon" in line

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from sbus.api.app import assemble
@@ -29,13 +30,28 @@ from sbus.security.keys import configured as keys_configured
 from sbus.security.keys import token_mode_problem
 from sbus.security.tokens import Verifier
 from sbus.storage.factory import open_store
-from sbus.telemetry import tracing as otel
 from sbus.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from sbus.telemetry.tracing import Tracing
+
 __all__ = ["create_app", "startup_problem"]
+
+
+# The variable that can turn tracing on (sbus.telemetry.tracing): without it the
+# OpenTelemetry SDK (about a tenth of a second of imports per worker) is never loaded.
+TRACING_SWITCH = "OTEL_TRACES_EXPORTER"
+
+
+def tracing_from_environment() -> Tracing | None:
+    """The tracing the ``OTEL_*`` variables configure, or None when it is off."""
+    if not os.environ.get(TRACING_SWITCH):
+        return None
+    from sbus.telemetry.tracing import Tracing
+
+    return Tracing.from_environment()
 
 
 def startup_problem(settings: Settings) -> str | None:
@@ -44,14 +60,18 @@ def startup_problem(settings: Settings) -> str | None:
     problem = settings.own_problem()
     if problem is None and settings.auth_mode == "token":
         problem = token_mode_problem(settings)
-    return problem or otel.problem()
+    if problem is None and os.environ.get(TRACING_SWITCH):
+        from sbus.telemetry.tracing import problem as tracing_problem
+
+        problem = tracing_problem()
+    return problem
 
 
 def create_app(
     settings: Settings | None = None,
     store: Store | None = None,
     *,
-    tracing: otel.Tracing | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
     """The app for ``settings`` (default: the environment) over ``store`` (default: the
     one ``settings.store`` names), traced into ``tracing`` (default: what the
@@ -68,7 +88,7 @@ def create_app(
     # agent id is self-declared, so a per-agent bucket would limit nothing.
     rate = RateLimit.parse(settings.rate_limit) if token_mode else None
     verifier = Verifier.from_settings(settings, keys) if token_mode and keys else None
-    tracing = tracing or otel.Tracing.from_environment()
+    tracing = tracing or tracing_from_environment()
     # Traced, the engine and the token check reach the store through its spans; the
     # lifecycle (connect, upkeep, close) reaches it directly.
     traced = store if tracing is None else tracing.traced_store(store)
