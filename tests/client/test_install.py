@@ -29,6 +29,8 @@ except ModuleNotFoundError as err:
     print(err)
 else:
     raise SystemExit("sbus_client.testing imported without its extra")
+from sbus_client import _trace
+assert _trace.propagate is None, "OpenTelemetry came along without the otel extra"
 print("version", sbus_client.__version__)
 """
 
@@ -37,6 +39,8 @@ import importlib.util
 from sbus_client.mcp import build_server
 from sbus_client.langgraph import SBusStore
 from sbus_client.openai_agents import SBusSession
+from sbus_client import _trace
+assert _trace.propagate is not None, "the otel extra did not bring opentelemetry-api"
 assert importlib.util.find_spec("sbus") is None, "an extra pulled in the server package"
 print("ok")
 """
@@ -75,7 +79,7 @@ def test_the_client_installs_and_imports_alone(fresh_venv: Path, client_copy: Pa
 
 
 def test_the_integration_extras_install_and_import(fresh_venv: Path, client_copy: Path) -> None:
-    wanted = f"{client_copy}[mcp,langgraph,openai-agents]"
+    wanted = f"{client_copy}[mcp,langgraph,openai-agents,otel]"
     run([str(fresh_venv / "python"), "-m", "pip", "install", "--quiet", wanted])
     assert run([str(fresh_venv / "python"), "-c", CHECK_EXTRAS]) == "ok\n"
     assert "--transport" in run([str(fresh_venv / "sbus-mcp"), "--help"])
