@@ -24,7 +24,7 @@ from sbus.core import errors as e
 from sbus.core.chain import GENESIS, entry_hash
 from sbus.core.clock import rfc3339
 from sbus.core.engine import commit_txn, new_commit_id
-from sbus.core.types import CreateOp, IdemRef, Limits, ReadItem, Txn, WriteOp
+from sbus.core.types import CreateOp, IdemRef, Limits, MandateRef, ReadItem, Txn, WriteOp
 from sbus.storage.factory import open_store
 from sbus.storage.redis import RedisStore
 from sbus.storage.redis.lanes import Lanes
@@ -105,6 +105,20 @@ def commit(key: str, expected: int | None, content: str = "x", agent: str = "A",
         read_set=kw.pop("read_set", []),
         rationale=None,
         idem=kw.pop("idem", None),
+    )
+
+
+def mandated(key: str, expected: int, ref: MandateRef) -> Txn:
+    return commit_txn(
+        op="commit",
+        agent_id="A",
+        session_id="",
+        writes=[WriteOp(key, expected, "commit", "mandated")],
+        read_set=[],
+        rationale=None,
+        idem=None,
+        has_mandate=True,
+        mandate=ref,
     )
 
 
@@ -694,6 +708,55 @@ class TestRoundTrips:
         assert out.body is not None and out.body["new_version"] == 1
         entry = (await store.history("k", None, 1))[0]
         assert abs(entry.committed_ms - await store.now_ms()) < 5_000
+
+
+class TestTimeRulesOnTheStoreClock:
+    """The clock estimate a commit is hashed with may trail or lead the store clock by
+    up to the skew allowed; mandate expiry and session TTL are still judged on the
+    clock the script reads, as on every other store."""
+
+    async def test_a_mandate_expired_by_another_replicas_clock_advance_is_refused(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        store, other = await make_store(), await make_store()
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        await store.read("pay", "A", "", True)  # the head and a clock reading remembered
+        before = await store.now_ms()
+        await other.advance_clock(4_000)  # inside the skew: store's estimate trails by 4 s
+        ref = MandateRef("m-late", before + 2_000, before + 30_000)
+        with pytest.raises(e.MandateExpired) as info:
+            await store.apply(mandated("pay", 0, ref))
+        assert (info.value.detail, info.value.fields) == (
+            e.MandateExpired("m-late").detail,
+            e.MandateExpired("m-late").fields,
+        )
+        assert (await store.read("pay", None, "", False)).version == 0
+
+    async def test_a_mandate_is_not_expired_by_an_estimate_ahead_of_the_store_clock(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        """A head stamped 2 s ahead (another replica's estimate) moves committed_at
+        ahead; the mandate, still valid on the store clock, is accepted."""
+        await store.create(CreateOp("pay", "v0", "", True, "", new_commit_id()))
+        now = await store.now_ms()
+        await raw.hset(store.k_shard("pay"), "updated", str(now + 2_000))
+        await store.read("pay", "A", "", True)
+        out = await store.apply(mandated("pay", 0, MandateRef("m-ok", now + 1_000, now + 30_000)))
+        assert out.body is not None and out.body["new_version"] == 1
+
+    async def test_a_session_expired_by_another_replicas_clock_advance_is_refused(
+        self, make_store: Callable[..., Awaitable[RedisStore]]
+    ) -> None:
+        short = Limits(session_ttl_ms=3_000, max_dl_entries=3, history_depth=5)
+        store, other = await make_store(short), await make_store(short)
+        await store.create(create("k"))
+        await store.read("k", "A", "s", True)
+        await other.advance_clock(4_000)  # past the TTL, inside the skew
+        with pytest.raises(e.SessionExpired) as info:
+            await store.apply(commit("k", 0, "late", agent="A", session="s"))
+        want = e.SessionExpired("A", "ttl")
+        assert (info.value.detail, info.value.fields) == (want.detail, want.fields)
+        assert (await store.read("k", None, "", False)).version == 0
 
 
 class TestSessions:

@@ -202,7 +202,7 @@ end
 if (old and (old.version ~= P.hv or old.head ~= P.hh)) or (not old and P.hv ~= -1) then
   return {'RETRY', 'head'}
 end
-now = P.now
+local stamp = P.now  -- stamps what was hashed; the idempotency expiry runs on now
 local version = old and old.version + 1 or 0
 -- rules.created_require_mandate: a re-create keeps the tombstone's requirement. The
 -- caller already folded it in for the head it read; the script that writes the row
@@ -211,11 +211,11 @@ local mand = P.mand or (old ~= nil and old.mand)
 local hmin, hbytes = append_history(HIST, version, P.m, content, P.z,
   old and old.hmin or version, old and old.hbytes or 0, P.max_depth, P.max_bytes)
 redis.call('HSET', SHARD, 'id', P.id, 'content', content, 'version', s(version),
-  'goal', P.goal, 'mand', mand and '1' or '0', 'created', s(now), 'updated', s(now),
+  'goal', P.goal, 'mand', mand and '1' or '0', 'created', s(stamp), 'updated', s(stamp),
   'ac', '0', 'cc', '0', 'del', '0', 'head', P.h, 'hmin', s(hmin), 'hbytes', s(hbytes))
 redis.call('ZADD', LIVE, 0, P.key)
 redis.call('ZADD', ALL, 0, P.key)
-log_change(P.ch, P.key, version, 'create', now)
+log_change(P.ch, P.key, version, 'create', stamp)
 local r = load(SHARD)
 if P.idem then idem_put(IKEY, IIDX, P.idem, now, real, r) end
 return {'OK', row_reply(P.key, r), t}
@@ -360,10 +360,13 @@ local function retry(reason)
   return {'RETRY', reason, t, rows}
 end
 
--- The chain hashes cover committed_at = P.now, the caller's reading of this store's
--- clock; a caller that stalled (or an advance-clock in between) must redo them.
+-- The chain hashes cover committed_at = P.now, the caller's estimate of this store's
+-- clock; a caller that stalled (or an advance-clock in between) must redo them. That
+-- estimate only stamps what was hashed (the rows' times, the change log): every time
+-- rule below (mandate expiry, session TTL, idempotency expiry) is judged on this
+-- script's own clock, which an estimate inside the skew can trail or lead.
 if math.abs(now - P.now) > P.skew then return retry('clock') end
-now = P.now
+local stamp = P.now
 
 if P.idem then
   local replay = idem_check(IKEY, now)
@@ -522,7 +525,7 @@ for i = 1, nw do
     local hmin, hbytes = append_history(hkey, version, w.m, content, w.z,
       r and r.hmin or version, r and r.hbytes or 0, P.max_depth, P.max_bytes)
     redis.call('HSET', skey, 'id', w.id, 'content', content, 'version', s(version),
-      'goal', w.goal, 'mand', mand and '1' or '0', 'created', s(now), 'updated', s(now),
+      'goal', w.goal, 'mand', mand and '1' or '0', 'created', s(stamp), 'updated', s(stamp),
       'ac', '0', 'cc', '0', 'del', '0', 'head', w.h, 'hmin', s(hmin), 'hbytes', s(hbytes))
     redis.call('ZADD', LIVE, 0, w.k)
     redis.call('ZADD', ALL, 0, w.k)
@@ -536,7 +539,7 @@ for i = 1, nw do
     local hmin, hbytes = append_history(hkey, version, w.m, content, w.z, r.hmin, r.hbytes,
                                         P.max_depth, P.max_bytes)
     local del = w.kind == 'delete'
-    redis.call('HSET', skey, 'content', content, 'version', s(version), 'updated', s(now),
+    redis.call('HSET', skey, 'content', content, 'version', s(version), 'updated', s(stamp),
                'ac', s(r.ac + 1), 'del', del and '1' or '0', 'head', w.h,
                'hmin', s(hmin), 'hbytes', s(hbytes))
     if del then redis.call('ZREM', LIVE, w.k) end
@@ -546,7 +549,7 @@ for i = 1, nw do
   redis.call('HSET', DLV, w.k, s(version))
   last = load(skey)
   rows[i] = row_reply(w.k, last)
-  log_change(P.ch, w.k, version, w.kind, now)
+  log_change(P.ch, w.k, version, w.kind, stamp)
 end
 redis.call('HSET', DLV, '#last', s(now))
 redis.call('ZADD', SESSIONS, 0, P.member)
