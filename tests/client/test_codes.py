@@ -49,6 +49,7 @@ BASES: dict[type[BaseException], set[str]] = {
         "RateLimited",
         "StoreUnavailable",
         "KeyConfigError",  # a 500: by status class
+        "InternalError",  # a 500: by status class
     },
 }
 

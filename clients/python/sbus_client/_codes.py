@@ -21,6 +21,7 @@ __all__ = [
     "FieldTooLarge",
     "HostNotAllowed",
     "IdempotencyKeyReused",
+    "InternalError",
     "InvalidCursor",
     "InvalidPrecondition",
     "KeyConfigError",
@@ -157,6 +158,13 @@ class IdempotencyKeyReused(SBusError, ValueError):
 
     CODE = "IdempotencyKeyReused"
     STATUS = 422
+
+
+class InternalError(SBusError, RuntimeError):
+    """HTTP 500 ``InternalError`` (docs/errors.md)."""
+
+    CODE = "InternalError"
+    STATUS = 500
 
 
 class InvalidCursor(SBusError, ValueError):
@@ -451,6 +459,7 @@ BY_CODE: dict[str, type[SBusError]] = {
     "FieldTooLarge": FieldTooLarge,
     "HostNotAllowed": HostNotAllowed,
     "IdempotencyKeyReused": IdempotencyKeyReused,
+    "InternalError": InternalError,
     "InvalidCursor": InvalidCursor,
     "InvalidPrecondition": InvalidPrecondition,
     "KeyConfigError": KeyConfigError,
