@@ -310,6 +310,15 @@ async def test_token_mode_filters_by_the_read_right(tmp_path: Path, store_kind: 
         problem(r, 401, "Unauthorized")
         async with open_stream(client, "p", include="conflicts", headers=root) as stream:
             await stream.subscribed()
+        # The audit log names who was refused the conflicts and who used the admin right.
+        r = await client.get("/admin/audit", headers=root)
+        assert r.status_code == 200, r.text
+        seen = [
+            (entry["kind"], entry["agent"], entry["details"].get("right") or entry["details"]["op"])
+            for entry in r.json()["entries"]
+            if entry["kind"] in ("denied", "admin")
+        ]
+        assert seen == [("denied", "r", "admin"), ("admin", "root", "watch_conflicts")]
 
 
 async def test_slow_consumer_is_cut(store_kind: str, tmp_path: Path) -> None:

@@ -521,6 +521,7 @@ class Bus:
                 await store.conflicts_after(conflicts, 0)  # InvalidCursor
             else:
                 conflicts = await store.conflict_head()
+            await self._admin_use(caller, "watch_conflicts")
         else:
             conflicts = None
         caps = caller.capabilities

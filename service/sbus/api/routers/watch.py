@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
-from sbus.api.deps import BusDep, SettingsDep, caller_of
+from sbus.api.deps import BusDep, SettingsDep, token_caller
 from sbus.api.ignored import WireRoute
 from sbus.api.openapi import errs
 from sbus.api.sse import MEDIA_TYPE, EventStream
@@ -53,7 +53,8 @@ async def watch(
     ] = None,
 ) -> Response:
     command = c.Watch(prefix, last_event_id, conflicts=include == "conflicts")
-    feed = await bus.execute(caller_of(request, None), command)
+    # The token's agent, so the audit log and the request log can name the watcher.
+    feed = await bus.execute(token_caller(request), command)
     return EventStream(
         feed,
         poll_s=settings.watch_poll_ms / 1000,
