@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 LINTED := service tests loadtest migrations clients/python examples
 
-.PHONY: install dev serve demo test lint typecheck unit bench bench-micro clean formal fuzz loadtest peers
+.PHONY: install dev serve demo test test-slow lint typecheck unit bench bench-micro clean formal fuzz loadtest peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ typecheck: dev
 # (apt) and starts on free ports, and stops afterwards.
 test: dev lint typecheck formal
 	scripts/with-services.sh $(BIN)/pytest --durations=20 $(PYTEST_ARGS)
+
+# The long runs `make test` leaves out (tests marked slow): the long model checks, the
+# whole peer comparison, failovers under load and the container image build. Minutes;
+# results belong in the release notes, not in CI.
+test-slow: dev
+	scripts/with-services.sh $(BIN)/pytest --durations=20 -m slow $(PYTEST_ARGS)
 
 # The tests that need no PostgreSQL or Redis: settings, keys, tokens, patterns, the CLI.
 unit: dev
