@@ -84,7 +84,15 @@ def test_bad_settings_end_in_one_line(
     [
         ("foo://x", "unsupported SBUS_STORE 'foo://x'"),
         ("redis://h:abc/0", "SBUS_STORE redis://h:abc/0 cannot be used"),
-        ("postgresql://u:pw@h:abc/db", "SBUS_STORE postgresql://u:***@h:abc/db cannot be used"),
+        (
+            "postgresql://u:pw@h:abc/db",
+            "SBUS_STORE postgresql://u:***@h:abc/db: host 'h:abc': the port must be a number",
+        ),
+        (
+            "postgresql://u:pw@h1,h2/db?target_session_attrs=standby",
+            "SBUS_STORE postgresql://u:***@h1,h2/db?target_session_attrs=standby: "
+            "target_session_attrs=standby cannot be used: the bus writes",
+        ),
         ("sqlite:////proc/no/such.db", "cannot open SQLite store"),
     ],
 )

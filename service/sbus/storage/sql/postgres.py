@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from sbus.core import audit, rules
@@ -69,6 +69,7 @@ from sbus.storage.sql.migrate import current_revision, head_revision
 from sbus.storage.sql.pg_changes import INSERT as CHANGES_INSERT
 from sbus.storage.sql.pg_changes import PostgresChangeLog, rows_json
 from sbus.storage.sql.pgpool import PgPool, PoolExhausted
+from sbus.storage.sql.pgurl import asyncpg_dsn as asyncpg_dsn  # re-exported: tests use it
 
 log = logging.getLogger("sbus.storage.postgres")
 
@@ -181,10 +182,6 @@ def is_durable(fsync: str, synchronous_commit: str, full_page_writes: str) -> bo
     return fsync == "on" and synchronous_commit != "off" and full_page_writes == "on"
 
 
-def asyncpg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 class PostgresStore(PostgresChangeLog):
     backend = "postgres"
 
@@ -192,6 +189,7 @@ class PostgresStore(PostgresChangeLog):
         self.url = (
             url if "+asyncpg" in url else url.replace("postgresql://", "postgresql+asyncpg://", 1)
         )
+        self._dsn = asyncpg_dsn(self.url)  # ValueError: a URL no connection can use
         self.limits = limits or Limits()
         self._pool_size = pool_size
         self._pool: PgPool | None = None
@@ -204,7 +202,7 @@ class PostgresStore(PostgresChangeLog):
             return
         # SQLAlchemy (Alembic) reads the schema's revision once, on a connection of its
         # own; every use after that takes a connection from the pool below.
-        engine = create_async_engine(self.url, poolclass=NullPool, connect_args=CONNECT_ARGS)
+        engine = self._engine()
         try:
             async with engine.connect() as conn:
                 current = await conn.run_sync(current_revision)
@@ -222,7 +220,20 @@ class PostgresStore(PostgresChangeLog):
         self._note_durability(tuple(str(value) for value in settings))
         # A fixed pool: connections opened and closed per burst made the bus open and
         # close a backend per request under the benchmark (143 sessions in 4 s).
-        self._pool = PgPool(asyncpg_dsn(self.url), self._pool_size, POOL_TIMEOUT_S, **CONNECT_ARGS)
+        self._pool = PgPool(self._dsn, self._pool_size, POOL_TIMEOUT_S, **CONNECT_ARGS)
+
+    def _engine(self) -> AsyncEngine:
+        """A SQLAlchemy engine (for Alembic) whose connections asyncpg opens from the
+        store's DSN, the pool's own: SQLAlchemy's URL parser takes one host, so it never
+        sees the store URL (sql.pgurl)."""
+        dsn = self._dsn
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(dsn, **CONNECT_ARGS)
+
+        return create_async_engine(
+            "postgresql+asyncpg://", poolclass=NullPool, async_creator=connect
+        )
 
     async def check(self) -> None:
         async with self._conn() as conn:
@@ -254,7 +265,7 @@ class PostgresStore(PostgresChangeLog):
         """Upgrade the schema to head (``sbus migrate``)."""
         from sbus.storage.sql.migrate import upgrade_to_head
 
-        engine = create_async_engine(self.url)
+        engine = self._engine()
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(upgrade_to_head)
@@ -279,6 +290,9 @@ class PostgresStore(PostgresChangeLog):
             conn = await pool.acquire()
         except PoolExhausted as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except asyncpg.TargetServerAttributeNotMatched as exc:
+            # Every host answered, none accepts writes: a standby not yet promoted.
+            raise StoreUnavailable(f"no PostgreSQL host accepts writes yet: {exc}") from exc
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             # e.g. refused, or "the database system is starting up"
             raise StoreUnavailable(f"cannot get a PostgreSQL connection: {exc}") from exc
@@ -298,6 +312,12 @@ class PostgresStore(PostgresChangeLog):
         except CONNECTION_ERRORS as exc:
             pool.discard_idle()
             raise StoreUnavailable(f"PostgreSQL connection failed: {exc}") from exc
+        except asyncpg.ReadOnlySQLTransactionError as exc:
+            # 25006: the server refused a write, so nothing of it was applied. It is in
+            # recovery or set read-only (a standby, a demoted or fenced primary): drop
+            # its connections, so the next use connects again and finds the primary.
+            pool.discard_idle()
+            raise StoreUnavailable(f"PostgreSQL is read-only: {exc}") from exc
         except asyncpg.PostgresError as exc:
             reuse = True
             log.exception("PostgreSQL error")
