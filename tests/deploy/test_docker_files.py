@@ -193,6 +193,10 @@ def test_every_long_running_service_has_a_health_check_nginx_waits_for() -> None
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
     assert "/admin/health" in " ".join(services["bus"]["healthcheck"]["test"])
     assert services["nginx"]["depends_on"] == {"bus": {"condition": "service_healthy"}}
+    # Only nginx is published, and on loopback unless told otherwise: plain HTTP.
+    published = {name for name, service in services.items() if "ports" in service}
+    assert published == {"nginx"}
+    assert services["nginx"]["ports"] == ["${SBUS_HTTP_BIND:-127.0.0.1}:${SBUS_HTTP_PORT:-8080}:80"]
     assert services["postgres"]["image"].startswith("postgres:")
     redis = services["redis"]
     assert redis["image"].startswith("redis:") and redis["profiles"] == ["redis"]
