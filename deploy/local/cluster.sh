@@ -84,10 +84,12 @@ pid_of() {
   local pid
   pid=$(cat "$PIDS/$name.pid")
   [[ $pid =~ ^[0-9]+$ ]] || return 1
-  [ -r "/proc/$pid/cmdline" ] || return 1
-  local marker
+  local marker cmdline
   marker=$(cat "$PIDS/$name.marker" 2>/dev/null || true)
-  if [ -n "$marker" ] && ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$marker"; then
+  # (The process may exit between any two of these reads.)
+  cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
+  [ -n "$cmdline" ] || return 1
+  if [ -n "$marker" ] && [[ $cmdline != *"$marker"* ]]; then
     return 1
   fi
   # A zombie (exited, not yet reaped) is not running.
