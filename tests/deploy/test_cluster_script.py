@@ -125,12 +125,12 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def test_a_replica_that_cannot_start_fails_up_and_stops_the_rest(tmp_path: Path) -> None:
-    """Every replica refuses to start (an invalid SBUS_LOG_FORMAT reaches them, as any
+    """The replica refuses to start (an invalid SBUS_LOG_FORMAT reaches them, as any
     SBUS_* variable does): up names the replica, shows its log, stops the Redis it had
     started and exits 1."""
     state = tmp_path / "state"
     done = run_script(
-        ["up", "--store", "redis", "--port", str(free_port())],
+        ["up", "--store", "redis", "--replicas", "1", "--port", str(free_port())],
         script_env(state, {"SBUS_LOG_FORMAT": "bogus"}),
     )
     assert done.returncode == 1, done.stdout + done.stderr

@@ -387,7 +387,9 @@ class Load:
     """What the clients saw during a rolling restart."""
 
     acked: dict[str, list[int]] = field(default_factory=dict)  # key -> versions acknowledged
-    statuses: Counter[int] = field(default_factory=Counter)
+    # "200", "502", or a 5xx with the bus's problem code ("503 ServiceUnavailable")
+    statuses: Counter[str] = field(default_factory=Counter)
+    log_start: int = 0  # nginx's access log before the load
     replayed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -396,15 +398,20 @@ def rolling_restart_under_load(cluster: Cluster, workers: int, restarts: int) ->
     """``workers`` SDK clients commit to keys of their own through nginx (each commit
     expecting the version the previous one made) while ``cluster.sh restart`` restarts
     every replica in turn, ``restarts`` times. Returns what they were told."""
-    load = Load()
+    load = Load(log_start=len(cluster.access()))
     stop = threading.Event()
     prefix = f"roll/{time.monotonic_ns()}"
     keys = [f"{prefix}/w{i}" for i in range(workers)]
     running = threading.Barrier(workers + 1, timeout=60)
 
     def count(response: httpx.Response) -> None:
+        label = str(response.status_code)
+        media = response.headers.get("content-type", "").split(";")[0]
+        if response.status_code >= 500 and media == "application/problem+json":
+            response.read()
+            label += f" {response.json().get('error')} outcome={response.json().get('outcome')}"
         with load.lock:
-            load.statuses[response.status_code] += 1
+            load.statuses[label] += 1
 
     def worker(i: int) -> None:
         key = keys[i]
@@ -431,7 +438,7 @@ def rolling_restart_under_load(cluster: Cluster, workers: int, restarts: int) ->
                     load.replayed += done.replayed
                 last = done
                 # Steady load, not a flood: the two cores also restart the replicas.
-                time.sleep(0.005)
+                time.sleep(0.01)
 
     def restarter() -> None:
         running.wait()
@@ -481,26 +488,29 @@ def rolling_restart_under_load(cluster: Cluster, workers: int, restarts: int) ->
 
 
 def report(cluster: Cluster, load: Load, label: str) -> None:
-    lines = cluster.access()
+    lines = cluster.access()[load.log_start :]
     nginx_502 = sum(1 for line in lines if line.status == 502)
     tried_twice = sum(1 for line in lines if len(line.upstreams) > 1)
     commits = sum(len(v) for v in load.acked.values())
-    proxy = {s: n for s, n in load.statuses.items() if s in (502, 503, 504)}
+    errors = {s: n for s, n in load.statuses.items() if s[0] == "5"}
     print(
-        f"\n{label} [{cluster.store}]: {commits} acknowledged commits; proxy answers at the "
-        f"clients {proxy or 'none'} (all resent and resolved); 502 in nginx's log "
+        f"\n{label} [{cluster.store}]: {commits} acknowledged commits; 5xx answers at the "
+        f"clients {errors or 'none'} (all resent and resolved); 502 in nginx's log "
         f"{nginx_502}; requests nginx moved to another replica {tried_twice}; "
         f"idempotent replays {load.replayed}"
     )
-    # Every proxy error the clients saw is one nginx logged (the bus itself answered
-    # none: its own 5xx carry a problem document and would have been raised).
-    assert load.statuses[502] == nginx_502, (load.statuses, nginx_502)
-    assert set(load.statuses) <= {200, 201, 502, 503, 504}, load.statuses
+    # Every 502 the clients saw is one nginx logged and answered itself (no problem
+    # document); any other 5xx was one the SDK may resend (the store's outcome said so).
+    assert load.statuses["502"] == nginx_502, (load.statuses, nginx_502)
+    for status in errors:
+        assert status in ("502", "503", "504") or status.endswith(
+            ("outcome=not_applied", "outcome=unknown")
+        ), load.statuses
 
 
 def test_rolling_restart_loses_no_commit(cluster: Cluster) -> None:
-    load = rolling_restart_under_load(cluster, workers=4, restarts=1)
-    assert sum(len(v) for v in load.acked.values()) >= 4 * 4
+    load = rolling_restart_under_load(cluster, workers=3, restarts=1)
+    assert sum(len(v) for v in load.acked.values()) >= 3 * 4
     report(cluster, load, "rolling restart")
 
 
