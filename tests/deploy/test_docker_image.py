@@ -158,6 +158,7 @@ def image() -> Iterator[str]:
     started = time.monotonic()
     base = base_image()
     based = time.monotonic()
+    before = podman("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False).stdout.strip()
     podman(
         "build",
         *RUNTIME,
@@ -171,6 +172,8 @@ def image() -> Iterator[str]:
         timeout=1200,
     )
     done = time.monotonic()
+    if before and before != podman("image", "inspect", IMAGE, "--format", "{{.Id}}").stdout.strip():
+        podman("rmi", before, check=False)  # the image this build replaced under the tag
     size = podman("image", "inspect", IMAGE, "--format", "{{.Size}}").stdout.strip()
     print(
         f"\ndocker image: base {based - started:.1f} s, podman build {done - based:.1f} s, "
