@@ -46,9 +46,28 @@ class Standby(Postgres):
             ]
         )
 
-    def promote(self) -> None:
-        """``pg_ctl promote``, returning once the server accepts writes."""
-        self._pg(["pg_ctl", "-D", str(self.datadir), "-w", "-t", "30", "promote"])
+
+def promote(standby: Postgres) -> None:
+    """``pg_ctl promote``, returning once the server accepts writes; then, as a failover
+    manager does, no synchronous standby is waited for until one has joined (a setting
+    the standby may have copied from its primary's postgresql.auto.conf)."""
+    standby._pg(["pg_ctl", "-D", str(standby.datadir), "-w", "-t", "30", "promote"])
+    asyncio.run(aexecute(standby, "ALTER SYSTEM RESET synchronous_standby_names"))
+    asyncio.run(aexecute(standby, "SELECT pg_reload_conf()"))
+
+
+def rejoin(old: Postgres, primary: Postgres) -> Standby:
+    """Rebuild the crashed ``old`` primary as ``primary``'s synchronous standby (same
+    port, a fresh base backup: its WAL diverged at the crash), and make the primary wait
+    for it again; returns once it streams as the synchronous one."""
+    shutil.rmtree(old.datadir)
+    standby = Standby(old.bindir, old.root, old.port)
+    standby.clone(primary)
+    standby.start(STANDBY_SETTINGS)
+    asyncio.run(aexecute(primary, "ALTER SYSTEM SET synchronous_standby_names = '*'"))
+    asyncio.run(aexecute(primary, "SELECT pg_reload_conf()"))
+    Pair(primary, standby).wait_synchronous()
+    return standby
 
 
 def direct_url(pg: Postgres) -> str:

@@ -51,6 +51,8 @@ from tests.faults.pgpair import (
     fetch,
     multi_host_url,
     postgres_root,
+    promote,
+    rejoin,
     start_pair,
 )
 from tests.history.client import Recorder
@@ -243,64 +245,100 @@ def verify_acks(base_url: str, load: SdkLoad) -> list[str]:
 # --- the tests -----------------------------------------------------------------------
 
 
-def test_failover_under_load_loses_no_acknowledged_commit(
-    buses: Buses, pair: Pair, recorder: Recorder
+@dataclass(frozen=True)
+class Failover:
+    crashed: float  # the old primary killed
+    promoted: float  # pg_ctl promote returned
+
+
+def failover_under_load(
+    buses: Buses, pair: Pair, recorder: Recorder, *, rounds: int, agents: int, phase: int
 ) -> None:
+    """Two replicas on ``pair``'s URL, ``agents`` SDK agents spread over them; ``rounds``
+    times: ``phase`` commits acknowledged, the primary crashed, the standby promoted,
+    ``phase`` commits sent after the promotion acknowledged, and (between rounds) the old
+    primary rebuilt as the new one's synchronous standby. Then every check."""
     done = sbus_migrate(pair.url)
     assert done.returncode == 0, done.stderr
     replicas = buses.start(pair.url, ONE_WORKER, count=2)
     seed_shards(replicas[0].base_url)
     load = SdkLoad()
-    agents = [
+    threads = [
         threading.Thread(
             target=sdk_agent, args=(load, recorder, replicas[i % 2].base_url, i), daemon=True
         )
-        for i in range(4)
+        for i in range(agents)
     ]
-    for agent in agents:
-        agent.start()
+    for thread in threads:
+        thread.start()
+    primary, standby = pair.primary, pair.standby
+    failovers: list[Failover] = []
     try:
-        wait_for("20 commits before the crash", lambda: len(load.acks) >= 20)
-        crashed = time.monotonic()
-        pair.primary.stop()  # pg_ctl stop -m immediate: a crash, no checkpoint
-        pair.standby.promote()
-        promoted = time.monotonic()
-        wait_for(
-            "20 commits sent after the promotion", lambda: len(load.acked_since(promoted)) >= 20
-        )
+        wait_for(f"{phase} commits before the first crash", lambda: len(load.acks) >= phase)
+        for round_ in range(rounds):
+            if round_:
+                standby = rejoin(standby, primary)  # the crashed one, as a standby
+            crashed = time.monotonic()
+            primary.stop()  # pg_ctl stop -m immediate: a crash, no checkpoint
+            promote(standby)
+            promoted = time.monotonic()
+            failovers.append(Failover(crashed, promoted))
+            primary, standby = standby, primary
+
+            def enough(since: float = promoted) -> bool:
+                return len(load.acked_since(since)) >= phase
+
+            wait_for(f"{phase} commits sent after promotion {round_ + 1}", enough)
     finally:
         load.stop.set()
-        for agent in agents:
-            agent.join(SETTLE_S + REQUEST_TIMEOUT_S)
-    assert not any(a.is_alive() for a in agents), "an agent never got an answer"
+        for thread in threads:
+            thread.join(SETTLE_S + REQUEST_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "an agent never got an answer"
     assert load.failures == []
     for replica in replicas:
         wait_healthy(replica.base_url, PHASE_TIMEOUT_S)
         assert replica.alive(), "a replica must reconnect without a restart"
     assert verify_acks(replicas[1].base_url, load) == []
-    # The promoted standby is the primary the bus now writes to, and it took commits.
-    after = load.acked_since(promoted)
-    assert len(after) >= 20
-    assert fetch(pair.standby, "SELECT pg_is_in_recovery() AS r")[0]["r"] is False
+    # The last promoted standby is the primary the bus writes to.
+    assert fetch(primary, "SELECT pg_is_in_recovery() AS r")[0]["r"] is False
     assert sum(n for k, n in load.tally.items() if k.startswith(("503:", "no answer"))) > 0, (
-        "the crash never reached the clients: the fault did not happen"
+        "the crashes never reached the clients: the fault did not happen"
     )
-    before = sum(1 for a in load.acks if a.acked < crashed)
-    first = min(a.acked for a in load.acks if a.acked > promoted)
+    report = []
+    for n, failover in enumerate(failovers):
+        after = [a.acked for a in load.acks if a.acked > failover.promoted]
+        report.append(
+            f"#{n + 1}: promoted {failover.promoted - failover.crashed:.2f} s after the crash, "
+            f"first commit acknowledged {min(after) - failover.promoted:.2f} s after that"
+        )
+    before = sum(1 for a in load.acks if a.acked < failovers[0].crashed)
     print(
-        f"\nPostgreSQL failover: {len(load.acks)} acknowledged commits ({before} before the "
-        f"crash, {len(after)} sent after the promotion), {len(load.refused)} refused (409); "
-        f"503s and unanswered sends {dict(sorted(load.tally.items()))}; promotion took "
-        f"{promoted - crashed:.2f} s after the crash, first commit acknowledged "
-        f"{first - promoted:.2f} s after it; bus tracebacks {buses.tracebacks()}"
+        f"\nPostgreSQL failover x{rounds}: {len(load.acks)} acknowledged commits ({before} "
+        f"before the first crash, {len(load.acked_since(failovers[-1].promoted))} sent after "
+        f"the last promotion), {len(load.refused)} refused (409); 503s and unanswered sends "
+        f"{dict(sorted(load.tally.items()))}; {'; '.join(report)}; "
+        f"bus tracebacks {buses.tracebacks()}"
     )
+
+
+def test_failover_under_load_loses_no_acknowledged_commit(
+    buses: Buses, pair: Pair, recorder: Recorder
+) -> None:
+    failover_under_load(buses, pair, recorder, rounds=1, agents=4, phase=20)
+
+
+@pytest.mark.slow
+def test_failover_soak(buses: Buses, pair: Pair, recorder: Recorder) -> None:
+    """Four failovers back and forth, the old primary rebuilt as the new one's
+    synchronous standby each time, under a heavier load."""
+    failover_under_load(buses, pair, recorder, rounds=4, agents=8, phase=150)
 
 
 async def test_standby_named_first_is_passed_over(pair: Pair) -> None:
     """The standby first in the URL: ``sbus migrate`` and the store both reach the
     primary, and the standby serves no client of the bus. Then the same hosts with
-    ``target_session_attrs=any``, which lets the bus onto the standby: it serves reads,
-    and every write is 503 ``not_applied`` (the server refuses it, 25006), never applied."""
+    ``target_session_attrs=any``, which lets the bus onto the standby: the server refuses
+    its writes (25006), so it never becomes ready, says why, and applies nothing."""
     url = multi_host_url(pair.standby, pair.primary)
     done = sbus_migrate(url)
     assert done.returncode == 0, done.stderr
@@ -333,10 +371,13 @@ async def test_standby_named_first_is_passed_over(pair: Pair) -> None:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             resp = await client.get("/admin/health")
-            print(resp.status_code, resp.text)
+            assert resp.status_code == 503, resp.text
+            assert "read-only" in resp.json()["reason"]
             body = {"key": "k", "expected_version": 5, "delta": "on the standby"}
             resp = await client.post("/commit", json={**body, "agent_id": "a"})
-            print(resp.status_code, resp.text)
+            assert resp.status_code == 503, resp.text
+            problem = resp.json()
+            assert (problem["error"], problem["outcome"]) == ("StoreUnavailable", "not_applied")
     rows = await afetch(pair.primary, "SELECT version, content FROM sbus_shards WHERE key = 'k'")
     assert [(r["version"], r["content"]) for r in rows] == [(5, "v5")]
 
