@@ -336,9 +336,11 @@ def test_failover_soak(buses: Buses, pair: Pair, recorder: Recorder) -> None:
 
 async def test_standby_named_first_is_passed_over(pair: Pair) -> None:
     """The standby first in the URL: ``sbus migrate`` and the store both reach the
-    primary, and the standby serves no client of the bus. Then the same hosts with
-    ``target_session_attrs=any``, which lets the bus onto the standby: the server refuses
-    its writes (25006), so it never becomes ready, says why, and applies nothing."""
+    primary, and the standby serves no client of the bus; with the primary fenced too,
+    no host takes writes and every write is 503 ``not_applied`` until it is lifted. Then
+    the same hosts with ``target_session_attrs=any``, which lets the bus onto the standby:
+    the server refuses its writes (25006), so it never becomes ready, says why, and
+    applies nothing."""
     url = multi_host_url(pair.standby, pair.primary)
     done = sbus_migrate(url)
     assert done.returncode == 0, done.stderr
@@ -355,8 +357,29 @@ async def test_standby_named_first_is_passed_over(pair: Pair) -> None:
             "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
         )
         assert standby_clients[0]["n"] == 0
+        # The primary fenced read-only too: no host takes writes. The write that meets the
+        # fence, and every one until it is lifted, is 503 not_applied; then commits again.
+        await aexecute(pair.primary, "ALTER SYSTEM SET default_transaction_read_only = on")
+        await aexecute(pair.primary, "SELECT pg_reload_conf()")
+        body = {"key": "k", "expected_version": 5, "delta": "v6", "agent_id": "a"}
+        details = []
+        for _ in range(3):
+            resp = await client.post("/commit", json=body)
+            assert resp.status_code == 503, resp.text
+            problem = resp.json()
+            assert (problem["error"], problem["outcome"]) == ("StoreUnavailable", "not_applied")
+            details.append(problem["detail"])
+        assert "no PostgreSQL host accepts writes" in details[-1], details
+        await aexecute(pair.primary, "ALTER SYSTEM RESET default_transaction_read_only")
+        await aexecute(pair.primary, "SELECT pg_reload_conf()")
+        for _ in range(100):
+            resp = await client.post("/commit", json=body)
+            if resp.status_code != 503:
+                break
+            await asyncio.sleep(0.02)
+        assert resp.status_code == 200, resp.text
     rows = await afetch(pair.primary, "SELECT version, content FROM sbus_shards WHERE key = 'k'")
-    assert [(r["version"], r["content"]) for r in rows] == [(5, "v5")]
+    assert [(r["version"], r["content"]) for r in rows] == [(6, "v6")]
 
     # Start-up writes too (the store's signing secret): on the standby the bus never
     # becomes ready, and names why.
@@ -373,13 +396,13 @@ async def test_standby_named_first_is_passed_over(pair: Pair) -> None:
             resp = await client.get("/admin/health")
             assert resp.status_code == 503, resp.text
             assert "read-only" in resp.json()["reason"]
-            body = {"key": "k", "expected_version": 5, "delta": "on the standby"}
+            body = {"key": "k", "expected_version": 6, "delta": "on the standby"}
             resp = await client.post("/commit", json={**body, "agent_id": "a"})
             assert resp.status_code == 503, resp.text
             problem = resp.json()
             assert (problem["error"], problem["outcome"]) == ("StoreUnavailable", "not_applied")
     rows = await afetch(pair.primary, "SELECT version, content FROM sbus_shards WHERE key = 'k'")
-    assert [(r["version"], r["content"]) for r in rows] == [(5, "v5")]
+    assert [(r["version"], r["content"]) for r in rows] == [(6, "v6")]
 
 
 async def test_fenced_primary_is_left_for_the_next_host(
