@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -29,10 +30,11 @@ from asgi_lifespan import LifespanManager
 from sbus.api.runtime import runtime_of
 from sbus.bootstrap import create_app
 from sbus.config import Settings
+from sbus.storage.sql import postgres as postgres_store
 from sbus.storage.sql.postgres import PostgresStore
 from sbus_client import Bus, TransportRetry, VersionMismatch
 from tests.api.helpers import running_app
-from tests.concurrency.conftest import free_port, new_client, sbus_executable, server_env
+from tests.concurrency.conftest import LOOPBACK, free_port, new_client, sbus_executable, server_env
 from tests.faults.conftest import (
     HOT_KEYS,
     REQUEST_TIMEOUT_S,
@@ -447,3 +449,34 @@ async def test_fenced_primary_is_left_for_the_next_host(
         assert [tuple(r) for r in await afetch(new, sql)] == [("after", 0, "x")]
     finally:
         new.stop()
+
+
+@pytest.fixture
+def hanging_host() -> Iterator[int]:
+    """A loopback port that accepts TCP connections and never answers: a PostgreSQL
+    host that hangs (frozen, or its machine half gone) rather than refusing."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        sock.listen(64)
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+async def test_a_hanging_host_is_passed_over(
+    running_postgres: Postgres, hanging_host: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host that hangs, named first: the connection that tries it gives up after the
+    connect timeout, and the next starts at the next host, so the bus becomes ready and
+    commits (with asyncpg's order alone every connection would wait on the hanging host,
+    and the bus would never be ready)."""
+    monkeypatch.setattr(postgres_store, "CONNECT_TIMEOUT_S", 0.5)
+    url = (
+        f"postgresql+asyncpg://postgres@{LOOPBACK}:{hanging_host},"
+        f"{LOOPBACK}:{running_postgres.port}/postgres"
+    )
+    async with running_app(store=url) as (_, client):
+        resp = await client.post("/shard", json={"key": "k", "content": ""})
+        assert resp.status_code == 201, resp.text
+        body = {"key": "k", "expected_version": 0, "delta": "v1", "agent_id": "a"}
+        resp = await client.post("/commit", json=body)
+        assert resp.status_code == 200, resp.text

@@ -9,7 +9,7 @@ from asyncpg.connect_utils import SessionAttribute, _parse_connect_arguments
 
 from sbus.config import Settings
 from sbus.storage.factory import open_store
-from sbus.storage.sql.pgurl import asyncpg_dsn
+from sbus.storage.sql.pgurl import asyncpg_dsn, asyncpg_dsns
 from sbus.storage.urls import redact_url
 
 
@@ -37,8 +37,8 @@ from sbus.storage.urls import redact_url
         # SQLAlchemy's spelling: the host= parameters become one list.
         (
             "postgresql+asyncpg://u:pw@/db?host=h1:5432&host=h2:5433&sslmode=disable",
-            "postgresql://u:pw@/db?sslmode=disable&host=h1:5432,h2:5433"
-            "&target_session_attrs=read-write",
+            "postgresql://u:pw@/db?sslmode=disable&target_session_attrs=read-write"
+            "&host=h1:5432,h2:5433",
         ),
         ("postgresql://u@/db?host=/run/postgresql", "postgresql://u@/db?host=/run/postgresql"),
         ("postgresql://u@[::1]:5432,[::1]:5433/db?target_session_attrs=any", None),
@@ -88,6 +88,33 @@ def test_asyncpg_tries_every_host_for_a_writable_one(url: str) -> None:
         [("h1", 5432), ("h2", 5433)],
         SessionAttribute.read_write,
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "orders"),
+    [
+        ("postgresql+asyncpg://u@h1:1/db", [[("h1", 1)]]),
+        (
+            "postgresql+asyncpg://u:pw@h1:1,h2:2,h3:3/db",
+            [
+                [("h1", 1), ("h2", 2), ("h3", 3)],
+                [("h2", 2), ("h3", 3), ("h1", 1)],
+                [("h3", 3), ("h1", 1), ("h2", 2)],
+            ],
+        ),
+        (
+            "postgresql+asyncpg://u@/db?host=h1:1&host=h2:2",
+            [[("h1", 1), ("h2", 2)], [("h2", 2), ("h1", 1)]],
+        ),
+        # Ports given apart from the hosts: one order, as written.
+        ("postgresql://u@/db?host=h1,h2&port=1,2", [[("h1", 1), ("h2", 2)]]),
+    ],
+)
+def test_each_host_first_in_turn(url: str, orders: list[list[tuple[str, int]]]) -> None:
+    dsns = asyncpg_dsns(url)
+    assert [connect_arguments(dsn)[0] for dsn in dsns] == orders
+    want = SessionAttribute.read_write if len(orders[0]) > 1 else SessionAttribute.any
+    assert {connect_arguments(dsn)[1] for dsn in dsns} == {want}
 
 
 @pytest.mark.parametrize(

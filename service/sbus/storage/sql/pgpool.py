@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -21,14 +22,39 @@ class PoolExhausted(Exception):
     """No connection came free within the pool's timeout."""
 
 
+class Connector:
+    """Opens connections from DSNs that name the same hosts, each first in turn
+    (sql.pgurl.asyncpg_dsns). asyncpg tries the hosts of one DSN in order within one
+    timeout, so a host that hangs rather than refuses (a machine gone, a server frozen)
+    would use up every connection's timeout before the next host is tried. So after a
+    failure the next connection starts one host further on, and the order that last
+    worked is kept: a hanging host costs one timeout, not one per connection."""
+
+    def __init__(self, dsns: Sequence[str], timeout_s: float, **connect: Any) -> None:
+        self._dsns = list(dsns)
+        self._first = 0
+        self._timeout_s = timeout_s
+        self._connect = connect
+
+    async def connect(self) -> asyncpg.Connection:
+        first = self._first
+        try:
+            return await asyncpg.connect(
+                self._dsns[first], timeout=self._timeout_s, **self._connect
+            )
+        except Exception:
+            if self._first == first:  # not moved on already by a concurrent failure
+                self._first = (first + 1) % len(self._dsns)
+            raise
+
+
 class PgPool:
     """At most ``size`` connections, opened on demand and kept open between uses."""
 
-    def __init__(self, dsn: str, size: int, timeout_s: float, **connect: Any) -> None:
+    def __init__(self, connector: Connector, size: int, timeout_s: float) -> None:
         self.size = size
-        self._dsn = dsn
+        self._connector = connector
         self._timeout_s = timeout_s
-        self._connect = connect
         self._idle: list[asyncpg.Connection] = []
         self._free = asyncio.Semaphore(size)
         self._closed = False
@@ -52,7 +78,7 @@ class PgPool:
                 conn = self._idle.pop()
                 if not conn.is_closed():
                     return conn
-            conn = await asyncpg.connect(self._dsn, **self._connect)
+            conn = await self._connector.connect()
             if self._closed:  # closed while connecting
                 conn.terminate()
                 raise asyncpg.InterfaceError("the pool is closed")

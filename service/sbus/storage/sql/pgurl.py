@@ -17,17 +17,24 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# asyncpg's target_session_attrs values; only the first three can reach a primary.
+# asyncpg's target_session_attrs values that can reach a primary (the others are
+# standby, prefer-standby and read-only).
 WRITABLE_ATTRS = ("read-write", "primary", "any")
-STANDBY_ATTRS = ("standby", "prefer-standby", "read-only")
 
 
 def asyncpg_dsn(url: str) -> str:
     """The DSN asyncpg connects with for the store URL ``url``; ValueError for a URL the
     bus cannot use (a bad port, hosts named twice, a standby-only target)."""
+    return asyncpg_dsns(url)[0]
+
+
+def asyncpg_dsns(url: str) -> list[str]:
+    """:func:`asyncpg_dsn`, then the same DSN with its hosts rotated one place further
+    each (one DSN per host, or just the one when the URL names a single host or gives
+    the ports as a separate ``port=`` list): the orders a connector may try them in, so
+    that a host that hangs is not the first tried by every later connection."""
     parts = urlsplit(url)
-    scheme = "postgresql"  # postgresql+asyncpg:// and postgres:// alike
-    _, _, netloc_hosts = parts.netloc.rpartition("@")
+    userinfo, at, netloc_hosts = parts.netloc.rpartition("@")
     query = parse_qsl(parts.query, keep_blank_values=True)
     query_hosts = [value for name, value in query if name == "host"]
     if netloc_hosts and query_hosts:
@@ -42,15 +49,28 @@ def asyncpg_dsn(url: str) -> str:
                 f"target_session_attrs={attr} cannot be used: the bus writes, so it needs "
                 f"one of {', '.join(WRITABLE_ATTRS)}"
             )
-    rebuilt = None
-    if len(query_hosts) > 1:
-        # One host= with the list, where asyncpg would keep only the last of several.
-        merged = ",".join(h for v in query_hosts for h in v.split(",") if h)
-        rebuilt = [(n, v) for n, v in query if n != "host"] + [("host", merged)]
+    rest = [(n, v) for n, v in query if n != "host"]
     if len(hosts) > 1 and not attrs:
-        rebuilt = (rebuilt or list(query)) + [("target_session_attrs", "read-write")]
-    text = parts.query if rebuilt is None else urlencode(rebuilt, safe=":,/[]")
-    return urlunsplit((scheme, parts.netloc, parts.path, text, parts.fragment))
+        rest.append(("target_session_attrs", "read-write"))
+    ports_apart = any(n == "port" and "," in v for n, v in query)
+    orders = (
+        [hosts]
+        if len(hosts) < 2 or ports_apart
+        else [hosts[i:] + hosts[:i] for i in range(len(hosts))]
+    )
+    dsns = []
+    for order in orders:
+        netloc, pairs = parts.netloc, query
+        if query_hosts:
+            # One host= with the list, where asyncpg would keep only the last of several.
+            pairs = [*rest, ("host", ",".join(order))]
+        elif len(hosts) > 1:
+            netloc = f"{userinfo}{at}{','.join(order)}"
+            pairs = rest
+        text = parts.query if pairs == query else urlencode(pairs, safe=":,/[]")
+        # postgresql+asyncpg:// and postgres:// alike
+        dsns.append(urlunsplit(("postgresql", netloc, parts.path, text, parts.fragment)))
+    return dsns
 
 
 def _check_port(host: str) -> None:

@@ -68,8 +68,9 @@ from sbus.storage.sql import audit_sql
 from sbus.storage.sql.migrate import current_revision, head_revision
 from sbus.storage.sql.pg_changes import INSERT as CHANGES_INSERT
 from sbus.storage.sql.pg_changes import PostgresChangeLog, rows_json
-from sbus.storage.sql.pgpool import PgPool, PoolExhausted
+from sbus.storage.sql.pgpool import Connector, PgPool, PoolExhausted
 from sbus.storage.sql.pgurl import asyncpg_dsn as asyncpg_dsn  # re-exported: tests use it
+from sbus.storage.sql.pgurl import asyncpg_dsns
 
 log = logging.getLogger("sbus.storage.postgres")
 
@@ -93,6 +94,9 @@ CONNECTION_ERRORS = (
 # start-up cost exceeds what the short statements of the bus could gain).
 CONNECT_ARGS: dict[str, Any] = {"command_timeout": 30, "server_settings": {"jit": "off"}}
 POOL_TIMEOUT_S = 10.0  # a request waits this long for a free connection, then 503
+# Opening a connection, over every host of the URL (asyncpg's default is 60 s): a host
+# that hangs is given up on after this, and the next connection starts at the next host.
+CONNECT_TIMEOUT_S = 5.0
 
 
 class SchemaOutOfDate(StoreMisconfigured):
@@ -189,7 +193,9 @@ class PostgresStore(PostgresChangeLog):
         self.url = (
             url if "+asyncpg" in url else url.replace("postgresql://", "postgresql+asyncpg://", 1)
         )
-        self._dsn = asyncpg_dsn(self.url)  # ValueError: a URL no connection can use
+        # ValueError: a URL no connection can use. Every connection, the pool's and
+        # Alembic's, comes from this one connector.
+        self._connector = Connector(asyncpg_dsns(self.url), CONNECT_TIMEOUT_S, **CONNECT_ARGS)
         self.limits = limits or Limits()
         self._pool_size = pool_size
         self._pool: PgPool | None = None
@@ -220,19 +226,14 @@ class PostgresStore(PostgresChangeLog):
         self._note_durability(tuple(str(value) for value in settings))
         # A fixed pool: connections opened and closed per burst made the bus open and
         # close a backend per request under the benchmark (143 sessions in 4 s).
-        self._pool = PgPool(self._dsn, self._pool_size, POOL_TIMEOUT_S, **CONNECT_ARGS)
+        self._pool = PgPool(self._connector, self._pool_size, POOL_TIMEOUT_S)
 
     def _engine(self) -> AsyncEngine:
-        """A SQLAlchemy engine (for Alembic) whose connections asyncpg opens from the
-        store's DSN, the pool's own: SQLAlchemy's URL parser takes one host, so it never
+        """A SQLAlchemy engine (for Alembic) whose connections come from the store's
+        connector, like the pool's: SQLAlchemy's URL parser takes one host, so it never
         sees the store URL (sql.pgurl)."""
-        dsn = self._dsn
-
-        async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(dsn, **CONNECT_ARGS)
-
         return create_async_engine(
-            "postgresql+asyncpg://", poolclass=NullPool, async_creator=connect
+            "postgresql+asyncpg://", poolclass=NullPool, async_creator=self._connector.connect
         )
 
     async def check(self) -> None:
