@@ -2,6 +2,10 @@
 # A local S-Bus cluster: one store (PostgreSQL or Redis), N `sbus serve` replicas and
 # nginx in front of them, all on loopback, all in the background. docs/operations.md,
 # section 3, walks through it. Run with --help for the commands.
+#
+# The whole script is one { ... } block, so bash reads all of it before running any:
+# editing or updating the file while a cluster command runs cannot change that command.
+{
 set -euo pipefail
 
 PROG=deploy/local/cluster.sh
@@ -49,7 +53,8 @@ is set, else .cluster/ in the repository. The data is throwaway: \`down\` delete
 The replicas run \`sbus\` from the repository's .venv (make install), or the \`sbus\` on
 PATH when there is no .venv. Every SBUS_* variable of the environment reaches them
 (SBUS_ADMIN_ENABLED=1, SBUS_SESSION_TTL, ...), except the ones the cluster sets itself:
-SBUS_STORE, SBUS_HOST, SBUS_PORT, SBUS_WORKERS and SBUS_AUTH (open).
+SBUS_STORE, SBUS_HOST, SBUS_PORT, SBUS_WORKERS and SBUS_AUTH (open). On PostgreSQL
+each replica keeps 240/N connections (at most 32) unless SBUS_PG_POOL_SIZE is set.
 SBUS_CLUSTER_TIMEOUT (default 60) bounds each wait for a process to become healthy.
 EOF
 }
@@ -163,14 +168,25 @@ in_range() {
   [ "$((10#$1))" -ge "$2" ] && [ "$((10#$1))" -le "$3" ]
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+# N distinct free loopback ports, one per line: all bound at once, so none repeats.
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+PY
 }
 
 port_taken() {
   python3 - "$1" <<'PY'
 import socket, sys
 s = socket.socket()
+# As nginx binds: a connection of an earlier run lingering in TIME_WAIT does not count.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:
@@ -323,7 +339,7 @@ nginx_command() {
 
 start_postgres() {
   PGBIN=$(pg_bin)
-  PG_PORT=$(free_port)
+  PG_PORT=$STORE_PORT
   local log=$LOGS/postgres.log
   # The data directory (and the server's log) sit in the state directory when the
   # postgres user can reach it; otherwise (a state directory under a private parent) in
@@ -368,14 +384,15 @@ start_postgres() {
 }
 
 start_redis() {
-  REDIS_PORT=$(free_port)
+  REDIS_PORT=$STORE_PORT
   mkdir -p "$STATE/redis"
   say "starting Redis on 127.0.0.1:$REDIS_PORT"
   local log=$LOGS/redis.log
   nohup redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STATE/redis" \
     --save '' --appendonly no --maxmemory-policy noeviction \
     >"$log" 2>&1 </dev/null &
-  record_pid redis $! "redis-server 127.0.0.1:$REDIS_PORT"
+  # Redis rewrites its command line once started ("redis-server 127.0.0.1:PORT").
+  record_pid redis $! "redis-server"
   STORE_URL="redis://127.0.0.1:$REDIS_PORT/0"
   save_conf
   local deadline=$((SECONDS + HEALTH_TIMEOUT_S))
@@ -394,7 +411,12 @@ start_replica() {
   local i=$1 port=$2
   local log=$LOGS/replica-$i.log
   echo "--- started $(date -u +%FT%TZ) on 127.0.0.1:$port" >>"$log"
-  SBUS_STORE=$STORE_URL SBUS_HOST=127.0.0.1 SBUS_PORT=$port SBUS_WORKERS=1 SBUS_AUTH=open \
+  # PostgreSQL allows 300 connections here; the replicas share 240 of them (at most 32
+  # each), unless SBUS_PG_POOL_SIZE says otherwise.
+  local pool=$((240 / REPLICAS))
+  [ "$pool" -le 32 ] || pool=32
+  SBUS_PG_POOL_SIZE=${SBUS_PG_POOL_SIZE:-$pool} \
+    SBUS_STORE=$STORE_URL SBUS_HOST=127.0.0.1 SBUS_PORT=$port SBUS_WORKERS=1 SBUS_AUTH=open \
     nohup "$SBUS" serve >>"$log" 2>&1 </dev/null &
   record_pid "replica-$i" $! "$SBUS serve"
 }
@@ -599,10 +621,15 @@ cmd_up() {
 
   SBUS=$(sbus_command)
   ensure_packages "$STORE"
+  # The logs a failed `up` left are replaced by this run's.
+  rm -rf "$LOGS"
   mkdir -p "$STATE" "$LOGS" "$PIDS"
-  local i
+  local i ports
+  mapfile -t ports < <(free_ports $((REPLICAS + 1)))
+  [ ${#ports[@]} -eq $((REPLICAS + 1)) ] || die "could not find $((REPLICAS + 1)) free ports"
+  STORE_PORT=${ports[0]}
   for ((i = 1; i <= REPLICAS; i++)); do
-    printf -v "REPLICA_PORT_$i" '%s' "$(free_port)"
+    printf -v "REPLICA_PORT_$i" '%s' "${ports[$i]}"
   done
   save_conf
   say "state in $STATE; logs in $LOGS"
@@ -720,3 +747,5 @@ main() {
 }
 
 main "$@"
+exit
+}

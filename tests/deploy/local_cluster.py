@@ -127,6 +127,9 @@ def up(store: str, state: Path, port: int, extra_env: dict[str, str] | None = No
     env = script_env(state, extra_env)
     done = run_script(["up", "--store", store, "--port", str(port)], env)
     output = done.stdout + done.stderr
+    if done.returncode != 0:
+        # Whatever this up left running goes (up stops it itself when it sees a process fail).
+        run_script(["down"], env)
     assert done.returncode == 0, (
         f"cluster.sh up --store {store} exited {done.returncode}:\n{output}"
     )

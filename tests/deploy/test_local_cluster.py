@@ -127,6 +127,20 @@ def test_nginx_forwards_the_clients_host_and_a_second_up_is_refused(cluster: Clu
     assert again.returncode == 1, again.stdout + again.stderr
     assert "already up" in again.stderr
     assert cluster.pids() == before and all(alive(pid) for pid in before.values())
+    status = cluster.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    rows = status.stdout.splitlines()
+    assert rows[-1] == f"S-Bus load balancer: {cluster.url}"
+    store_row = (
+        "postgres     running"
+        if cluster.store == "pg"
+        else f"redis        running (pid {before['redis']})"
+    )
+    assert rows[:-1] == [
+        f"nginx        running (pid {before['nginx']})",
+        *(f"replica-{i}    running (pid {before[f'replica-{i}']})" for i in range(1, REPLICAS + 1)),
+        store_row,
+    ], status.stdout
 
 
 def test_watch_streams_through_nginx(cluster: Cluster) -> None:
