@@ -9,6 +9,10 @@
 # have no systemd), starts them in a temporary directory, exports
 # SBUS_TEST_POSTGRES_URL and SBUS_TEST_REDIS_URL for the command, and stops them and
 # removes the directory whatever happens. The command's exit code is ours.
+# It also starts a Redis Cluster of 3 masters and 3 replicas (one per master) and exports
+# SBUS_TEST_REDIS_CLUSTER_URL (redis+cluster://127.0.0.1:P1,...); each node's
+# configuration file is redis.conf in its own directory, so a test that kills a node can
+# start it again with `redis-server <that file>` (INFO server names it).
 set -euo pipefail
 
 need_install=()
@@ -46,9 +50,21 @@ chown postgres:postgres "$SVC"
 PG_PORT=$(free_port)
 REDIS_PORT=$(free_port)
 
+CLUSTER_PORTS=()
+for _ in 1 2 3 4 5 6; do CLUSTER_PORTS+=("$(free_port)"); done
+
 cleanup() {
   runuser -u postgres -- "$PGBIN/pg_ctl" -D "$SVC/pg" -m immediate -w stop >/dev/null 2>&1 || true
   redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  for port in "${CLUSTER_PORTS[@]}"; do
+    redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
+  done
+  # a node a test stopped (SIGSTOP) or restarted answers no SHUTDOWN: end it by its pid
+  for pidfile in "$SVC"/cluster/*/redis.pid; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile" 2>/dev/null || true)
+    [ -n "$pid" ] && kill -CONT "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+  done
   rm -rf "$SVC"
 }
 trap cleanup EXIT INT TERM
@@ -75,10 +91,64 @@ if [ -z "$redis_up" ]; then
   exit 1
 fi
 
+# The Redis Cluster: each node's bus port is chosen free too (port + 10000 may be taken,
+# or past 65535). A short node timeout makes a failover take a few seconds, not 15+.
+cluster_nodes=()
+for port in "${CLUSTER_PORTS[@]}"; do
+  dir="$SVC/cluster/$port"
+  mkdir -p "$dir"
+  cat >"$dir/redis.conf" <<CONF
+port $port
+bind 127.0.0.1
+cluster-enabled yes
+cluster-port $(free_port)
+cluster-config-file $dir/nodes.conf
+cluster-node-timeout 2000
+dir $dir
+pidfile $dir/redis.pid
+logfile $dir/redis.log
+daemonize yes
+save ""
+appendonly no
+maxmemory-policy noeviction
+CONF
+  redis-server "$dir/redis.conf"
+  cluster_nodes+=("127.0.0.1:$port")
+done
+for port in "${CLUSTER_PORTS[@]}"; do
+  for _ in $(seq 50); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+  done
+done
+if ! redis-cli --cluster create "${cluster_nodes[@]}" --cluster-replicas 1 --cluster-yes \
+    >"$SVC/cluster/create.log" 2>&1; then
+  echo "with-services: redis-cli --cluster create failed" >&2
+  tail -n 20 "$SVC/cluster/create.log" >&2
+  exit 1
+fi
+# Ready when every node says cluster_state:ok and each master has its replica attached.
+cluster_up=
+for _ in $(seq 200); do
+  ok=0
+  for port in "${CLUSTER_PORTS[@]}"; do
+    redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && ok=$((ok + 1))
+  done
+  linked=$(redis-cli -p "${CLUSTER_PORTS[0]}" cluster nodes 2>/dev/null | grep -c ' slave ' || true)
+  if [ "$ok" = 6 ] && [ "$linked" = 3 ]; then cluster_up=1; break; fi
+  sleep 0.1
+done
+if [ -z "$cluster_up" ]; then
+  echo "with-services: the Redis Cluster never reached cluster_state:ok" >&2
+  exit 1
+fi
+cluster_url=$(IFS=,; echo "${cluster_nodes[*]}")
+
+export SBUS_TEST_REDIS_CLUSTER_URL="redis+cluster://$cluster_url"
 export SBUS_TEST_POSTGRES_URL="postgresql+asyncpg://postgres@127.0.0.1:$PG_PORT/postgres"
 export SBUS_TEST_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 export SBUS_TEST_PGBIN="$PGBIN"
-echo "with-services: PostgreSQL on $PG_PORT, Redis on $REDIS_PORT" >&2
+echo "with-services: PostgreSQL on $PG_PORT, Redis on $REDIS_PORT, Redis Cluster on $cluster_url" >&2
 set +e
 "$@"
 status=$?

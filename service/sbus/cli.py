@@ -73,6 +73,7 @@ def open_configured_store(settings: Settings) -> Store:
             settings.store_limits(),
             settings.namespace,
             pool_size=settings.pg_pool(),
+            redis_wait=settings.redis_wait(),
         )
     except (ValueError, OSError) as exc:
         # UnknownStore already names SBUS_STORE; the drivers' URL errors do not.

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
     pg_pool_size: int | None = Field(None, ge=1, le=1000)
+    # Redis: replicas every write waits for (WAIT), and how long (docs/redis.md).
+    redis_wait_replicas: int = Field(0, ge=0, le=16)
+    redis_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
     # Slow and idle clients (sbus.api.connections), per worker process.
     header_timeout: float = Field(10.0, gt=0, le=3600)
     body_timeout: float = Field(30.0, gt=0, le=3600)
@@ -114,6 +117,9 @@ class Settings(BaseSettings):
         if self.pg_pool_size is not None:
             return self.pg_pool_size
         return max(1, min(PG_POOL_MAX, PG_CONNECTION_BUDGET // self.worker_count()))
+
+    def redis_wait(self) -> tuple[int, int]:
+        return self.redis_wait_replicas, self.redis_wait_timeout_ms
 
     def store_limits(self) -> Limits:
         return Limits(

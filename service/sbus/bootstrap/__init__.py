@@ -82,7 +82,11 @@ def create_app(
     keys, no_keys = signers.configured_keys(settings)
     token_mode = settings.auth_mode == "token"
     store = store or open_store(
-        settings.store, settings.store_limits(), settings.namespace, pool_size=settings.pg_pool()
+        settings.store,
+        settings.store_limits(),
+        settings.namespace,
+        pool_size=settings.pg_pool(),
+        redis_wait=settings.redis_wait(),
     )
     # Rate limits apply in token mode only (protocol.md §4 step 5): in open mode every
     # agent id is self-declared, so a per-agent bucket would limit nothing.

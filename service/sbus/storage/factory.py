@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sbus.core.store import Store
 from sbus.core.types import Limits
-from sbus.storage.urls import redact_url
+from sbus.storage.urls import CLUSTER_SCHEME, redact_url
 
 
 class UnknownStore(ValueError):
@@ -12,10 +12,16 @@ class UnknownStore(ValueError):
 
 
 def open_store(
-    url: str, limits: Limits, namespace: str = "sbus", *, pool_size: int | None = None
+    url: str,
+    limits: Limits,
+    namespace: str = "sbus",
+    *,
+    pool_size: int | None = None,
+    redis_wait: tuple[int, int] = (0, 1000),
 ) -> Store:
     """The store ``url`` names. ``pool_size``: connections per process, PostgreSQL only
-    (its own default when None)."""
+    (its own default when None). ``redis_wait``: (replicas, timeout ms) every Redis
+    write waits for (0 replicas: none)."""
     if url.startswith("memory://") or url == "memory":
         from sbus.storage.memory import MemoryStore
 
@@ -31,11 +37,15 @@ def open_store(
         if pool_size is None:
             return PostgresStore(url, limits)
         return PostgresStore(url, limits, pool_size=pool_size)
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", CLUSTER_SCHEME)):
         from sbus.storage.redis import RedisStore
 
-        return RedisStore(url, limits, namespace=namespace)
+        replicas, timeout_ms = redis_wait
+        return RedisStore(
+            url, limits, namespace=namespace, wait_replicas=replicas, wait_timeout_ms=timeout_ms
+        )
     raise UnknownStore(
         f"unsupported SBUS_STORE {redact_url(url)!r}: use memory://, sqlite:///PATH, "
-        "postgresql+asyncpg://USER@HOST:PORT/DB or redis://HOST:PORT/DB"
+        "postgresql+asyncpg://USER@HOST:PORT/DB, redis://HOST:PORT/DB or "
+        "redis+cluster://HOST:PORT,HOST:PORT,..."
     )

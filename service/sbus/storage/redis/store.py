@@ -40,7 +40,18 @@ Design
   ``delta_log_depth``), which the script records beside it and a replay patches in.
 - **Connections**: scripts run on :mod:`sbus.storage.redis.lanes` (packed by hiredis,
   one deadline of :data:`SCRIPT_TIMEOUT_S` over send and reply); everything else
-  (pipelines, plain reads, CONFIG) on redis-py's pool.
+  (pipelines, plain reads, CONFIG) on redis-py's pool. Both are opened to the node
+  :mod:`sbus.storage.redis.route` names: the server of a ``redis://`` URL, or in a
+  Redis Cluster (``redis+cluster://``) the master owning the namespace's slot, followed
+  when it moves. A command that surely did not run there (refused connection, MOVED,
+  ASK, READONLY, CLUSTERDOWN, TRYAGAIN, LOADING) is sent again where the slot now
+  lives, for up to :data:`FOLLOW_S`; a script answered ASK is sent to the importing
+  node after ``ASKING``.
+- **Replica acknowledgement** (``SBUS_REDIS_WAIT_REPLICAS`` n > 0): every writing
+  script is followed, in the same packet on the same connection, by ``WAIT n
+  timeout``; an answer that reports state (anything but a refusal) with fewer than n
+  acknowledgements is 503 ``unknown``. A replayed idempotency record was written by
+  another call, so a replay first writes ``T:sync`` and waits for that.
 - **Failures**: ``maxmemory-policy`` other than ``noeviction`` refuses to start, and
   makes :meth:`RedisStore.check` (every few seconds) report the store misconfigured
   (eviction would silently drop DeliveryLog entries and idempotency records).
@@ -55,14 +66,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from hiredis import pack_command
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
 
 from sbus.core import audit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
@@ -106,9 +119,10 @@ from sbus.core.types import (
 )
 from sbus.storage.redis.changes import RedisChangeLog
 from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
-from sbus.storage.redis.lanes import Lanes, LanesBusy
+from sbus.storage.redis.lanes import LanesBusy
+from sbus.storage.redis.route import CONNECT_S, ClusterRoute, Node, Route
 from sbus.storage.redis.scripts import SCRIPTS, Script
-from sbus.storage.urls import redact_url
+from sbus.storage.urls import CLUSTER_SCHEME, redact_url
 
 log = logging.getLogger("sbus.redis")
 
@@ -116,9 +130,9 @@ CLOCK_SKEW_MS = 5_000  # how far a script's clock may be from the hashed committ
 MAX_RACES = 16  # commit retries when a written head moved under the hashes
 RACE_BACKOFF_S = 0.002  # times the attempt number, jittered: lets a hot key's writers pass
 PURGE_BATCH = 500
-MAX_CONNECTIONS = 64  # per process for scripts, and as many for the other commands
-POOL_WAIT_S = 10  # for a free connection, then 503 not_applied
-SCRIPT_TIMEOUT_S = 5  # one script call, send to reply; then the outcome is unknown
+SCRIPT_TIMEOUT_S = 5  # one script call, send to reply (plus any WAIT); then unknown
+FOLLOW_S = 10  # a Redis Cluster slot's new owner is looked for this long, then not_applied
+FOLLOW_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # between tries while no new owner is seen
 RESET_BATCH = 5000  # keep under Lua's unpack limit (~8000 arguments)
 SHARD_FIELDS = (
     "version",
@@ -138,8 +152,11 @@ SHARD_FIELDS = (
 # What a commit reads before hashing: the head, and the rest of the predicted row.
 HEAD_FIELDS = ("version", "head", "id", "goal", "mand", "created", "updated", "ac", "cc")
 COUNTER_NAMES = tuple(Counters.__dataclass_fields__)
-# Errors that Redis answers before a script runs: nothing was applied.
-_NOT_RUN = ("OOM", "READONLY", "BUSY", "LOADING", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN")
+# Errors that Redis answers before a command runs: nothing was applied. The last ones say
+# the slot is served elsewhere (or not at the moment): a cluster route follows it.
+_NOT_RUN = frozenset({"OOM", "BUSY", "NOREPLICAS", "NOSCRIPT"})
+_ELSEWHERE = frozenset({"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "MOVED"})
+T = TypeVar("T")
 # What a commit hashes against: the store ms, each written key's head in write order
 # (None: absent) and each rollback's source content by key.
 _Basis = tuple[int, list[Head | None], dict[str, str]]
@@ -151,6 +168,53 @@ def _packed(*command: str | int) -> bytes:
     # hiredis's stub types the tuple as one element; it takes any number
     packed: bytes = pack_command(command)  # type: ignore[arg-type]
     return packed
+
+
+def _code(error: BaseException) -> str:
+    """The error code of a Redis error reply (redis-py strips it off the message of the
+    classes it knows and keeps it as ``status_code``)."""
+    code = getattr(error, "status_code", None)
+    return str(code) if code else str(error).split(" ", 1)[0]
+
+
+def _moved_to(error: BaseException) -> str | None:
+    """host:port a MOVED names, else None."""
+    if isinstance(error, AskError) and _code(error) == "MOVED":
+        return error.node_addr if isinstance(error.node_addr, str) else None
+    return None
+
+
+def _rerouted(error: BaseException) -> bool:
+    """Whether a command that failed with ``error`` surely did not run and may run on
+    the slot's owner once found: no connection, or an answer that names another node."""
+    if isinstance(error, ResponseError | RedisError) and _code(error) in _ELSEWHERE | {"ASK"}:
+        return True
+    return _unreachable(error)
+
+
+def _unreachable(error: BaseException) -> bool:
+    from redis.exceptions import BusyLoadingError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    if isinstance(error, BusyLoadingError):
+        return True
+    return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _refusal(reply: Any) -> bool:
+    """A script answer that reports nothing done: a refusal, or a race to retry."""
+    return isinstance(reply, list) and bool(reply) and reply[0] in ("ERR", "RETRY")
+
+
+class _Refused(Exception):
+    """A command that surely did not run: ``error`` is what to answer when the slot's
+    owner cannot be found in time; ``moved_to`` the node a MOVED named, ``ask`` the node
+    an ASK named."""
+
+    def __init__(self, error: StoreUnavailable, moved_to: str | None = None, ask: str = "") -> None:
+        super().__init__(error.detail)
+        self.error, self.moved_to, self.ask = error, moved_to, ask
 
 
 def _depth(version: int, hmin: int) -> int:
@@ -180,7 +244,25 @@ def _row_shard(row: Sequence[Any], content: str) -> Shard:
 class RedisStore(RedisChangeLog):
     backend = "redis"
 
-    def __init__(self, url: str, limits: Limits | None = None, namespace: str = "sbus") -> None:
+    def __init__(
+        self,
+        url: str,
+        limits: Limits | None = None,
+        namespace: str = "sbus",
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
+        """``wait_replicas`` > 0: every writing script waits (``WAIT``) for that many
+        replicas to acknowledge it, up to ``wait_timeout_ms``. A ``redis+cluster://``
+        URL routes by the namespace's hash slot (:mod:`sbus.storage.redis.route`).
+        Raises ValueError for a URL or setting it cannot use."""
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError(
+                f"replica acknowledgement needs replicas >= 0 and a timeout >= 1 ms, not "
+                f"{wait_replicas} and {wait_timeout_ms}"
+            )
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.url, query_ns = _split_namespace(url)
         namespace = query_ns or namespace
         if not namespace or "{" in namespace or "}" in namespace:
@@ -202,9 +284,9 @@ class RedisStore(RedisChangeLog):
         self.k_changes_floor = f"{tag}:changes:floor"
         self.k_conflicts = f"{tag}:conflicts"
         self.k_audit_ids = f"{tag}:audit:ids"  # the audit log (storage/redis/audit_lua.py)
-        self._pool: BlockingConnectionPool | None = None
-        self._client: Redis | None = None
-        self._lanes: Lanes | None = None
+        self.k_sync = f"{tag}:sync"  # written before a replay's WAIT (see _eval)
+        self.cluster = self.url.startswith(CLUSTER_SCHEME)
+        self._route = ClusterRoute(self.url, tag) if self.cluster else Route(self.url)
         self._heads = Heads()  # what this process last saw: see heads.py
         self._clock = StoreClock()
 
@@ -230,29 +312,18 @@ class RedisStore(RedisChangeLog):
 
     # lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        if self._client is not None:
+        if self._route.node is not None:
             return
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            decode_responses=True,
-            max_connections=MAX_CONNECTIONS,
-            timeout=POOL_WAIT_S,
-            socket_connect_timeout=5,
-        )
-        client = Redis(connection_pool=pool)
         try:
-            problem = await self._check_server(client)
+            node = await self._route.open()
+            problem = await self._check_server(node.client)
         except (RedisError, OSError) as exc:
-            await client.aclose()
-            await pool.disconnect()
+            await self._route.close()
             raise StoreUnavailable(f"cannot reach Redis at {redact_url(self.url)}: {exc}") from exc
         if problem is not None:
-            await client.aclose()
-            await pool.disconnect()
+            await self._route.close()
             log.error("%s", problem)
             raise StoreMisconfigured(problem)
-        self._pool, self._client = pool, client
-        self._lanes = Lanes(pool, MAX_CONNECTIONS, POOL_WAIT_S, SCRIPT_TIMEOUT_S)
 
     async def _check_server(self, client: Redis) -> str | None:
         """Why this server must not be used, or None; sets ``durable`` and loads the
@@ -265,15 +336,21 @@ class RedisStore(RedisChangeLog):
         if problem is None:
             for script in SCRIPTS.values():
                 await client.script_load(script.source)
+            if self.wait_replicas:
+                replicas = int((await client.info("replication")).get("connected_slaves", 0))
+                if replicas < self.wait_replicas:
+                    log.warning(
+                        "SBUS_REDIS_WAIT_REPLICAS is %d but Redis has %d replicas connected: "
+                        "every write answers 503 unknown until enough replicas are",
+                        self.wait_replicas,
+                        replicas,
+                    )
         return problem
 
     async def check(self) -> None:
         """The configuration again (an operator may ``CONFIG SET`` it at run time):
         StoreMisconfigured while eviction is on, so the bus answers not-ready."""
-        try:
-            problem = await self._check_config(self._redis())
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        problem = await self._command(self._check_config)
         if problem is not None:
             raise StoreMisconfigured(problem)
 
@@ -310,25 +387,44 @@ class RedisStore(RedisChangeLog):
         return None
 
     async def close(self) -> None:
-        client, pool, lanes = self._client, self._pool, self._lanes
-        self._client = self._pool = self._lanes = None
-        if lanes is not None:
-            await lanes.close()
-        if client is not None:
-            await client.aclose()
-        if pool is not None:
-            await pool.disconnect()
+        await self._route.close()
 
-    def _redis(self) -> Redis:
-        if self._client is None:
+    def node(self) -> Node:
+        """Where commands go now."""
+        node = self._route.node
+        if node is None:
             raise StoreUnavailable("the Redis store is not started")
-        return self._client
+        return node
 
     async def ping(self) -> None:
-        try:
-            await self._redis().ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        await self._command(lambda client: client.ping())
+
+    async def _follow(self, node: Node, refused: BaseException, since: float, tries: int) -> bool:
+        """After a command that surely did not run on ``node``: point the route at the
+        slot's owner now (a cluster), and wait a little if it is still ``node``. False
+        when there is nowhere to go (a single server) or :data:`FOLLOW_S` has passed."""
+        route = self._route
+        if not route.follows or time.monotonic() - since > FOLLOW_S:
+            return False
+        await route.follow(node, _moved_to(refused))
+        if route.node is node:  # no new owner yet: a failover takes a few seconds
+            await asyncio.sleep(FOLLOW_BACKOFF_S[min(tries, len(FOLLOW_BACKOFF_S) - 1)])
+        return True
+
+    async def _command(self, call: Callable[[Redis], Awaitable[T]]) -> T:
+        """``call`` on the pool's client; every such command is a read or idempotent
+        (``SET NX GET``), so one that failed to reach the slot's owner is sent again
+        where it now lives."""
+        since, tries = time.monotonic(), 0
+        while True:
+            node = self.node()
+            try:
+                return await call(node.client)
+            except (RedisError, OSError) as exc:
+                if _rerouted(exc) and await self._follow(node, exc, since, tries):
+                    tries += 1
+                    continue
+                raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
 
     # running scripts and reads -------------------------------------------------------
     async def _eval(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
@@ -336,39 +432,44 @@ class RedisStore(RedisChangeLog):
         packed by hiredis, sent and answered within :data:`SCRIPT_TIMEOUT_S`.
 
         Never resent after a broken connection: once the command may have reached
-        the server the outcome is ``unknown`` for a writing script."""
+        the server the outcome is ``unknown`` for a writing script. One refused before
+        it ran (a cluster slot's owner moved) is sent to the new owner."""
         script: Script = SCRIPTS[name]
-        lanes = self._lanes
-        if lanes is None:
-            raise StoreUnavailable("the Redis store is not started")
+        if not keys:  # a cluster routes a script by its first key
+            raise ValueError(f"script {name} named no key")
+        since, tries, ask = time.monotonic(), 0, ""
+        while True:
+            node = self.node()
+            try:
+                if ask:
+                    return await self._eval_asking(ask, name, script, keys, args)
+                return await self._eval_on(node, name, script, keys, args)
+            except _Refused as refused:
+                if refused.ask and not ask:
+                    ask = refused.ask  # a slot being migrated: try the importing node once
+                    continue
+                ask = ""
+                cause = refused.error.__cause__ or refused
+                if not await self._follow(node, cause, since, tries):
+                    raise refused.error from cause
+                tries += 1
+
+    async def _eval_on(
+        self, node: Node, name: str, script: Script, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Any:
+        lanes = node.lanes
         try:
             conn = await lanes.take()
-        except (LanesBusy, RedisError, OSError) as exc:
+        except LanesBusy as exc:
             raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            error = StoreUnavailable(f"Redis unreachable at {node.address}: {exc}")
+            error.__cause__ = exc
+            raise _Refused(error) from exc
         clean = False  # a connection whose exchange did not finish is never reused
         try:
-            async with asyncio.timeout(SCRIPT_TIMEOUT_S):
-                try:
-                    await conn.send_packed_command(
-                        _packed("EVALSHA", script.sha, len(keys), *keys, *args),
-                        check_health=False,
-                    )
-                    reply = await conn.read_response()
-                except NoScriptError:
-                    await conn.send_packed_command(
-                        _packed("EVAL", script.source, len(keys), *keys, *args),
-                        check_health=False,
-                    )
-                    reply = await conn.read_response()
+            reply, acks = await self._script_exchange(conn, script, keys, args, asking=False)
             clean = True
-            return reply
-        except ResponseError as exc:
-            clean = True  # Redis answered in full: the connection is fine
-            message = str(exc)
-            ran = not message.startswith(_NOT_RUN)
-            outcome: StoreOutcome = "unknown" if ran and script.writes else "not_applied"
-            log.error("Redis script %s failed: %s", name, message)
-            raise StoreUnavailable(f"Redis refused {name}: {message}", outcome=outcome) from exc
         except (RedisError, OSError) as exc:  # TimeoutError included: the deadline passed
             lost: StoreOutcome = "unknown" if script.writes else "not_applied"
             raise StoreUnavailable(f"Redis connection lost: {exc!r}", outcome=lost) from exc
@@ -377,19 +478,127 @@ class RedisStore(RedisChangeLog):
             if not clean:
                 await conn.disconnect()
             lanes.give_back(conn)
+        return self._judge(name, script, reply, acks)
+
+    async def _eval_asking(
+        self,
+        address: str,
+        name: str,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+    ) -> Any:
+        """The script on the node an ASK named (the slot is being migrated there), after
+        ``ASKING``, on a connection of its own made for this one call."""
+        route = self._route
+        assert isinstance(route, ClusterRoute)  # only a cluster answers ASK
+        pool = ConnectionPool.from_url(
+            route.node_url(address), decode_responses=True, socket_connect_timeout=CONNECT_S
+        )
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        conn.socket_timeout = None
+        try:
+            try:
+                async with asyncio.timeout(CONNECT_S):
+                    await conn.connect()  # type: ignore[no-untyped-call]
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"Redis unreachable at {address}: {exc}") from exc
+            try:
+                reply, acks = await self._script_exchange(conn, script, keys, args, asking=True)
+            except (RedisError, OSError) as exc:
+                lost: StoreOutcome = "unknown" if script.writes else "not_applied"
+                raise StoreUnavailable(f"Redis connection lost: {exc!r}", outcome=lost) from exc
+        finally:
+            await conn.disconnect()
+            await pool.disconnect()
+        return self._judge(name, script, reply, acks)
+
+    async def _script_exchange(
+        self,
+        conn: AbstractConnection,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        *,
+        asking: bool,
+    ) -> tuple[Any, int]:
+        """EVALSHA (EVAL on NOSCRIPT), each followed by WAIT when writing with replica
+        acknowledgement on, within one deadline. Returns the script's reply (an error
+        reply as its exception) and the acknowledgements."""
+        wait = self.wait_replicas if script.writes else 0
+        async with asyncio.timeout(SCRIPT_TIMEOUT_S + (self.wait_timeout_ms / 1000 if wait else 0)):
+            command = _packed("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply, acks = await self._exchange(conn, command, wait, asking)
+            if isinstance(reply, NoScriptError):
+                command = _packed("EVAL", script.source, len(keys), *keys, *args)
+                reply, acks = await self._exchange(conn, command, wait, asking)
+            if wait and isinstance(reply, list) and reply and reply[0] == "REPLAY":
+                # The record replayed was written by another call, maybe on another
+                # connection: WAIT here would cover only this connection's writes. A write
+                # of its own, after the record's, makes the WAIT cover the record.
+                _, acks = await self._exchange(conn, _packed("SET", self.k_sync, "1"), wait, asking)
+        return reply, acks
+
+    async def _exchange(
+        self, conn: AbstractConnection, command: bytes, wait: int, asking: bool
+    ) -> tuple[Any, int]:
+        """One command (after ``ASKING``, and followed by ``WAIT`` when ``wait``) in one
+        packet; the command's error reply is returned, not raised, so that the WAIT's
+        reply is still read and the connection stays clean."""
+        if asking:
+            command = _packed("ASKING") + command
+        if wait:
+            command += _packed("WAIT", wait, self.wait_timeout_ms)
+        await conn.send_packed_command(command, check_health=False)
+        if asking:
+            await conn.read_response()  # +OK
+        try:
+            reply = await conn.read_response()
+        except ResponseError as exc:
+            reply = exc
+        acks = int(await conn.read_response()) if wait else 0
+        return reply, acks
+
+    def _judge(self, name: str, script: Script, reply: Any, acks: int) -> Any:
+        """The script's reply, or the error it means: an error reply (refused before it
+        ran: ``_Refused`` for the caller to follow the slot, or failed while running),
+        or an answer that reports state with fewer replicas than required."""
+        if isinstance(reply, RedisError):
+            code = _code(reply)
+            message = f"Redis refused {name}: {code} {reply}"
+            if code in _ELSEWHERE or code == "ASK" or code in _NOT_RUN:
+                error = StoreUnavailable(message, outcome="not_applied")
+                error.__cause__ = reply
+                if code in _NOT_RUN or not self._route.follows:
+                    raise error from reply
+                ask = reply.node_addr if code == "ASK" and isinstance(reply, AskError) else ""
+                raise _Refused(error, ask=str(ask)) from reply
+            # A script that failed while running (a bug): what it wrote before stays.
+            log.error("Redis script %s failed: %s", name, reply)
+            outcome: StoreOutcome = "unknown" if script.writes else "not_applied"
+            raise StoreUnavailable(message, outcome=outcome) from reply
+        wait = self.wait_replicas if script.writes else 0
+        if wait and acks < wait and not _refusal(reply):
+            raise StoreUnavailable(
+                f"{acks} of {wait} Redis replicas acknowledged {name} within "
+                f"{self.wait_timeout_ms} ms: it is on the master and may not survive a failover",
+                outcome="unknown",
+            )
+        return reply
 
     async def _snapshot(self, *commands: Sequence[str]) -> tuple[int, list[Any]]:
         """The store clock and the answers to ``commands``, read in one MULTI/EXEC
         (one consistent snapshot, one round trip)."""
-        try:
-            pipe = self._redis().pipeline(transaction=True)
+
+        async def snapshot(client: Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=True)
             pipe.time()
             pipe.hget(self.k_meta, "offset")
             for command in commands:
                 pipe.execute_command(*command)
-            res: list[Any] = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+            return await pipe.execute()
+
+        res = await self._command(snapshot)
         seconds, micros = res[0]
         return int(seconds) * 1000 + int(micros) // 1000 + int(res[1] or 0), res[2:]
 
@@ -579,10 +788,8 @@ class RedisStore(RedisChangeLog):
             shard = _row_shard(reply[1], reply[2])
             self._clock.saw(int(reply[3]))
         else:
-            try:
-                row = await self._redis().hmget(self.k_shard(key), list(SHARD_FIELDS))
-            except (RedisError, OSError) as exc:
-                raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+            shard_key = self.k_shard(key)
+            row = await self._command(lambda client: client.hmget(shard_key, list(SHARD_FIELDS)))
             if row[0] is None:
                 raise ShardNotFound(key)
             shard = _hash_shard(key, row)
@@ -614,13 +821,14 @@ class RedisStore(RedisChangeLog):
                     self._heads.saw_shard(shard)
             return found
         # Unrecorded: one MULTI of HMGETs, so the rows are one snapshot, as in a script.
-        try:
-            async with self._redis().pipeline(transaction=True) as pipe:
+
+        async def rows_of(client: Redis) -> list[Any]:
+            async with client.pipeline(transaction=True) as pipe:
                 for key in keys:
                     pipe.hmget(self.k_shard(key), list(SHARD_FIELDS))
-                rows = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+                return await pipe.execute()
+
+        rows = await self._command(rows_of)
         for key, row in zip(keys, rows, strict=True):
             if row[0] is not None:
                 found[key] = shard = _hash_shard(key, row)
@@ -632,10 +840,9 @@ class RedisStore(RedisChangeLog):
         if after is not None and after >= prefix:
             low = "(" + after
         high = "[" + prefix + "\U0010ffff" if prefix else "+"
-        try:
-            found = await self._redis().zrangebylex(self.k_live, low, high, start=0, num=limit)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+        found = await self._command(
+            lambda client: client.zrangebylex(self.k_live, low, high, start=0, num=limit)
+        )
         keys = [k if isinstance(k, str) else k.decode() for k in found]
         return [k for k in keys if k.startswith(prefix)]
 
@@ -943,10 +1150,22 @@ class RedisStore(RedisChangeLog):
         # later one gets it back instead of storing its own. Outside the keys
         # /admin/reset deletes.
         key = f"{self.tag}:signing"
-        try:
-            kept = await self._redis().set(key, candidate.hex(), nx=True, get=True)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis unreachable: {exc}") from exc
+
+        async def keep(client: Redis) -> tuple[Any, int]:
+            # With replica acknowledgement, WAIT on the same connection (one pipeline).
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(key, candidate.hex(), nx=True, get=True)
+                if self.wait_replicas:
+                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                got = await pipe.execute()
+            return got[0], int(got[1]) if self.wait_replicas else 0
+
+        kept, acks = await self._command(keep)
+        if acks < self.wait_replicas:
+            raise StoreUnavailable(
+                f"{acks} of {self.wait_replicas} Redis replicas acknowledged the signing key",
+                outcome="unknown",
+            )
         if kept is None:
             return candidate
         try:
