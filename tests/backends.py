@@ -1,8 +1,9 @@
 """Where the test suite finds its real PostgreSQL and Redis servers, and how it wipes
 them between tests.
 
-``make test`` starts throwaway servers and exports ``SBUS_TEST_POSTGRES_URL`` and
-``SBUS_TEST_REDIS_URL``. Without them the defaults point at the ports the services
+``make test`` starts throwaway servers and exports ``SBUS_TEST_POSTGRES_URL``,
+``SBUS_TEST_REDIS_URL`` and ``SBUS_TEST_REDIS_CLUSTER_URL`` (a Redis Cluster of 3
+masters with a replica each). Without them the defaults point at the ports the services
 script uses. A test whose backend (or other outside tool: Java, the PostgreSQL
 binaries) cannot be reached FAILS, on every machine, so a missing server can never pass
 silently; only an explicit ``SBUS_TEST_ALLOW_SKIP=1`` turns those failures into skips.
@@ -12,14 +13,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
+
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster
 
 POSTGRES_URL = os.environ.get(
     "SBUS_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:55432/postgres"
 )
 REDIS_URL = os.environ.get("SBUS_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
+REDIS_CLUSTER_URL = os.environ.get(
+    "SBUS_TEST_REDIS_CLUSTER_URL",
+    "redis+cluster://127.0.0.1:57001,127.0.0.1:57002,127.0.0.1:57003",
+)
 # The one way to let tests skip for want of a server or tool; CI and developers alike
 # fail without it.
 ALLOW_SKIP = os.environ.get("SBUS_TEST_ALLOW_SKIP", "") == "1"
@@ -63,6 +71,37 @@ async def _redis_ready() -> str | None:
     return None
 
 
+def redis_cluster_client() -> RedisCluster:
+    """redis-py's cluster client over the test cluster's startup nodes."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+    from sbus.storage.urls import cluster_nodes
+
+    nodes, _, _ = cluster_nodes(REDIS_CLUSTER_URL)
+    (host, port), rest = nodes[0], nodes[1:]
+    return RedisCluster(
+        host=host,
+        port=port,
+        startup_nodes=[ClusterNode(h, p) for h, p in rest],
+        decode_responses=True,
+    )
+
+
+async def _redis_cluster_ready() -> str | None:
+    from redis.exceptions import RedisClusterException, RedisError
+
+    client = redis_cluster_client()
+    try:
+        info = await client.cluster_info()
+    except (OSError, RedisError, RedisClusterException) as exc:
+        return f"Redis Cluster at {REDIS_CLUSTER_URL} unreachable: {exc}"
+    finally:
+        await client.aclose()
+    if info.get("cluster_state") != "ok":
+        return f"Redis Cluster at {REDIS_CLUSTER_URL} is not ok: {info.get('cluster_state')}"
+    return None
+
+
 _checked: dict[str, str | None] = {}
 
 
@@ -74,6 +113,8 @@ async def unavailable(kind: str) -> str | None:
         elif kind == "redis":
             built = redis_store_built()
             _checked[kind] = await _redis_ready() if built else "the Redis store is not built"
+        elif kind == "redis-cluster":
+            _checked[kind] = await _redis_cluster_ready()
         else:
             _checked[kind] = None
     return _checked[kind]
@@ -119,3 +160,11 @@ async def wipe(kind: str) -> None:
             await client.flushdb()
         finally:
             await client.aclose()
+    elif kind == "redis-cluster":
+        from redis.asyncio.cluster import RedisCluster
+
+        cluster = redis_cluster_client()
+        try:
+            await cluster.flushall(target_nodes=RedisCluster.PRIMARIES)
+        finally:
+            await cluster.aclose()

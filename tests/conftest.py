@@ -20,6 +20,9 @@ from tests import backends
 from tests.model.seeding import SEED, SEED_ENV
 
 STORES = ["memory", "sqlite", "postgres", "redis"]
+# The store conformance suite and the lockstep model also run on a Redis Cluster; the
+# API tests do not (the cluster store is the Redis store routed by slot).
+STORES_AND_CLUSTER = [*STORES, "redis-cluster"]
 JSON = {"Content-Type": "application/json"}
 
 AppFactory = Callable[..., Awaitable[tuple[FastAPI, httpx.AsyncClient]]]
@@ -38,6 +41,8 @@ def store_url(kind: str, tmp_path: Path) -> str:
         return backends.POSTGRES_URL
     if kind == "redis":
         return backends.REDIS_URL
+    if kind == "redis-cluster":
+        return backends.REDIS_CLUSTER_URL
     raise ValueError(kind)
 
 

@@ -65,9 +65,7 @@ class WatchRedisStore(RedisStore):
     async def apply(self, txn: Txn) -> Outcome:
         if not _plain(txn):
             return await super().apply(txn)
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailable("the Redis store is not started")
+        pool = self.node().pool  # StoreUnavailable before start
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(random.random() * 0.001 * min(attempt, 20))

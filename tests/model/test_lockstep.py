@@ -106,7 +106,13 @@ MAX_DL = 2  # below the key count, so a session can overflow
 FROZEN_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 # SBUS_TEST_MODEL_STORES=memory,sqlite runs without servers; =postgres runs one backend.
 LISTED = os.environ.get("SBUS_TEST_MODEL_STORES", "memory,sqlite,postgres,redis").split(",")
+# The Redis store on a Redis Cluster runs the same machine against memory, in a run of
+# its own with fewer examples: it is the Redis store's scripts again, routed to the
+# slot's master, so what it adds is the routing, which every request exercises; the
+# full count would double the Redis share of make test's budget.
+CLUSTER_LISTED = os.environ.get("SBUS_TEST_MODEL_CLUSTER_STORES", "memory,redis-cluster").split(",")
 EXAMPLES = 200  # per make test run, each run on a fresh seed
+CLUSTER_EXAMPLES = 40
 FROZEN = {"memory", "sqlite", "model"}  # exact timestamps; the others use the real clock
 JSON = {"Content-Type": "application/json"}
 VOLATILE = frozenset({"commit_id", "hash", "prev_hash"})
@@ -183,14 +189,14 @@ def usable_stores(listed: list[str]) -> list[str]:
     return usable
 
 
-_reachable: list[str] = []
+_reachable: dict[tuple[str, ...], list[str]] = {}
 
 
-def reachable_stores() -> list[str]:
-    """``usable_stores(LISTED)``, worked out once per run."""
-    if not _reachable:
-        _reachable.extend(usable_stores(LISTED))
-    return _reachable
+def reachable_stores(listed: list[str] = LISTED) -> list[str]:
+    """``usable_stores(listed)``, worked out once per run."""
+    if tuple(listed) not in _reachable:
+        _reachable[tuple(listed)] = usable_stores(listed)
+    return _reachable[tuple(listed)]
 
 
 @pytest.mark.parametrize("allow_skip", [False, True])
@@ -210,7 +216,7 @@ def test_one_missing_store_does_not_drop_the_others(
             usable_stores(listed)
 
 
-@pytest.mark.parametrize("kind", LISTED)
+@pytest.mark.parametrize("kind", sorted({*LISTED, *CLUSTER_LISTED}))
 async def test_lockstep_store_is_reachable(kind: str) -> None:
     """One line per store in the report: a store the machine had to leave out (only
     under SBUS_TEST_ALLOW_SKIP=1) shows as a skip here, never as silence."""
@@ -250,6 +256,7 @@ class Fleet:
             "sqlite": f"sqlite:///{self.tmp / 'x.db'}",
             "postgres": backends.POSTGRES_URL,
             "redis": backends.REDIS_URL,
+            "redis-cluster": backends.REDIS_CLUSTER_URL,
         }[kind]
         app = create_app(
             Settings(
@@ -301,13 +308,13 @@ class Fleet:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_fleet: list[Fleet] = []
+_fleet: dict[tuple[str, ...], Fleet] = {}
 
 
-def fleet() -> Fleet:
-    if not _fleet:
-        _fleet.append(Fleet(reachable_stores()))
-    return _fleet[0]
+def fleet(stores: list[str]) -> Fleet:
+    if tuple(stores) not in _fleet:
+        _fleet[tuple(stores)] = Fleet(stores)
+    return _fleet[tuple(stores)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -315,17 +322,18 @@ def _close_fleet() -> Iterator[None]:
     """The apps live from the first example to the end of this module's tests."""
     yield
     while _fleet:
-        _fleet.pop().close()
+        _fleet.popitem()[1].close()
 
 
 class LockstepMachine(RuleBasedStateMachine):
     examples = 0
+    listed = LISTED
 
     def __init__(self) -> None:
         super().__init__()
         note(f"lockstep seed {SEED} ({SEED_ENV}={SEED} repeats this run)")
-        self.stores = reachable_stores()
-        self.fleet = fleet()
+        self.stores = reachable_stores(self.listed)
+        self.fleet = fleet(self.stores)
         self.loop = self.fleet.loop
         self.clients = self.fleet.clients
         self.fleet.reset()
@@ -841,3 +849,17 @@ SlowLockstepMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_lockstep_long = pytest.mark.slow(SlowLockstepMachine.TestCase)
+
+
+class ClusterLockstepMachine(LockstepMachine):
+    listed = CLUSTER_LISTED
+
+
+seed(SEED)(ClusterLockstepMachine)
+ClusterLockstepMachine.TestCase.settings = settings(
+    max_examples=CLUSTER_EXAMPLES,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_lockstep_redis_cluster = ClusterLockstepMachine.TestCase

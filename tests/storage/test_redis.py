@@ -204,18 +204,18 @@ class TestDriver:
 
         assert hiredis.__version__
         await store.create(create("k"))
-        assert store._lanes is not None and store._pool is not None
-        conn = await store._lanes.take()  # what every script runs on
+        node = store.node()
+        conn = await node.lanes.take()  # what every script runs on
         try:
             assert type(conn._parser) is _AsyncHiredisParser
         finally:
-            store._lanes.give_back(conn)
-        other = await store._pool.get_connection()  # type: ignore[no-untyped-call]
+            node.lanes.give_back(conn)
+        other = await node.pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await other.connect()  # the rest: pipelines, HMGET, CONFIG
             assert type(other._parser) is _AsyncHiredisParser
         finally:
-            await store._pool.release(other)
+            await node.pool.release(other)
 
 
 class TestLayout:
@@ -290,8 +290,7 @@ class TestScripts:
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         await store.create(create("k"))
-        assert store._lanes is not None
-        lanes = store._lanes
+        lanes = store.node().lanes
         original = lanes.take
 
         async def broken() -> Any:
@@ -326,12 +325,11 @@ class TestScripts:
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         await store.create(create("k"))
-        assert store._lanes is not None
 
         async def refused(*_: Any, **__: Any) -> Any:
             raise RedisConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
 
-        monkeypatch.setattr(store._lanes, "take", refused)
+        monkeypatch.setattr(store.node().lanes, "take", refused)
         with pytest.raises(e.StoreUnavailable) as info:
             await store.apply(commit("k", 0, "no"))
         assert info.value.fields["outcome"] == "not_applied"
@@ -343,8 +341,7 @@ class TestScripts:
         of their own): past it, a writing script's outcome is unknown, and the
         connection, whose reply may still come, is not used again."""
         await store.create(create("k"))
-        assert store._lanes is not None
-        lanes = store._lanes
+        lanes = store.node().lanes
         original = lanes.take
         taken: list[Any] = []
 
@@ -370,9 +367,8 @@ class TestScripts:
     async def test_all_connections_busy_is_not_applied(
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        assert store._pool is not None
-        lanes = Lanes(store._pool, 1, 0.05, 5)
-        monkeypatch.setattr(store, "_lanes", lanes)
+        lanes = Lanes(store.node().pool, 1, 0.05, 5)
+        monkeypatch.setattr(store.node(), "lanes", lanes)
         held = await lanes.take()
         try:
             with pytest.raises(e.StoreUnavailable) as info:

@@ -66,6 +66,16 @@ def test_version_option_and_command() -> None:
         ("SBUS_LOG_LEVEL", "loud", "SBUS_LOG_LEVEL: Input should be 'critical'"),
         ("SBUS_LOG_FORMAT", "xml", "SBUS_LOG_FORMAT: Input should be 'json' or 'text'"),
         ("SBUS_RATE_LIMIT", "fast", "fast"),
+        (
+            "SBUS_REDIS_WAIT_REPLICAS",
+            "-1",
+            "SBUS_REDIS_WAIT_REPLICAS: Input should be greater than or equal to 0",
+        ),
+        (
+            "SBUS_REDIS_WAIT_TIMEOUT_MS",
+            "0",
+            "SBUS_REDIS_WAIT_TIMEOUT_MS: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_settings_end_in_one_line(
@@ -94,6 +104,11 @@ def test_bad_settings_end_in_one_line(
             "target_session_attrs=standby cannot be used: the bus writes",
         ),
         ("sqlite:////proc/no/such.db", "cannot open SQLite store"),
+        (
+            "redis+cluster://u:pw@h:7000,h:7001/3",
+            "SBUS_STORE redis+cluster://u:***@h:7000,h:7001/3: Redis Cluster has only "
+            "database 0, not /3",
+        ),
     ],
 )
 def test_unusable_store_urls_end_in_one_line(url: str, needle: str) -> None:

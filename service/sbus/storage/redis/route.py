@@ -111,7 +111,7 @@ class ClusterRoute(Route):
         route reads; it sends none of the store's commands)."""
         if self._cluster is None:
             host, port = self._startup[0]
-            first = self.node_url(_address(host, port))
+            first = self.node_url(address(host, port))
             self._cluster = RedisCluster.from_url(
                 first,
                 startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
@@ -131,7 +131,7 @@ class ClusterRoute(Route):
             node = cluster.nodes_manager.get_node_from_slot(self.slot)
         except RedisClusterException as exc:  # not a RedisError: no slot map at all
             raise RedisError(str(exc)) from exc
-        return _address(node.host, int(node.port))
+        return address(node.host, int(node.port))
 
     async def open(self) -> Node:
         if self.node is None:
@@ -181,5 +181,5 @@ class ClusterRoute(Route):
             await cluster.aclose()
 
 
-def _address(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

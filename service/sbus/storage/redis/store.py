@@ -120,9 +120,9 @@ from sbus.core.types import (
 from sbus.storage.redis.changes import RedisChangeLog
 from sbus.storage.redis.heads import Head, Heads, StoreClock, head_of
 from sbus.storage.redis.lanes import LanesBusy
-from sbus.storage.redis.route import CONNECT_S, ClusterRoute, Node, Route
+from sbus.storage.redis.route import CONNECT_S, ClusterRoute, Node, Route, address
 from sbus.storage.redis.scripts import SCRIPTS, Script
-from sbus.storage.urls import CLUSTER_SCHEME, redact_url
+from sbus.storage.urls import CLUSTER_SCHEME, cluster_nodes, redact_url
 
 log = logging.getLogger("sbus.redis")
 
@@ -177,11 +177,15 @@ def _code(error: BaseException) -> str:
     return str(code) if code else str(error).split(" ", 1)[0]
 
 
+def _redirect(error: BaseException) -> str:
+    """host:port a MOVED or ASK answer names."""
+    assert isinstance(error, AskError)  # MovedError is one too
+    return address(str(error.host), int(error.port))
+
+
 def _moved_to(error: BaseException) -> str | None:
     """host:port a MOVED names, else None."""
-    if isinstance(error, AskError) and _code(error) == "MOVED":
-        return error.node_addr if isinstance(error.node_addr, str) else None
-    return None
+    return _redirect(error) if isinstance(error, AskError) and _code(error) == "MOVED" else None
 
 
 def _rerouted(error: BaseException) -> bool:
@@ -263,6 +267,9 @@ class RedisStore(RedisChangeLog):
                 f"{wait_replicas} and {wait_timeout_ms}"
             )
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
+        self.cluster = url.startswith(CLUSTER_SCHEME)
+        if self.cluster:
+            cluster_nodes(url)  # a URL it cannot use is refused here, naming why
         self.url, query_ns = _split_namespace(url)
         namespace = query_ns or namespace
         if not namespace or "{" in namespace or "}" in namespace:
@@ -285,7 +292,6 @@ class RedisStore(RedisChangeLog):
         self.k_conflicts = f"{tag}:conflicts"
         self.k_audit_ids = f"{tag}:audit:ids"  # the audit log (storage/redis/audit_lua.py)
         self.k_sync = f"{tag}:sync"  # written before a replay's WAIT (see _eval)
-        self.cluster = self.url.startswith(CLUSTER_SCHEME)
         self._route = ClusterRoute(self.url, tag) if self.cluster else Route(self.url)
         self._heads = Heads()  # what this process last saw: see heads.py
         self._clock = StoreClock()
@@ -571,8 +577,7 @@ class RedisStore(RedisChangeLog):
                 error.__cause__ = reply
                 if code in _NOT_RUN or not self._route.follows:
                     raise error from reply
-                ask = reply.node_addr if code == "ASK" and isinstance(reply, AskError) else ""
-                raise _Refused(error, ask=str(ask)) from reply
+                raise _Refused(error, ask=_redirect(reply) if code == "ASK" else "") from reply
             # A script that failed while running (a bug): what it wrote before stays.
             log.error("Redis script %s failed: %s", name, reply)
             outcome: StoreOutcome = "unknown" if script.writes else "not_applied"
@@ -1093,7 +1098,29 @@ class RedisStore(RedisChangeLog):
         fp, exp, status, etag, body, ac, cc, dd = res[0]
         if fp is None or int(exp) <= now:
             return None
+        if self.wait_replicas:
+            # A replay acknowledges what another call wrote: not before the replicas have it.
+            await self._synced("the idempotency record replayed")
         return self._idem_record((fp, status, etag or "", body or "", ac or "", cc, dd))
+
+    async def _synced(self, what: str) -> None:
+        """Wait until the replicas have everything written before now: a write of this
+        connection's own (``T:sync``) and WAIT for it, in one pipeline."""
+
+        async def sync(client: Redis) -> int:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(self.k_sync, "1")
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                got = await pipe.execute()
+            return int(got[1])
+
+        acks = await self._command(sync)
+        if acks < self.wait_replicas:
+            raise StoreUnavailable(
+                f"{acks} of {self.wait_replicas} Redis replicas acknowledged {what} within "
+                f"{self.wait_timeout_ms} ms",
+                outcome="unknown",
+            )
 
     # delivery log ------------------------------------------------------------------------------
     async def reset_session(self, agent_id: str, session_id: str) -> None:
