@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -94,8 +95,13 @@ class ClusterRoute(Route):
 
     follows = True
 
-    def __init__(self, url: str, tag: str) -> None:
+    def __init__(
+        self, url: str, tag: str, prepare: Callable[[Redis], Awaitable[None]] | None = None
+    ) -> None:
+        """``prepare`` readies a new owner before commands go to it (the store loads
+        its scripts there: a promoted replica has none cached)."""
         super().__init__(url)
+        self._prepare = prepare
         startup, self._userinfo, self._query = cluster_nodes(url)
         self.slot = key_slot(tag.encode())
         self._startup = startup
@@ -156,7 +162,13 @@ class ClusterRoute(Route):
                 failed.address,
                 address,
             )
-            self.node = Node.open(self.node_url(address), address)
+            node = Node.open(self.node_url(address), address)
+            if self._prepare is not None:
+                try:
+                    await self._prepare(node.client)
+                except (RedisError, OSError) as exc:  # it is a shortcut, not a must
+                    log.warning("Redis Cluster: cannot prepare %s: %s", address, exc)
+            self.node = node
             self._retire(failed)
 
     def _retire(self, node: Node) -> None:

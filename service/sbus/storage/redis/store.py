@@ -292,7 +292,9 @@ class RedisStore(RedisChangeLog):
         self.k_conflicts = f"{tag}:conflicts"
         self.k_audit_ids = f"{tag}:audit:ids"  # the audit log (storage/redis/audit_lua.py)
         self.k_sync = f"{tag}:sync"  # written before a replay's WAIT (see _eval)
-        self._route = ClusterRoute(self.url, tag) if self.cluster else Route(self.url)
+        self._route = (
+            ClusterRoute(self.url, tag, self._load_scripts) if self.cluster else Route(self.url)
+        )
         self._heads = Heads()  # what this process last saw: see heads.py
         self._clock = StoreClock()
 
@@ -340,8 +342,7 @@ class RedisStore(RedisChangeLog):
             return f"Redis {version} is too old: S-Bus needs Redis >= 7.0"
         problem = await self._check_config(client)
         if problem is None:
-            for script in SCRIPTS.values():
-                await client.script_load(script.source)
+            await self._load_scripts(client)
             if self.wait_replicas:
                 replicas = int((await client.info("replication")).get("connected_slaves", 0))
                 if replicas < self.wait_replicas:
@@ -352,6 +353,11 @@ class RedisStore(RedisChangeLog):
                         replicas,
                     )
         return problem
+
+    @staticmethod
+    async def _load_scripts(client: Redis) -> None:
+        for script in SCRIPTS.values():
+            await client.script_load(script.source)
 
     async def check(self) -> None:
         """The configuration again (an operator may ``CONFIG SET`` it at run time):
