@@ -112,7 +112,7 @@ LISTED = os.environ.get("SBUS_TEST_MODEL_STORES", "memory,sqlite,postgres,redis"
 # full count would double the Redis share of make test's budget.
 CLUSTER_LISTED = os.environ.get("SBUS_TEST_MODEL_CLUSTER_STORES", "memory,redis-cluster").split(",")
 EXAMPLES = 200  # per make test run, each run on a fresh seed
-CLUSTER_EXAMPLES = 40
+CLUSTER_EXAMPLES = 25
 FROZEN = {"memory", "sqlite", "model"}  # exact timestamps; the others use the real clock
 JSON = {"Content-Type": "application/json"}
 VOLATILE = frozenset({"commit_id", "hash", "prev_hash"})
