@@ -33,6 +33,7 @@ NEED_A_SERVER = {
     "test_pg_pool.py",
     "test_postgres.py",
     "test_redis.py",
+    "test_redis_cluster.py",
 }
 CONFORMANCE = "tests/storage/test_conformance.py::"
 OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED) (?:\[\d+\] )?(\S+)", re.MULTILINE)
@@ -51,6 +52,7 @@ def run_storage_suites(*selection: str, **extra: str) -> subprocess.CompletedPro
     env = {k: v for k, v in os.environ.items() if not k.startswith("SBUS_") and k not in dropped}
     env["SBUS_TEST_POSTGRES_URL"] = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/x"
     env["SBUS_TEST_REDIS_URL"] = f"redis://127.0.0.1:{closed_port()}/0"
+    env["SBUS_TEST_REDIS_CLUSTER_URL"] = f"redis+cluster://127.0.0.1:{closed_port()}"
     env.update(extra)
     ignored = [f"--ignore={path}" for path in NOT_IN_CHILD]
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", *ignored]
@@ -89,6 +91,7 @@ def test_unreachable_servers_fail_the_run_without_ci() -> None:
     assert done.returncode == 1, out
     assert "PostgreSQL at postgresql+asyncpg://" in out and "unreachable" in out, out
     assert "Redis at redis://127.0.0.1:" in out, out
+    assert "Redis Cluster at redis+cluster://127.0.0.1:" in out, out
     assert "set SBUS_TEST_ALLOW_SKIP=1 to skip it instead" in out, out
     last = out.strip().splitlines()[-1]
     assert " failed" in last and " error" in last and " skipped" not in last, out

@@ -90,6 +90,7 @@ class TestURL:
             ("redis+cluster://", "Redis Cluster node '' is not HOST:PORT"),
             ("redis+cluster://h1:99999", "Redis Cluster node 'h1:99999' is not HOST:PORT"),
         ],
+        ids=["database-2", "no-port", "no-node", "port-out-of-range"],
     )
     def test_a_bad_cluster_url_is_refused_at_once(self, url: str, message: str) -> None:
         with pytest.raises(ValueError, match=message):
