@@ -3,6 +3,8 @@
 Every failure a user can cause (a bad setting, an unusable store URL, a malformed token)
 ends with one ``sbus: ...`` line on stderr and a non-zero status, never a traceback:
 2 for a configuration or usage error, 1 when the store fails or a token does not pass.
+``sbus serve`` stopped by SIGTERM or SIGINT exits 0 once its requests in flight are done,
+or 4 when ``SBUS_DRAIN_TIMEOUT`` had to cut some (docs/operations.md section 6).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG = 2  # a bad setting, store URL or argument
 EXIT_FAILED = 1  # the store failed, or a token did not pass
+EXIT_CUT = 4  # sbus serve stopped, but the drain bound cut requests in flight
+# uvicorn's own drain bound, a backstop behind the bus's (sbus.api.connections), which
+# resets the connections left and cancels their requests first.
+DRAIN_BACKSTOP_S = 5
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="S-Bus state bus")
 
@@ -102,15 +108,22 @@ def _root(
 
 
 def _factory() -> object:
-    """uvicorn's app factory: each worker builds its own app from the environment, and
-    freezes what start-up built once its store is ready (FrozenOnceReady)."""
+    """uvicorn's app factory: each worker builds its own app from the environment,
+    freezes what start-up built once its store is ready (FrozenOnceReady) and stops
+    gracefully on SIGTERM (GracefulStop)."""
     from sbus.api.runtime import runtime_of
     from sbus.bootstrap import create_app
     from sbus.bootstrap.lifecycle import FrozenOnceReady
+    from sbus.bootstrap.shutdown import GracefulStop
 
-    app = create_app(Settings())
+    settings = Settings()
+    app = create_app(settings)
     runtime = runtime_of(app)
-    runtime.lifecycle = FrozenOnceReady(runtime.lifecycle)
+    runtime.lifecycle = GracefulStop(
+        FrozenOnceReady(runtime.lifecycle),
+        delay_s=settings.shutdown_delay,
+        drain_s=settings.drain_timeout,
+    )
     return app
 
 
@@ -147,20 +160,23 @@ def _preflight(settings: Settings) -> None:
 
 
 @contextmanager
-def scratch_dirs(count: int) -> Iterator[None]:
+def scratch_dirs(count: int) -> Iterator[str | None]:
     """The directories a multi-worker server shares (the Prometheus multiprocess
     files, the ready markers), removed when the server stops, also after SIGTERM or
-    SIGINT: uvicorn's supervisor handles those and returns."""
+    SIGINT: uvicorn's supervisor handles those and returns. Yields the markers'
+    directory (None for one worker)."""
     made: list[str] = []
+    ready_dir: str | None = None
     try:
         if count > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             made.append(tempfile.mkdtemp(prefix="sbus-prom-"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = made[-1]
         if count > 1:
             # /admin/health answers ready only when every worker has its store (readiness.py).
-            made.append(tempfile.mkdtemp(prefix="sbus-ready-"))
-            os.environ["SBUS_READY_DIR"] = made[-1]
-        yield
+            ready_dir = tempfile.mkdtemp(prefix="sbus-ready-")
+            made.append(ready_dir)
+            os.environ["SBUS_READY_DIR"] = ready_dir
+        yield ready_dir
     finally:
         for path in made:
             shutil.rmtree(path, ignore_errors=True)
@@ -188,9 +204,12 @@ def serve(
     Settings come from SBUS_* environment variables; an option overrides its variable.
     All of them, with their defaults, are in docs/configuration.md.
     """
+    import signal
+
     import uvicorn
 
-    from sbus.bootstrap import startup_problem
+    from sbus.api.readiness import requests_cut
+    from sbus.bootstrap import shutdown, startup_problem
     from sbus.storage.urls import redact_url
     from sbus.telemetry.logs import log_config
 
@@ -218,7 +237,12 @@ def serve(
         f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
         err=True,
     )
-    with scratch_dirs(count):
+    if count == 1:
+        # One worker runs in this process: uvicorn raises the signal that stopped it
+        # again once it has stopped, which must not end the process before its status.
+        for sig in shutdown.HANDLED:
+            signal.signal(sig, shutdown.note_signal)
+    with scratch_dirs(count) as ready_dir:
         uvicorn.run(
             "sbus.cli:_factory",
             factory=True,
@@ -228,10 +252,19 @@ def serve(
             log_config=log_config(settings.log_level, settings.log_format, settings.access_log),
             log_level=None,
             access_log=settings.access_log,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=int(settings.drain_timeout) + DRAIN_BACKSTOP_S,
             # Header deadline and connection cap (the body's is the app's own gate).
             http="sbus.api.connections:GuardedHttpToolsProtocol",
             timeout_keep_alive=settings.keepalive_timeout,
+        )
+        # This process's worker, or the workers' files (the supervisor's workers are
+        # processes of their own).
+        cut = shutdown.requests_cut() + (requests_cut(ready_dir) if ready_dir else 0)
+    if cut:
+        fail(
+            f"stopped, but SBUS_DRAIN_TIMEOUT={settings.drain_timeout:g}s cut {cut} "
+            "request(s) in flight",
+            EXIT_CUT,
         )
 
 

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     body_timeout: float = Field(30.0, gt=0, le=3600)
     keepalive_timeout: int = Field(5, ge=1, le=3600)
     max_connections: int = Field(512, ge=1)
+    # The graceful stop on SIGTERM (docs/operations.md section 6), per worker process.
+    shutdown_delay: float = Field(0.0, ge=0, le=3600)
+    drain_timeout: float = Field(10.0, ge=0, le=3600)
     # The change stream, GET /watch (protocol.md section 3.11).
     watch_retention: int = Field(3600, ge=1)
     watch_max_changes: int = Field(1_000_000, ge=1)

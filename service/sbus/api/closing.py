@@ -1,31 +1,67 @@
-"""The worker is shutting down: what long-lived responses listen for.
+"""The worker is shutting down: what long-lived responses and open connections listen for.
 
-uvicorn drains in-flight requests on SIGTERM (up to its graceful timeout) before the
-lifespan ends, and a change stream never finishes on its own. uvicorn asks every open
-connection to shut down first (``shutdown()`` of its protocol); the bus's protocol
-(:mod:`sbus.api.connections`) calls :func:`begin` there, and each ``GET /watch`` stream
-ends at once with its cursor (:mod:`sbus.api.sse`), so the shutdown is not held up.
+A worker's stop (``sbus serve`` on SIGTERM, docs/operations.md section 6) has two
+moments. :func:`begin` is the first: ``/admin/health`` already answers 503 and the
+worker still accepts (for ``SBUS_SHUTDOWN_DELAY`` seconds), but every ``GET /watch``
+stream ends at once with its cursor (:mod:`sbus.api.sse`), every idle keep-alive
+connection is closed and every response from then on carries ``Connection: close``
+(:mod:`sbus.api.connections`), so a proxy opens its next connection elsewhere. The
+second is uvicorn's own shutdown: it stops accepting and waits for the requests in
+flight, which the bus's protocol cuts when ``SBUS_DRAIN_TIMEOUT`` runs out (counted here,
+so that ``sbus serve`` can exit with a status that says so).
+
+The state is one per event loop (tests run several loops in one process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-
-_events: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] = (
-    weakref.WeakKeyDictionary()
-)
+from collections.abc import Iterable
 
 
-def event() -> asyncio.Event:
-    """This event loop's shutdown flag (one per loop: tests run several)."""
-    loop = asyncio.get_running_loop()
-    found = _events.get(loop)
+class Stop:
+    """One event loop's stop: whether it has begun, the open connections to wind down
+    when it does, and how many requests the drain bound cut."""
+
+    __slots__ = ("connections", "cut", "cutting", "deadline", "event")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        # uvicorn's set of this worker's open connections (the protocol hands it over);
+        # the bus's own have ``wind_down()``: serve no further request, close when idle.
+        self.connections: Iterable[object] = ()
+        self.deadline: asyncio.TimerHandle | None = None  # when the drain bound runs out
+        self.cutting = False  # it has run out
+        self.cut = 0  # requests cut then
+
+    def begin(self) -> None:
+        if self.event.is_set():
+            return
+        self.event.set()
+        for connection in list(self.connections):
+            wind_down = getattr(connection, "wind_down", None)
+            if wind_down is not None:
+                wind_down()
+
+
+_stops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Stop] = weakref.WeakKeyDictionary()
+
+
+def state(loop: asyncio.AbstractEventLoop | None = None) -> Stop:
+    """``loop``'s stop (default: the running loop's)."""
+    loop = loop or asyncio.get_running_loop()
+    found = _stops.get(loop)
     if found is None:
-        found = _events[loop] = asyncio.Event()
+        found = _stops[loop] = Stop()
     return found
 
 
+def event() -> asyncio.Event:
+    """This event loop's shutdown flag: set once the stop has begun."""
+    return state().event
+
+
 def begin() -> None:
-    """The worker is going down: end every stream now."""
-    event().set()
+    """The worker is going down: end every stream and wind down every connection now."""
+    state().begin()

@@ -14,7 +14,14 @@ answers a text/plain 503. :class:`GuardedHttpToolsProtocol` is uvicorn's protoco
   the middle of its headers gets 408 ``RequestTimeout`` (problem+json) and is closed;
 - a **connection cap**: a connection beyond ``SBUS_MAX_CONNECTIONS`` held by this worker
   is closed at once, before anything is read; the client sees the connection closed
-  without a response and may retry.
+  without a response and may retry;
+- a **graceful stop** (:mod:`sbus.api.closing`): once the worker's stop begins, idle
+  keep-alive connections are closed and every response carries ``Connection: close``;
+  when uvicorn's shutdown has waited ``SBUS_DRAIN_TIMEOUT`` seconds for the requests in
+  flight, the connections still open are reset and their requests cancelled, quietly
+  (uvicorn would log each cancelled request as an application error with a traceback,
+  and answer 500 where nothing was sent yet, which a client would take for a failure
+  when the outcome is unknown).
 
 The body's deadline (``SBUS_BODY_TIMEOUT``) is the ASGI gate's (sbus.api.middleware),
 which can answer it with a problem document. ``sbus serve`` selects this class with
@@ -27,6 +34,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +58,7 @@ REFUSAL_LOG_INTERVAL_S = 60.0
 class ConnectionLimits:
     header_timeout: float
     max_connections: int
+    drain_timeout: float
 
 
 @functools.cache
@@ -57,7 +66,9 @@ def configured_limits() -> ConnectionLimits:
     """This worker's limits, read once from the environment (``sbus serve`` checked
     the settings before starting any worker)."""
     settings = Settings()
-    return ConnectionLimits(settings.header_timeout, settings.max_connections)
+    return ConnectionLimits(
+        settings.header_timeout, settings.max_connections, settings.drain_timeout
+    )
 
 
 def timeout_response(seconds: float) -> bytes:
@@ -95,6 +106,24 @@ class _RefusalLog:
 _refusals = _RefusalLog()
 
 
+def cut_in_flight(
+    stop: closing.Stop, connections: Iterable[object], tasks: Iterable[asyncio.Task[None]]
+) -> None:
+    """The drain bound ran out: reset every connection still open and cancel its request
+    (an awaited store call included; the store's own rules end its transaction)."""
+    stop.cutting = True
+    stop.cut += sum(c.cut() for c in list(connections) if isinstance(c, GuardedHttpToolsProtocol))
+    for task in list(tasks):
+        task.cancel()
+    if stop.cut:
+        log.error(
+            "SBUS_DRAIN_TIMEOUT=%gs ran out: cut %d request(s) in flight; their clients see "
+            "the connection reset (outcome unknown: resend with the same Idempotency-Key)",
+            configured_limits().drain_timeout,
+            stop.cut,
+        )
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(
         self,
@@ -108,6 +137,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_timer: asyncio.TimerHandle | None = None
         self.partial = False  # some bytes of the pending request's head have arrived
         self.refused = False
+        self.stop = closing.state(self.loop)
+        self.inner_app = self.app
+        self.app = self.run_app
+
+    async def run_app(self, scope: Any, receive: Any, send: Any) -> None:
+        """The app, except that a request cut at the drain bound ends quietly: its
+        connection is already reset, and uvicorn would log the cancellation as an
+        application error."""
+        try:
+            await self.inner_app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.stop.cutting:
+                raise
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -116,13 +158,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        self.stop.connections = self.connections
         self._arm(partial=False)
 
     def shutdown(self) -> None:
-        # uvicorn's graceful shutdown begins: end the change streams, which would hold
-        # it up until its timeout (sbus.api.closing).
-        closing.begin()
+        # uvicorn stops accepting and waits for the requests in flight: the stop has
+        # begun if it had not yet (the change streams would hold it up until the drain
+        # bound), and the bound starts now.
+        stop = self.stop
+        stop.begin()
+        if stop.deadline is None:
+            stop.deadline = self.loop.call_later(
+                self.limits.drain_timeout, cut_in_flight, stop, self.connections, self.tasks
+            )
         super().shutdown()
+
+    def wind_down(self) -> None:
+        # uvicorn's own shutdown of one connection: closed if idle, otherwise its
+        # response carries Connection: close (or, if already started, the connection
+        # closes after it).
+        super().shutdown()
+
+    def cut(self) -> bool:
+        """Reset this connection; whether a request was in flight on it."""
+        cycle = self.cycle
+        busy = cycle is not None and not cycle.response_complete
+        if busy:
+            cycle.disconnected = True  # the app's sends go nowhere from now on
+        self.transport.abort()
+        return busy
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -140,6 +204,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self.cycle is not cycle:
             self._disarm()  # the headers are complete: the request is the app's now
+            if self.stop.event.is_set():
+                self.cycle.keep_alive = False  # answered with Connection: close
 
     def _arm(self, *, partial: bool) -> None:
         self._disarm()

@@ -7,6 +7,11 @@ answers 503 ``not_ready``. ``sbus serve --workers N`` (N > 1) hands its workers 
 directory (``SBUS_READY_DIR``); each worker drops a ``ready-<pid>`` marker there once
 its store answers and removes it on shutdown. A marker whose process is gone (a
 SIGKILLed worker that uvicorn replaced) does not count, and is cleared when seen.
+
+A worker that begins to shut down removes its marker at once (it will not serve much
+longer); on SIGTERM to ``sbus serve`` every worker does, and each answers 503 itself.
+A worker whose drain bound cut requests in flight leaves a ``cut-<pid>`` file holding
+how many, which ``sbus serve`` adds up for its exit status once every worker is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger("sbus")
 
 PREFIX = "ready-"
+CUT_PREFIX = "cut-"
 
 
 def _alive(pid: int) -> bool:
@@ -88,3 +94,21 @@ class WorkerReadiness:
         if ready >= self.workers:
             return None
         return f"{ready} of {self.workers} workers connected to the store"
+
+    def record_cut(self, count: int) -> None:
+        """Leave the number of requests this worker's drain bound cut (see above)."""
+        if self.directory is None:
+            return
+        try:
+            (self.directory / f"{CUT_PREFIX}{os.getpid()}").write_text(str(count))
+        except OSError as exc:
+            log.warning("cannot record the cut requests in %s: %s", self.directory, exc)
+
+
+def requests_cut(directory: str) -> int:
+    """How many requests the workers sharing ``directory`` cut at their drain bound."""
+    total = 0
+    for path in Path(directory).glob(f"{CUT_PREFIX}*"):
+        with contextlib.suppress(OSError, ValueError):
+            total += int(path.read_text())
+    return total

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from sbus.telemetry.tracing import Tracing
 
 NOT_CONNECTED = "store not connected yet"
+# /admin/health's reason once the worker's stop has begun (a load balancer's cue).
+SHUTTING_DOWN = "shutting down"
 
 
 class Lifecycle(Protocol):
@@ -71,6 +73,9 @@ class Runtime:
     # Why not ready: the operator's words (open mode, the log) and the public ones.
     not_ready_reason: str | None = NOT_CONNECTED
     not_ready_public: str = NOT_CONNECTED
+    # Set when the worker's stop begins (SIGTERM): /admin/health answers 503 from then
+    # on while every route still serves until the listener closes.
+    stopping: bool = False
 
     async def start(self) -> None:
         await self.lifecycle.start(self)
@@ -86,7 +91,14 @@ class Runtime:
     def mark_ready(self) -> None:
         self.ready = True
         self.not_ready_reason = None
-        self.readiness.mark_ready()
+        if not self.stopping:
+            self.readiness.mark_ready()
+
+    def begin_stopping(self) -> None:
+        """Answer 503 on /admin/health from now on, and no longer count as a ready
+        worker of this server; the routes keep serving."""
+        self.stopping = True
+        self.readiness.clear()
 
     def mark_not_ready(self, exc: StoreUnavailable) -> None:
         """Refuse store routes (503) and withdraw this worker's ready marker."""

@@ -9,7 +9,7 @@ from sbus import API_VERSION, __version__
 from sbus.api.deps import BusDep, RuntimeDep, caller_of, public_caller
 from sbus.api.ignored import WireRoute
 from sbus.api.render import json_response
-from sbus.api.runtime import Runtime, public_reason
+from sbus.api.runtime import SHUTTING_DOWN, Runtime, public_reason
 from sbus.api.schemas import HealthOut, StatsOut, VersionOut
 from sbus.core.commands import ReadStats
 from sbus.core.errors import StoreUnavailable
@@ -88,10 +88,15 @@ async def version() -> Response:
 @router.get(
     "/admin/health",
     response_model=HealthOut,
-    responses={503: {"model": HealthOut, "description": "Store not ready"}},
-    summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready",
+    responses={503: {"model": HealthOut, "description": "Store not ready, or shutting down"}},
+    summary="Readiness: 200 when the store answers (on every worker), else 503 not_ready; "
+    "503 from the moment a worker begins to shut down",
 )
 async def health(request: Request, runtime: RuntimeDep) -> Response:
+    if runtime.stopping:
+        return json_response(
+            {"status": "not_ready", "version": __version__, "reason": SHUTTING_DOWN}, status=503
+        )
     if not runtime.ready:
         return _not_ready(runtime, runtime.not_ready_reason, runtime.not_ready_public)
     waiting = runtime.readiness.waiting_for()
