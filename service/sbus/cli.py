@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2  # a bad setting, store URL or argument
 EXIT_FAILED = 1  # the store failed, or a token did not pass
 EXIT_CUT = 4  # sbus serve stopped, but the drain bound cut requests in flight
-# uvicorn's own drain bound, a backstop behind the bus's (sbus.api.connections), which
-# resets the connections left and cancels their requests first.
-DRAIN_BACKSTOP_S = 5
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="S-Bus state bus")
 
@@ -204,14 +201,8 @@ def serve(
     Settings come from SBUS_* environment variables; an option overrides its variable.
     All of them, with their defaults, are in docs/configuration.md.
     """
-    import signal
-
-    import uvicorn
-
-    from sbus.api.readiness import requests_cut
-    from sbus.bootstrap import shutdown, startup_problem
+    from sbus.bootstrap import serving, startup_problem
     from sbus.storage.urls import redact_url
-    from sbus.telemetry.logs import log_config
 
     overrides: dict[str, object] = {
         "host": host,
@@ -237,29 +228,8 @@ def serve(
         f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
         err=True,
     )
-    if count == 1:
-        # One worker runs in this process: uvicorn raises the signal that stopped it
-        # again once it has stopped, which must not end the process before its status.
-        for sig in shutdown.HANDLED:
-            signal.signal(sig, shutdown.note_signal)
     with scratch_dirs(count) as ready_dir:
-        uvicorn.run(
-            "sbus.cli:_factory",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=count,
-            log_config=log_config(settings.log_level, settings.log_format, settings.access_log),
-            log_level=None,
-            access_log=settings.access_log,
-            timeout_graceful_shutdown=int(settings.drain_timeout) + DRAIN_BACKSTOP_S,
-            # Header deadline and connection cap (the body's is the app's own gate).
-            http="sbus.api.connections:GuardedHttpToolsProtocol",
-            timeout_keep_alive=settings.keepalive_timeout,
-        )
-        # This process's worker, or the workers' files (the supervisor's workers are
-        # processes of their own).
-        cut = shutdown.requests_cut() + (requests_cut(ready_dir) if ready_dir else 0)
+        cut = serving.run(settings, count, ready_dir)
     if cut:
         fail(
             f"stopped, but SBUS_DRAIN_TIMEOUT={settings.drain_timeout:g}s cut {cut} "

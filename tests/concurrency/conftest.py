@@ -254,8 +254,8 @@ class ServerGroup:
             code = server.stop()
             if server.killed:
                 problems.append(f"{server.base_url} ignored SIGTERM for {STOP_TIMEOUT_S}s")
-            elif code not in (0, -signal.SIGTERM):
-                # uvicorn re-raises the SIGTERM it handled after draining, hence -SIGTERM.
+            elif code != 0:
+                # A graceful stop exits 0, with one worker or several (operations.md §6).
                 problems.append(f"{server.base_url} exited with {code} after SIGTERM")
             if "Traceback" in server.log_text():
                 problems.append(f"{server.base_url} logged a traceback")
