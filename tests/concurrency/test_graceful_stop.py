@@ -108,6 +108,22 @@ def read_until_closed(sock: socket.socket) -> bytes:
     return data
 
 
+def read_one_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length, leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-response: {data!r}"
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode().lower()
+    length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+    while len(data) - len(head) - 4 < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed mid-body: {data!r}"
+        data += chunk
+    return data
+
+
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], Any]:
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line, *lines = head.decode().split("\r\n")
@@ -214,7 +230,9 @@ def test_sqlite_request_in_flight_finishes_after_the_delay_two_workers(
     body = commit_body()
     with begin_commit(server.port, body) as sock:
         server.process.send_signal(signal.SIGTERM)  # to the supervisor
-        wait_refused(server)  # once the delay is over, nothing new is accepted
+        # Once the delay is over nothing new is accepted, while a worker still drains
+        # (the supervisor let go of its copy of the listening socket too).
+        wait_refused(server)
         os.killpg(server.process.pid, signal.SIGTERM)  # again, to every process
         sock.sendall(body)
         status, headers, answer = parse_response(read_until_closed(sock))
@@ -322,7 +340,7 @@ def test_delay_then_drain_bound_with_two_workers(
         assert fresh.post("/shard", json={"key": KEY, "content": "v0"}).status_code == 201
         with socket.create_connection((LOOPBACK, server.port), timeout=STOP_S) as idle:
             idle.sendall(f"GET /livez HTTP/1.1\r\nHost: {LOOPBACK}:{server.port}\r\n\r\n".encode())
-            assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")  # kept alive, now idle
+            assert read_one_response(idle).startswith(b"HTTP/1.1 200 ")  # kept alive, now idle
             server.process.send_signal(signal.SIGTERM)  # to the supervisor
             deadline = time.monotonic() + STOP_S
             while (health := fresh.get("/admin/health")).status_code == 200:
@@ -340,15 +358,13 @@ def test_delay_then_drain_bound_with_two_workers(
         with begin_commit(server.port, commit_body()) as sock:
             # a second Ctrl-C (SIGINT to every process of the group) skips the delay
             os.killpg(server.process.pid, signal.SIGINT)
-            # refused while a worker still drains: the supervisor let go of the port too
-            wait_refused(server)
-            assert server.alive()
             assert server.process.wait(timeout=STOP_S) == CUT_EXIT
             try:
                 rest = read_until_closed(sock)
             except ConnectionResetError:
                 rest = b""
         assert rest == b""  # no answer: the client cannot know the outcome
+        assert refused(server.port)
     finally:
         fresh.close()
         server.stop()

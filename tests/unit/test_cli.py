@@ -76,6 +76,8 @@ def test_version_option_and_command() -> None:
             "0",
             "SBUS_REDIS_WAIT_TIMEOUT_MS: Input should be greater than or equal to 1",
         ),
+        ("SBUS_DRAIN_TIMEOUT", "-1", "SBUS_DRAIN_TIMEOUT: Input should be greater than or equal"),
+        ("SBUS_SHUTDOWN_DELAY", "soon", "SBUS_SHUTDOWN_DELAY: Input should be a valid number"),
     ],
 )
 def test_bad_settings_end_in_one_line(

@@ -38,6 +38,7 @@ def test_defaults_match_the_spec() -> None:
     assert s.list_max == 10_000
     assert s.history_depth == 1000
     assert s.idempotency_ttl == 86_400
+    assert (s.shutdown_delay, s.drain_timeout) == (0, 10)
     assert startup_problem(s) is None
     assert s.worker_count() == 1
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sbus import cli
 from sbus.api.runtime import runtime_of
 from sbus.bootstrap.lifecycle import FrozenOnceReady, StoreLifecycle
+from sbus.bootstrap.shutdown import GracefulStop
 from tests.api.helpers import running_app
 
 
@@ -32,7 +33,9 @@ async def test_a_serve_worker_freezes_once_ready(
     monkeypatch.setenv("SBUS_STORE", f"sqlite:///{tmp_path / 'sbus.db'}")
     app = cli._factory()
     assert isinstance(app, FastAPI)
-    assert isinstance(runtime_of(app).lifecycle, FrozenOnceReady)
+    lifecycle = runtime_of(app).lifecycle
+    assert isinstance(lifecycle, GracefulStop)
+    assert isinstance(lifecycle.inner, FrozenOnceReady)
     assert gc.get_freeze_count() == 0
     async with LifespanManager(app):
         for _ in range(1000):  # the store connects in the background; 10 s at most

@@ -9,7 +9,10 @@ its store answers and removes it on shutdown. A marker whose process is gone (a
 SIGKILLed worker that uvicorn replaced) does not count, and is cleared when seen.
 
 A worker that begins to shut down removes its marker at once (it will not serve much
-longer); on SIGTERM to ``sbus serve`` every worker does, and each answers 503 itself.
+longer) and answers 503 ``shutting down`` itself. On SIGTERM ``sbus serve``'s supervisor
+first leaves a ``stopping`` file, then signals every worker: a worker that has not
+handled its signal yet already answers ``shutting down`` too. (A worker replaced alone,
+by SIGHUP, leaves no such file: the server as a whole stays ready.)
 A worker whose drain bound cut requests in flight leaves a ``cut-<pid>`` file holding
 how many, which ``sbus serve`` adds up for its exit status once every worker is gone.
 """
@@ -25,6 +28,9 @@ log = logging.getLogger("sbus")
 
 PREFIX = "ready-"
 CUT_PREFIX = "cut-"
+STOPPING = "stopping"
+# /admin/health's reason once the server (or this worker) has begun to shut down.
+SHUTTING_DOWN = "shutting down"
 
 
 def _alive(pid: int) -> bool:
@@ -81,6 +87,8 @@ class WorkerReadiness:
         """None when every worker is ready, else why not (for /admin/health)."""
         if self.directory is None:
             return None
+        if (self.directory / STOPPING).exists():
+            return SHUTTING_DOWN
         ready = 0
         for path in self.directory.glob(f"{PREFIX}*"):
             suffix = path.name[len(PREFIX) :]
@@ -103,6 +111,14 @@ class WorkerReadiness:
             (self.directory / f"{CUT_PREFIX}{os.getpid()}").write_text(str(count))
         except OSError as exc:
             log.warning("cannot record the cut requests in %s: %s", self.directory, exc)
+
+
+def mark_stopping(directory: str) -> None:
+    """The whole server is stopping (its supervisor says so, before signalling the workers)."""
+    try:
+        (Path(directory) / STOPPING).touch()
+    except OSError as exc:
+        log.warning("cannot mark the server stopping in %s: %s", directory, exc)
 
 
 def requests_cut(directory: str) -> int:

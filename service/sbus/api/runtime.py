@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from sbus.telemetry.tracing import Tracing
 
 NOT_CONNECTED = "store not connected yet"
-# /admin/health's reason once the worker's stop has begun (a load balancer's cue).
-SHUTTING_DOWN = "shutting down"
 
 
 class Lifecycle(Protocol):

@@ -7,18 +7,21 @@ and uvicorn's supervisor keeps its own until the last worker has exited: a clien
 load balancer) would connect during the drain and wait, unanswered, until the process
 ends and resets it. :class:`Supervisor` closes its copy as soon as it is told to stop,
 so the port is refused from the moment the workers close theirs (after
-``SBUS_SHUTDOWN_DELAY``), as it is with one worker.
+``SBUS_SHUTDOWN_DELAY``), as it is with one worker. It also marks the server stopping
+before it signals the workers (:mod:`sbus.api.readiness`), so that whichever worker
+answers ``/admin/health`` says ``shutting down`` from then on.
 """
 
 from __future__ import annotations
 
 import signal
+from socket import socket
 from typing import Any
 
 import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from sbus.api.readiness import requests_cut
+from sbus.api.readiness import mark_stopping, requests_cut
 from sbus.bootstrap import shutdown
 from sbus.config import Settings
 from sbus.telemetry.logs import log_config
@@ -29,7 +32,13 @@ DRAIN_BACKSTOP_S = 5
 
 
 class Supervisor(Multiprocess):
+    def __init__(self, config: uvicorn.Config, sockets: list[socket], ready_dir: str) -> None:
+        super().__init__(config, sockets)
+        self.ready_dir = ready_dir
+
     def terminate_all(self) -> None:
+        # Called once, when the whole server stops (SIGTERM, SIGINT).
+        mark_stopping(self.ready_dir)
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
@@ -60,7 +69,8 @@ def run(settings: Settings, workers: int, ready_dir: str | None) -> int:
             signal.signal(sig, shutdown.note_signal)
         uvicorn.run("sbus.cli:_factory", **options)
         return shutdown.requests_cut()
+    assert ready_dir is not None  # made by `sbus serve` for several workers
     config = uvicorn.Config("sbus.cli:_factory", **options)
-    Supervisor(config, sockets=[config.bind_socket()]).run()
+    Supervisor(config, [config.bind_socket()], ready_dir).run()
     # The workers were processes of their own: they left what they cut in files.
-    return requests_cut(ready_dir) if ready_dir else 0
+    return requests_cut(ready_dir)

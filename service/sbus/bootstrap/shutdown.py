@@ -11,10 +11,9 @@ listener and waits for the requests in flight until ``SBUS_DRAIN_TIMEOUT`` cuts 
 :class:`GracefulStop` takes over the two signals once the worker's lifespan starts (the
 moment uvicorn has put its own handlers in place). Only the first signal starts the
 stop; a later SIGINT (a second Ctrl-C) skips what is left of the delay, anything else
-is only logged: a repeated signal neither forces an exit that would skip closing the
-store nor shortens the drain. uvicorn always receives SIGTERM, whichever signal came:
-it raises the signal again once it has stopped, and a SIGINT raised again in a worker
-process ends in a KeyboardInterrupt traceback.
+is only logged: a repeated signal never reaches uvicorn, whose second SIGINT would
+force an exit that skips closing the store, and never shortens the drain. Once the
+lifespan ends, the handlers it found are put back.
 """
 
 from __future__ import annotations
@@ -83,6 +82,8 @@ class GracefulStop:
 
     async def stop(self, runtime: Runtime) -> None:
         global _cut
+        for sig, handler in self._uvicorn.items():
+            signal.signal(sig, handler)
         if self._delay is not None:
             self._delay.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,7 +117,7 @@ class GracefulStop:
                     self.delay_s,
                     self.drain_s,
                 )
-                self._delay = asyncio.create_task(self._hand_over_after(self.delay_s))
+                self._delay = asyncio.create_task(self._hand_over_after(sig, self.delay_s))
             else:
                 log.info(
                     "%s: shutting down (worker %d): no new connections; up to "
@@ -125,21 +126,21 @@ class GracefulStop:
                     os.getpid(),
                     self.drain_s,
                 )
-                self._hand_over()
+                self._hand_over(sig)
         elif sig == signal.SIGINT and self._delay is not None and not self._delay.done():
             log.info("SIGINT: skipping the rest of SBUS_SHUTDOWN_DELAY (worker %d)", os.getpid())
             self._delay.cancel()
-            self._hand_over()
+            self._hand_over(self.received)
         else:
             log.info("%s: already shutting down (worker %d)", name, os.getpid())
 
-    async def _hand_over_after(self, seconds: float) -> None:
+    async def _hand_over_after(self, sig: int, seconds: float) -> None:
         await asyncio.sleep(seconds)
         log.info("SBUS_SHUTDOWN_DELAY is over: no new connections (worker %d)", os.getpid())
-        self._hand_over()
+        self._hand_over(sig)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, sig: int) -> None:
         """uvicorn's own handler: stop accepting, wait for the requests in flight."""
-        handler = self._uvicorn.get(signal.SIGTERM)
+        handler = self._uvicorn.get(sig)
         if callable(handler):
-            handler(signal.SIGTERM, None)
+            handler(sig, None)

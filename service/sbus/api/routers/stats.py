@@ -8,8 +8,9 @@ from starlette.responses import Response
 from sbus import API_VERSION, __version__
 from sbus.api.deps import BusDep, RuntimeDep, caller_of, public_caller
 from sbus.api.ignored import WireRoute
+from sbus.api.readiness import SHUTTING_DOWN
 from sbus.api.render import json_response
-from sbus.api.runtime import SHUTTING_DOWN, Runtime, public_reason
+from sbus.api.runtime import Runtime, public_reason
 from sbus.api.schemas import HealthOut, StatsOut, VersionOut
 from sbus.core.commands import ReadStats
 from sbus.core.errors import StoreUnavailable
