@@ -396,6 +396,9 @@ def test_stale_read_is_refused_across_replicas(cluster: Cluster) -> None:
 # --- rolling restart ---------------------------------------------------------------------
 
 
+HISTORY_DEPTH = 1000  # SBUS_HISTORY_DEPTH's default: the versions a shard's history keeps
+
+
 @dataclass
 class Load:
     """What the clients saw during a rolling restart."""
@@ -493,9 +496,13 @@ def rolling_restart_under_load(cluster: Cluster, workers: int, restarts: int) ->
                 len(versions),
                 str(len(versions)),
             ), key
-            resp = client.get(f"/history/{key}", params={"limit": 1000})
+            resp = client.get(f"/history/{key}", params={"limit": HISTORY_DEPTH})
             entries = resp.json()["entries"]
-            assert sorted(e["version"] for e in entries) == list(range(len(versions) + 1)), key
+            # The newest SBUS_HISTORY_DEPTH versions are retained.
+            first = max(0, len(versions) + 1 - HISTORY_DEPTH)
+            assert sorted(e["version"] for e in entries) == list(range(first, len(versions) + 1)), (
+                key
+            )
             assert all(e["content"] == str(e["version"]) for e in entries), key
     assert set(load.acked) == set(keys)
     return load
