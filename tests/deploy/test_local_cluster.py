@@ -143,6 +143,30 @@ def test_nginx_forwards_the_clients_host_and_a_second_up_is_refused(cluster: Clu
     ], status.stdout
 
 
+def test_generated_nginx_conf_has_the_documented_proxy_settings(cluster: Cluster) -> None:
+    """What docs/operations.md section 3 promises of the generated configuration, beyond
+    what the other tests observe: keepalive to the replicas, nginx's default retry rule,
+    no buffering for /watch, and every replica in the upstream."""
+    conf = (cluster.state / "nginx.conf").read_text()
+    server = conf[conf.index("  server {") :]
+    for line in (
+        "proxy_set_header Host $host;",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_next_upstream error timeout;",
+        f"listen {cluster.url.removeprefix('http://')};",
+    ):
+        assert line in server, line
+    upstream = conf[conf.index("upstream sbus {") : conf.index("  server {")]
+    assert re.findall(r"server (127\.0\.0\.1:\d+) ", upstream) == cluster.replica_addresses()
+    assert "keepalive 32;" in upstream and "keepalive_timeout 4s;" in upstream
+    watch = conf[conf.index("location = /watch {") :]
+    watch = watch[: watch.index("}")]
+    assert "proxy_buffering off;" in watch and "proxy_read_timeout 1h;" in watch
+    assert "$upstream_addr" in conf and "$http_x_agent_id" in conf
+
+
 def test_watch_streams_through_nginx(cluster: Cluster) -> None:
     """A change stream through nginx: its opening comment arrives at once (a buffering
     proxy would hold those few bytes back), then each commit while it stays open."""
