@@ -345,7 +345,7 @@ start_postgres() {
   # postgres user can reach it; otherwise (a state directory under a private parent) in
   # a temporary directory of their own, linked from the state directory and removed by
   # `down` all the same.
-  if [ "$(id -u)" != 0 ] || runuser -u postgres -- test -w "$LOGS" 2>/dev/null; then
+  if [ "$(id -u)" != 0 ] || runuser -u postgres -- test -x "$LOGS" 2>/dev/null; then
     PGDATA_DIR=$STATE/pg
     if [ "$(id -u)" = 0 ]; then
       mkdir -p "$PGDATA_DIR"
