@@ -96,6 +96,13 @@ class TestURL:
         with pytest.raises(ValueError, match=message):
             open_store(url, LIMITS)
 
+    async def test_every_script_call_names_a_key(self) -> None:
+        """A cluster routes a script by its keys: a call naming none is a bug, refused
+        before anything is sent (every call of the store names one; the conformance
+        suite runs all of them on the cluster)."""
+        with pytest.raises(ValueError, match="script now named no key"):
+            await RedisStore(URL, LIMITS)._eval("now", [], [])
+
     def test_other_schemes_are_not_cluster_urls(self) -> None:
         with pytest.raises(UnknownStore, match=r"redis\+cluster://HOST:PORT,HOST:PORT"):
             open_store("redis-cluster://h1:7001", LIMITS)

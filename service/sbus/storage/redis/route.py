@@ -5,7 +5,7 @@ With ``redis://`` that is the one server the URL names, for good. With
 a namespace carries the hash tag ``{sbus:<namespace>}``, so all of them sit in ONE slot
 and every command of the store (scripts, MULTI snapshots, plain reads) goes to that one
 node. redis-py's cluster client (``redis.asyncio.cluster.RedisCluster``, built from the
-startup nodes) keeps the cluster's slot map; the store's own connections (a redis-py
+startup nodes) reads the cluster's slot map; the store's own connections (a redis-py
 pool for plain commands and the script lanes, :mod:`sbus.storage.redis.lanes`) are
 opened to the owner it names.
 
@@ -105,7 +105,6 @@ class ClusterRoute(Route):
         startup, self._userinfo, self._query = cluster_nodes(url)
         self.slot = key_slot(tag.encode())
         self._startup = startup
-        self._cluster: RedisCluster | None = None
         self._lock = asyncio.Lock()
         self._retired: dict[Node, asyncio.Task[None]] = {}
 
@@ -115,33 +114,35 @@ class ClusterRoute(Route):
     def cluster(self) -> RedisCluster:
         """redis-py's cluster client over the startup nodes (its slot map is what this
         route reads; it sends none of the store's commands)."""
-        if self._cluster is None:
-            host, port = self._startup[0]
-            first = self.node_url(address(host, port))
-            self._cluster = RedisCluster.from_url(
-                first,
-                startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
-                decode_responses=True,
-                socket_connect_timeout=CONNECT_S,
-            )
-        return self._cluster
+        host, port = self._startup[0]
+        return RedisCluster.from_url(
+            self.node_url(address(host, port)),
+            startup_nodes=[ClusterNode(h, p) for h, p in self._startup[1:]],
+            decode_responses=True,
+            socket_connect_timeout=CONNECT_S,
+        )
 
-    async def owner(self, refresh: bool) -> str:
-        """host:port of the master the slot map names for the namespace's slot (read
-        again from the cluster when ``refresh``). Raises RedisError or OSError when no
-        startup node answers."""
+    async def owner(self) -> str:
+        """host:port of the master the cluster's slot map names for the namespace's
+        slot, read now. Raises RedisError or OSError when no startup node answers.
+
+        A fresh cluster client each time, closed at once: asking one client to read
+        the map again leaves its old node objects to the garbage collector, which logs
+        each as unclosed. A read costs one CLUSTER SLOTS, and happens only at start
+        and when the slot's node refused a command."""
         cluster = self.cluster()
         try:
-            if refresh or cluster.nodes_manager.slots_cache == {}:
-                await cluster.nodes_manager.initialize()
+            await cluster.initialize()
             node = cluster.nodes_manager.get_node_from_slot(self.slot)
         except RedisClusterException as exc:  # not a RedisError: no slot map at all
             raise RedisError(str(exc)) from exc
+        finally:
+            await cluster.aclose()
         return address(node.host, int(node.port))
 
     async def open(self) -> Node:
         if self.node is None:
-            address = await self.owner(refresh=True)
+            address = await self.owner()
             self.node = Node.open(self.node_url(address), address)
         return self.node
 
@@ -150,7 +151,7 @@ class ClusterRoute(Route):
             if self.node is not failed:
                 return  # another call followed already
             try:
-                address = moved_to or await self.owner(refresh=True)
+                address = moved_to or await self.owner()
             except (RedisError, OSError) as exc:
                 log.warning("Redis Cluster: cannot read the slot map: %s", exc)
                 return
@@ -188,9 +189,6 @@ class ClusterRoute(Route):
         for node, task in retired.items():
             task.cancel()
             await node.close()
-        cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            await cluster.aclose()
 
 
 def address(host: str, port: int) -> str:
