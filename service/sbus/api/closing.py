@@ -3,12 +3,13 @@
 A worker's stop (``sbus serve`` on SIGTERM, docs/operations.md section 6) has two
 moments. :func:`begin` is the first: ``/admin/health`` already answers 503 and the
 worker still accepts (for ``SBUS_SHUTDOWN_DELAY`` seconds), but every ``GET /watch``
-stream ends at once with its cursor (:mod:`sbus.api.sse`), every idle keep-alive
-connection is closed and every response from then on carries ``Connection: close``
-(:mod:`sbus.api.connections`), so a proxy opens its next connection elsewhere. The
-second is uvicorn's own shutdown: it stops accepting and waits for the requests in
-flight, which the bus's protocol cuts when ``SBUS_DRAIN_TIMEOUT`` runs out (counted here,
-so that ``sbus serve`` can exit with a status that says so).
+stream ends at once with its cursor (:mod:`sbus.api.sse`) and every response from then
+on, the ones in flight included, carries ``Connection: close``
+(:mod:`sbus.api.connections`): each connection serves one more request at most, then
+closes, and a proxy opens its next connection elsewhere. The second is uvicorn's own
+shutdown: it stops accepting, closes the connections still idle and waits for the
+requests in flight, which the bus's protocol cuts when ``SBUS_DRAIN_TIMEOUT`` runs out
+(counted here, so that ``sbus serve`` can exit with a status that says so).
 
 The state is one per event loop (tests run several loops in one process).
 """
@@ -29,7 +30,7 @@ class Stop:
     def __init__(self) -> None:
         self.event = asyncio.Event()
         # uvicorn's set of this worker's open connections (the protocol hands it over);
-        # the bus's own have ``wind_down()``: serve no further request, close when idle.
+        # the bus's own have ``wind_down()``: answer with Connection: close from now on.
         self.connections: Iterable[object] = ()
         self.deadline: asyncio.TimerHandle | None = None  # when the drain bound runs out
         self.cutting = False  # it has run out
@@ -63,5 +64,6 @@ def event() -> asyncio.Event:
 
 
 def begin() -> None:
-    """The worker is going down: end every stream and wind down every connection now."""
+    """The worker is going down: end every stream now, close every connection after
+    its next response."""
     state().begin()

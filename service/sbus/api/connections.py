@@ -15,9 +15,12 @@ answers a text/plain 503. :class:`GuardedHttpToolsProtocol` is uvicorn's protoco
 - a **connection cap**: a connection beyond ``SBUS_MAX_CONNECTIONS`` held by this worker
   is closed at once, before anything is read; the client sees the connection closed
   without a response and may retry;
-- a **graceful stop** (:mod:`sbus.api.closing`): once the worker's stop begins, idle
-  keep-alive connections are closed and every response carries ``Connection: close``;
-  when uvicorn's shutdown has waited ``SBUS_DRAIN_TIMEOUT`` seconds for the requests in
+- a **graceful stop** (:mod:`sbus.api.closing`): once the worker's stop begins, every
+  response carries ``Connection: close``. A connection idle in keep-alive is not closed
+  then but after its next request (if one comes before uvicorn's shutdown closes the
+  idle ones): a client may be sending on it at the moment it closes, and would see the
+  connection closed without an answer, where a close after a response races nothing.
+  When uvicorn's shutdown has waited ``SBUS_DRAIN_TIMEOUT`` seconds for the requests in
   flight, the connections still open are reset and their requests cancelled, quietly
   (uvicorn would log each cancelled request as an application error with a traceback,
   and answer 500 where nothing was sent yet, which a client would take for a failure
@@ -174,10 +177,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def wind_down(self) -> None:
-        # uvicorn's own shutdown of one connection: closed if idle, otherwise its
-        # response carries Connection: close (or, if already started, the connection
-        # closes after it).
-        super().shutdown()
+        # The response in flight carries Connection: close (or, if already started, the
+        # connection closes after it); the next request's does (data_received).
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False
 
     def cut(self) -> bool:
         """Reset this connection; whether a request was in flight on it."""

@@ -3,8 +3,8 @@
 uvicorn stops accepting as soon as it sees SIGTERM or SIGINT. A load balancer still
 sends new connections until its health check has seen the worker not ready, so the
 worker first answers ``/admin/health`` 503 ``shutting down`` while serving on for
-``SBUS_SHUTDOWN_DELAY`` seconds (its streams ended and its connections wound down,
-:mod:`sbus.api.closing`), and only then hands the signal to uvicorn, which closes the
+``SBUS_SHUTDOWN_DELAY`` seconds (its streams ended, each connection closing after its
+next response: :mod:`sbus.api.closing`), and only then hands the signal to uvicorn, which closes the
 listener and waits for the requests in flight until ``SBUS_DRAIN_TIMEOUT`` cuts them
 (:mod:`sbus.api.connections`); the lifespan then closes the store.
 
