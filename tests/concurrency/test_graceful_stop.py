@@ -21,6 +21,7 @@ test_watch_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -179,6 +180,12 @@ async def prepared_postgres() -> asyncpg.Connection:
     return admin
 
 
+async def drop_role(admin: asyncpg.Connection) -> None:
+    """Leave no superuser behind (it fails harmlessly while a session of it is left)."""
+    with contextlib.suppress(asyncpg.PostgresError):
+        await admin.execute(f"DROP ROLE IF EXISTS {ROLE}")
+
+
 async def bus_backends(admin: asyncpg.Connection) -> int:
     count: int = await admin.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", ROLE
@@ -290,6 +297,7 @@ async def test_postgres_commit_waiting_on_a_lock_finishes(
         assert await stored(backends.POSTGRES_URL) == (1, "v1")
         await no_bus_backends(admin)
     finally:
+        await drop_role(admin)
         await admin.close()
 
 
@@ -336,6 +344,7 @@ async def test_postgres_drain_bound_cuts_the_request(
     finally:
         if server is not None:
             server.stop()
+        await drop_role(admin)
         await admin.close()
 
 
