@@ -30,19 +30,9 @@ from sbus.core.types import (
     WriteOp,
 )
 from sbus.storage.factory import open_store
-from tests import backends
-from tests.conftest import STORES_AND_CLUSTER, store_url
+from tests.conftest import store_url
 
 LIMITS = Limits(session_ttl_ms=10_000, max_dl_entries=3, history_depth=3, history_max_bytes=1024)
-
-
-@pytest.fixture(params=STORES_AND_CLUSTER)
-async def store_kind(request: pytest.FixtureRequest) -> str:
-    """Every store backend, and the Redis store on a Redis Cluster."""
-    kind: str = request.param
-    await backends.require(kind)
-    await backends.wipe(kind)
-    return kind
 
 
 @pytest.fixture
