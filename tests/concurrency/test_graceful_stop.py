@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -398,6 +399,8 @@ def test_delay_then_drain_bound_with_two_workers(
         fresh.close()
         server.stop()
     log = server.log_text()
+    # the supervisor passed the signal on to both workers
+    assert len(set(re.findall(r"SIGTERM: shutting down \(worker (\d+)\)", log))) == 2, log
     assert "SIGINT: skipping the rest of SBUS_SHUTDOWN_DELAY" in log, log
     assert "SBUS_DRAIN_TIMEOUT=1s ran out: cut 1 request(s) in flight" in log, log
     assert "Traceback" not in log, log
