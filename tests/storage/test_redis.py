@@ -321,6 +321,22 @@ class TestScripts:
         # the command did reach Redis: the commit landed; an idempotent retry finds out
         assert (await store.read("k", None, "", False)).version == 1
 
+    async def test_a_script_redis_refuses_before_running_is_not_applied(
+        self, store: RedisStore, raw: aioredis.Redis
+    ) -> None:
+        """OOM (like READONLY, LOADING, CLUSTERDOWN): Redis ran nothing. redis-py keeps
+        the code off the message, so it is read from the error's class."""
+        await store.create(create("k"))
+        await raw.config_set("maxmemory", "1")
+        try:
+            with pytest.raises(e.StoreUnavailable) as info:
+                await store.apply(commit("k", 0, "no room"))
+        finally:
+            await raw.config_set("maxmemory", "0")
+        assert info.value.fields["outcome"] == "not_applied"
+        assert "Redis refused commit: OOM" in info.value.detail
+        assert (await store.read("k", None, "", False)).version == 0
+
     async def test_connection_refused_before_send_is_not_applied(
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -76,6 +76,8 @@ from hiredis import pack_command
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sbus.core import audit, rules
 from sbus.core.audit import AuditEntry, AuditEvent
@@ -191,18 +193,9 @@ def _moved_to(error: BaseException) -> str | None:
 def _rerouted(error: BaseException) -> bool:
     """Whether a command that failed with ``error`` surely did not run and may run on
     the slot's owner once found: no connection, or an answer that names another node."""
-    if isinstance(error, ResponseError | RedisError) and _code(error) in _ELSEWHERE | {"ASK"}:
+    if isinstance(error, RedisError) and _code(error) in _ELSEWHERE | {"ASK"}:
         return True
-    return _unreachable(error)
-
-
-def _unreachable(error: BaseException) -> bool:
-    from redis.exceptions import BusyLoadingError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    if isinstance(error, BusyLoadingError):
-        return True
+    # BusyLoadingError (LOADING) is a ConnectionError to redis-py
     return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError)
 
 
@@ -213,12 +206,12 @@ def _refusal(reply: Any) -> bool:
 
 class _Refused(Exception):
     """A command that surely did not run: ``error`` is what to answer when the slot's
-    owner cannot be found in time; ``moved_to`` the node a MOVED named, ``ask`` the node
-    an ASK named."""
+    owner cannot be found in time (its cause the refusal: a MOVED names the new
+    owner); ``ask`` the node an ASK named."""
 
-    def __init__(self, error: StoreUnavailable, moved_to: str | None = None, ask: str = "") -> None:
+    def __init__(self, error: StoreUnavailable, ask: str = "") -> None:
         super().__init__(error.detail)
-        self.error, self.moved_to, self.ask = error, moved_to, ask
+        self.error, self.ask = error, ask
 
 
 def _depth(version: int, hmin: int) -> int:
