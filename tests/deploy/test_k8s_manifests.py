@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -264,7 +265,9 @@ def test_the_signing_key_secret_is_mounted_where_the_setting_points() -> None:
     c, spec = container("Deployment"), pod_spec("Deployment")
     path = Path(env_of("Deployment")["SBUS_SIGNING_KEY"]["value"])
     volumes = {v["name"]: v for v in spec["volumes"]}
-    (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    mounts = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+    assert len(mounts) == 1, f"nothing mounted at {path.parent}"
+    mount = mounts[0]
     assert mount["readOnly"] is True
     secret = volumes[mount["name"]]["secret"]
     (item,) = secret["items"]
@@ -277,7 +280,7 @@ def test_the_signing_key_secret_is_mounted_where_the_setting_points() -> None:
 
 def test_the_grace_period_outlasts_the_shutdown_delay_and_the_drain() -> None:
     env = plain_env("Deployment")
-    delay, drain = int(env["SBUS_SHUTDOWN_DELAY"]), int(env["SBUS_DRAIN_TIMEOUT"])
+    delay, drain = float(env["SBUS_SHUTDOWN_DELAY"]), float(env["SBUS_DRAIN_TIMEOUT"])
     assert delay > 0  # endpoints and load balancers need time to stop sending
     grace = pod_spec("Deployment")["terminationGracePeriodSeconds"]
     assert grace > delay + drain
@@ -361,3 +364,102 @@ def test_the_guide_creates_the_secrets_the_manifests_name() -> None:
     url = secret_value("sbus-store", "url").replace("change-me", "$PASSWORD")
     assert f'generic sbus-store --from-literal=url="{url}"' in section
     assert "sbus token keygen signing-key.pem" in section
+
+
+# Each check above can fail: a copy of the folder with one mistake is refused. ----------
+
+BROKEN: list[tuple[str, str, str, Callable[[], None]]] = [
+    (
+        "deployment.yaml",
+        "terminationGracePeriodSeconds: 35",
+        "terminationGracePeriodSeconds: 25",
+        test_the_grace_period_outlasts_the_shutdown_delay_and_the_drain,
+    ),
+    (
+        "deployment.yaml",
+        "mountPath: /etc/sbus/keys",
+        "mountPath: /etc/sbus/key",
+        test_the_signing_key_secret_is_mounted_where_the_setting_points,
+    ),
+    (
+        "deployment.yaml",
+        "name: SBUS_LOG_FORMAT",
+        "name: SBUS_LOGFORMAT",
+        test_every_sbus_variable_is_a_setting,
+    ),
+    (
+        "deployment.yaml",
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFilesystem: false",
+        test_the_pods_run_unprivileged_on_a_read_only_root,
+    ),
+    (
+        "service.yaml",
+        "app.kubernetes.io/component: bus\n  ports:",
+        "app.kubernetes.io/component: api\n  ports:",
+        test_the_selectors_pick_the_bus_pods_and_only_them,
+    ),
+    (
+        "migrate-job.yaml",
+        "app.kubernetes.io/component: migrate\n    spec:",
+        "app.kubernetes.io/component: bus\n    spec:",
+        test_the_selectors_pick_the_bus_pods_and_only_them,
+    ),
+    (
+        "hpa.yaml",
+        "maxReplicas: 10",
+        "maxReplicas: 20",
+        test_the_database_has_connections_for_the_autoscalers_maximum,
+    ),
+    (
+        "postgres-cluster.yaml",
+        "dataDurability: required",
+        "dataDurability: preferred",
+        test_the_cloudnativepg_cluster_has_what_the_bus_relies_on,
+    ),
+    (
+        "postgres-cluster.yaml",
+        "instances: 3",
+        "instances: 1",
+        test_the_cloudnativepg_cluster_has_what_the_bus_relies_on,
+    ),
+    (
+        "secrets.yaml",
+        "url: postgresql+asyncpg://sbus:change-me@sbus-db-rw:",
+        "url: postgresql+asyncpg://sbus:change-me@sbus-db-ro:",
+        test_the_store_url_points_at_the_clusters_rw_service,
+    ),
+    (
+        "kustomization.yaml",
+        "  - hpa.yaml\n",
+        "",
+        test_the_folder_holds_exactly_the_known_files,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "before", "after", "check"),
+    BROKEN,
+    ids=[f"{name}:{check.__name__}" for name, _, _, check in BROKEN],
+)
+def test_each_check_fails_on_a_broken_manifest(
+    name: str,
+    before: str,
+    after: str,
+    check: Callable[[], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = tmp_path / "k8s"
+    shutil.copytree(K8S, broken)
+    text = (broken / name).read_text(encoding="utf-8")
+    assert text.count(before) == 1
+    (broken / name).write_text(text.replace(before, after), encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "K8S", broken)
+    _manifests.cache_clear()
+    try:
+        with pytest.raises(AssertionError):
+            check()
+    finally:
+        _manifests.cache_clear()
