@@ -17,7 +17,11 @@ DEFAULT_PORT=7080
 # sends a request down a connection the replica is closing at that moment.
 UPSTREAM_KEEPALIVE_S=4
 HEALTH_TIMEOUT_S=${SBUS_CLUSTER_TIMEOUT:-60}
-STOP_TIMEOUT_S=30
+# A replica stopping gracefully serves on for SBUS_SHUTDOWN_DELAY, then drains for up to
+# SBUS_DRAIN_TIMEOUT (docs/operations.md section 6): it is given both, and 10 s more,
+# before SIGKILL.
+STOP_TIMEOUT_S=$(awk -v d="${SBUS_SHUTDOWN_DELAY:-0}" -v t="${SBUS_DRAIN_TIMEOUT:-10}" \
+  'BEGIN { s = d + t + 10; print (s == int(s)) ? s : int(s) + 1 }')
 
 usage() {
   cat <<EOF
@@ -42,8 +46,9 @@ A local S-Bus cluster on loopback: a store, N replicas of \`sbus serve\` in open
   down     stops exactly the processes \`up\` started and removes the state directory
            (harmless when nothing is up).
   restart  rolling restart: each replica in turn (or only replica I, 1-based) gets
-           SIGTERM, is waited for, started again on its port and waited for until
-           healthy, then the next one. nginx keeps serving through the others.
+           SIGTERM (it finishes its requests in flight, see SBUS_DRAIN_TIMEOUT), is
+           waited for, started again on its port and waited for until healthy, then
+           the next one. nginx keeps serving through the others.
   status   the load balancer's address and each process, running or not.
 
 State (generated nginx.conf, pid files, one log per process under logs/, the store's
@@ -697,6 +702,10 @@ cmd_restart() {
     port=$(replica_port "$i")
     say "restarting replica-$i (127.0.0.1:$port)"
     stop_process "replica-$i"
+    # A drain that had to cut requests says so in the replica's last line (exit 4).
+    if tail -n 2 "$LOGS/replica-$i.log" | grep -q "SBUS_DRAIN_TIMEOUT=.* cut"; then
+      say "replica-$i: $(tail -n 2 "$LOGS/replica-$i.log" | grep "SBUS_DRAIN_TIMEOUT=" | tail -n 1)"
+    fi
     start_replica "$i" "$port"
     wait_healthy "replica-$i" "http://127.0.0.1:$port/admin/health" "$LOGS/replica-$i.log" ||
       die "replica-$i did not come back; the others still serve"
