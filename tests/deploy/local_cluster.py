@@ -127,16 +127,18 @@ def up(store: str, state: Path, port: int, extra_env: dict[str, str] | None = No
     env = script_env(state, extra_env)
     done = run_script(["up", "--store", store, "--port", str(port)], env)
     output = done.stdout + done.stderr
-    if done.returncode != 0:
+    try:
+        assert done.returncode == 0, (
+            f"cluster.sh up --store {store} exited {done.returncode}:\n{output}"
+        )
+        lines = done.stdout.splitlines()
+        assert lines, output
+        match = LAST_LINE.fullmatch(lines[-1])
+        assert match is not None and int(match[1]) == port, lines[-1]
+    except AssertionError:
         # Whatever this up left running goes (up stops it itself when it sees a process fail).
         run_script(["down"], env)
-    assert done.returncode == 0, (
-        f"cluster.sh up --store {store} exited {done.returncode}:\n{output}"
-    )
-    lines = done.stdout.splitlines()
-    assert lines, output
-    match = LAST_LINE.fullmatch(lines[-1])
-    assert match is not None and int(match[1]) == port, lines[-1]
+        raise
     return Cluster(store, state, env, f"http://127.0.0.1:{port}", output)
 
 
