@@ -24,12 +24,13 @@ def shellcheck() -> str:
     installs the servers): a missing linter must not pass the lint."""
     found = shutil.which("shellcheck")
     if found is None:
-        subprocess.run(
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        # A fresh machine may have no package lists yet.
+        for argv in (
+            ["apt-get", "update", "-qq"],
             ["apt-get", "install", "-y", "-qq", "shellcheck"],
-            check=True,
-            capture_output=True,
-            env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
+        ):
+            subprocess.run(argv, check=True, capture_output=True, env=env)
         found = shutil.which("shellcheck")
     assert found is not None
     return found
