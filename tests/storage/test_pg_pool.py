@@ -99,3 +99,30 @@ async def test_a_waiting_request_gets_the_connection_given_back(pg_ready: None) 
             assert again.get_server_pid() == pid
     finally:
         await store.close()
+
+
+async def test_a_connection_in_use_when_the_server_turns_read_only_is_not_kept(
+    pg_ready: None,
+) -> None:
+    """A write that meets a read-only server (25006: a standby, a fenced old primary)
+    drops the pool's connections so that the next use connects again and finds the
+    primary. A connection in use at that moment (a read in flight on the same server)
+    must go too when it is given back: kept, it would go on serving reads from the
+    read-only server, stale once the new primary takes writes, until the next write
+    happened to draw it."""
+    store = PostgresStore(backends.POSTGRES_URL, pool_size=2)
+    await store.start()
+    try:
+        async with store._conn() as in_flight:
+            old_pid = in_flight.get_server_pid()
+            with pytest.raises(e.StoreUnavailable, match="read-only"):
+                async with store._conn() as writer:
+                    # This session stands for a server set read-only under the bus.
+                    await writer.execute("SET default_transaction_read_only = on")
+                    await writer.execute("UPDATE sbus_meta SET value = value WHERE false")
+            await in_flight.fetchval("SELECT 1")  # the read in flight succeeds
+        assert in_flight.is_closed()
+        async with store._conn() as fresh:
+            assert fresh.get_server_pid() != old_pid
+    finally:
+        await store.close()

@@ -56,6 +56,10 @@ class PgPool:
         self._connector = connector
         self._timeout_s = timeout_s
         self._idle: list[asyncpg.Connection] = []
+        # Connections handed out, and those of them opened before the last
+        # discard_idle(): closed, not kept, when they come back.
+        self._busy: set[asyncpg.Connection] = set()
+        self._doomed: set[asyncpg.Connection] = set()
         self._free = asyncio.Semaphore(size)
         self._closed = False
 
@@ -77,11 +81,13 @@ class PgPool:
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.is_closed():
+                    self._busy.add(conn)
                     return conn
             conn = await self._connector.connect()
             if self._closed:  # closed while connecting
                 conn.terminate()
                 raise asyncpg.InterfaceError("the pool is closed")
+            self._busy.add(conn)
             return conn
         except BaseException:
             self._free.release()
@@ -91,7 +97,12 @@ class PgPool:
         """Give ``conn`` back: kept for the next use when ``reuse`` and it is healthy and
         outside a transaction, otherwise closed at once (a connection still inside a
         transaction would carry its locks, or a stray COMMIT, to the next use; closing the
-        socket makes the server end that transaction)."""
+        socket makes the server end that transaction). One that was in use when
+        :meth:`discard_idle` ran is closed too."""
+        self._busy.discard(conn)
+        if conn in self._doomed:
+            self._doomed.discard(conn)
+            reuse = False
         if reuse and not self._closed and not conn.is_closed() and not conn.is_in_transaction():
             self._idle.append(conn)
         elif not conn.is_closed():
@@ -101,7 +112,10 @@ class PgPool:
     def discard_idle(self) -> None:
         """Close every idle connection: after one failed on its socket (the server
         restarted or went away), the others are most likely dead too, and the next use
-        should open a fresh one rather than find that out."""
+        should open a fresh one rather than find that out. Those in use go when they
+        are given back, however their use ends: on a server turned read-only (25006) a
+        read in flight succeeds, and its connection, kept, would go on reading there."""
+        self._doomed |= self._busy
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.terminate()
