@@ -245,7 +245,7 @@ def migrate(
     """Upgrade the store's schema to the newest migration."""
     import asyncio
 
-    from sbus.core.errors import StoreUnavailable
+    from sbus.core.errors import StoreMisconfigured, StoreUnavailable
     from sbus.storage.urls import redact_url
 
     settings = load_settings() if store is None else load_settings(store=store)
@@ -263,6 +263,8 @@ def migrate(
 
     try:
         asyncio.run(run())
+    except StoreMisconfigured as exc:
+        fail(exc.detail)  # a URL or store no retry fixes: a configuration error
     except StoreUnavailable as exc:
         fail(exc.detail, EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - the driver's own words, on one line

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +255,39 @@ def test_an_unknown_trace_exporter_stops_serve_in_one_line(
     line = one_line_error(run("serve"))
     assert line.startswith("sbus: OTEL_TRACES_EXPORTER: "), line
     assert "carrier-pigeon" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("postgresql://u:pw@127.0.0.1:1,127.0.0.1:2/db?sslmode=bogus", "`sslmode` parameter"),
+        (
+            "postgresql+asyncpg://u:pw@/db?host=127.0.0.1,127.0.0.2&port=1,2,3",
+            "could not match 3 port numbers to 2 hosts",
+        ),
+    ],
+)
+def test_a_url_asyncpg_cannot_use_stops_serve_and_migrate_in_one_line(
+    url: str, needle: str
+) -> None:
+    """A PostgreSQL URL that asyncpg refuses before connecting is a configuration
+    error: no amount of retrying fixes it. ``serve`` must not start and wait for ever,
+    not ready, as for a store that does not answer yet; both commands exit 2."""
+    sbus = str(Path(sys.executable).parent / "sbus")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SBUS_")}
+    for command in ("migrate", "serve"):
+        try:
+            done = subprocess.run(
+                [sbus, command, "--store", url, "--port", "0"][: 4 if command == "migrate" else 6],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"sbus {command} did not stop on {url}")
+        assert done.returncode == 2, (command, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sbus: "), (command, done.stderr)
+        assert needle in lines[0], lines
+        assert ":pw@" not in lines[0]

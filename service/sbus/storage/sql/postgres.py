@@ -99,6 +99,18 @@ POOL_TIMEOUT_S = 10.0  # a request waits this long for a free connection, then 5
 CONNECT_TIMEOUT_S = 5.0
 
 
+def _refuse_unusable_url(exc: BaseException) -> None:
+    """Raise StoreMisconfigured when ``exc`` (under SQLAlchemy's wrapping) is asyncpg
+    refusing the URL's parameters before it connects (a bad ``sslmode``, more ports than
+    hosts, a missing root certificate): retrying cannot fix that, so ``sbus serve`` and
+    ``sbus migrate`` stop with the reason instead of waiting for the store."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.ClientConfigurationError):
+            raise StoreMisconfigured(f"SBUS_STORE cannot be used: {seen}") from exc
+        seen = seen.__cause__
+
+
 class SchemaOutOfDate(StoreMisconfigured):
     """The database schema is behind the code: ``sbus migrate`` must run first."""
 
@@ -214,6 +226,7 @@ class PostgresStore(PostgresChangeLog):
                 current = await conn.run_sync(current_revision)
                 settings = (await conn.exec_driver_sql(DURABILITY_SQL)).one()
         except Exception as exc:
+            _refuse_unusable_url(exc)
             raise StoreUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
         finally:
             await engine.dispose()
@@ -270,6 +283,9 @@ class PostgresStore(PostgresChangeLog):
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(upgrade_to_head)
+        except Exception as exc:
+            _refuse_unusable_url(exc)
+            raise
         finally:
             await engine.dispose()
 
