@@ -126,3 +126,27 @@ async def test_a_connection_in_use_when_the_server_turns_read_only_is_not_kept(
             assert fresh.get_server_pid() != old_pid
     finally:
         await store.close()
+
+
+async def test_the_periodic_check_drops_connections_to_a_read_only_server(
+    pg_ready: None,
+) -> None:
+    """A worker that only reads never meets 25006, so its connections to a server set
+    read-only under it (a fenced old primary) would serve reads from there for ever,
+    stale once the new primary takes writes. The store's periodic check (every 5 s,
+    sbus.bootstrap.upkeep) notices and drops them, so the next use connects again."""
+    store = PostgresStore(backends.POSTGRES_URL, pool_size=2)
+    await store.start()
+    try:
+        async with store._conn() as conn:
+            # This session stands for a server set read-only under the bus.
+            await conn.execute("SET default_transaction_read_only = on")
+            old_pid = conn.get_server_pid()
+        with pytest.raises(e.StoreUnavailable, match="read-only"):
+            await store.check()
+        assert conn.is_closed()
+        async with store._conn() as fresh:
+            assert fresh.get_server_pid() != old_pid
+        await store.check()  # a writable server passes
+    finally:
+        await store.close()

@@ -8,8 +8,10 @@ by a reload. Every :data:`CHECK_INTERVAL_S` each worker asks its store again
 is not ready: ``/admin/health`` answers 503 ``not_ready`` with the reason, every store
 route 503 ``StoreUnavailable`` (nothing is applied), and its ready marker is withdrawn;
 the first check that passes makes it ready again. ``durable`` (``/stats``
-``wal_enabled``) follows what the server says. A store that cannot be asked changes
-nothing here: every request already reports that on its own.
+``wal_enabled``) follows what the server says. A PostgreSQL server found read-only (a
+fenced old primary) has the store drop its connections, so the next use finds the
+primary. A store that cannot be asked changes nothing here: every request already
+reports that on its own.
 
 **Purge** once a minute. Expiry never depends on it (every read of the DeliveryLog
 filters by age); it only bounds storage, the audit log's included (``SBUS_AUDIT_TTL`` and

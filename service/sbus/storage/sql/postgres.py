@@ -192,6 +192,9 @@ DURABILITY_SQL = (
     "SELECT current_setting('fsync'), current_setting('synchronous_commit'), "
     "current_setting('full_page_writes')"
 )
+# The periodic check (upkeep): the durability settings, and whether this connection's
+# server still takes writes.
+CHECK_SQL = DURABILITY_SQL + ", current_setting('transaction_read_only')"
 
 
 def is_durable(fsync: str, synchronous_commit: str, full_page_writes: str) -> bool:
@@ -251,9 +254,15 @@ class PostgresStore(PostgresChangeLog):
 
     async def check(self) -> None:
         async with self._conn() as conn:
-            row = await conn.fetchrow(DURABILITY_SQL)
+            row = await conn.fetchrow(CHECK_SQL)
         assert row is not None
-        self._note_durability(tuple(str(value) for value in row))
+        self._note_durability(tuple(str(value) for value in row[:3]))
+        if row[3] == "on" and self._pool is not None:
+            # A server set read-only under the bus (a fenced old primary, or one turned
+            # standby): a worker that only reads never meets 25006, and its connections
+            # there would go on serving reads that the new primary has moved past.
+            self._pool.discard_idle()
+            raise StoreUnavailable("PostgreSQL is read-only: connecting again")
 
     def _note_durability(self, settings: tuple[str, ...]) -> None:
         """Set ``durable`` from (fsync, synchronous_commit, full_page_writes); log when
