@@ -41,7 +41,8 @@ from sbus.storage.urls import redact_url
             "&host=h1:5432,h2:5433",
         ),
         ("postgresql://u@/db?host=/run/postgresql", "postgresql://u@/db?host=/run/postgresql"),
-        ("postgresql://u@[::1]:5432,[::1]:5433/db?target_session_attrs=any", None),
+        # One host: any is asyncpg's own default, and there is no other host to find.
+        ("postgresql://u@[::1]:5433/db?target_session_attrs=any", None),
     ],
 )
 def test_dsn(url: str, dsn: str | None) -> None:
@@ -126,6 +127,10 @@ def test_each_host_first_in_turn(url: str, orders: list[list[tuple[str, int]]]) 
         ("postgresql+asyncpg://u@h1,h2/db?target_session_attrs=standby", "the bus writes"),
         ("postgresql+asyncpg://u@h1/db?target_session_attrs=prefer-standby", "the bus writes"),
         ("postgresql+asyncpg://u@h1/db?target_session_attrs=bogus", "the bus writes"),
+        # Several hosts with any: the first that answers is kept, a standby too, and the
+        # bus would stay on it, never ready, with the primary named further on.
+        ("postgresql+asyncpg://u@h1,h2/db?target_session_attrs=any", "with several hosts"),
+        ("postgresql+asyncpg://u@/db?host=h1&host=h2&target_session_attrs=any", "several hosts"),
     ],
 )
 def test_unusable_url_is_refused_when_the_store_is_made(url: str, message: str) -> None:

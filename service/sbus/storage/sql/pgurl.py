@@ -10,7 +10,8 @@ migrations' alike, is opened by asyncpg from the one DSN made here.
 With several hosts the bus must land on the one that accepts writes: unless the URL says
 otherwise, ``target_session_attrs=read-write`` is added, so asyncpg tries the hosts in
 order and keeps the first that is neither in recovery nor read-only. A value that would
-send the bus to a standby is refused: every commit there would fail.
+send the bus to a standby is refused: every commit there would fail (``any`` too, with
+several hosts: it keeps the first that answers).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def asyncpg_dsns(url: str) -> list[str]:
             raise ValueError(
                 f"target_session_attrs={attr} cannot be used: the bus writes, so it needs "
                 f"one of {', '.join(WRITABLE_ATTRS)}"
+            )
+        if attr == "any" and len(hosts) > 1:
+            # asyncpg keeps the first host that answers, a standby too: the bus would
+            # stay there, refused every write, with the primary named further on.
+            raise ValueError(
+                "target_session_attrs=any cannot be used with several hosts: the first "
+                "that answers may be a standby; use read-write (the default) or primary"
             )
     rest = [(n, v) for n, v in query if n != "host"]
     if len(hosts) > 1 and not attrs:
