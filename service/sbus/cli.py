@@ -4,7 +4,8 @@ Every failure a user can cause (a bad setting, an unusable store URL, a malforme
 ends with one ``sbus: ...`` line on stderr and a non-zero status, never a traceback:
 2 for a configuration or usage error, 1 when the store fails or a token does not pass.
 ``sbus serve`` stopped by SIGTERM or SIGINT exits 0 once its requests in flight are done,
-or 4 when ``SBUS_DRAIN_TIMEOUT`` had to cut some (docs/operations.md section 6).
+or 4 when ``SBUS_DRAIN_TIMEOUT`` had to cut some (docs/operations.md section 6); one
+stopped while still starting exits 0 without serving.
 """
 
 from __future__ import annotations
@@ -201,41 +202,48 @@ def serve(
     Settings come from SBUS_* environment variables; an option overrides its variable.
     All of them, with their defaults, are in docs/configuration.md.
     """
-    from sbus.bootstrap import serving, startup_problem
+    from sbus.bootstrap import serving, shutdown, startup_problem
     from sbus.storage.urls import redact_url
 
-    overrides: dict[str, object] = {
-        "host": host,
-        "port": port,
-        "workers": workers,
-        "store": store,
-        "log_level": log_level,
-        "access_log": None if access_log is None else int(access_log),
-    }
-    for name, value in overrides.items():
-        if value is not None:
-            os.environ[f"SBUS_{name.upper()}"] = str(value)
-    settings = load_settings()
-    problem = startup_problem(settings)
-    if problem:
-        fail(problem)
-    _preflight(settings)
-    count = settings.worker_count()
-    if count > 1 and settings.store.startswith("memory"):
-        fail("the memory store cannot be shared by several workers")
-    typer.echo(
-        f"sbus {__version__}: {settings.auth_mode} mode, store {redact_url(settings.store)}, "
-        f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
-        err=True,
-    )
-    with scratch_dirs(count) as ready_dir:
-        cut = serving.run(settings, count, ready_dir)
-    if cut:
-        fail(
-            f"stopped, but SBUS_DRAIN_TIMEOUT={settings.drain_timeout:g}s cut {cut} "
-            "request(s) in flight",
-            EXIT_CUT,
+    # SIGTERM or SIGINT while starting stops the server once it would begin to serve
+    # (and leaves the caller's handlers as they were when it returns).
+    with shutdown.noting_signals():
+        overrides: dict[str, object] = {
+            "host": host,
+            "port": port,
+            "workers": workers,
+            "store": store,
+            "log_level": log_level,
+            "access_log": None if access_log is None else int(access_log),
+        }
+        for name, value in overrides.items():
+            if value is not None:
+                os.environ[f"SBUS_{name.upper()}"] = str(value)
+        settings = load_settings()
+        problem = startup_problem(settings)
+        if problem:
+            fail(problem)
+        _preflight(settings)
+        early = shutdown.stopped_early()
+        if early:
+            typer.echo(f"sbus: stopped by {early} before serving", err=True)
+            return
+        count = settings.worker_count()
+        if count > 1 and settings.store.startswith("memory"):
+            fail("the memory store cannot be shared by several workers")
+        typer.echo(
+            f"sbus {__version__}: {settings.auth_mode} mode, store {redact_url(settings.store)}, "
+            f"http://{settings.host}:{settings.port} ({count} worker{'s' if count > 1 else ''})",
+            err=True,
         )
+        with scratch_dirs(count) as ready_dir:
+            cut = serving.run(settings, count, ready_dir)
+        if cut:
+            fail(
+                f"stopped, but SBUS_DRAIN_TIMEOUT={settings.drain_timeout:g}s cut {cut} "
+                "request(s) in flight",
+                EXIT_CUT,
+            )
 
 
 @app.command()

@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ from tests.concurrency.conftest import (
     Server,
     ServerStarter,
     attach_logs,
+    free_port,
+    sbus_executable,
     sqlite_url,
     start_server,
 )
@@ -404,3 +407,38 @@ def test_delay_then_drain_bound_with_two_workers(
     assert "SIGINT: skipping the rest of SBUS_SHUTDOWN_DELAY" in log, log
     assert "SBUS_DRAIN_TIMEOUT=1s ran out: cut 1 request(s) in flight" in log, log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_the_store_is_first_asked_exits_0_without_serving(
+    tmp_path: Path, workers: int
+) -> None:
+    """SIGTERM before ``sbus serve`` listens (here: while its first connection to the
+    store hangs) stops it with status 0, without serving. It used to kill the process by
+    the signal (status 143) and, as a container's process 1, for which a signal without
+    a handler does nothing, to be lost: ``docker stop`` then waited for its SIGKILL."""
+    with socket.socket() as hanging:  # a PostgreSQL host that accepts and never answers
+        hanging.bind((LOOPBACK, 0))
+        hanging.listen(8)
+        hanging.settimeout(STOP_S)
+        url = f"postgresql+asyncpg://u@{LOOPBACK}:{hanging.getsockname()[1]}/db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SBUS_")}
+        command = [sbus_executable(), "serve", "--store", url, "--workers", str(workers)]
+        proc = subprocess.Popen(
+            [*command, "--port", str(free_port())],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = hanging.accept()  # the start-up check is asking the store
+            proc.send_signal(signal.SIGTERM)
+            conn.close()  # the check fails at once, after the signal is pending
+            _, stderr = proc.communicate(timeout=STOP_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, stderr
+    assert stderr.strip().splitlines()[-1] == "sbus: stopped by SIGTERM before serving", stderr
+    assert "Uvicorn running" not in stderr and "Traceback" not in stderr

@@ -35,6 +35,9 @@ class Supervisor(Multiprocess):
     def __init__(self, config: uvicorn.Config, sockets: list[socket], ready_dir: str) -> None:
         super().__init__(config, sockets)
         self.ready_dir = ready_dir
+        # A signal since the last look (`sbus serve` checks before serving) is handled
+        # as if it came now.
+        self.signal_queue.extend(shutdown.take_early())
 
     def terminate_all(self) -> None:
         # Called once, when the whole server stops (SIGTERM, SIGINT).

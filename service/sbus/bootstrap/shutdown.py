@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -46,6 +46,34 @@ def note_signal(sig: int, frame: FrameType | None) -> None:
     a signal before start-up finished stops the worker as soon as its lifespan starts,
     and the one uvicorn raises again after stopping is not the process's death."""
     _early.append(sig)
+
+
+@contextlib.contextmanager
+def noting_signals() -> Iterator[None]:
+    """``sbus serve`` from its start, before the settings and the store's first check:
+    a signal is noted (see :func:`stopped_early`), not the process's death (nor, in a
+    container's process 1, where a signal without a handler does nothing, lost). The
+    handlers found are put back at the end."""
+    found = {sig: signal.getsignal(sig) for sig in HANDLED}
+    for sig in HANDLED:
+        signal.signal(sig, note_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
+
+
+def stopped_early() -> str | None:
+    """The name of the signal that came before serving began, if one did."""
+    return signal.Signals(_early[0]).name if _early else None
+
+
+def take_early() -> list[int]:
+    """The signals noted so far, handed over to whoever serves next."""
+    taken = list(_early)
+    _early.clear()
+    return taken
 
 
 def requests_cut() -> int:
