@@ -14,7 +14,6 @@ answers ``/admin/health`` says ``shutting down`` from then on.
 
 from __future__ import annotations
 
-import signal
 from socket import socket
 from typing import Any
 
@@ -48,8 +47,8 @@ class Supervisor(Multiprocess):
 
 
 def run(settings: Settings, workers: int, ready_dir: str | None) -> int:
-    """Serve until SIGTERM or SIGINT; returns how many requests in flight the drain
-    bound cut (0 when every one finished)."""
+    """Serve until SIGTERM or SIGINT (within ``shutdown.noting_signals()``); returns how
+    many requests in flight the drain bound cut (0 when every one finished)."""
     options: dict[str, Any] = {
         "factory": True,
         "host": settings.host,
@@ -65,11 +64,10 @@ def run(settings: Settings, workers: int, ready_dir: str | None) -> int:
         "timeout_keep_alive": settings.keepalive_timeout,
     }
     if workers == 1:
-        # The worker runs in this process, and uvicorn raises the signal that stopped
-        # it again once it has stopped: that must not end the process before it has
-        # said how the drain went.
-        for sig in shutdown.HANDLED:
-            signal.signal(sig, shutdown.note_signal)
+        # The worker runs in this process, and uvicorn raises the signal that stopped it
+        # again once it has stopped: the handler `sbus serve` installed from its start
+        # (shutdown.noting_signals) notes it, so the process lives on to say how the
+        # drain went.
         uvicorn.run("sbus.cli:_factory", **options)
         return shutdown.requests_cut()
     assert ready_dir is not None  # made by `sbus serve` for several workers

@@ -42,9 +42,10 @@ _cut = 0
 
 
 def note_signal(sig: int, frame: FrameType | None) -> None:
-    """The process's handler outside the server's run (``sbus serve`` with one worker):
-    a signal before start-up finished stops the worker as soon as its lifespan starts,
-    and the one uvicorn raises again after stopping is not the process's death."""
+    """The process's handler outside the server's run (:func:`noting_signals`): a signal
+    before start-up finished stops the server as soon as it would serve (one worker: as
+    soon as its lifespan starts), and the one uvicorn raises again after stopping is not
+    the process's death."""
     _early.append(sig)
 
 
