@@ -304,5 +304,12 @@ async def test_image_migrates_serves_and_commits_in_token_mode(
                 "v1",
                 1,
             )
+        # `docker stop`: SIGTERM to sbus as the container's process 1, which ignores any
+        # signal it has no handler for; the graceful stop runs and the status is 0.
+        podman("stop", "--time=30", name)
+        state = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout
+        assert state.strip() == "0", podman("logs", name).stderr
+        stopped = podman("logs", name).stderr
+        assert "SIGTERM: shutting down" in stopped, stopped
     finally:
         podman("rm", "--force", "--time=10", name, check=False)
