@@ -49,9 +49,10 @@ async def baseline(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         # starts with one connection: the first racer would take it and finish before the
         # others had connected, and no two WATCH transactions would ever overlap. Open one
         # per racer up front, as the PostgreSQL baseline's pool_size does.
-        taken = [await store._pool.get_connection() for _ in range(RACERS)]
+        pool = store.node().pool
+        taken = [await pool.get_connection() for _ in range(RACERS)]
         for conn in taken:
-            await store._pool.release(conn)
+            await pool.release(conn)
     yield store
     await store.close()
 
