@@ -111,6 +111,17 @@ record_pid() {
   # name pid marker
   echo "$2" >"$PIDS/$1.pid"
   echo "$3" >"$PIDS/$1.marker"
+  # Until the background child has exec'd its program, its command line is still this
+  # script's (the forked shell), so pid_of would call it gone. Wait (a bounded while)
+  # until the command line shows the marker or the process has really exited.
+  local tries=0 cmdline
+  while [ "$tries" -lt 100 ]; do
+    cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$2/cmdline") || return 0
+    [[ $cmdline != *"$3"* ]] || return 0
+    [ "$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null)" != Z ] || return 0
+    sleep 0.05
+    tries=$((tries + 1))
+  done
 }
 
 running() {
